@@ -1,0 +1,6 @@
+"""ssl_kit: semi-supervised and self-supervised training of image backbones on one shared engine."""
+from .engine.checkpoint import load_backbone
+from .errors import CheckpointError, ConfigError, DataError, SslKitError, TrainingError
+
+__version__ = "0.1.0"
+__all__ = ["load_backbone", "SslKitError", "ConfigError", "DataError", "CheckpointError", "TrainingError"]

@@ -1,0 +1,208 @@
+"""`ssl-kit` command line: thin argument parsing over library functions. Progress and logs go to stderr; with
+--json, stdout carries exactly one JSON object."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import SslKitError
+
+RECIPE_DIRS = (Path(__file__).resolve().parents[1] / "recipes", Path.cwd() / "recipes")
+
+
+def _emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, default=float))
+        return
+    for key, value in result.items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+
+def find_recipe(name: str) -> Path:
+    """A path, or the name of a bundled recipe (with or without .yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for folder in RECIPE_DIRS:
+        for candidate in (folder / name, folder / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    known = ", ".join(sorted(p.stem for p in bundled_recipes()))
+    raise SslKitError(f"recipe {name!r} not found (bundled recipes: {known})")
+
+
+def bundled_recipes() -> list[Path]:
+    for folder in RECIPE_DIRS:
+        if folder.is_dir():
+            return sorted(folder.glob("*.yaml"))
+    return []
+
+
+def cmd_run(args) -> int:
+    from .config import load_recipe
+    from .runner import run_recipe
+
+    recipe = load_recipe(find_recipe(args.recipe), args.overrides)
+    run_dir, summary = run_recipe(recipe, Path(args.out) if args.out else None, resume=args.resume)
+    print(f"[ssl-kit] run finished: {run_dir}  (report: {run_dir / 'report.md'})", file=sys.stderr)
+    _emit({"run_dir": str(run_dir), **summary}, args.json)
+    return 0
+
+
+def _scalars(result: dict) -> dict:
+    return {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and not k.startswith("_")}
+
+
+def cmd_linear_probe(args) -> int:
+    from .eval.features import FeatureExtractor
+    from .eval.stages import probe_dataset
+
+    extractor = FeatureExtractor.from_checkpoint(args.checkpoint, args.device)
+    result = probe_dataset(extractor, args.data, args.epochs, args.labels_per_class, args.seed, sweep=not args.no_sweep)
+    _emit(_scalars(result), args.json)
+    return 0
+
+
+def cmd_knn(args) -> int:
+    from .eval.features import FeatureExtractor
+    from .eval.stages import knn_dataset
+
+    extractor = FeatureExtractor.from_checkpoint(args.checkpoint, args.device)
+    _emit(_scalars(knn_dataset(extractor, args.data, args.k, args.temperature, args.ivf)), args.json)
+    return 0
+
+
+def cmd_transfer(args) -> int:
+    from .eval.features import FeatureExtractor
+    from .eval.transfer import transfer_eval
+
+    extractor = FeatureExtractor.from_checkpoint(args.checkpoint, args.device)
+    result = transfer_eval(extractor, args.source, args.target, args.epochs, args.seed, sweep=not args.no_sweep)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"source {args.source}: top1 {result['source']['top1']:.4f}")
+        for target, metrics in result["targets"].items():
+            print(f"target {target}: top1 {metrics['top1']:.4f} (gap {metrics['gap']:+.4f})")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from .config import validate_recipe
+    from .runner import run_recipe
+
+    stage = {"name": "finetune", "method": "supervised", "init": {"checkpoint": args.checkpoint},
+             "data": {"dataset": args.data, "labels_per_class": args.labels_per_class},
+             "optimizer": {"lr": args.lr, "backbone_lr_scale": args.backbone_lr_scale, "nesterov": True},
+             "schedule": {"name": "cosine", "warmup_epochs": min(1.0, args.epochs * 0.1)},
+             "train": {"epochs": args.epochs, "batch_size": args.batch_size, "device": args.device}}
+    if args.image_size:
+        stage["data"]["image_size"] = args.image_size
+    else:
+        from .engine.checkpoint import resolve_checkpoint
+
+        stage["data"]["image_size"] = resolve_checkpoint(args.checkpoint)["data"]["image_size"]
+    recipe = validate_recipe({"seed": args.seed, "name": "finetune", "stages": [stage]}, "finetune arguments")
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ssl-kit-finetune-"))
+    run_dir, summary = run_recipe(recipe, out)
+    result = {k.split("/", 2)[-1]: v for k, v in summary.items() if k.startswith("finetune/test/")}
+    result["run_dir"] = str(run_dir)
+    _emit(result, args.json)
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    import yaml
+
+    for path in bundled_recipes():
+        try:
+            description = (yaml.safe_load(path.read_text()) or {}).get("description", "")
+        except yaml.YAMLError:
+            description = "(invalid YAML)"
+        print(f"{path.stem:32s} {description.splitlines()[0] if description else ''}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .engine.checkpoint import resolve_checkpoint
+    from .eval.model_info import model_info
+
+    _emit(model_info(resolve_checkpoint(args.checkpoint)), args.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ssl-kit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the stages of a recipe")
+    run.add_argument("recipe", help="recipe YAML path or bundled recipe name")
+    run.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. seed=7 fixmatch.threshold=0.9")
+    run.add_argument("--out", help="run directory (default: runs/<recipe>-<time>)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out")
+    run.add_argument("--json", action="store_true")
+    run.set_defaults(func=cmd_run)
+
+    def evaluation(name: str, help_text: str, func, data_arg: bool = True):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--checkpoint", required=True, help="backbone.pt, run directory or training checkpoint")
+        if data_arg:
+            p.add_argument("--data", required=True, help="dataset spec, e.g. digits, fashion-mnist, cifar10:/data")
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        p.set_defaults(func=func)
+        return p
+
+    probe = evaluation("linear-probe", "frozen features + linear classifier", cmd_linear_probe)
+    probe.add_argument("--labels-per-class", type=int)
+    probe.add_argument("--epochs", type=int, default=100)
+    probe.add_argument("--no-sweep", action="store_true", help="skip the lr/wd sweep on the validation split")
+
+    knn = evaluation("knn", "weighted kNN on frozen features (faiss)", cmd_knn)
+    knn.add_argument("--k", type=int, default=20)
+    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.add_argument("--ivf", action="store_true", help="approximate IVF index for large banks")
+
+    finetune = evaluation("finetune", "fine-tune the whole backbone with a new head", cmd_finetune)
+    finetune.add_argument("--labels-per-class", type=int)
+    finetune.add_argument("--epochs", type=float, default=20)
+    finetune.add_argument("--lr", type=float, default=0.05)
+    finetune.add_argument("--backbone-lr-scale", type=float, default=0.1)
+    finetune.add_argument("--batch-size", type=int, default=64)
+    finetune.add_argument("--image-size", type=int)
+    finetune.add_argument("--out")
+
+    transfer = evaluation("transfer", "fit on a source domain, report accuracy on targets", cmd_transfer, data_arg=False)
+    transfer.add_argument("--source", required=True)
+    transfer.add_argument("--target", required=True, action="append")
+    transfer.add_argument("--epochs", type=int, default=100)
+    transfer.add_argument("--no-sweep", action="store_true")
+
+    recipes = sub.add_parser("recipes", help="list bundled recipes")
+    recipes.set_defaults(func=cmd_recipes)
+
+    info = sub.add_parser("info", help="architecture, parameters and FLOPs of a checkpoint's backbone")
+    info.add_argument("--checkpoint", required=True)
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SslKitError as exc:
+        print(f"ssl-kit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ssl-kit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,373 @@
+"""Recipe schema (typed, validated with pydantic) and `key.sub=value` override parsing.
+
+A recipe is YAML::
+
+    seed: 0
+    stages:
+      - name: supervised
+        method: supervised
+        data: {dataset: digits, image_size: 32}
+        backbone: {name: small_cnn}
+        train: {epochs: 10, batch_size: 64}
+
+Overrides address a stage by its name (``supervised.train.epochs=3``) or a top-level key (``seed=7``).
+Unknown keys, wrong types and impossible values raise :class:`ConfigError` naming the full key path.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class Strict(BaseModel):
+    """Base for every schema: unknown keys are errors, assignment is validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    dataset: str = "digits"
+    test: Optional[str] = Field(None, description="spec of the test set; default: the dataset's own test split")
+    image_size: int = Field(32, ge=4, le=1024)
+    channels: Optional[Literal[1, 3]] = Field(None, description="convert images to this many channels")
+    labels_per_class: Optional[int] = Field(None, ge=1, description="None: every training image is labeled")
+    split_seed: Optional[int] = Field(None, description="seed of the labeled split; default: the recipe seed")
+    include_labeled_in_unlabeled: bool = True
+    hflip: bool = Field(False, description="random horizontal flips (off for digits, on for natural images)")
+    translate: float = Field(0.125, ge=0.0, le=0.5, description="weak view: max shift as a fraction of the size")
+    normalize: Literal["dataset", "none"] = "dataset"
+
+
+class BackboneConfig(Strict):
+    name: str = "small_cnn"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    sync_bn: bool = False
+
+
+class InitConfig(Strict):
+    checkpoint: Optional[str] = Field(None, description="backbone.pt, run dir or training checkpoint")
+    from_stage: Optional[str] = Field(None, description="take the backbone an earlier stage produced")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "InitConfig":
+        if self.checkpoint and self.from_stage:
+            raise ValueError("give init.checkpoint or init.from_stage, not both")
+        return self
+
+
+class OptimizerConfig(Strict):
+    name: Literal["sgd", "adam", "adamw", "rmsprop", "lars"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field("none", description="lr × (batch/256) or √(batch/256)")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    lars_eta: float = Field(0.02, gt=0, description="LARS trust coefficient")
+    exclude_norm_and_bias: bool = Field(True, description="no weight decay (nor LARS adaptation) for 1-D params")
+    backbone_lr_scale: float = Field(1.0, ge=0, description="backbone lr = lr × this; heads use lr")
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> "OptimizerConfig":
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov=true needs momentum > 0")
+        return self
+
+
+class ScheduleConfig(Strict):
+    name: Literal["cosine", "fixmatch_cosine", "step", "multistep", "exponential", "constant", "plateau"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    warmup_start: float = Field(0.0, ge=0, le=1, description="lr factor at step 0 of the warmup")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    step_epochs: float = Field(30, gt=0)
+    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="multistep: fractions of training")
+    gamma: float = Field(0.1, gt=0, le=1)
+    plateau_patience: int = Field(3, ge=0)
+    plateau_metric: str = "train/loss"
+
+
+class TrainConfig(Strict):
+    epochs: Optional[float] = Field(10, gt=0)
+    steps: Optional[int] = Field(None, ge=1, description="overrides epochs")
+    batch_size: int = Field(64, ge=1, description="global batch (all ranks, all accumulation steps)")
+    accumulate: int = Field(1, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    clip_grad_norm: Optional[float] = Field(None, gt=0)
+    clip_grad_value: Optional[float] = Field(None, gt=0)
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1)
+    head_init: Literal["default", "trunc_normal", "kaiming", "xavier"] = "default"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = Field(10, ge=1)
+    eval_every_epochs: int = Field(1, ge=0, description="0: only at the end")
+    checkpoint_every_steps: int = Field(200, ge=1)
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainConfig":
+        if self.batch_size % self.accumulate:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by accumulate {self.accumulate}")
+        return self
+
+
+class StageBase(Strict):
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$")
+    data: DataConfig = Field(default_factory=DataConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    init: InitConfig = Field(default_factory=InitConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class SupervisedStage(StageBase):
+    method: Literal["supervised"]
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class ViewsConfig(Strict):
+    """SimCLR-style view augmentation strengths (applied on the device)."""
+
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    jitter_prob: float = Field(0.8, ge=0, le=1)
+    jitter_strength: float = Field(0.5, ge=0, le=2, description="brightness/contrast/saturation = 0.8·s, hue = 0.2·s")
+    grayscale_prob: float = Field(0.2, ge=0, le=1)
+    blur_prob: float = Field(0.0, ge=0, le=1, description="Gaussian blur; worth it from ~64 px up")
+    solarize_prob: float = Field(0.0, ge=0, le=1, description="applied to the second view only (BYOL/MoCo v3)")
+
+
+class OnlineProbeConfig(Strict):
+    enabled: bool = True
+    lr: float = Field(0.1, gt=0)
+
+
+class ContrastiveStage(StageBase):
+    method: Literal["simclr", "mocov2", "mocov3"]
+    temperature: float = Field(0.1, gt=0, description="softmax temperature of the contrastive loss")
+    proj_hidden_dim: int = Field(512, ge=1)
+    proj_dim: int = Field(128, ge=1)
+    pred_hidden_dim: int = Field(512, ge=1, description="mocov3 predictor")
+    queue_size: int = Field(4096, ge=0, description="mocov2 negatives queue (0: in-batch negatives)")
+    momentum: float = Field(0.99, ge=0, le=1, description="momentum encoder: base value of the cosine 0.99→1 schedule")
+    views: ViewsConfig = Field(default_factory=ViewsConfig)
+    online_probe: OnlineProbeConfig = Field(default_factory=OnlineProbeConfig)
+
+
+class StrongAugConfig(Strict):
+    num_ops: int = Field(2, ge=0, le=14)
+    magnitude_max: float = Field(1.0, gt=0, le=1, description="magnitudes drawn per sample in [0.05, max]")
+    cutout: float = Field(0.5, ge=0, le=1, description="max cutout side as a fraction of the size")
+
+
+class ThresholdConfig(Strict):
+    policy: Literal["fixed", "flexmatch", "freematch", "softmatch"] = "fixed"
+    flexmatch_warmup: bool = True
+    ema: float = Field(0.999, gt=0, lt=1, description="freematch/softmatch EMA momentum")
+    freematch_fairness_weight: float = Field(0.0, ge=0)
+    distribution_alignment: bool = False
+
+
+class FixMatchStage(StageBase):
+    method: Literal["fixmatch"]
+    threshold: float = Field(0.95, ge=0, le=1)
+    lambda_u: float = Field(1.0, ge=0)
+    mu: int = Field(7, ge=1, description="unlabeled batch = mu × labeled batch")
+    temperature: float = Field(1.0, gt=0, description="sharpening of the pseudo-label softmax")
+    threshold_policy: ThresholdConfig = Field(default_factory=ThresholdConfig)
+    strong: StrongAugConfig = Field(default_factory=StrongAugConfig)
+    joint_forward: bool = Field(True, description="labeled + both unlabeled views in one forward pass")
+    eval_ema: bool = Field(True, description="evaluate the EMA model (needs train.ema_decay)")
+
+
+class EvalStageBase(Strict):
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$")
+    from_stage: Optional[str] = Field(None, description="backbone of this earlier stage; default: the latest one")
+    checkpoint: Optional[str] = None
+    data: Optional[str] = Field(None, description="dataset spec; default: the source stage's dataset")
+    image_size: Optional[int] = Field(None, ge=4)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class LinearProbeStage(EvalStageBase):
+    method: Literal["linear_probe"]
+    labels_per_class: Optional[int] = Field(None, ge=1)
+    epochs: int = Field(100, ge=1)
+
+
+class KnnStage(EvalStageBase):
+    method: Literal["knn"]
+    k: int = Field(20, ge=1)
+    knn_temperature: float = Field(0.07, gt=0)
+
+
+class TransferStage(EvalStageBase):
+    method: Literal["transfer"]
+    targets: list[str] = Field(min_length=1)
+    epochs: int = Field(100, ge=1)
+
+
+Stage = Annotated[
+    Union[SupervisedStage, ContrastiveStage, FixMatchStage, LinearProbeStage, KnnStage, TransferStage],
+    Field(discriminator="method"),
+]
+TRAINING_METHODS = ("supervised", "simclr", "mocov2", "mocov3", "fixmatch")
+EVAL_METHODS = ("linear_probe", "knn", "transfer")
+
+
+class WandbConfig(Strict):
+    enabled: bool = False
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "ssl_kit"
+    entity: Optional[str] = None
+
+
+class Recipe(Strict):
+    seed: int = 0
+    name: Optional[str] = None
+    description: str = ""
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    stages: list[Stage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _stage_references(self) -> "Recipe":
+        seen: list[str] = []
+        for stage in self.stages:
+            if stage.name in seen:
+                raise ValueError(f"stage name {stage.name!r} is used twice")
+            source = stage.init.from_stage if isinstance(stage, StageBase) else stage.from_stage
+            if source is not None and source not in seen:
+                raise ValueError(
+                    f"stage {stage.name!r} takes its backbone from {source!r}, which is not an earlier stage "
+                    f"(earlier: {seen or 'none'})"
+                )
+            seen.append(stage.name)
+        return self
+
+    def stage(self, name: str):
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# loading, overrides, error formatting
+
+
+def _format_location(loc: tuple, raw: dict) -> str:
+    """Turn pydantic's loc ('stages', 0, 'fixmatch', 'threshold') into 'stages[fixmatch].threshold'."""
+    parts: list[str] = []
+    items = list(loc)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if item == "stages" and i + 1 < len(items) and isinstance(items[i + 1], int):
+            index = items[i + 1]
+            stages = raw.get("stages") or []
+            name = stages[index].get("name", index) if index < len(stages) and isinstance(stages[index], dict) else index
+            parts.append(f"stages[{name}]")
+            i += 2
+            if i < len(items) and isinstance(items[i], str) and items[i] in TRAINING_METHODS + EVAL_METHODS:
+                i += 1  # the discriminator tag pydantic inserts
+            continue
+        parts.append(f"[{item}]" if isinstance(item, int) else f".{item}")
+        i += 1
+    return "".join(parts).lstrip(".") or "<recipe>"
+
+
+def _allowed_values_hint(error: dict) -> str:
+    ctx = error.get("ctx") or {}
+    if "expected" in ctx:
+        return f" (allowed: {ctx['expected']})"
+    return ""
+
+
+def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    """Validate a raw recipe dict; raise ConfigError listing every problem with its key path."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a recipe is a mapping with 'seed' and 'stages', got {type(raw).__name__}")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            where = _format_location(error["loc"], raw)
+            got = error.get("input")
+            got_text = "" if isinstance(got, (dict, list)) or error["type"] == "missing" else f" (got {got!r})"
+            lines.append(f"  {where}: {error['msg']}{_allowed_values_hint(error)}{got_text}")
+        raise ConfigError(f"{source} is invalid:\n" + "\n".join(lines)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'fixmatch.threshold=0.9' -> (['fixmatch', 'threshold'], 0.9). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, value_text = text.split("=", 1)
+    path = key.strip().split(".")
+    if not key.strip() or any(not part.strip() for part in path):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
+    return [part.strip() for part in path], value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of `raw` with each `key.sub=value` applied; a first part naming a stage addresses it."""
+    result = copy.deepcopy(raw)
+    stage_names = [s.get("name") for s in result.get("stages", []) if isinstance(s, dict)]
+    for text in overrides:
+        path, value = parse_override(text)
+        if path[0] in stage_names and path[0] not in ("seed", "name", "wandb", "stages", "description"):
+            target = result["stages"][stage_names.index(path[0])]
+            rest = path[1:]
+            if not rest:
+                raise ConfigError(f"override {text!r} names stage {path[0]!r} but no key inside it")
+        elif len(path) == 1 or path[0] in ("wandb",):
+            target, rest = result, path
+        else:
+            raise ConfigError(
+                f"override {text!r}: {path[0]!r} is neither a stage of this recipe (stages: {stage_names}) "
+                f"nor a top-level key (seed, name, description, wandb)"
+            )
+        for part in rest[:-1]:
+            node = target.get(part)
+            if node is None:
+                node = target[part] = {}
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part!r} holds a {type(node).__name__}, not a mapping")
+            target = node
+        target[rest[-1]] = value
+    return result
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe file {str(path)!r} is not valid YAML: {exc}") from None
+    return raw if raw is not None else {}
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply overrides, validate. Raises ConfigError with key paths."""
+    raw = apply_overrides(load_yaml(path), overrides or [])
+    recipe = validate_recipe(raw, source=f"recipe {str(path)!r}")
+    if recipe.name is None:
+        recipe.name = Path(path).stem
+    return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe (defaults filled in) as YAML."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,301 @@
+"""Batched augmentation on the training device. Inputs are uint8 or float (N, C, H, W) batches; every op
+draws its random parameters per sample from torch's RNG on the batch's device, so a seed fixes the result.
+
+Ops return float images in [0, 1]; `Normalize` comes last.
+"""
+from __future__ import annotations
+
+import math
+
+import kornia
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import StrongAugConfig, ViewsConfig
+
+
+def to_unit_float(x: Tensor) -> Tensor:
+    """uint8 (N, C, H, W) -> float32 in [0, 1]; float input is returned as float32."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+def _uniform(n: int, low: float, high: float, device) -> Tensor:
+    return torch.rand(n, device=device) * (high - low) + low
+
+
+def _per_sample(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """Pick `new` where mask (N,) is true, else `old`."""
+    return torch.where(mask.view(-1, 1, 1, 1), new, old)
+
+
+def _warp(x: Tensor, matrix: Tensor, padding: str) -> Tensor:
+    """Sample x (N, C, H, W) through per-sample affine maps matrix (N, 2, 3) in normalised coordinates."""
+    grid = F.affine_grid(matrix, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+
+
+def random_translate_flip(x: Tensor, max_shift: float, hflip: bool) -> Tensor:
+    """Weak view: shift by up to max_shift·size in x and y (reflect padding), optional horizontal flip."""
+    n = x.shape[0]
+    shift = _uniform(2 * n, -2 * max_shift, 2 * max_shift, x.device).view(n, 2)  # normalised coords span 2
+    sign = torch.ones(n, device=x.device)
+    if hflip:
+        sign = torch.where(torch.rand(n, device=x.device) < 0.5, -sign, sign)
+    matrix = torch.zeros(n, 2, 3, device=x.device)
+    matrix[:, 0, 0] = sign
+    matrix[:, 1, 1] = 1.0
+    matrix[:, :, 2] = shift
+    return _warp(x, matrix, "reflection")
+
+
+def random_resized_crop(x: Tensor, scale: tuple[float, float], ratio=(3 / 4, 4 / 3), hflip: bool = True) -> Tensor:
+    """Crop a random area fraction in `scale` with aspect ratio in `ratio`, resize back, optionally flip."""
+    n = x.shape[0]
+    area = _uniform(n, scale[0], scale[1], x.device)
+    log_ratio = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), x.device)
+    aspect = torch.exp(log_ratio)
+    width = torch.sqrt(area * aspect).clamp(max=1.0)
+    height = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = (torch.rand(n, device=x.device) * 2 - 1) * (1 - width)
+    cy = (torch.rand(n, device=x.device) * 2 - 1) * (1 - height)
+    sign = torch.ones(n, device=x.device)
+    if hflip:
+        sign = torch.where(torch.rand(n, device=x.device) < 0.5, -sign, sign)
+    matrix = torch.zeros(n, 2, 3, device=x.device)
+    matrix[:, 0, 0] = width * sign
+    matrix[:, 1, 1] = height
+    matrix[:, 0, 2] = cx
+    matrix[:, 1, 2] = cy
+    return _warp(x, matrix, "border")
+
+
+def grayscale(x: Tensor) -> Tensor:
+    """(N, C, H, W) -> luma (N, 1, H, W) for 3 channels; 1-channel input is returned as is."""
+    if x.shape[1] == 1:
+        return x
+    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * weights).sum(1, keepdim=True)
+
+
+def _blend(a: Tensor, b: Tensor, factor: Tensor) -> Tensor:
+    """factor·a + (1 − factor)·b per sample, clamped to [0, 1]."""
+    f = factor.view(-1, 1, 1, 1)
+    return (f * a + (1 - f) * b).clamp(0, 1)
+
+
+def color_jitter(x: Tensor, strength: float, prob: float) -> Tensor:
+    """SimCLR colour jitter: brightness/contrast/saturation in [1 − 0.8s, 1 + 0.8s], hue in ±0.2s, with prob."""
+    n = x.shape[0]
+    if strength == 0 or prob == 0:
+        return x
+    apply = torch.rand(n, device=x.device) < prob
+    s = 0.8 * strength
+    y = (x * _uniform(n, max(0, 1 - s), 1 + s, x.device).view(-1, 1, 1, 1)).clamp(0, 1)
+    gray_mean = grayscale(y).mean(dim=(1, 2, 3), keepdim=True)
+    y = _blend(y, gray_mean.expand_as(y), _uniform(n, max(0, 1 - s), 1 + s, x.device))
+    if x.shape[1] == 3:
+        y = _blend(y, grayscale(y).expand_as(y), _uniform(n, max(0, 1 - s), 1 + s, x.device))
+        hue = _uniform(n, -0.2 * strength, 0.2 * strength, x.device).clamp(-0.5, 0.5) * 2 * math.pi
+        y = kornia.enhance.adjust_hue(y, hue).clamp(0, 1)
+    return _per_sample(apply, y, x)
+
+
+def random_grayscale(x: Tensor, prob: float) -> Tensor:
+    if x.shape[1] == 1 or prob == 0:
+        return x
+    apply = torch.rand(x.shape[0], device=x.device) < prob
+    return _per_sample(apply, grayscale(x).expand_as(x), x)
+
+
+def random_blur(x: Tensor, prob: float, sigma=(0.1, 2.0)) -> Tensor:
+    """Gaussian blur with per-sample sigma; kernel ≈ 10% of the image side (odd)."""
+    if prob == 0:
+        return x
+    n = x.shape[0]
+    kernel = max(3, int(0.1 * x.shape[-1]) // 2 * 2 + 1)
+    sigmas = _uniform(n, sigma[0], sigma[1], x.device)
+    blurred = kornia.filters.gaussian_blur2d(x, (kernel, kernel), torch.stack([sigmas, sigmas], dim=1))
+    return _per_sample(torch.rand(n, device=x.device) < prob, blurred, x)
+
+
+def random_solarize(x: Tensor, prob: float, threshold: float = 0.5) -> Tensor:
+    if prob == 0:
+        return x
+    solarized = torch.where(x >= threshold, 1.0 - x, x)
+    return _per_sample(torch.rand(x.shape[0], device=x.device) < prob, solarized, x)
+
+
+class Normalize(torch.nn.Module):
+    """(x − mean) / std per channel; mean, std: sequences of length C."""
+
+    def __init__(self, mean, std) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (to_unit_float(x) - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+class WeakView(torch.nn.Module):
+    """uint8 (N, C, H, W) -> normalised float: random translate (+ flip)."""
+
+    def __init__(self, normalize: Normalize, translate: float, hflip: bool) -> None:
+        super().__init__()
+        self.normalize, self.translate, self.hflip = normalize, translate, hflip
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = to_unit_float(x)
+        if self.translate > 0 or self.hflip:
+            y = random_translate_flip(y, self.translate, self.hflip)
+        return self.normalize(y)
+
+
+class ContrastiveView(torch.nn.Module):
+    """SimCLR / MoCo view: resized crop, flip, colour jitter, grayscale, blur, solarize; then normalise."""
+
+    def __init__(self, normalize: Normalize, cfg: ViewsConfig, hflip: bool, solarize_prob: float = 0.0) -> None:
+        super().__init__()
+        self.normalize, self.cfg, self.hflip, self.solarize_prob = normalize, cfg, hflip, solarize_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        cfg = self.cfg
+        y = random_resized_crop(to_unit_float(x), tuple(cfg.crop_scale), hflip=self.hflip)
+        y = color_jitter(y, cfg.jitter_strength, cfg.jitter_prob)
+        y = random_grayscale(y, cfg.grayscale_prob)
+        y = random_blur(y, cfg.blur_prob)
+        y = random_solarize(y, self.solarize_prob)
+        return self.normalize(y)
+
+
+# ---------------------------------------------------------------------------------- RandAugment
+def _autocontrast(x: Tensor, m: Tensor) -> Tensor:
+    low = x.amin(dim=(2, 3), keepdim=True)
+    high = x.amax(dim=(2, 3), keepdim=True)
+    scale = torch.where(high > low, 1.0 / (high - low).clamp_min(1e-6), torch.ones_like(high))
+    return ((x - low) * scale).clamp(0, 1)
+
+
+def _equalize(x: Tensor, m: Tensor) -> Tensor:
+    return kornia.enhance.equalize(x)
+
+
+def _brightness(x: Tensor, m: Tensor) -> Tensor:
+    return (x * _signed_factor(m).view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+def _color(x: Tensor, m: Tensor) -> Tensor:
+    return _blend(x, grayscale(x).expand_as(x), _signed_factor(m)) if x.shape[1] == 3 else x
+
+
+def _contrast(x: Tensor, m: Tensor) -> Tensor:
+    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    return _blend(x, mean.expand_as(x), _signed_factor(m))
+
+
+def _sharpness(x: Tensor, m: Tensor) -> Tensor:
+    return kornia.enhance.sharpness(x, _signed_factor(m)).clamp(0, 1)
+
+
+def _posterize(x: Tensor, m: Tensor) -> Tensor:
+    bits = (8 - (m * 4).round()).clamp(4, 8)  # 8..4 bits kept
+    return kornia.enhance.posterize(x, bits)
+
+
+def _solarize(x: Tensor, m: Tensor) -> Tensor:
+    threshold = (1.0 - m).view(-1, 1, 1, 1)
+    return torch.where(x >= threshold, 1.0 - x, x)
+
+
+def _signed_factor(m: Tensor) -> Tensor:
+    """Magnitude m in [0, 1] -> enhancement factor 1 ± 0.9·m with a random sign (identity at m = 0)."""
+    sign = torch.where(torch.rand_like(m) < 0.5, -1.0, 1.0)
+    return 1.0 + sign * 0.9 * m
+
+
+def _geometric(kind: str):
+    def op(x: Tensor, m: Tensor) -> Tensor:
+        n = x.shape[0]
+        sign = torch.where(torch.rand(n, device=x.device) < 0.5, -1.0, 1.0)
+        matrix = torch.zeros(n, 2, 3, device=x.device)
+        matrix[:, 0, 0] = 1.0
+        matrix[:, 1, 1] = 1.0
+        if kind == "rotate":  # up to 30 degrees
+            angle = sign * m * math.radians(30)
+            matrix[:, 0, 0], matrix[:, 0, 1] = torch.cos(angle), -torch.sin(angle)
+            matrix[:, 1, 0], matrix[:, 1, 1] = torch.sin(angle), torch.cos(angle)
+        elif kind == "shear_x":
+            matrix[:, 0, 1] = sign * m * 0.3
+        elif kind == "shear_y":
+            matrix[:, 1, 0] = sign * m * 0.3
+        elif kind == "translate_x":  # up to 30% of the size
+            matrix[:, 0, 2] = sign * m * 0.6
+        else:
+            matrix[:, 1, 2] = sign * m * 0.6
+        return _warp(x, matrix, "zeros")
+
+    return op
+
+
+RANDAUGMENT_OPS = {
+    "identity": lambda x, m: x,
+    "autocontrast": _autocontrast,
+    "equalize": _equalize,
+    "brightness": _brightness,
+    "color": _color,
+    "contrast": _contrast,
+    "sharpness": _sharpness,
+    "posterize": _posterize,
+    "solarize": _solarize,
+    "rotate": _geometric("rotate"),
+    "shear_x": _geometric("shear_x"),
+    "shear_y": _geometric("shear_y"),
+    "translate_x": _geometric("translate_x"),
+    "translate_y": _geometric("translate_y"),
+}
+
+
+def rand_augment(x: Tensor, num_ops: int, magnitude_max: float) -> Tensor:
+    """RandAugment as in FixMatch: each sample gets `num_ops` ops drawn uniformly, each with its own magnitude
+    in [0.05, magnitude_max]. x: float (N, C, H, W) in [0, 1] -> same shape, in [0, 1]."""
+    names = list(RANDAUGMENT_OPS)
+    out = x.clone()
+    n = x.shape[0]
+    for _ in range(num_ops):
+        choice = torch.randint(len(names), (n,), device=x.device)
+        magnitude = _uniform(n, 0.05, max(0.05, magnitude_max), x.device)
+        for op_index in torch.unique(choice).tolist():
+            rows = (choice == op_index).nonzero().squeeze(1)
+            if names[op_index] != "identity":
+                out[rows] = RANDAUGMENT_OPS[names[op_index]](out[rows], magnitude[rows]).clamp(0, 1)
+    return out
+
+
+def cutout(x: Tensor, max_fraction: float, fill: float = 0.5) -> Tensor:
+    """Fill a square of side U(0, max_fraction)·size at a uniformly random centre with `fill`, per sample."""
+    if max_fraction <= 0:
+        return x
+    n, _, h, w = x.shape
+    side = torch.rand(n, device=x.device) * max_fraction * min(h, w)
+    cy = torch.rand(n, device=x.device) * h
+    cx = torch.rand(n, device=x.device) * w
+    ys = torch.arange(h, device=x.device).view(1, h, 1) + 0.5
+    xs = torch.arange(w, device=x.device).view(1, 1, w) + 0.5
+    inside = ((ys - cy.view(-1, 1, 1)).abs() <= side.view(-1, 1, 1) / 2) & \
+             ((xs - cx.view(-1, 1, 1)).abs() <= side.view(-1, 1, 1) / 2)
+    return torch.where(inside.unsqueeze(1), torch.full_like(x, fill), x)
+
+
+class StrongView(torch.nn.Module):
+    """FixMatch strong view: weak translate/flip, RandAugment, Cutout; then normalise."""
+
+    def __init__(self, normalize: Normalize, cfg: StrongAugConfig, translate: float, hflip: bool) -> None:
+        super().__init__()
+        self.normalize, self.cfg, self.translate, self.hflip = normalize, cfg, translate, hflip
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = random_translate_flip(to_unit_float(x), self.translate, self.hflip)
+        y = rand_augment(y, self.cfg.num_ops, self.cfg.magnitude_max)
+        y = cutout(y, self.cfg.cutout)
+        return self.normalize(y)

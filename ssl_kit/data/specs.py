@@ -1,0 +1,150 @@
+"""Dataset spec strings: `NAME`, `NAME:ROOT` or `NAME:ARG`, plus `,key=value` options.
+
+    digits                      scikit-learn digits (builtin)
+    digits-printed[,per_font=N] digits rendered from fonts (builtin)
+    digits-rotated:ANGLE        digits rotated by ANGLE degrees (builtin)
+    fashion-mnist[:ROOT]        IDX files (default root /usr/share/datasets/fashion-mnist)
+    mnist:ROOT  cifar10:ROOT  cifar100:ROOT  svhn:ROOT  stl10:ROOT  imagefolder:ROOT
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DataError
+from . import builtin, formats
+from .builtin import stratified_holdout
+from .imageset import ImageSet
+
+FASHION_MNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
+NEEDS_ROOT = ("mnist", "cifar10", "cifar100", "svhn", "stl10", "imagefolder")
+KNOWN = ("digits", "digits-printed", "digits-rotated", "fashion-mnist") + NEEDS_ROOT
+OPTIONS = {"download": bool, "per_font": int, "test_fraction": float, "seed": int}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    arg: str | None = None
+    options: tuple[tuple[str, object], ...] = field(default_factory=tuple)
+
+    def option(self, key: str, default=None):
+        return dict(self.options).get(key, default)
+
+    def __str__(self) -> str:
+        text = self.name + (f":{self.arg}" if self.arg is not None else "")
+        return text + "".join(f",{k}={v}" for k, v in self.options)
+
+
+def _parse_option(spec: str, item: str) -> tuple[str, object]:
+    if "=" not in item:
+        raise DataError(f"dataset spec {spec!r}: option {item!r} is not key=value (known keys: {sorted(OPTIONS)})")
+    key, value = (part.strip() for part in item.split("=", 1))
+    if key not in OPTIONS:
+        raise DataError(f"dataset spec {spec!r}: unknown option {key!r} (known: {sorted(OPTIONS)})")
+    kind = OPTIONS[key]
+    try:
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return key, value.lower() in ("true", "1", "yes")
+        return key, kind(value)
+    except ValueError:
+        raise DataError(f"dataset spec {spec!r}: option {key}={value!r} is not a valid {kind.__name__}") from None
+
+
+def parse_spec(spec: str) -> DatasetSpec:
+    """'cifar10:/data,download=true' -> DatasetSpec('cifar10', '/data', (('download', True),))."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError(f"dataset spec must be a non-empty string like 'digits' or 'cifar10:/data', got {spec!r}")
+    head, *option_items = spec.strip().split(",")
+    name, _, arg = head.partition(":")
+    name = name.strip().lower()
+    if name not in KNOWN:
+        raise DataError(f"unknown dataset {name!r} in spec {spec!r} (known: {', '.join(KNOWN)})")
+    arg = arg.strip() or None
+    if name in NEEDS_ROOT and arg is None:
+        raise DataError(f"dataset spec {spec!r}: {name} needs a root folder, e.g. '{name}:/path/to/{name}'")
+    if name == "digits-rotated":
+        if arg is None:
+            raise DataError(f"dataset spec {spec!r}: give the angle in degrees, e.g. 'digits-rotated:45'")
+        try:
+            float(arg)
+        except ValueError:
+            raise DataError(f"dataset spec {spec!r}: angle {arg!r} is not a number") from None
+    if name in ("digits", "digits-printed") and arg is not None:
+        raise DataError(f"dataset spec {spec!r}: {name} is builtin and takes no root or argument")
+    options = tuple(_parse_option(spec, item) for item in option_items if item.strip())
+    return DatasetSpec(name, arg, options)
+
+
+def _download(spec: DatasetSpec) -> None:
+    """Only on explicit request (download=true): fetch the files with torchvision into the root."""
+    import torchvision.datasets as tvd
+
+    root = Path(spec.arg)
+    makers = {
+        "mnist": lambda: [tvd.MNIST(root.parent, train=t, download=True) for t in (True, False)],
+        "cifar10": lambda: tvd.CIFAR10(root, download=True),
+        "cifar100": lambda: tvd.CIFAR100(root, download=True),
+        "svhn": lambda: [tvd.SVHN(root, split=s, download=True) for s in ("train", "test")],
+        "stl10": lambda: tvd.STL10(root, split="train", download=True),
+    }
+    if spec.name not in makers:
+        raise DataError(f"dataset {spec.name!r} cannot be downloaded; place the files under {str(root)!r}")
+    makers[spec.name]()
+
+
+@functools.lru_cache(maxsize=16)
+def _load_cached(spec: DatasetSpec, folder_size: int) -> dict[str, ImageSet]:
+    name, arg = spec.name, spec.arg
+    if spec.option("download", False):
+        _download(spec)
+    if name == "digits":
+        return builtin.load_digits_dataset()
+    if name == "digits-printed":
+        return builtin.load_printed_digits(per_font=spec.option("per_font", 20), seed=spec.option("seed", 0))
+    if name == "digits-rotated":
+        return builtin.load_rotated_digits(float(arg))
+    if name == "fashion-mnist":
+        return formats.load_idx_dataset(Path(arg or FASHION_MNIST_DEFAULT_ROOT), "fashion-mnist", formats.FASHION_CLASSES)
+    if name == "mnist":
+        root = Path(arg)
+        if (root / "MNIST" / "raw").is_dir():
+            root = root / "MNIST" / "raw"
+        return formats.load_idx_dataset(root, "mnist", [str(i) for i in range(10)])
+    if name == "cifar10":
+        return formats.load_cifar10(Path(arg))
+    if name == "cifar100":
+        return formats.load_cifar100(Path(arg))
+    if name == "svhn":
+        return formats.load_svhn(Path(arg))
+    if name == "stl10":
+        return formats.load_stl10(Path(arg))
+    return _load_image_folder_splits(spec, folder_size)
+
+
+def _load_image_folder_splits(spec: DatasetSpec, size: int) -> dict[str, ImageSet]:
+    """root/train/<class> and root/test/<class> when present; else one folder split 80/20 by seed."""
+    root = Path(spec.arg)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        train = formats.load_image_folder(root / "train", size, f"imagefolder:{root}/train")
+        test = formats.load_image_folder(root / "test", size, f"imagefolder:{root}/test")
+        if train.classes != test.classes:
+            raise DataError(f"imagefolder {str(root)!r}: train classes {train.classes} differ from test {test.classes}")
+        return {"train": train, "test": test}
+    full = formats.load_image_folder(root, size, f"imagefolder:{root}")
+    train_index, test_index = stratified_holdout(full.labels.numpy(), spec.option("test_fraction", 0.2),
+                                                 spec.option("seed", 0))
+    return {"train": full.subset(train_index, f"{full.name}/train"), "test": full.subset(test_index, f"{full.name}/test")}
+
+
+def load_splits(spec: str | DatasetSpec, folder_size: int = 64) -> dict[str, ImageSet]:
+    """All splits of a dataset at its native size: {'train', 'test'[, 'unlabeled']}."""
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    splits = _load_cached(parsed, folder_size)
+    for split_name, split in splits.items():
+        if len(split) == 0:
+            raise DataError(f"dataset {str(parsed)!r}: split {split_name!r} is empty")
+    return splits

@@ -1,0 +1,126 @@
+"""Checkpoint files: atomic writes, safe loads (weights_only), and the backbone.pt format.
+
+backbone.pt = {"format": "ssl_kit.backbone", "version": 1, "arch", "kwargs", "data": DataInfo dict,
+               "state_dict", optional "head": {"state_dict", "num_classes"}}
+A training checkpoint = {"format": "ssl_kit.checkpoint", "version": 1, "stage", "step", "method", "optimizer",
+               "scaler", "ema", "rng", "backbone": {arch, kwargs, data}, ...}
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+
+BACKBONE_FORMAT = "ssl_kit.backbone"
+CHECKPOINT_FORMAT = "ssl_kit.checkpoint"
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename: a crash never leaves a truncated file.
+    On failure (disk full, ...) the previous file at `path` is untouched and CheckpointError is raised."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as tmp:
+            torch.save(obj, tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"could not write checkpoint {str(path)!r}: {exc}; the previous file is intact") from exc
+        raise
+
+
+def safe_load(path: str | Path) -> dict:
+    """torch.load(weights_only=True): tensors and plain containers only. Anything else is refused unread."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refusing to load {str(path)!r}: it holds objects other than tensors and plain containers "
+            f"(loading it could run code). Details: {str(exc).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a readable torch file: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(data).__name__}, not a dict")
+    return data
+
+
+def backbone_record(arch: str, kwargs: dict, data_info: dict, backbone: nn.Module,
+                    head: Optional[nn.Linear] = None) -> dict:
+    record = {"format": BACKBONE_FORMAT, "version": 1, "arch": arch, "kwargs": dict(kwargs), "data": dict(data_info),
+              "state_dict": {k: v.detach().cpu() for k, v in backbone.state_dict().items()}}
+    if head is not None:
+        record["head"] = {"state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
+                          "num_classes": head.out_features}
+    return record
+
+
+def _extract_prefixed(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def resolve_checkpoint(path: str | Path) -> dict:
+    """A backbone.pt, a run directory or a training checkpoint -> a backbone record (see module doc)."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / "backbone.pt"
+        if not candidate.is_file():
+            raise CheckpointError(f"run directory {str(path)!r} has no backbone.pt (has the run finished a training stage?)")
+        path = candidate
+    data = safe_load(path)
+    kind = data.get("format")
+    if kind == BACKBONE_FORMAT:
+        return data
+    if kind == CHECKPOINT_FORMAT:
+        meta = data.get("backbone") or {}
+        state = _extract_prefixed(data["method"], meta.get("backbone_prefix", "backbone."))
+        record = {"format": BACKBONE_FORMAT, "version": 1, "arch": meta["arch"], "kwargs": meta["kwargs"],
+                  "data": meta["data"], "state_dict": state}
+        head = _extract_prefixed(data["method"], meta["head_prefix"]) if meta.get("head_prefix") else {}
+        if "weight" in head:
+            record["head"] = {"state_dict": head, "num_classes": int(head["weight"].shape[0])}
+        return record
+    raise CheckpointError(
+        f"{str(path)!r} is not an ssl_kit backbone or training checkpoint (format field: {kind!r}); "
+        f"expected a run's backbone.pt, a run directory or checkpoints/last.pt"
+    )
+
+
+def build_from_record(record: dict) -> nn.Module:
+    """Rebuild the backbone of a record, load its weights; attaches .data_info and .arch."""
+    from ..models.registry import build_backbone
+
+    info = record["data"]
+    backbone = build_backbone(record["arch"], info["channels"], info["image_size"], record["kwargs"])
+    try:
+        backbone.load_state_dict(record["state_dict"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"weights do not fit backbone {record['arch']!r} {record['kwargs']}: {first}") from None
+    backbone.data_info = info
+    backbone.arch = record["arch"]
+    return backbone
+
+
+def load_backbone(path: str | Path) -> nn.Module:
+    """Rebuild a backbone from backbone.pt, a run dir or a training checkpoint alone.
+    Returns an nn.Module in eval mode: images (N, C, H, W) -> features (N, num_features), with .data_info."""
+    return build_from_record(resolve_checkpoint(path)).eval()

@@ -1,0 +1,69 @@
+"""Per-iteration learning-rate factors: linear warmup, then cosine / FixMatch cosine / step / multistep /
+exponential / constant; and a plateau scheduler driven by a monitored metric."""
+from __future__ import annotations
+
+import math
+
+from ..config import ScheduleConfig
+
+
+class LrSchedule:
+    """factor(step) in [0, 1] multiplies each param group's base lr. steps_per_epoch converts epoch settings."""
+
+    def __init__(self, cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int) -> None:
+        self.cfg, self.total, self.per_epoch = cfg, max(1, total_steps), max(1, steps_per_epoch)
+        self.warmup = min(int(round(cfg.warmup_epochs * self.per_epoch)), self.total)
+        self.plateau_scale = 1.0
+        self._best: float | None = None
+        self._bad = 0
+
+    def factor(self, step: int) -> float:
+        cfg = self.cfg
+        if step < self.warmup:
+            return cfg.warmup_start + (1 - cfg.warmup_start) * step / self.warmup
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        progress = min(max(progress, 0.0), 1.0)
+        floor = cfg.min_lr_ratio
+        if cfg.name == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        if cfg.name == "fixmatch_cosine":  # lr · cos(7π k / 16 K)
+            return max(floor, math.cos(7 * math.pi * progress / 16))
+        if cfg.name == "step":
+            return max(floor, cfg.gamma ** int((step - self.warmup) / (cfg.step_epochs * self.per_epoch)))
+        if cfg.name == "multistep":
+            passed = sum(progress >= m for m in cfg.milestones)
+            return max(floor, cfg.gamma ** passed)
+        if cfg.name == "exponential":  # gamma per epoch
+            return max(floor, cfg.gamma ** ((step - self.warmup) / self.per_epoch))
+        if cfg.name == "plateau":
+            return self.plateau_scale
+        return 1.0
+
+    # plateau: reduce by gamma after `patience` epochs without improvement of the monitored metric (lower = better
+    # for names ending in 'loss', else higher = better)
+    def state_dict(self) -> dict:
+        return {"plateau_scale": self.plateau_scale, "best": self._best, "bad": self._bad}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.plateau_scale, self._best, self._bad = state["plateau_scale"], state["best"], state["bad"]
+
+    def observe(self, metrics: dict) -> None:
+        if self.cfg.name != "plateau" or self.cfg.plateau_metric not in metrics:
+            return
+        value = float(metrics[self.cfg.plateau_metric])
+        lower_is_better = self.cfg.plateau_metric.endswith("loss")
+        best = self._best
+        improved = best is None or (value < best if lower_is_better else value > best)
+        if improved:
+            self._best, self._bad = value, 0
+            return
+        self._bad += 1
+        if self._bad > self.cfg.plateau_patience:
+            self.plateau_scale = max(self.cfg.min_lr_ratio, self.plateau_scale * self.cfg.gamma)
+            self._bad = 0
+
+
+def cosine_ramp(start: float, end: float, step: int, total: int) -> float:
+    """start -> end along a half cosine over `total` steps (momentum schedules: 0.996 -> 1)."""
+    progress = min(max(step / max(1, total), 0.0), 1.0)
+    return end - (end - start) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,267 @@
+"""The one training loop every method runs on.
+
+Per optimizer step: `accumulate` micro-batches -> method.training_step under autocast -> backward -> (DDP) flat
+gradient all-reduce -> unscale, clip -> optimizer step -> schedule -> method hooks -> EMA -> log -> checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..data.loader import DeviceLoader
+from ..data.pipeline import PreparedData
+from ..errors import CheckpointError, TrainingError
+from ..eval.metrics import classification_metrics, predict
+from ..methods.base import Method, Progress
+from ..models.heads import init_head
+from . import distributed as dist
+from .checkpoint import CHECKPOINT_FORMAT, atomic_save, safe_load
+from .ema import ModelEMA
+from .loggers import JsonlLogger, WandbLogger, progress
+from .optim import build_optimizer
+from .schedule import LrSchedule
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda (this rank's GPU under torchrun) when available, else cpu."""
+    import os
+
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise TrainingError("train.device=cuda but no CUDA device is available")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bf16 autocast on CPU or CUDA, fp16 autocast on CUDA (with a grad scaler), nothing for fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise TrainingError("train.precision=fp16 needs a CUDA device; use bf16 on the CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class RunContext:
+    """What a stage's trainer writes to: the run dir, loggers, the seed, and test hooks."""
+
+    run_dir: Path
+    seed: int
+    wandb: Optional[WandbLogger] = None
+    metrics: Optional[JsonlLogger] = None
+    step_callback: Optional[Callable[[int], None]] = None  # tests: simulate a crash at a given step
+    extra_meta: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """Trains `method` on `data` per the stage config; checkpoint at ctx.run_dir/checkpoints/last.pt."""
+
+    def __init__(self, method: Method, data: PreparedData, cfg, ctx: RunContext, backbone_meta: dict) -> None:
+        self.cfg, self.ctx, self.data = cfg, ctx, data
+        self.device = resolve_device(cfg.train.device)
+        self.distributed = dist.init_from_env(str(self.device))
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.is_main = self.rank == 0
+        self.backbone_meta = backbone_meta
+        self.checkpoint_path = ctx.run_dir / "checkpoints" / "last.pt"
+
+        for module in method.head_modules():
+            init_head(module, cfg.train.head_init)
+        if cfg.backbone.sync_bn and self.distributed:
+            method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        self.method = method.to(self.device)
+
+        tc = cfg.train
+        if tc.batch_size % (tc.accumulate * self.world):
+            raise TrainingError(f"train.batch_size {tc.batch_size} must be divisible by accumulate × world size "
+                                f"({tc.accumulate} × {self.world})")
+        if tc.batch_size > len(data.labeled) and not method.uses_unlabeled:
+            raise TrainingError(f"train.batch_size {tc.batch_size} is larger than the {len(data.labeled)} training "
+                                f"images; lower it")
+        images = data.train.images.to(self.device)
+        labels = data.train.labels.to(self.device)
+        mu = getattr(cfg, "mu", 0) if method.uses_unlabeled else 0
+        self.loader = DeviceLoader(images, labels, data.labeled, tc.batch_size, ctx.seed,
+                                   data.unlabeled if method.uses_unlabeled else None, mu, self.rank, self.world)
+        self.steps_per_epoch = self.loader.steps_per_epoch
+        self.total_steps = tc.steps or max(1, math.ceil(tc.epochs * self.steps_per_epoch))
+        self.optimizer = build_optimizer(method.parameter_groups(), cfg.optimizer, tc.batch_size)
+        self.schedule = LrSchedule(cfg.schedule, self.total_steps, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16" and self.device.type == "cuda")
+        target = method.ema_target()
+        self.ema = ModelEMA(target, tc.ema_decay) if (tc.ema_decay and target is not None) else None
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.step = 0
+        self._epoch_losses: list[float] = []
+
+    # ------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "format": CHECKPOINT_FORMAT, "version": 1, "stage": self.cfg.name, "step": self.step,
+            "total_steps": self.total_steps, "world_size": self.world,
+            "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "schedule": self.schedule.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None, "rng": rng,
+            "epoch_losses": list(self._epoch_losses), "backbone": self.backbone_meta,
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.is_main:
+            atomic_save(self.state_dict(), self.checkpoint_path)
+
+    def load_checkpoint(self, state: dict) -> None:
+        if state.get("stage") != self.cfg.name:
+            raise CheckpointError(f"checkpoint is of stage {state.get('stage')!r}, not {self.cfg.name!r}")
+        if state.get("world_size", 1) != self.world:
+            raise CheckpointError(
+                f"checkpoint was written by {state.get('world_size')} processes, this run has {self.world}: the data "
+                f"order and per-rank batch would differ; resume with the same world size")
+        try:
+            self.method.load_state_dict(state["method"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint does not fit this stage's networks: {str(exc).splitlines()[0]}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.ema and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.step = int(state["step"])
+        self._epoch_losses = list(state.get("epoch_losses", []))
+
+    def try_resume(self) -> bool:
+        """Continue from checkpoints/last.pt when it belongs to this stage. -> resumed?"""
+        if not self.checkpoint_path.is_file():
+            return False
+        state = safe_load(self.checkpoint_path)
+        if state.get("stage") != self.cfg.name:
+            return False
+        self.load_checkpoint(state)
+        return True
+
+    # ------------------------------------------------------------------------------------- loop
+    def _set_lr(self) -> float:
+        factor = self.schedule.factor(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _progress(self) -> Progress:
+        return Progress(self.step, self.total_steps, self.step // self.steps_per_epoch, self.steps_per_epoch)
+
+    def _check_finite(self, outputs: dict, loss_value: float) -> None:
+        if math.isfinite(loss_value):
+            return
+        terms = {k: float(v.detach()) for k, v in outputs.items() if torch.is_tensor(v) and v.numel() == 1}
+        kept = f"; the last good checkpoint is {self.checkpoint_path}" if self.checkpoint_path.is_file() else ""
+        raise TrainingError(f"stage {self.cfg.name!r}: loss is {loss_value} at step {self.step} "
+                            f"(terms: {terms}){kept}. Lower the learning rate or enable train.clip_grad_norm")
+
+    def _train_step(self) -> dict:
+        tc = self.cfg.train
+        lr = self._set_lr()
+        progress_info = self._progress()
+        logs: dict[str, float] = {}
+        for micro in range(tc.accumulate):
+            batch = self.loader.batch(self.step, micro, tc.accumulate)
+            with autocast_context(tc.precision, self.device):
+                outputs = self.method.training_step(batch, progress_info)
+            loss = outputs["loss"].float()
+            loss_value = float(loss.detach())
+            self._check_finite(outputs, loss_value)
+            self.scaler.scale(loss / tc.accumulate).backward()
+            for key, value in outputs.items():
+                if torch.is_tensor(value) and value.numel() == 1:
+                    logs[key] = logs.get(key, 0.0) + float(value.detach()) / tc.accumulate
+        dist.all_reduce_gradients(self.params)
+        self.scaler.unscale_(self.optimizer)
+        if tc.clip_grad_value:
+            torch.nn.utils.clip_grad_value_(self.params, tc.clip_grad_value)
+        if tc.clip_grad_norm:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, tc.clip_grad_norm)
+            logs["grad_norm"] = float(norm)
+            if not math.isfinite(logs["grad_norm"]) and not self.scaler.is_enabled():
+                raise TrainingError(f"stage {self.cfg.name!r}: gradient norm is {logs['grad_norm']} at step "
+                                    f"{self.step}; the last good checkpoint is kept")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.method.after_optimizer_step(progress_info)
+        if self.ema:
+            self.ema.update(self.method.ema_target())
+        logs["lr"] = lr
+        return logs
+
+    def fit(self) -> dict:
+        """Train to total_steps (continuing from self.step), evaluate on the test split. -> final metrics."""
+        tc = self.cfg.train
+        self.method.train()
+        start_time, start_step = time.perf_counter(), self.step
+        bar = progress(self.total_steps, f"{self.cfg.name}", tc.progress and self.is_main, initial=self.step)
+        try:
+            while self.step < self.total_steps:
+                logs = self._train_step()
+                self._epoch_losses.append(logs["loss"])
+                self.step += 1
+                bar.update(1)
+                if self.step % tc.log_every == 0 or self.step == self.total_steps:
+                    bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                    self._log({"kind": "step", **logs})
+                if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
+                    self._end_epoch()
+                if self.step % tc.checkpoint_every_steps == 0 or self.step == self.total_steps:
+                    self.save_checkpoint()
+                if self.ctx.step_callback is not None:
+                    self.ctx.step_callback(self.step)
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - start_time
+        trained_steps = self.step - start_step
+        result = self.evaluate()
+        if trained_steps:
+            result["images_per_s"] = trained_steps * tc.batch_size * (1 + (self.loader.mu if self.loader.unlabeled_stream else 0)) / elapsed
+        return result
+
+    def _end_epoch(self) -> None:
+        epoch = (self.step - 1) // self.steps_per_epoch
+        record = {"kind": "epoch", "epoch": epoch, "train/loss": sum(self._epoch_losses) / max(1, len(self._epoch_losses))}
+        record.update(self.method.epoch_metrics())
+        self._epoch_losses = []
+        every = self.cfg.train.eval_every_epochs
+        if every and (epoch + 1) % every == 0 and self.step < self.total_steps:
+            test = self.evaluate()
+            record.update({f"test/{k}": v for k, v in test.items() if isinstance(v, float)})
+        self.schedule.observe(record)
+        self._log(record)
+
+    def _log(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        record = {"stage": self.cfg.name, "step": self.step, **record}
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.log(record)
+        if self.ctx.wandb is not None:
+            self.ctx.wandb.log({f"{self.cfg.name}/{k}": v for k, v in record.items() if k not in ("stage", "kind")})
+
+    def evaluate(self) -> dict:
+        """Test-split metrics of the method's classifier (the EMA one when enabled); {} without a head."""
+        model = self.method.classifier(self.ema.module if self.ema else None)
+        if model is None:
+            return {}
+        test = self.data.test
+        logits = predict(model, test.images, self.method.normalize, self.device)
+        return classification_metrics(logits, test.labels, test.num_classes)

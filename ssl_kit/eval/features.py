@@ -1,0 +1,63 @@
+"""Frozen-backbone features for any dataset: images are converted to the size, channels and normalisation the
+backbone was trained with (recorded in backbone.pt), then embedded once and cached."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..data.augment import Normalize
+from ..data.imageset import ImageSet, convert_images
+from ..data.pipeline import load_converted
+from ..engine.checkpoint import load_backbone
+from ..engine.trainer import resolve_device
+from ..errors import DataError
+from .metrics import predict
+
+
+def load_eval_splits(spec: str, info: dict) -> dict[str, ImageSet]:
+    """Every split of `spec` converted to the backbone's input format (image_size, channels)."""
+    return load_converted(spec, info["image_size"], info["channels"])
+
+
+class FeatureExtractor:
+    """Embeds ImageSets with a frozen backbone in eval mode; results are cached per (dataset name, split).
+    `forward_passes` counts the images actually sent through the backbone."""
+
+    def __init__(self, backbone: nn.Module, device: str = "auto", batch_size: int = 512) -> None:
+        self.device = resolve_device(device)
+        self.backbone = backbone.to(self.device).eval()
+        info = backbone.data_info
+        self.info = info
+        self.normalize = Normalize(info["mean"], info["std"]).to(self.device)
+        self.batch_size = batch_size
+        self._cache: dict[str, Tensor] = {}
+        self.forward_passes = 0
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "FeatureExtractor":
+        return cls(load_backbone(path), device)
+
+    def features(self, images: ImageSet, key: Optional[str] = None) -> Tensor:
+        """uint8 images of any size/channels -> float32 features (N, F) on the CPU (cached under `key`)."""
+        if key is not None and key in self._cache:
+            return self._cache[key]
+        x = images.images
+        if x.shape[1] not in (1, 3, 4):
+            raise DataError(f"{images.name}: images with {x.shape[1]} channels cannot be converted to the backbone's "
+                            f"{self.info['channels']}")
+        x = convert_images(x, self.info["image_size"], self.info["channels"])
+        feats = predict(self.backbone, x, self.normalize, self.device, self.batch_size)
+        self.forward_passes += x.shape[0]
+        if key is not None:
+            self._cache[key] = feats
+        return feats
+
+    def dataset_features(self, spec: str) -> dict[str, tuple[Tensor, Tensor, list[str]]]:
+        """{split: (features (N, F), labels (N,), classes)} for every split of a dataset spec."""
+        out = {}
+        for split, images in load_eval_splits(spec, self.info).items():
+            out[split] = (self.features(images, key=f"{spec}|{split}"), images.labels, images.classes)
+        return out

@@ -1,0 +1,110 @@
+"""Linear probe on cached features: BatchNorm without affine (as a fixed standardisation with the training
+statistics, which is what BN(affine=False) computes in eval mode) + Linear, trained with SGD + cosine schedule.
+Learning rate and weight decay are chosen on a validation split carved from the training set, never on test."""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..data.builtin import stratified_holdout
+from ..errors import DataError
+from .metrics import classification_metrics
+
+LR_GRID = (0.3, 0.1, 0.03)
+WD_GRID = (0.0, 1e-4, 1e-3)
+
+
+@dataclass
+class LinearModel:
+    mean: Tensor  # (F,)
+    std: Tensor  # (F,)
+    weight: Tensor  # (K, F)
+    bias: Tensor  # (K,)
+
+    def logits(self, features: Tensor) -> Tensor:
+        """features (N, F) -> logits (N, K)."""
+        return ((features - self.mean) / self.std) @ self.weight.T + self.bias
+
+
+def fit_linear(features: Tensor, labels: Tensor, num_classes: int, lr: float = 0.1, weight_decay: float = 0.0,
+               epochs: int = 100, batch_size: int = 256, seed: int = 0) -> LinearModel:
+    """SGD (momentum 0.9, nesterov) with cosine decay on standardised features. features (N, F), labels (N,)."""
+    if features.shape[0] == 0:
+        raise DataError("linear probe: no training features")
+    features = features.float()
+    mean = features.mean(0)
+    std = features.std(0, unbiased=False).clamp_min(1e-6)
+    x = (features - mean) / std
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.zeros(num_classes, x.shape[1], requires_grad=True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.SGD([weight, bias], lr=lr, momentum=0.9, nesterov=True)
+    steps_per_epoch = max(1, math.ceil(x.shape[0] / batch_size))
+    total = epochs * steps_per_epoch
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(x.shape[0], generator=generator)
+        for start in range(0, x.shape[0], batch_size):
+            index = order[start:start + batch_size]
+            for group in optimizer.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            loss = F.cross_entropy(x[index] @ weight.T + bias, labels[index]) + 0.5 * weight_decay * weight.pow(2).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    return LinearModel(mean, std, weight.detach(), bias.detach())
+
+
+def validation_split(labels: Tensor, fraction: float = 0.2, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Stratified (train, val) indices; every class needs ≥ 2 samples so both sides have one."""
+    counts = torch.bincount(labels[labels >= 0])
+    if counts.numel() == 0 or int(counts[counts > 0].min()) < 2:
+        raise DataError("linear probe: the validation split for the lr/wd sweep needs at least 2 labeled images per "
+                        "class; use more labels per class or turn the sweep off (--no-sweep / sweep: false)")
+    train_index, val_index = stratified_holdout(labels.numpy(), fraction, seed)
+    return torch.from_numpy(train_index), torch.from_numpy(val_index)
+
+
+def select_hyperparameters(features: Tensor, labels: Tensor, num_classes: int, epochs: int, seed: int = 0) -> dict:
+    """Grid over LR_GRID × WD_GRID scored by validation top-1. -> {'lr', 'weight_decay', 'val_top1'}."""
+    train_index, val_index = validation_split(labels, seed=seed)
+    best = None
+    for lr, wd in itertools.product(LR_GRID, WD_GRID):
+        model = fit_linear(features[train_index], labels[train_index], num_classes, lr, wd, epochs, seed=seed)
+        accuracy = (model.logits(features[val_index]).argmax(1) == labels[val_index]).float().mean().item()
+        if best is None or accuracy > best["val_top1"]:
+            best = {"lr": lr, "weight_decay": wd, "val_top1": accuracy}
+    return best
+
+
+def few_shot_index(labels: Tensor, per_class: int, seed: int) -> Tensor:
+    from ..data.splits import labeled_indices
+
+    return labeled_indices(labels, per_class, seed)
+
+
+def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
+                 num_classes: int, epochs: int = 100, sweep: bool = True, labels_per_class: int | None = None,
+                 seed: int = 0) -> dict:
+    """Fit on (a few-shot subset of) the training features, report test top1/top5/balanced/per-class.
+    The chosen lr/wd come from the validation split; the final model is refit on all training features given."""
+    if labels_per_class is not None:
+        index = few_shot_index(train_labels, labels_per_class, seed)
+        train_features, train_labels = train_features[index], train_labels[index]
+    chosen = select_hyperparameters(train_features, train_labels, num_classes, epochs, seed) if sweep \
+        else {"lr": 0.1, "weight_decay": 0.0}
+    model = fit_linear(train_features, train_labels, num_classes, chosen["lr"], chosen["weight_decay"], epochs, seed=seed)
+    result = classification_metrics(model.logits(test_features), test_labels, num_classes)
+    result.update({"chosen_lr": chosen["lr"], "chosen_weight_decay": chosen["weight_decay"],
+                   "train_size": int(train_features.shape[0])})
+    if "val_top1" in chosen:
+        result["val_top1"] = chosen["val_top1"]
+    result["_model"] = model
+    return result

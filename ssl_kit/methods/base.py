@@ -1,0 +1,95 @@
+"""The method contract. A method owns its networks and its views of a batch; the engine does the rest
+(device, AMP, backward, clipping, optimizer, schedule, EMA, DDP, logging, checkpoints)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..data.augment import Normalize, WeakView
+from ..data.loader import Batch
+from ..data.pipeline import DataInfo
+from ..engine.optim import ParamGroup
+
+
+@dataclass
+class Progress:
+    """Where training is: global optimizer step (0-based), totals, epoch."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    steps_per_epoch: int
+
+    @property
+    def fraction(self) -> float:
+        return self.step / max(1, self.total_steps)
+
+
+class Method(nn.Module):
+    """Subclasses set `backbone`, build heads in __init__ and implement training_step.
+
+    backbone_prefix / head_prefix: where in state_dict() the backbone and the classification head (if any) live,
+    so a training checkpoint can be turned into a backbone.pt.
+    """
+
+    uses_unlabeled = False
+    backbone_prefix = "backbone."
+    head_prefix: Optional[str] = None
+
+    def __init__(self, cfg, info: DataInfo) -> None:
+        super().__init__()
+        self.cfg, self.info = cfg, info
+        self.normalize = Normalize(info.mean, info.std)
+        self.weak_view = WeakView(self.normalize, cfg.data.translate, cfg.data.hflip)
+
+    @classmethod
+    def context_from(cls, data) -> dict:
+        """Extra constructor arguments taken from the prepared data (e.g. the unlabeled set's size)."""
+        return {}
+
+    # -- what the engine asks of every method -------------------------------------------------------
+    def get_backbone(self) -> nn.Module:
+        """The backbone being trained (saved as backbone.pt)."""
+        return self.backbone
+
+    def parameter_groups(self) -> list[ParamGroup]:
+        """Backbone at lr × backbone_lr_scale; every other trainable parameter (heads) at lr."""
+        backbone = self.get_backbone()
+        backbone_ids = {id(p) for p in backbone.parameters()}
+        heads = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids]
+        groups = [ParamGroup("backbone", [p for p in backbone.parameters() if p.requires_grad],
+                             self.cfg.optimizer.backbone_lr_scale)]
+        if heads:
+            groups.append(ParamGroup("head", heads))
+        return groups
+
+    def head_modules(self) -> list[nn.Module]:
+        """Modules re-initialised by train.head_init."""
+        return []
+
+    def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+        """-> {'loss': scalar tensor, other scalars to log}."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self, progress: Progress) -> None:
+        """Hook for momentum encoders, queues, teacher updates."""
+
+    def ema_target(self) -> Optional[nn.Module]:
+        """The sub-network whose weights train.ema_decay averages (evaluated instead of the raw one)."""
+        return None
+
+    def classifier(self, ema: Optional[nn.Module] = None) -> Optional[nn.Module]:
+        """normalised images (N, C, H, W) -> logits (N, classes) for the test evaluation; None when the method has
+        no classification head."""
+        return None
+
+    def head(self) -> Optional[nn.Linear]:
+        """The classification head saved beside the backbone in backbone.pt (None: features only)."""
+        return None
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Metrics gathered over the epoch (pseudo-label rates, probe accuracy), logged and reset per epoch."""
+        return {}

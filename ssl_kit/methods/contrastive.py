@@ -1,0 +1,195 @@
+"""Contrastive pretext tasks: SimCLR, MoCo v2 (queue of negatives), MoCo v3 (predictor, in-batch negatives).
+All three share the view pipeline and an online linear probe on detached features (how users watch progress)."""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.augment import ContrastiveView
+from ..data.loader import Batch
+from ..engine import distributed as dist
+from ..engine.ema import momentum_update
+from ..engine.optim import ParamGroup
+from ..engine.schedule import cosine_ramp
+from ..losses import InfoNCELoss, NTXentLoss
+from ..models.heads import mlp
+from .base import Method, Progress
+
+
+class _ProbedClassifier(nn.Module):
+    """backbone + online probe as one classifier: normalised images (N, C, H, W) -> logits (N, K)."""
+
+    def __init__(self, backbone: nn.Module, probe: nn.Linear) -> None:
+        super().__init__()
+        self.backbone, self.probe = backbone, probe
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.probe(self.backbone(x))
+
+
+class ContrastiveMethod(Method):
+    """Shared parts: two augmented views, a projector, an online probe. Subclasses define `contrast`."""
+
+    head_prefix = "probe."
+
+    def __init__(self, cfg, backbone: nn.Module, info) -> None:
+        super().__init__(cfg, info)
+        self.backbone = backbone
+        self.view1 = ContrastiveView(self.normalize, cfg.views, cfg.data.hflip)
+        self.view2 = ContrastiveView(self.normalize, cfg.views, cfg.data.hflip, solarize_prob=cfg.views.solarize_prob)
+        self.probe = nn.Linear(backbone.num_features, info.num_classes)
+        self.register_buffer("_probe_correct", torch.zeros(()), persistent=False)
+        self.register_buffer("_probe_seen", torch.zeros(()), persistent=False)
+
+    def parameter_groups(self) -> list[ParamGroup]:
+        probe_ids = {id(p) for p in self.probe.parameters()}
+        groups = [g for g in super().parameter_groups() if g.name != "head"]
+        others = [p for p in self.parameters() if p.requires_grad and id(p) not in probe_ids
+                  and id(p) not in {id(q) for q in self.backbone.parameters()}]
+        groups.append(ParamGroup("projector", others))
+        if self.cfg.online_probe.enabled:
+            groups.append(ParamGroup("probe", list(self.probe.parameters()),
+                                     self.cfg.online_probe.lr / self.cfg.optimizer.lr, weight_decay=False,
+                                     extra={"lars": False}))
+        return groups
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.probe]
+
+    def probe_loss(self, features: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy of the online probe on detached features (no gradient reaches the backbone)."""
+        known = labels >= 0
+        if not self.cfg.online_probe.enabled or not bool(known.any()):
+            return features.new_zeros(())
+        logits = self.probe(features.detach()[known].float())
+        with torch.no_grad():
+            self._probe_correct += (logits.argmax(1) == labels[known]).sum()
+            self._probe_seen += known.sum()
+        return F.cross_entropy(logits, labels[known])
+
+    def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+        x1, x2 = self.view1(batch.x), self.view2(batch.x)
+        loss, features = self.contrast(x1, x2, progress)
+        probe = self.probe_loss(features, batch.y.repeat(2))
+        return {"loss": loss + probe, "contrastive_loss": loss.detach(), "probe_loss": probe.detach()}
+
+    def contrast(self, x1: Tensor, x2: Tensor, progress: Progress) -> tuple[Tensor, Tensor]:
+        """views (N, C, H, W) × 2 -> (contrastive loss, backbone features (2N, F) for the probe)."""
+        raise NotImplementedError
+
+    def classifier(self, ema: Optional[nn.Module] = None) -> nn.Module:
+        return _ProbedClassifier(self.backbone, self.probe)
+
+    def head(self) -> nn.Linear:
+        return self.probe
+
+    def epoch_metrics(self) -> dict[str, float]:
+        seen = float(self._probe_seen)
+        out = {"online_probe/train_top1": float(self._probe_correct) / seen} if seen else {}
+        self._probe_correct.zero_()
+        self._probe_seen.zero_()
+        return out
+
+
+class SimCLR(ContrastiveMethod):
+    """SimCLR: backbone -> 2-layer MLP projector -> NT-Xent over the 2N views of the (global) batch."""
+
+    def __init__(self, cfg, backbone: nn.Module, info) -> None:
+        super().__init__(cfg, backbone, info)
+        self.projector = mlp(backbone.num_features, cfg.proj_hidden_dim, cfg.proj_dim, layers=2)
+        self.loss_fn = NTXentLoss(cfg.temperature)
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.probe, self.projector]
+
+    def contrast(self, x1: Tensor, x2: Tensor, progress: Progress) -> tuple[Tensor, Tensor]:
+        features = self.backbone(torch.cat([x1, x2]))
+        z1, z2 = self.projector(features).chunk(2)
+        return self.loss_fn(z1, z2), features
+
+
+class _MomentumMethod(ContrastiveMethod):
+    """A momentum (key) encoder: copies of backbone + projector updated as m·key + (1 − m)·query, with m following
+    a cosine ramp from cfg.momentum to 1 over training."""
+
+    def _make_momentum_encoder(self) -> None:
+        self.key_backbone = copy.deepcopy(self.backbone)
+        self.key_projector = copy.deepcopy(self.projector)
+        for p in list(self.key_backbone.parameters()) + list(self.key_projector.parameters()):
+            p.requires_grad_(False)
+        self.current_momentum = self.cfg.momentum
+
+    @torch.no_grad()
+    def keys(self, x: Tensor) -> Tensor:
+        """Key embeddings (N, D) of the momentum encoder (no gradient)."""
+        return self.key_projector(self.key_backbone(x))
+
+    def after_optimizer_step(self, progress: Progress) -> None:
+        self.current_momentum = cosine_ramp(self.cfg.momentum, 1.0, progress.step, progress.total_steps)
+        momentum_update(self.key_backbone, self.backbone, self.current_momentum)
+        momentum_update(self.key_projector, self.projector, self.current_momentum)
+
+
+class MoCoV2(_MomentumMethod):
+    """MoCo v2: MLP projector, momentum encoder, a queue of `queue_size` negative keys (0: in-batch keys), symmetric
+    loss over the two views. Under DDP the keys of every rank are enqueued; use backbone.sync_bn for BN across
+    ranks (the role shuffle-BN plays in the paper)."""
+
+    def __init__(self, cfg, backbone: nn.Module, info) -> None:
+        super().__init__(cfg, backbone, info)
+        hidden = cfg.proj_hidden_dim
+        self.projector = nn.Sequential(nn.Linear(backbone.num_features, hidden), nn.ReLU(inplace=True),
+                                       nn.Linear(hidden, cfg.proj_dim))
+        self._make_momentum_encoder()
+        self.loss_fn = InfoNCELoss(cfg.temperature)
+        self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.probe, self.projector]
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor) -> None:
+        """Write normalised keys (M, D), gathered from every rank, over the oldest entries (ring buffer)."""
+        size = self.queue.shape[0]
+        if size == 0:
+            return
+        keys = F.normalize(dist.gather_no_grad(keys.float()), dim=1)[-size:]
+        index = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
+        self.queue[index] = keys.to(self.queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
+
+    def contrast(self, x1: Tensor, x2: Tensor, progress: Progress) -> tuple[Tensor, Tensor]:
+        features = self.backbone(torch.cat([x1, x2]))
+        q1, q2 = self.projector(features).chunk(2)
+        k1, k2 = self.keys(torch.cat([x1, x2])).chunk(2)
+        negatives = self.queue.clone().detach() if self.queue.shape[0] else None
+        loss = 0.5 * (self.loss_fn(q1, k2, negatives) + self.loss_fn(q2, k1, negatives))
+        self.enqueue(torch.cat([k1, k2]))
+        return loss, features
+
+
+class MoCoV3(_MomentumMethod):
+    """MoCo v3: 3-layer projector and 2-layer predictor with BN, momentum encoder, in-batch negatives gathered over
+    ranks, symmetric loss scaled by 2τ as in the paper."""
+
+    def __init__(self, cfg, backbone: nn.Module, info) -> None:
+        super().__init__(cfg, backbone, info)
+        self.projector = mlp(backbone.num_features, cfg.proj_hidden_dim, cfg.proj_dim, layers=3, last_bn=True)
+        self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, layers=2, last_bn=True)
+        self._make_momentum_encoder()
+        self.loss_fn = InfoNCELoss(cfg.temperature)
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.probe, self.projector, self.predictor]
+
+    def contrast(self, x1: Tensor, x2: Tensor, progress: Progress) -> tuple[Tensor, Tensor]:
+        features = self.backbone(torch.cat([x1, x2]))
+        q1, q2 = self.predictor(self.projector(features)).chunk(2)
+        k1, k2 = self.keys(torch.cat([x1, x2])).chunk(2)
+        loss = (self.loss_fn(q1, k2) + self.loss_fn(q2, k1)) * 2 * self.cfg.temperature
+        return loss, features

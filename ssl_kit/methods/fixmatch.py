@@ -1,0 +1,111 @@
+"""FixMatch (Sohn et al. 2020): the weak view of an unlabeled image gives a pseudo-label (no gradient), the strong
+view is trained towards it where the policy is confident. Thresholding policies live in thresholds.py; pseudo-label
+quantity (mask rate) and quality (accuracy against the hidden labels) are tracked per class."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.augment import StrongView
+from ..data.loader import Batch
+from ..losses import fixmatch_loss
+from ..models.heads import Classifier
+from .base import Method, Progress
+from .thresholds import DistributionAlignment, build_policy
+
+
+class FixMatch(Method):
+    uses_unlabeled = True
+    backbone_prefix = "net.backbone."
+    head_prefix = "net.head."
+
+    @classmethod
+    def context_from(cls, data) -> dict:
+        return {"num_unlabeled": len(data.unlabeled)}
+
+    def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0) -> None:
+        super().__init__(cfg, info)
+        self.net = Classifier(backbone, info.num_classes)
+        self.strong_view = StrongView(self.normalize, cfg.strong, cfg.data.translate, cfg.data.hflip)
+        self.policy = build_policy(cfg, info.num_classes, num_unlabeled)
+        self.alignment = DistributionAlignment(info.num_classes) if cfg.threshold_policy.distribution_alignment else None
+        k = info.num_classes
+        for name in ("_seen", "_masked", "_correct"):
+            self.register_buffer(name, torch.zeros(k), persistent=False)
+        self.register_buffer("_weight_sum", torch.zeros(()), persistent=False)
+
+    def get_backbone(self) -> nn.Module:
+        return self.net.backbone
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.net.head]
+
+    def _logits(self, x: Tensor, u_weak: Tensor, u_strong: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.cfg.joint_forward:  # one pass: BN sees labeled and unlabeled images together, as in the reference
+            logits = self.net(torch.cat([x, u_weak, u_strong]))
+            return logits[:x.shape[0]], *logits[x.shape[0]:].chunk(2)
+        return self.net(x), self.net(u_weak), self.net(u_strong)
+
+    def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+        cfg = self.cfg
+        logits_x, logits_w, logits_s = self._logits(self.weak_view(batch.x), self.weak_view(batch.u),
+                                                    self.strong_view(batch.u))
+        supervised = F.cross_entropy(logits_x.float(), batch.y)
+        with torch.no_grad():
+            probs = torch.softmax(logits_w.detach().float() / cfg.temperature, dim=1)
+            if self.alignment is not None:
+                probs = self.alignment(probs)
+            weights = self.policy.weights(probs, batch.u_index)
+            self.policy.update(probs, batch.u_index)
+            self._track(probs, weights, batch.u_y)
+        # log(p) as logits: softmax(log p) = p, so fixmatch_loss takes the aligned/sharpened pseudo-labels as they are
+        unsupervised, _ = fixmatch_loss(torch.log(probs.clamp_min(1e-12)), logits_s, threshold=0.0, weights=weights)
+        loss = supervised + cfg.lambda_u * unsupervised
+        out = {"supervised_loss": supervised.detach(), "unsupervised_loss": unsupervised.detach(),
+               "mask_rate": (weights > 0.5).float().mean()}
+        fairness = self.policy.extra_loss(logits_s, weights)
+        if fairness is not None:
+            loss = loss + fairness
+            out["fairness_loss"] = fairness.detach()
+        out["loss"] = loss
+        return out
+
+    @torch.no_grad()
+    def _track(self, probs: Tensor, weights: Tensor, hidden: Optional[Tensor]) -> None:
+        """Accumulate per true class: samples seen, masked (weight > 0.5), and masked with the right pseudo-label."""
+        if hidden is None:
+            return
+        known = hidden >= 0
+        k = self.info.num_classes
+        labels = hidden[known]
+        masked = (weights[known] > 0.5).float()
+        correct = (probs[known].argmax(1) == labels).float() * masked
+        self._seen += torch.bincount(labels, minlength=k).float()
+        self._masked += torch.bincount(labels, weights=masked, minlength=k)
+        self._correct += torch.bincount(labels, weights=correct, minlength=k)
+        self._weight_sum += weights.sum()
+
+    def epoch_metrics(self) -> dict[str, float]:
+        seen, masked, correct = self._seen.sum().item(), self._masked.sum().item(), self._correct.sum().item()
+        out: dict = {}
+        if seen:
+            out["pseudo/mask_rate"] = masked / seen
+            out["pseudo/accuracy"] = correct / masked if masked else float("nan")
+            out["pseudo/mask_rate_per_class"] = (self._masked / self._seen.clamp_min(1)).tolist()
+            out["pseudo/accuracy_per_class"] = [c / m if m else None for c, m in zip(self._correct.tolist(), self._masked.tolist())]
+            out["pseudo/thresholds"] = [round(float(t), 4) for t in self.policy.thresholds()]
+        for buffer in (self._seen, self._masked, self._correct, self._weight_sum):
+            buffer.zero_()
+        return out
+
+    def ema_target(self) -> nn.Module:
+        return self.net
+
+    def classifier(self, ema: Optional[nn.Module] = None) -> nn.Module:
+        return ema if (ema is not None and self.cfg.eval_ema) else self.net
+
+    def head(self) -> nn.Linear:
+        return self.net.head

@@ -1,0 +1,244 @@
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ssl_kit.config import OptimizerConfig, ScheduleConfig
+from ssl_kit.engine.checkpoint import atomic_save, safe_load
+from ssl_kit.engine.ema import ModelEMA, momentum_update
+from ssl_kit.engine.optim import LARS, ParamGroup, build_optimizer
+from ssl_kit.engine.schedule import LrSchedule, cosine_ramp
+from ssl_kit.errors import CheckpointError, TrainingError
+from ssl_kit.models.cnn import SmallCNN
+from ssl_kit.runner import run_recipe
+from tests.conftest import tiny_stage
+
+
+def step_losses(run_dir):
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r.get("kind") == "step"]
+
+
+def test_tiny_run_loss_decreases(tmp_path, tiny_recipe):
+    recipe = tiny_recipe(tiny_stage(train={"steps": 40}))
+    run_dir, summary = run_recipe(recipe, tmp_path / "run")
+    losses = step_losses(run_dir)
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    assert summary["supervised/test/top1"] > 0.5
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints/last.pt", "backbone.pt", "report.md"):
+        assert (run_dir / name).is_file(), name
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path, tiny_recipe):
+    recipe = tiny_recipe(tiny_stage(train={"steps": 20, "checkpoint_every_steps": 5}))
+    _, reference = run_recipe(recipe, tmp_path / "a")
+
+    def crash_at_12(step):
+        if step == 12:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        run_recipe(recipe, tmp_path / "b", step_callback=crash_at_12)
+    assert safe_load(tmp_path / "b" / "checkpoints" / "last.pt")["step"] == 10
+    _, resumed = run_recipe(recipe, tmp_path / "b", resume=True)
+    drop = ("supervised/train_seconds", "supervised/images_per_s")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in reference.items() if k not in drop}
+    assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_recipe):
+    from ssl_kit.errors import ConfigError
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "precious.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="exists and is not empty: pass --resume"):
+        run_recipe(tiny_recipe(), tmp_path / "run")
+    assert (tmp_path / "run" / "precious.txt").read_text() == "keep"
+
+
+def test_warmup_then_cosine_values():
+    schedule = LrSchedule(ScheduleConfig(name="cosine", warmup_epochs=1), total_steps=110, steps_per_epoch=10)
+    assert schedule.factor(0) == 0.0
+    assert schedule.factor(5) == pytest.approx(0.5)
+    assert schedule.factor(10) == pytest.approx(1.0)
+    assert schedule.factor(60) == pytest.approx(0.5)  # half-way through the 100 cosine steps
+    assert schedule.factor(110) == pytest.approx(0.0)
+
+
+def test_other_schedules():
+    fixmatch = LrSchedule(ScheduleConfig(name="fixmatch_cosine"), 160, 10)
+    assert fixmatch.factor(160) == pytest.approx(math.cos(7 * math.pi / 16))
+    multistep = LrSchedule(ScheduleConfig(name="multistep", milestones=[0.5, 0.75], gamma=0.1), 100, 10)
+    assert [multistep.factor(s) for s in (49, 50, 75)] == pytest.approx([1.0, 0.1, 0.01])
+    step = LrSchedule(ScheduleConfig(name="step", step_epochs=2, gamma=0.5), 100, 10)
+    assert [step.factor(s) for s in (19, 20, 40)] == pytest.approx([1.0, 0.5, 0.25])
+    exponential = LrSchedule(ScheduleConfig(name="exponential", gamma=0.9), 100, 10)
+    assert exponential.factor(20) == pytest.approx(0.81)
+    assert cosine_ramp(0.996, 1.0, 0, 100) == pytest.approx(0.996)
+    assert cosine_ramp(0.996, 1.0, 50, 100) == pytest.approx(0.998)
+    assert cosine_ramp(0.996, 1.0, 100, 100) == pytest.approx(1.0)
+
+
+def test_plateau_reduces_after_patience():
+    schedule = LrSchedule(ScheduleConfig(name="plateau", plateau_patience=1, gamma=0.5), 100, 10)
+    for loss in (1.0, 0.9, 0.95, 0.95):
+        schedule.observe({"train/loss": loss})
+    assert schedule.factor(50) == 0.5
+
+
+def test_weight_decay_excluded_from_biases_and_norms_by_shape():
+    model = SmallCNN(1, width=4, norm="batch")
+    head = nn.Linear(16, 3)
+    optimizer = build_optimizer([ParamGroup("backbone", list(model.parameters()), 0.1),
+                                 ParamGroup("head", list(head.parameters()))],
+                                OptimizerConfig(name="sgd", lr=1.0, weight_decay=0.01), batch_size=256)
+    by_name = {g["name"]: g for g in optimizer.param_groups}
+    assert set(by_name) == {"backbone", "backbone/no_decay", "head", "head/no_decay"}
+    assert all(p.ndim > 1 for p in by_name["backbone"]["params"]) and by_name["backbone"]["weight_decay"] == 0.01
+    assert all(p.ndim == 1 for p in by_name["backbone/no_decay"]["params"])
+    assert by_name["backbone/no_decay"]["weight_decay"] == 0.0
+    assert by_name["backbone"]["base_lr"] == pytest.approx(0.1) and by_name["head"]["base_lr"] == 1.0
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters())) + 2
+
+
+def test_lr_scaling_with_batch():
+    cfg = OptimizerConfig(name="lars", lr=0.3, lr_scaling="linear")
+    optimizer = build_optimizer([ParamGroup("all", [nn.Parameter(torch.ones(2, 2))])], cfg, batch_size=512)
+    assert optimizer.param_groups[0]["base_lr"] == pytest.approx(0.6)
+
+
+def test_lars_trust_ratio_step():
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))  # norm 5
+    w.grad = torch.tensor([[0.6, 0.8]])  # norm 1
+    optimizer = LARS([{"params": [w], "lars": True}], lr=1.0, momentum=0.0, weight_decay=0.0, eta=0.02)
+    optimizer.step()
+    # update = lr * eta * |w| / |g| * g = 0.1 * g
+    assert torch.allclose(w.detach(), torch.tensor([[3.0 - 0.06, 4.0 - 0.08]]))
+
+
+def test_gradient_accumulation_equals_large_batch(tmp_path, tiny_recipe):
+    def params_after(accumulate):
+        stage = tiny_stage(train={"steps": 1, "batch_size": 32, "accumulate": accumulate},
+                           backbone={"name": "small_cnn", "kwargs": {"width": 4, "norm": "none"}},
+                           data={"dataset": "digits", "image_size": 16, "translate": 0.0})
+        run_dir, _ = run_recipe(tiny_recipe(stage), tmp_path / f"acc{accumulate}")
+        return safe_load(run_dir / "checkpoints" / "last.pt")["method"]
+
+    single, accumulated = params_after(1), params_after(4)
+    for key in single:
+        assert torch.allclose(single[key], accumulated[key], atol=1e-6), key
+
+
+def test_ema_math():
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = ModelEMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model)
+    assert torch.allclose(ema.module.weight, torch.full((1, 2), 0.9 * 1 + 0.1 * 3))
+    target = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        target.weight.fill_(0.0)
+    momentum_update(target, model, 0.99)
+    assert torch.allclose(target.weight, torch.full((1, 2), 0.03))
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, tiny_recipe, monkeypatch):
+    from ssl_kit.methods.supervised import Supervised
+
+    original = Supervised.training_step
+
+    def poisoned(self, batch, progress):
+        out = original(self, batch, progress)
+        if progress.step == 7:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(Supervised, "training_step", poisoned)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 7 .*last good checkpoint"):
+        run_recipe(tiny_recipe(), tmp_path / "run")
+    assert safe_load(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 5
+
+
+def test_atomic_save_failure_keeps_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_save({"step": 1}, path)
+
+    def failing_save(obj, handle):
+        handle.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous file is intact"):
+        atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert safe_load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_malicious_checkpoint_is_refused_without_running_code(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as handle:
+        pickle.dump({"format": "ssl_kit.backbone", "x": Evil()}, handle)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        safe_load(path)
+    assert not marker.exists()
+
+
+def test_checkpoint_of_another_architecture_is_rejected(tmp_path, tiny_recipe):
+    from ssl_kit.engine.checkpoint import build_from_record, resolve_checkpoint
+
+    run_dir, _ = run_recipe(tiny_recipe(tiny_stage(train={"steps": 2})), tmp_path / "run")
+    record = resolve_checkpoint(run_dir)
+    record["kwargs"] = {"width": 16}
+    with pytest.raises(CheckpointError, match="weights do not fit backbone 'small_cnn'"):
+        build_from_record(record)
+
+
+def test_load_backbone_from_every_kind_of_path(tmp_path, tiny_recipe):
+    import ssl_kit
+
+    run_dir, _ = run_recipe(tiny_recipe(tiny_stage(train={"steps": 2})), tmp_path / "run")
+    x = torch.rand(3, 1, 16, 16)
+    outputs = []
+    for path in (run_dir / "backbone.pt", run_dir, run_dir / "checkpoints" / "last.pt"):
+        backbone = ssl_kit.load_backbone(path)
+        assert backbone.data_info["image_size"] == 16 and backbone.data_info["channels"] == 1
+        outputs.append(backbone(x))
+    assert outputs[0].shape == (3, backbone.num_features)
+    assert torch.allclose(outputs[0], outputs[1]) and torch.allclose(outputs[0], outputs[2])
+
+
+def test_unknown_backbone_lists_known(tmp_path, tiny_recipe):
+    from ssl_kit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown backbone 'resnet9'.*resnet18"):
+        run_recipe(tiny_recipe(tiny_stage(backbone={"name": "resnet9"})), tmp_path / "run")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "wide_resnet28_2", "vit_tiny", "small_cnn"])
+def test_backbones_any_channels(name):
+    from ssl_kit.models.registry import build_backbone
+
+    kwargs = {"depth": 2} if name.startswith("vit") else {}
+    for channels in (1, 3):
+        net = build_backbone(name, channels, 32, kwargs)
+        assert net(torch.rand(2, channels, 32, 32)).shape == (2, net.num_features)
