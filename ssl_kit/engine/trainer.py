@@ -101,7 +101,9 @@ class Trainer:
         self.ema = ModelEMA(target, tc.ema_decay) if (tc.ema_decay and target is not None) else None
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.step = 0
-        self._epoch_losses: list[float] = []
+        self._epoch_losses: list[torch.Tensor] = []
+        self._bad_step: Optional[torch.Tensor] = None
+        self._bad_terms: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -114,7 +116,7 @@ class Trainer:
             "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "schedule": self.schedule.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None, "rng": rng,
-            "epoch_losses": list(self._epoch_losses), "backbone": self.backbone_meta,
+            "epoch_losses": [float(v) for v in self._epoch_losses], "backbone": self.backbone_meta,
         }
 
     def save_checkpoint(self) -> None:
@@ -141,7 +143,7 @@ class Trainer:
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.step = int(state["step"])
-        self._epoch_losses = list(state.get("epoch_losses", []))
+        self._epoch_losses = [torch.tensor(v, device=self.device) for v in state.get("epoch_losses", [])]
 
     def try_resume(self) -> bool:
         """Continue from checkpoints/last.pt when it belongs to this stage. -> resumed?"""
@@ -163,53 +165,72 @@ class Trainer:
     def _progress(self) -> Progress:
         return Progress(self.step, self.total_steps, self.step // self.steps_per_epoch, self.steps_per_epoch)
 
-    def _check_finite(self, outputs: dict, loss_value: float) -> None:
-        if math.isfinite(loss_value):
-            return
-        terms = {k: float(v.detach()) for k, v in outputs.items() if torch.is_tensor(v) and v.numel() == 1}
+    def _raise_non_finite(self, step: int, terms: dict) -> None:
         kept = f"; the last good checkpoint is {self.checkpoint_path}" if self.checkpoint_path.is_file() else ""
-        raise TrainingError(f"stage {self.cfg.name!r}: loss is {loss_value} at step {self.step} "
+        raise TrainingError(f"stage {self.cfg.name!r}: loss is {terms.get('loss')} at step {step} "
                             f"(terms: {terms}){kept}. Lower the learning rate or enable train.clip_grad_norm")
 
+    def _check_pending(self) -> None:
+        """Raise for the first step since the last check whose loss or gradients were not finite. Checked at every
+        log and checkpoint boundary (not every step: on a GPU each check is a device sync), always before a
+        checkpoint is written, so the last checkpoint on disk is always a good one."""
+        if self._bad_step is None:
+            return
+        bad = int(self._bad_step)
+        if bad >= 0:
+            self._raise_non_finite(bad, {k: float(v) for k, v in self._bad_terms.items()})
+
+    def _note_finite(self, outputs: dict, grad_norm: Optional[torch.Tensor] = None) -> None:
+        """Record on the device (no sync) the first step whose loss or gradient norm is not finite."""
+        finite = torch.isfinite(outputs["loss"].detach())
+        if grad_norm is not None:
+            finite = finite & torch.isfinite(grad_norm)
+        first = ~finite & (self._bad_step < 0)
+        self._bad_step = torch.where(first, torch.tensor(self.step, device=finite.device), self._bad_step)
+        for key, value in outputs.items():
+            if torch.is_tensor(value) and value.numel() == 1:
+                previous = self._bad_terms.get(key, torch.zeros((), device=finite.device))
+                self._bad_terms[key] = torch.where(first, value.detach().float(), previous)
+
     def _train_step(self) -> dict:
+        """One optimizer step. -> logs as 0-d tensors (no device sync here)."""
         tc = self.cfg.train
         lr = self._set_lr()
         progress_info = self._progress()
-        logs: dict[str, float] = {}
+        logs: dict[str, torch.Tensor] = {}
         for micro in range(tc.accumulate):
             batch = self.loader.batch(self.step, micro, tc.accumulate)
             with autocast_context(tc.precision, self.device):
                 outputs = self.method.training_step(batch, progress_info)
             loss = outputs["loss"].float()
-            loss_value = float(loss.detach())
-            self._check_finite(outputs, loss_value)
             self.scaler.scale(loss / tc.accumulate).backward()
+            self._note_finite(outputs)
             for key, value in outputs.items():
                 if torch.is_tensor(value) and value.numel() == 1:
-                    logs[key] = logs.get(key, 0.0) + float(value.detach()) / tc.accumulate
+                    logs[key] = logs.get(key, 0.0) + value.detach().float() / tc.accumulate
         dist.all_reduce_gradients(self.params)
         self.scaler.unscale_(self.optimizer)
         if tc.clip_grad_value:
             torch.nn.utils.clip_grad_value_(self.params, tc.clip_grad_value)
         if tc.clip_grad_norm:
             norm = torch.nn.utils.clip_grad_norm_(self.params, tc.clip_grad_norm)
-            logs["grad_norm"] = float(norm)
-            if not math.isfinite(logs["grad_norm"]) and not self.scaler.is_enabled():
-                raise TrainingError(f"stage {self.cfg.name!r}: gradient norm is {logs['grad_norm']} at step "
-                                    f"{self.step}; the last good checkpoint is kept")
+            logs["grad_norm"] = norm
+            if not self.scaler.is_enabled():  # with fp16 the scaler skips overflowing steps by design
+                self._note_finite({"loss": logs["loss"]}, norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.method.after_optimizer_step(progress_info)
         if self.ema:
             self.ema.update(self.method.ema_target())
-        logs["lr"] = lr
+        logs["lr"] = torch.tensor(lr)
         return logs
 
     def fit(self) -> dict:
         """Train to total_steps (continuing from self.step), evaluate on the test split. -> final metrics."""
         tc = self.cfg.train
         self.method.train()
+        self._bad_step = torch.tensor(-1, device=self.device)
         start_time, start_step = time.perf_counter(), self.step
         bar = progress(self.total_steps, f"{self.cfg.name}", tc.progress and self.is_main, initial=self.step)
         try:
@@ -218,12 +239,16 @@ class Trainer:
                 self._epoch_losses.append(logs["loss"])
                 self.step += 1
                 bar.update(1)
-                if self.step % tc.log_every == 0 or self.step == self.total_steps:
-                    bar.set_postfix(loss=f"{logs['loss']:.4f}")
-                    self._log({"kind": "step", **logs})
-                if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
+                last = self.step == self.total_steps
+                if self.step % tc.log_every == 0 or last:
+                    self._check_pending()
+                    values = {k: float(v) for k, v in logs.items()}
+                    bar.set_postfix(loss=f"{values['loss']:.4f}")
+                    self._log({"kind": "step", **values})
+                if self.step % self.steps_per_epoch == 0 or last:
                     self._end_epoch()
-                if self.step % tc.checkpoint_every_steps == 0 or self.step == self.total_steps:
+                if self.step % tc.checkpoint_every_steps == 0 or last:
+                    self._check_pending()
                     self.save_checkpoint()
                 if self.ctx.step_callback is not None:
                     self.ctx.step_callback(self.step)
@@ -233,12 +258,15 @@ class Trainer:
         trained_steps = self.step - start_step
         result = self.evaluate()
         if trained_steps:
-            result["images_per_s"] = trained_steps * tc.batch_size * (1 + (self.loader.mu if self.loader.unlabeled_stream else 0)) / elapsed
+            per_step = tc.batch_size * (1 + (self.loader.mu if self.loader.unlabeled_stream else 0))
+            result["images_per_s"] = trained_steps * per_step / elapsed
         return result
 
     def _end_epoch(self) -> None:
         epoch = (self.step - 1) // self.steps_per_epoch
-        record = {"kind": "epoch", "epoch": epoch, "train/loss": sum(self._epoch_losses) / max(1, len(self._epoch_losses))}
+        self._check_pending()
+        mean_loss = float(torch.stack(self._epoch_losses).mean()) if self._epoch_losses else float("nan")
+        record = {"kind": "epoch", "epoch": epoch, "train/loss": mean_loss}
         record.update(self.method.epoch_metrics())
         self._epoch_losses = []
         every = self.cfg.train.eval_every_epochs

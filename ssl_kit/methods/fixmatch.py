@@ -62,11 +62,12 @@ class FixMatch(Method):
             self.policy.update(probs, batch.u_index)
             self._track(probs, weights, batch.u_y)
         # log(p) as logits: softmax(log p) = p, so fixmatch_loss takes the aligned/sharpened pseudo-labels as they are
-        unsupervised, _ = fixmatch_loss(torch.log(probs.clamp_min(1e-12)), logits_s, threshold=0.0, weights=weights)
+        unsupervised, _ = fixmatch_loss(torch.log(probs.clamp_min(1e-12)), logits_s.float(), threshold=0.0,
+                                        weights=weights)
         loss = supervised + cfg.lambda_u * unsupervised
         out = {"supervised_loss": supervised.detach(), "unsupervised_loss": unsupervised.detach(),
                "mask_rate": (weights > 0.5).float().mean()}
-        fairness = self.policy.extra_loss(logits_s, weights)
+        fairness = self.policy.extra_loss(logits_s.float(), weights)
         if fairness is not None:
             loss = loss + fairness
             out["fairness_loss"] = fairness.detach()

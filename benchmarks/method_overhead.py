@@ -1,0 +1,127 @@
+"""Per-method cost against the floor (issues 3, 4, 9): one engine step of a method (its on-device augmentation,
+heads, loss, momentum updates, all included) divided by a bare forward/backward/step of the same backbone + linear
+head on the same number of images (SimCLR/MoCo: 2 views × batch; FixMatch: (1 + 2μ) × batch), same process,
+interleaved. Also times the losses against a straightforward implementation.
+
+    python benchmarks/method_overhead.py [--methods simclr mocov2 mocov3 fixmatch] [--model small_cnn] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import table, time_interleaved  # noqa: E402
+from ssl_kit.config import validate_recipe  # noqa: E402
+from ssl_kit.data.pipeline import prepare_data  # noqa: E402
+from ssl_kit.engine.trainer import RunContext, Trainer  # noqa: E402
+from ssl_kit.losses import nt_xent_loss  # noqa: E402
+from ssl_kit.methods import build_method  # noqa: E402
+from ssl_kit.models.heads import Classifier  # noqa: E402
+from ssl_kit.models.registry import build_backbone  # noqa: E402
+
+KWARGS = {"small_cnn": {"width": 32}, "resnet18": {"small_stem": True}, "wide_resnet28_2": {}}
+
+
+def stage_for(method: str, model: str, batch: int, size: int, device: str, mu: int) -> dict:
+    stage = {"name": method, "method": method, "data": {"dataset": "digits", "image_size": size},
+             "backbone": {"name": model, "kwargs": KWARGS[model]},
+             "optimizer": {"name": "sgd", "lr": 0.03, "momentum": 0.9},
+             "train": {"steps": 1000, "batch_size": batch, "progress": False, "device": device}}
+    if method == "fixmatch":
+        stage.update(mu=mu)
+        stage["data"]["labels_per_class"] = 10
+        stage["train"]["ema_decay"] = 0.999
+    if method in ("simclr", "mocov2", "mocov3"):
+        stage["optimizer"]["name"] = "lars"
+    return stage
+
+
+def measure(method: str, model: str, batch: int, size: int, device: str, mu: int, steps: int, rounds: int) -> tuple:
+    cfg = validate_recipe({"seed": 0, "stages": [stage_for(method, model, batch, size, device, mu)]}).stages[0]
+    cls = build_method(method)
+    data = prepare_data(cfg.data, 0, use_unlabeled=cls.uses_unlabeled)
+    torch.manual_seed(0)
+    backbone = build_backbone(model, data.info.channels, size, KWARGS[model])
+    instance = cls(cfg, backbone, data.info, **cls.context_from(data))
+    images_per_step = batch * (1 + 2 * mu) if method == "fixmatch" else 2 * batch
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(instance, data, cfg, RunContext(Path(tmp), 0), {})
+        bare = Classifier(build_backbone(model, data.info.channels, size, KWARGS[model]), data.info.num_classes)
+        bare = bare.to(trainer.device).train()
+        optimizer = torch.optim.SGD(bare.parameters(), lr=0.01, momentum=0.9)
+        x = torch.randn(images_per_step, data.info.channels, size, size, device=trainer.device)
+        y = torch.randint(0, data.info.num_classes, (images_per_step,), device=trainer.device)
+
+        def bare_step():
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(bare(x), y).backward()
+            optimizer.step()
+
+        def engine_step():
+            trainer._train_step()
+            trainer.step = (trainer.step + 1) % trainer.total_steps
+
+        times = time_interleaved({"bare": bare_step, "engine": engine_step}, steps, rounds, trainer.device)
+    return times["engine"] / times["bare"], images_per_step / times["engine"], images_per_step / times["bare"]
+
+
+def naive_nt_xent(z1, z2, t):
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    n = z1.shape[0]
+    sim = torch.exp(z @ z.T / t)
+    positives = torch.cat([torch.diag(sim, n), torch.diag(sim, -n)])
+    denominator = sim.sum(1) - torch.diag(sim)
+    return -(torch.log(positives / denominator)).mean()
+
+
+def loss_timing(device: torch.device) -> list:
+    rows = []
+    for n, d in ((256, 128), (1024, 128)):
+        z1 = torch.randn(n, d, device=device, requires_grad=True)
+        z2 = torch.randn(n, d, device=device, requires_grad=True)
+
+        def ours():
+            nt_xent_loss(z1, z2, 0.2).backward()
+
+        def naive():
+            naive_nt_xent(z1, z2, 0.2).backward()
+
+        times = time_interleaved({"ours": ours, "naive": naive}, 10, 5, device)
+        check = abs(nt_xent_loss(z1, z2, 0.2).item() - naive_nt_xent(z1, z2, 0.2).item())
+        rows.append([f"nt_xent N={n} D={d}", times["ours"] * 1e3, times["naive"] * 1e3, times["naive"] / times["ours"],
+                     f"{check:.1e}"])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--methods", nargs="+", default=["simclr", "mocov2", "mocov3", "fixmatch"])
+    parser.add_argument("--model", default="small_cnn")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--fixmatch-batch", type=int, default=32)
+    parser.add_argument("--mu", type=int, default=7)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    rows = []
+    for method in args.methods:
+        batch = args.fixmatch_batch if method == "fixmatch" else args.batch
+        ratio, ips, bare_ips = measure(method, args.model, batch, args.size, args.device, args.mu, args.steps, args.rounds)
+        rows.append([method, args.model, args.size, batch, ips, bare_ips, ratio])
+        print(table(["method", "backbone", "px", "batch", "method img/s", "bare img/s", "step / bare"], rows[-1:]),
+              flush=True)
+    print("\n" + table(["method", "backbone", "px", "batch", "method img/s", "bare img/s", "step / bare"], rows))
+    print("\n" + table(["loss", "ssl_kit ms", "naive ms", "naive / ssl_kit", "|difference|"],
+                       loss_timing(torch.device(args.device))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Linear probe, kNN, feature cache, transfer and the CLI's JSON output."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ssl_kit.eval.knn import knn_classify, knn_scores, knn_search
+from ssl_kit.eval.linear_probe import linear_probe
+from ssl_kit.errors import DataError
+
+
+def clusters(n_per_class=30, classes=4, dim=16, spread=0.1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g) * 3
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    return centres[labels] + spread * torch.randn(len(labels), dim, generator=g), labels
+
+
+def test_linear_probe_separable_clusters_is_perfect_and_random_labels_at_chance():
+    x, y = clusters()
+    xt, yt = clusters(seed=0)
+    result = linear_probe(x, y, xt, yt, 4, epochs=30)
+    assert result["top1"] == 1.0 and result["train_size"] == 120
+    g = torch.Generator().manual_seed(1)
+    noise, noise_test = torch.randn(400, 16, generator=g), torch.randn(400, 16, generator=g)
+    random_labels = torch.randint(0, 4, (400,), generator=g)
+    chance = linear_probe(noise, random_labels, noise_test, torch.randint(0, 4, (400,), generator=g), 4, epochs=30)
+    assert 0.15 < chance["top1"] < 0.35
+
+
+def test_few_shot_probe_needs_validation_images():
+    x, y = clusters()
+    with pytest.raises(DataError, match="at least 2 labeled images per class"):
+        linear_probe(x, y, x, y, 4, epochs=5, labels_per_class=1)
+    assert linear_probe(x, y, x, y, 4, epochs=5, labels_per_class=1, sweep=False)["train_size"] == 4
+
+
+def test_knn_voting_hand_computed():
+    sims = torch.tensor([[0.9, 0.8, 0.1]])
+    labels = torch.tensor([[1, 0, 0]])
+    scores = knn_scores(sims, labels, 2, temperature=0.5)
+    assert scores[0].tolist() == pytest.approx([math.exp(1.6) + math.exp(0.2), math.exp(1.8)])
+    assert scores.argmax().item() == 0  # two weaker votes beat one stronger
+
+
+def test_faiss_search_equals_brute_force():
+    g = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(500, 32, generator=g), torch.randn(50, 32, generator=g)
+    sims, ids = knn_search(bank, queries, k=10, chunk=16)
+    brute = torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(bank, dim=1).T
+    top = brute.topk(10, dim=1)
+    assert torch.equal(ids, top.indices)
+    assert torch.allclose(sims, top.values, atol=1e-5)
+
+
+def test_knn_on_clusters():
+    x, y = clusters()
+    assert knn_classify(x, y, x, y, 4, k=5)["top1"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from ssl_kit.config import validate_recipe
+    from ssl_kit.runner import run_recipe
+    from tests.conftest import tiny_stage
+
+    recipe = validate_recipe({"seed": 0, "name": "t", "stages": [tiny_stage(train={"steps": 30})]})
+    run_dir, _ = run_recipe(recipe, tmp_path_factory.mktemp("runs") / "run")
+    return run_dir
+
+
+def test_features_are_cached_and_other_formats_converted(trained_run):
+    from ssl_kit.data.imageset import ImageSet
+    from ssl_kit.eval.features import FeatureExtractor
+
+    extractor = FeatureExtractor.from_checkpoint(trained_run, "cpu")
+    first = extractor.dataset_features("digits")
+    passes = extractor.forward_passes
+    second = extractor.dataset_features("digits")
+    assert extractor.forward_passes == passes == 1797
+    assert second["train"][0] is first["train"][0]
+    rgb = ImageSet(torch.randint(0, 256, (5, 3, 20, 20), dtype=torch.uint8), torch.zeros(5, dtype=torch.long), ["a"], "rgb")
+    assert extractor.features(rgb).shape == (5, extractor.backbone.num_features)
+
+
+def run_cli(*args):
+    result = subprocess.run([sys.executable, "-m", "ssl_kit.cli", *args], capture_output=True, text=True, timeout=300)
+    return result
+
+
+def test_cli_linear_probe_json(trained_run):
+    result = run_cli("linear-probe", "--checkpoint", str(trained_run / "backbone.pt"), "--data", "digits",
+                     "--epochs", "20", "--json")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert 0.5 < payload["top1"] <= 1 and 0 <= payload["top5"] <= 1
+
+
+def test_cli_knn_json(trained_run):
+    result = run_cli("knn", "--checkpoint", str(trained_run), "--data", "digits", "--k", "10", "--json")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert set(payload) >= {"top1", "top5", "k"} and payload["k"] == 10
+
+
+def test_cli_transfer_json(trained_run):
+    result = run_cli("transfer", "--checkpoint", str(trained_run), "--source", "digits", "--target", "digits-rotated:30",
+                     "--target", "digits-printed,per_font=1", "--epochs", "20", "--json")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert 0 <= payload["source"]["top1"] <= 1
+    assert set(payload["targets"]) == {"digits-rotated:30", "digits-printed,per_font=1"}
+    for metrics in payload["targets"].values():
+        assert 0 <= metrics["top1"] <= 1 and metrics["gap"] == pytest.approx(payload["source"]["top1"] - metrics["top1"])
+
+
+def test_cli_bad_checkpoint_is_a_clear_error(tmp_path):
+    bogus = tmp_path / "x.pt"
+    torch.save({"hello": torch.zeros(1)}, bogus)
+    result = run_cli("knn", "--checkpoint", str(bogus), "--data", "digits", "--json")
+    assert result.returncode == 2
+    assert "not an ssl_kit backbone or training checkpoint" in result.stderr and result.stdout == ""
+
+
+def test_cli_info(trained_run):
+    result = run_cli("info", "--checkpoint", str(trained_run), "--json")
+    payload = json.loads(result.stdout)
+    assert payload["arch"] == "small_cnn" and payload["params"] > 0 and payload["flops_per_image"] > 0
+
+
+def test_cli_run_end_to_end_and_overrides(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("run", "quickstart", "supervised.train.epochs=1", "supervised.data.image_size=16",
+                     "supervised.backbone.kwargs.width=8", "supervised.train.progress=false", "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert 0 <= payload["supervised/test/top1"] <= 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["supervised/test/top1"] == payload["supervised/test/top1"]
+    again = run_cli("run", "quickstart", "--out", str(out))
+    assert again.returncode == 2 and "exists and is not empty" in again.stderr
+
+
+def test_cli_run_bad_override_is_clear():
+    result = run_cli("run", "quickstart", "supervised.train.batch_size=-1")
+    assert result.returncode == 2
+    assert "stages[supervised].train.batch_size" in result.stderr and "greater than or equal to 1" in result.stderr
+
+
+def test_cli_recipes_lists_every_file():
+    from ssl_kit.cli import bundled_recipes
+
+    result = run_cli("recipes")
+    assert result.returncode == 0
+    for path in bundled_recipes():
+        assert path.stem in result.stdout
