@@ -40,3 +40,63 @@ def table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def run_stages(stages: list[dict], seed: int = 0) -> tuple:
+    """Run a recipe made of `stages` in a temporary run dir. -> (summary, backbone record of the last stage)."""
+    import tempfile
+    from pathlib import Path
+
+    from ssl_kit.config import validate_recipe
+    from ssl_kit.engine.checkpoint import resolve_checkpoint
+    from ssl_kit.runner import run_recipe
+
+    recipe = validate_recipe({"seed": seed, "name": "bench", "stages": stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir, summary = run_recipe(recipe, Path(tmp) / "run")
+        record = resolve_checkpoint(run_dir) if (run_dir / "backbone.pt").is_file() else None
+    return summary, record
+
+
+def raw_pixel_split(spec: str, labels_per_class: int, seed: int):
+    """(train pixels, train labels, labeled index, test pixels, test labels) at native size, flattened, in [0, 1]."""
+    from ssl_kit.data.specs import load_splits
+    from ssl_kit.data.splits import labeled_indices
+
+    splits = load_splits(spec)
+    train, test = splits["train"], splits["test"]
+    x_train = train.images.flatten(1).float().numpy() / 255.0
+    x_test = test.images.flatten(1).float().numpy() / 255.0
+    labeled = labeled_indices(train.labels, labels_per_class, seed).numpy()
+    return x_train, train.labels.numpy(), labeled, x_test, test.labels.numpy()
+
+
+def logistic_regression_on_pixels(spec: str, labels_per_class: int, seed: int) -> float:
+    from sklearn.linear_model import LogisticRegression
+
+    x_train, y_train, labeled, x_test, y_test = raw_pixel_split(spec, labels_per_class, seed)
+    model = LogisticRegression(max_iter=2000).fit(x_train[labeled], y_train[labeled])
+    return float((model.predict(x_test) == y_test).mean())
+
+
+def label_spreading_on_pixels(spec: str, labels_per_class: int, seed: int, gamma: float = 0.25) -> float:
+    """scikit-learn LabelSpreading (rbf) on raw pixels in scikit-learn's 0–16 digits scale. Transductive, as in the
+    reference protocol: fitted on training + test images with only the labeled split's labels; accuracy of the
+    labels it spreads to the test images."""
+    import numpy as np
+    from sklearn.semi_supervised import LabelSpreading
+
+    x_train, y_train, labeled, x_test, y_test = raw_pixel_split(spec, labels_per_class, seed)
+    x = np.concatenate([x_train, x_test]) * 16.0  # digits' native scale, which gamma = 0.25 was chosen for
+    targets = np.full(len(x), -1)
+    targets[labeled] = y_train[labeled]
+    model = LabelSpreading(kernel="rbf", gamma=gamma, max_iter=100).fit(x, targets)
+    return float((model.transduction_[len(x_train):] == y_test).mean())
+
+
+def mean_std(values: list[float]) -> str:
+    import statistics
+
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"

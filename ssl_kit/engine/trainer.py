@@ -102,7 +102,7 @@ class Trainer:
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.step = 0
         self._epoch_losses: list[torch.Tensor] = []
-        self._bad_step: Optional[torch.Tensor] = None
+        self._bad_step = torch.tensor(-1, device=self.device)  # first step with a non-finite loss/grad, -1: none
         self._bad_terms: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------ state
@@ -174,8 +174,6 @@ class Trainer:
         """Raise for the first step since the last check whose loss or gradients were not finite. Checked at every
         log and checkpoint boundary (not every step: on a GPU each check is a device sync), always before a
         checkpoint is written, so the last checkpoint on disk is always a good one."""
-        if self._bad_step is None:
-            return
         bad = int(self._bad_step)
         if bad >= 0:
             self._raise_non_finite(bad, {k: float(v) for k, v in self._bad_terms.items()})
@@ -230,7 +228,6 @@ class Trainer:
         """Train to total_steps (continuing from self.step), evaluate on the test split. -> final metrics."""
         tc = self.cfg.train
         self.method.train()
-        self._bad_step = torch.tensor(-1, device=self.device)
         start_time, start_step = time.perf_counter(), self.step
         bar = progress(self.total_steps, f"{self.cfg.name}", tc.progress and self.is_main, initial=self.step)
         try:

@@ -1,0 +1,82 @@
+"""Contrastive pretraining (SimCLR, MoCo v2, MoCo v3) vs. a randomly initialised backbone vs. logistic regression on
+raw pixels, by linear probe (4 and 10 labels per class, and all labels) and kNN (issue 3). Also a temperature sweep.
+
+    python benchmarks/contrastive_table.py --dataset digits --epochs 100 --device cuda [--temperatures 0.05 0.1 0.2 0.5 1.0]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import logistic_regression_on_pixels, run_stages, table  # noqa: E402
+from ssl_kit.engine.checkpoint import build_from_record  # noqa: E402
+from ssl_kit.eval.features import FeatureExtractor  # noqa: E402
+from ssl_kit.eval.stages import knn_dataset, probe_dataset  # noqa: E402
+from ssl_kit.models.registry import build_backbone  # noqa: E402
+
+
+def pretrain_stage(method: str, dataset: str, epochs: float, size: int, width: int, temperature: float, device: str):
+    return {"name": "pretrain", "method": method, "data": {"dataset": dataset, "image_size": size},
+            "backbone": {"name": "small_cnn", "kwargs": {"width": width}}, "temperature": temperature,
+            "proj_hidden_dim": 128, "proj_dim": 64, "queue_size": 1024, "momentum": 0.99,
+            "views": {"crop_scale": [0.4, 1.0], "jitter_strength": 0.5, "grayscale_prob": 0.0},
+            "optimizer": {"name": "lars", "lr": 0.3, "lr_scaling": "linear", "weight_decay": 1e-5},
+            "schedule": {"name": "cosine", "warmup_epochs": min(2.0, epochs / 10)},
+            "train": {"epochs": epochs, "batch_size": 256, "progress": False, "eval_every_epochs": 0,
+                      "device": device, "checkpoint_every_steps": 100_000}}
+
+
+def evaluate(extractor: FeatureExtractor, dataset: str, labels: list[int], seed: int) -> list[float]:
+    scores = [probe_dataset(extractor, dataset, 100, n, seed)["top1"] for n in labels]
+    scores.append(probe_dataset(extractor, dataset, 100, None, seed)["top1"])
+    scores.append(knn_dataset(extractor, dataset, 20, 0.07)["top1"])
+    return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--methods", nargs="+", default=["simclr", "mocov2", "mocov3"])
+    parser.add_argument("--epochs", type=float, default=100)
+    parser.add_argument("--size", type=int, default=16)
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--labels", type=int, nargs="+", default=[4, 10])
+    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--temperatures", type=float, nargs="*", default=[], help="SimCLR temperature sweep")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    headers = ["backbone"] + [f"probe {n}/class" for n in args.labels] + ["probe all", "kNN k=20"]
+    rows = [["raw pixels + logistic regression"] + [logistic_regression_on_pixels(args.dataset, n, args.seed)
+                                                    for n in args.labels] + ["-", "-"]]
+    record = None
+    for method in args.methods:
+        _, record = run_stages([pretrain_stage(method, args.dataset, args.epochs, args.size, args.width,
+                                               args.temperature, args.device)], args.seed)
+        rows.append([f"{method} ({args.epochs:g} epochs)"] + evaluate(FeatureExtractor(build_from_record(record),
+                                                                                        args.device), args.dataset,
+                                                                       args.labels, args.seed))
+        print(table(headers, rows[-1:]), flush=True)
+    torch.manual_seed(args.seed)
+    random_backbone = build_backbone("small_cnn", record["data"]["channels"], args.size, {"width": args.width})
+    random_backbone.data_info = record["data"]
+    rows.append(["random init"] + evaluate(FeatureExtractor(random_backbone, args.device), args.dataset, args.labels,
+                                           args.seed))
+    print("\n" + table(headers, rows))
+    sweep = []
+    for temperature in args.temperatures:
+        _, rec = run_stages([pretrain_stage("simclr", args.dataset, args.epochs, args.size, args.width, temperature,
+                                            args.device)], args.seed)
+        sweep.append([temperature] + evaluate(FeatureExtractor(build_from_record(rec), args.device), args.dataset,
+                                              args.labels, args.seed))
+        print(table(["τ"] + headers[1:], sweep[-1:]), flush=True)
+    if sweep:
+        print("\n" + table(["SimCLR τ"] + headers[1:], sweep))
+
+
+if __name__ == "__main__":
+    main()
