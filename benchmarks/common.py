@@ -33,6 +33,26 @@ def time_interleaved(functions: dict[str, Callable[[], None]], steps: int, round
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def engine_vs_bare(trainer, bare_model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
+                   rounds: int) -> dict[str, float]:
+    """Seconds per step of the engine (trainer._train_step, the whole method) and of a bare SGD
+    forward/backward/step of `bare_model` on (x, y), interleaved."""
+    import torch.nn.functional as F
+
+    optimizer = torch.optim.SGD(bare_model.parameters(), lr=0.01, momentum=0.9)
+
+    def bare() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(bare_model(x), y).backward()
+        optimizer.step()
+
+    def engine() -> None:
+        trainer._train_step()
+        trainer.step = (trainer.step + 1) % trainer.total_steps
+
+    return time_interleaved({"bare": bare, "engine": engine}, steps, rounds, trainer.device)
+
+
 def table(headers: list[str], rows: list[list]) -> str:
     def fmt(value):
         return f"{value:.4g}" if isinstance(value, float) else str(value)

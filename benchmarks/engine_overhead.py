@@ -14,10 +14,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import table, time_interleaved  # noqa: E402
+from benchmarks.common import engine_vs_bare, table  # noqa: E402
 from ssl_kit.config import validate_recipe  # noqa: E402
 from ssl_kit.data.pipeline import prepare_data  # noqa: E402
 from ssl_kit.engine.trainer import RunContext, Trainer  # noqa: E402
@@ -46,22 +45,9 @@ def overhead(model: str, dataset: str, batch: int, device: str, steps: int, roun
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(method, data, cfg, RunContext(Path(tmp), 0), {})
         bare_model = Supervised(cfg, build_backbone(model, data.info.channels, 32, MODELS[model]), data.info).net
-        bare_model = bare_model.to(trainer.device).train()
-        bare_opt = torch.optim.SGD(bare_model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
         batch0 = trainer.loader.batch(0)
         x = method.normalize(batch0.x).to(trainer.device)
-        y = batch0.y
-
-        def bare():
-            bare_opt.zero_grad(set_to_none=True)
-            F.cross_entropy(bare_model(x), y).backward()
-            bare_opt.step()
-
-        def engine():
-            trainer._train_step()
-            trainer.step = (trainer.step + 1) % trainer.total_steps
-
-        times = time_interleaved({"bare": bare, "engine": engine}, steps, rounds, trainer.device)
+        times = engine_vs_bare(trainer, bare_model.to(trainer.device).train(), x, batch0.y, steps, rounds)
     return times["engine"] / times["bare"], batch / times["engine"]
 
 

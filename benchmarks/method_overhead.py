@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import table, time_interleaved  # noqa: E402
+from benchmarks.common import engine_vs_bare, table, time_interleaved  # noqa: E402
 from ssl_kit.config import validate_recipe  # noqa: E402
 from ssl_kit.data.pipeline import prepare_data  # noqa: E402
 from ssl_kit.engine.trainer import RunContext, Trainer  # noqa: E402
@@ -53,21 +53,9 @@ def measure(method: str, model: str, batch: int, size: int, device: str, mu: int
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(instance, data, cfg, RunContext(Path(tmp), 0), {})
         bare = Classifier(build_backbone(model, data.info.channels, size, KWARGS[model]), data.info.num_classes)
-        bare = bare.to(trainer.device).train()
-        optimizer = torch.optim.SGD(bare.parameters(), lr=0.01, momentum=0.9)
         x = torch.randn(images_per_step, data.info.channels, size, size, device=trainer.device)
         y = torch.randint(0, data.info.num_classes, (images_per_step,), device=trainer.device)
-
-        def bare_step():
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(bare(x), y).backward()
-            optimizer.step()
-
-        def engine_step():
-            trainer._train_step()
-            trainer.step = (trainer.step + 1) % trainer.total_steps
-
-        times = time_interleaved({"bare": bare_step, "engine": engine_step}, steps, rounds, trainer.device)
+        times = engine_vs_bare(trainer, bare.to(trainer.device).train(), x, y, steps, rounds)
     return times["engine"] / times["bare"], images_per_step / times["engine"], images_per_step / times["bare"]
 
 

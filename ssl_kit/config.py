@@ -33,6 +33,7 @@ class Strict(BaseModel):
 
 class DataConfig(Strict):
     dataset: str = "digits"
+    root: Optional[str] = Field(None, description="dataset root folder; fills the ROOT part of the spec")
     test: Optional[str] = Field(None, description="spec of the test set; default: the dataset's own test split")
     image_size: int = Field(32, ge=4, le=1024)
     channels: Optional[Literal[1, 3]] = Field(None, description="convert images to this many channels")
@@ -42,6 +43,14 @@ class DataConfig(Strict):
     hflip: bool = Field(False, description="random horizontal flips (off for digits, on for natural images)")
     translate: float = Field(0.125, ge=0.0, le=0.5, description="weak view: max shift as a fraction of the size")
     normalize: Literal["dataset", "none"] = "dataset"
+
+    def spec(self) -> str:
+        """The dataset spec with `root` put in place: 'cifar10' + root '/data' -> 'cifar10:/data'."""
+        if self.root is None:
+            return self.dataset
+        head, *options = self.dataset.split(",")
+        name = head.split(":", 1)[0]
+        return ",".join([f"{name}:{self.root}", *options])
 
 
 class BackboneConfig(Strict):

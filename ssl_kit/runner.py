@@ -183,6 +183,9 @@ class RecipeRunner:
         results_flat["steps"] = trainer.total_steps
         if self.is_main:
             self._save_stage_outputs(stage, trainer, results, meta)
+            evaluated = trainer.method.classifier(trainer.ema.module if trainer.ema else None)
+            if evaluated is not None:
+                results_flat.update(trainer.method.final_report(evaluated, data, self.run_dir))
         return results_flat
 
     def _save_split(self, name: str, data) -> None:

@@ -66,8 +66,9 @@ def load_converted(spec: str, image_size: int, channels: Optional[int]) -> dict[
 
 def prepare_data(cfg: DataConfig, seed: int, use_unlabeled: bool) -> PreparedData:
     """Load and split a stage's data. Labeled: labels_per_class per class (all when None)."""
-    parse_spec(cfg.dataset)
-    splits = load_converted(cfg.dataset, cfg.image_size, cfg.channels)
+    spec = cfg.spec()
+    parse_spec(spec)
+    splits = load_converted(spec, cfg.image_size, cfg.channels)
     train = splits["train"]
     test = load_converted(cfg.test, cfg.image_size, train.channels)["test"] if cfg.test else splits["test"]
     if test.classes != train.classes:
@@ -90,5 +91,5 @@ def prepare_data(cfg: DataConfig, seed: int, use_unlabeled: bool) -> PreparedDat
         mean, std = channel_stats(train.images)
     else:
         mean, std = [0.0] * train.channels, [1.0] * train.channels
-    info = DataInfo(train.num_classes, list(train.classes), train.channels, cfg.image_size, mean, std, cfg.dataset)
+    info = DataInfo(train.num_classes, list(train.classes), train.channels, cfg.image_size, mean, std, spec)
     return PreparedData(train, test, labeled, unlabeled, info)

@@ -90,6 +90,11 @@ class Method(nn.Module):
         """The classification head saved beside the backbone in backbone.pt (None: features only)."""
         return None
 
+    def final_report(self, model: nn.Module, data, out_dir) -> dict[str, float]:
+        """After training: method-specific pictures and numbers (written under out_dir). model: the evaluated
+        classifier (EMA when enabled). -> metrics for summary.json."""
+        return {}
+
     def epoch_metrics(self) -> dict[str, float]:
         """Metrics gathered over the epoch (pseudo-label rates, probe accuracy), logged and reset per epoch."""
         return {}

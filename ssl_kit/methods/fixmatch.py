@@ -102,6 +102,34 @@ class FixMatch(Method):
             buffer.zero_()
         return out
 
+    SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
+
+    @torch.no_grad()
+    def final_report(self, model: nn.Module, data, out_dir) -> dict[str, float]:
+        """Threshold sweep on the unlabeled set with the trained model: for each threshold, the fraction of images
+        whose confidence passes it (quantity) and the accuracy of their pseudo-labels (quality)."""
+        from ..eval.metrics import predict
+        from ..eval.plots import plot_threshold_sweep
+
+        images = data.train.images[data.unlabeled]
+        hidden = data.train.labels[data.unlabeled].cpu()
+        device = next(model.parameters()).device
+        probs = torch.softmax(predict(model, images, self.normalize, device), dim=1)
+        confidence, pseudo = probs.max(dim=1)
+        known = hidden >= 0
+        quantity, quality = [], []
+        for t in self.SWEEP_THRESHOLDS:
+            passed = (confidence >= t) & known
+            quantity.append(float(passed.float().sum() / known.sum().clamp_min(1)))
+            quality.append(float((pseudo[passed] == hidden[passed]).float().mean()) if passed.any() else float("nan"))
+        plot_threshold_sweep(list(self.SWEEP_THRESHOLDS), quantity, quality,
+                             out_dir / "plots" / f"threshold_sweep_{self.cfg.name}.png")
+        out = {}
+        for t, n, q in zip(self.SWEEP_THRESHOLDS, quantity, quality):
+            out[f"sweep/quantity@{t}"] = n
+            out[f"sweep/quality@{t}"] = q
+        return out
+
     def ema_target(self) -> nn.Module:
         return self.net
 
