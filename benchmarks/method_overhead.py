@@ -45,10 +45,10 @@ def stage_for(method: str, model: str, batch: int, size: int, device: str, mu: i
 def measure(method: str, model: str, batch: int, size: int, device: str, mu: int, steps: int, rounds: int) -> tuple:
     cfg = validate_recipe({"seed": 0, "stages": [stage_for(method, model, batch, size, device, mu)]}).stages[0]
     cls = build_method(method)
-    data = prepare_data(cfg.data, 0, use_unlabeled=cls.uses_unlabeled)
+    data = prepare_data(cfg.data, 0, use_unlabeled=cls.wants_unlabeled(cfg))
     torch.manual_seed(0)
     backbone = build_backbone(model, data.info.channels, size, KWARGS[model])
-    instance = cls(cfg, backbone, data.info, **cls.context_from(data))
+    instance = cls(cfg, backbone, data.info, **cls.context_from(cfg, data, {}))
     images_per_step = batch * (1 + 2 * mu) if method == "fixmatch" else 2 * batch
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(instance, data, cfg, RunContext(Path(tmp), 0), {})

@@ -14,8 +14,11 @@ RECIPE_DIRS = (Path(__file__).resolve().parents[1] / "recipes", Path.cwd() / "re
 
 
 def _emit(result: dict, as_json: bool) -> None:
+    from .runner import finite_or_none
+
+    result = finite_or_none(result)
     if as_json:
-        print(json.dumps(result, default=float))
+        print(json.dumps(result, default=float, allow_nan=False))
         return
     for key, value in result.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")

@@ -194,6 +194,54 @@ class FixMatchStage(StageBase):
     eval_ema: bool = Field(True, description="evaluate the EMA model (needs train.ema_decay)")
 
 
+class TeacherConfig(Strict):
+    checkpoint: Optional[str] = Field(None, description="backbone.pt (with its head), run dir or training checkpoint")
+    from_stage: Optional[str] = Field(None, description="the backbone + head an earlier stage of this recipe produced")
+
+
+class KDStage(StageBase):
+    """Hinton knowledge distillation: loss = alpha · KD(student ‖ teacher, T) + (1 − alpha) · CE(student, labels).
+    alpha weighs the soft-target term (the convention of Hinton et al. and torchdistill; RepDistiller's 'alpha' is
+    the CE weight instead)."""
+
+    method: Literal["kd"]
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft-target (KD) term")
+    kd_temperature: float = Field(4.0, gt=0, description="softens both distributions; T² rescales the gradient")
+    use_unlabeled: bool = Field(False, description="also distil on unlabeled images (soft targets only)")
+    mu: int = Field(3, ge=1, description="unlabeled batch = mu × labeled batch when use_unlabeled")
+    cache_teacher_logits: bool = Field(False, description="teacher sees un-augmented images, logits computed once")
+
+    @model_validator(mode="after")
+    def _one_teacher(self) -> "KDStage":
+        if bool(self.teacher.checkpoint) == bool(self.teacher.from_stage):
+            raise ValueError("give exactly one of teacher.checkpoint or teacher.from_stage")
+        return self
+
+
+class DinoStage(StageBase):
+    """DINO self-distillation: EMA teacher, centering, sharpening, multi-crop."""
+
+    method: Literal["dino"]
+    out_dim: int = Field(4096, ge=2, description="prototypes K of the DINO head")
+    head_hidden_dim: int = Field(2048, ge=1)
+    bottleneck_dim: int = Field(256, ge=1)
+    norm_last_layer: bool = Field(True, description="freeze the weight-norm magnitude of the last layer at 1")
+    student_temp: float = Field(0.1, gt=0)
+    teacher_temp: float = Field(0.04, gt=0)
+    warmup_teacher_temp: float = Field(0.04, gt=0)
+    warmup_teacher_temp_epochs: float = Field(0, ge=0)
+    center_momentum: float = Field(0.9, ge=0, lt=1)
+    momentum: float = Field(0.996, ge=0, le=1, description="teacher EMA: cosine from this value to 1")
+    global_crop_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops: int = Field(6, ge=0)
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    local_crop_size: float = Field(0.43, gt=0, le=1, description="local crop side as a fraction of image_size")
+    freeze_last_layer_epochs: float = Field(1, ge=0)
+    views: ViewsConfig = Field(default_factory=ViewsConfig)
+    online_probe: OnlineProbeConfig = Field(default_factory=OnlineProbeConfig)
+
+
 class EvalStageBase(Strict):
     name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$")
     from_stage: Optional[str] = Field(None, description="backbone of this earlier stage; default: the latest one")
@@ -222,10 +270,11 @@ class TransferStage(EvalStageBase):
 
 
 Stage = Annotated[
-    Union[SupervisedStage, ContrastiveStage, FixMatchStage, LinearProbeStage, KnnStage, TransferStage],
+    Union[SupervisedStage, ContrastiveStage, FixMatchStage, KDStage, DinoStage, LinearProbeStage, KnnStage,
+          TransferStage],
     Field(discriminator="method"),
 ]
-TRAINING_METHODS = ("supervised", "simclr", "mocov2", "mocov3", "fixmatch")
+TRAINING_METHODS = ("supervised", "simclr", "mocov2", "mocov3", "fixmatch", "kd", "dino")
 EVAL_METHODS = ("linear_probe", "knn", "transfer")
 
 
@@ -250,11 +299,11 @@ class Recipe(Strict):
             if stage.name in seen:
                 raise ValueError(f"stage name {stage.name!r} is used twice")
             source = stage.init.from_stage if isinstance(stage, StageBase) else stage.from_stage
-            if source is not None and source not in seen:
-                raise ValueError(
-                    f"stage {stage.name!r} takes its backbone from {source!r}, which is not an earlier stage "
-                    f"(earlier: {seen or 'none'})"
-                )
+            teacher = stage.teacher.from_stage if isinstance(stage, KDStage) else None
+            for what, ref in (("backbone", source), ("teacher", teacher)):
+                if ref is not None and ref not in seen:
+                    raise ValueError(f"stage {stage.name!r} takes its {what} from {ref!r}, which is not an earlier "
+                                     f"stage (earlier: {seen or 'none'})")
             seen.append(stage.name)
         return self
 

@@ -10,6 +10,7 @@ run_dir/
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -28,6 +29,17 @@ from .engine.trainer import RunContext, Trainer
 from .errors import ConfigError
 from .methods import build_method
 from .models.registry import build_backbone
+
+
+def finite_or_none(value):
+    """NaN/inf -> None, recursively, so JSON output stays strict (json.dumps would write NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(v) for v in value]
+    return value
 
 
 def log(message: str) -> None:
@@ -79,7 +91,7 @@ class RecipeRunner:
     def _write_summary(self) -> None:
         if self.is_main:
             tmp = self.summary_path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(self.summary, indent=2, sort_keys=False))
+            tmp.write_text(json.dumps(finite_or_none(self.summary), indent=2, sort_keys=False))
             os.replace(tmp, self.summary_path)
 
     def _done_stages(self) -> list[str]:
@@ -157,7 +169,7 @@ class RecipeRunner:
                 metrics.close()
             if wandb is not None:
                 wandb.finish()
-        return {k: v for k, v in self.summary.items() if not k.startswith("_")}
+        return finite_or_none({k: v for k, v in self.summary.items() if not k.startswith("_")})
 
     def _run_training_stage(self, stage: StageBase, ctx: RunContext) -> dict:
         record = self._init_record(stage)
@@ -165,10 +177,10 @@ class RecipeRunner:
         if record is not None and data_cfg.channels is None:
             data_cfg = data_cfg.model_copy(update={"channels": record["data"]["channels"]})
         method_cls = build_method(stage.method, check_only=True)
-        data = prepare_data(data_cfg, self.recipe.seed, use_unlabeled=method_cls.uses_unlabeled)
+        data = prepare_data(data_cfg, self.recipe.seed, use_unlabeled=method_cls.wants_unlabeled(stage))
         self._save_split(stage.name, data)
         backbone, arch = self._build_backbone(stage, data.info, record)
-        method = method_cls(stage, backbone, data.info, **method_cls.context_from(data))
+        method = method_cls(stage, backbone, data.info, **method_cls.context_from(stage, data, self.backbones))
         meta = {**arch, "data": data.info.to_dict(), "backbone_prefix": method.backbone_prefix,
                 "head_prefix": method.head_prefix}
         trainer = Trainer(method, data, stage, ctx, meta)

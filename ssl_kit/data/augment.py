@@ -29,9 +29,11 @@ def _per_sample(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
     return torch.where(mask.view(-1, 1, 1, 1), new, old)
 
 
-def _warp(x: Tensor, matrix: Tensor, padding: str) -> Tensor:
-    """Sample x (N, C, H, W) through per-sample affine maps matrix (N, 2, 3) in normalised coordinates."""
-    grid = F.affine_grid(matrix, list(x.shape), align_corners=False)
+def _warp(x: Tensor, matrix: Tensor, padding: str, out_size: int | None = None) -> Tensor:
+    """Sample x (N, C, H, W) through per-sample affine maps matrix (N, 2, 3) in normalised coordinates.
+    -> (N, C, out_size, out_size), or x's size when out_size is None."""
+    shape = list(x.shape) if out_size is None else [x.shape[0], x.shape[1], out_size, out_size]
+    grid = F.affine_grid(matrix, shape, align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 
@@ -49,8 +51,10 @@ def random_translate_flip(x: Tensor, max_shift: float, hflip: bool) -> Tensor:
     return _warp(x, matrix, "reflection")
 
 
-def random_resized_crop(x: Tensor, scale: tuple[float, float], ratio=(3 / 4, 4 / 3), hflip: bool = True) -> Tensor:
-    """Crop a random area fraction in `scale` with aspect ratio in `ratio`, resize back, optionally flip."""
+def random_resized_crop(x: Tensor, scale: tuple[float, float], ratio=(3 / 4, 4 / 3), hflip: bool = True,
+                        out_size: int | None = None) -> Tensor:
+    """Crop a random area fraction in `scale` with aspect ratio in `ratio`, resize to out_size (default: the input
+    size), optionally flip."""
     n = x.shape[0]
     area = _uniform(n, scale[0], scale[1], x.device)
     log_ratio = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), x.device)
@@ -67,7 +71,7 @@ def random_resized_crop(x: Tensor, scale: tuple[float, float], ratio=(3 / 4, 4 /
     matrix[:, 1, 1] = height
     matrix[:, 0, 2] = cx
     matrix[:, 1, 2] = cy
-    return _warp(x, matrix, "border")
+    return _warp(x, matrix, "border", out_size)
 
 
 def grayscale(x: Tensor) -> Tensor:
@@ -155,16 +159,22 @@ class WeakView(torch.nn.Module):
 class ContrastiveView(torch.nn.Module):
     """SimCLR / MoCo view: resized crop, flip, colour jitter, grayscale, blur, solarize; then normalise."""
 
-    def __init__(self, normalize: Normalize, cfg: ViewsConfig, hflip: bool, solarize_prob: float = 0.0) -> None:
+    def __init__(self, normalize: Normalize, cfg: ViewsConfig, hflip: bool, solarize_prob: float = 0.0,
+                 crop_scale: tuple[float, float] | None = None, out_size: int | None = None,
+                 blur_prob: float | None = None) -> None:
         super().__init__()
         self.normalize, self.cfg, self.hflip, self.solarize_prob = normalize, cfg, hflip, solarize_prob
+        self.crop_scale = tuple(crop_scale or cfg.crop_scale)
+        self.out_size = out_size
+        self.blur_prob = cfg.blur_prob if blur_prob is None else blur_prob
 
     def forward(self, x: Tensor) -> Tensor:
+        """uint8 (N, C, H, W) -> normalised float (N, C, out_size, out_size)."""
         cfg = self.cfg
-        y = random_resized_crop(to_unit_float(x), tuple(cfg.crop_scale), hflip=self.hflip)
+        y = random_resized_crop(to_unit_float(x), self.crop_scale, hflip=self.hflip, out_size=self.out_size)
         y = color_jitter(y, cfg.jitter_strength, cfg.jitter_prob)
         y = random_grayscale(y, cfg.grayscale_prob)
-        y = random_blur(y, cfg.blur_prob)
+        y = random_blur(y, self.blur_prob)
         y = random_solarize(y, self.solarize_prob)
         return self.normalize(y)
 

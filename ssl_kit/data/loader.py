@@ -21,6 +21,8 @@ class Batch:
     u: Optional[Tensor] = None
     u_y: Optional[Tensor] = None
     u_index: Optional[Tensor] = None  # int64 (μB,) positions in the unlabeled set (per-sample threshold state)
+    x_index: Optional[Tensor] = None  # int64 (B,) indices of the labeled images in the training set
+    u_image_index: Optional[Tensor] = None  # int64 (μB,) indices of the unlabeled images in the training set
 
 
 class IndexStream:
@@ -80,12 +82,13 @@ class DeviceLoader:
         start = step * self.batch_size + micro * size
         index = self._rank_slice(self.labeled_stream.take(start, size)).to(self.images.device)
         index = self.labeled[index]
-        batch = Batch(self.images[index], self.labels[index])
+        batch = Batch(self.images[index], self.labels[index], x_index=index)
         if self.unlabeled_stream is not None:
             u_size = self.mu * size
             position = self._rank_slice(self.unlabeled_stream.take(self.mu * start, u_size)).to(self.images.device)
             image_index = self.unlabeled[position]
             batch.u, batch.u_y, batch.u_index = self.images[image_index], self.labels[image_index], position
+            batch.u_image_index = image_index
         return batch
 
 

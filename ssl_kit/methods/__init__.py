@@ -8,9 +8,12 @@ from .supervised import Supervised
 
 def _registry() -> dict[str, type]:
     from .contrastive import MoCoV2, MoCoV3, SimCLR
+    from .dino import DINO
     from .fixmatch import FixMatch
+    from .kd import KnowledgeDistillation
 
-    return {"supervised": Supervised, "simclr": SimCLR, "mocov2": MoCoV2, "mocov3": MoCoV3, "fixmatch": FixMatch}
+    return {"supervised": Supervised, "simclr": SimCLR, "mocov2": MoCoV2, "mocov3": MoCoV3, "fixmatch": FixMatch,
+            "kd": KnowledgeDistillation, "dino": DINO}
 
 
 def build_method(name: str, check_only: bool = False) -> type:

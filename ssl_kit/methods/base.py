@@ -46,8 +46,14 @@ class Method(nn.Module):
         self.weak_view = WeakView(self.normalize, cfg.data.translate, cfg.data.hflip)
 
     @classmethod
-    def context_from(cls, data) -> dict:
-        """Extra constructor arguments taken from the prepared data (e.g. the unlabeled set's size)."""
+    def wants_unlabeled(cls, cfg) -> bool:
+        """Whether a stage with this config trains on unlabeled images too."""
+        return cls.uses_unlabeled
+
+    @classmethod
+    def context_from(cls, cfg, data, stage_backbones: dict) -> dict:
+        """Extra constructor arguments from the prepared data (the unlabeled set's size) or from earlier stages'
+        backbones (a teacher), given as {stage name: backbone.pt path}."""
         return {}
 
     # -- what the engine asks of every method -------------------------------------------------------
@@ -98,3 +104,33 @@ class Method(nn.Module):
     def epoch_metrics(self) -> dict[str, float]:
         """Metrics gathered over the epoch (pseudo-label rates, probe accuracy), logged and reset per epoch."""
         return {}
+
+
+class ClassifierMethod(Method):
+    """A method whose network is backbone + linear head (`self.net`): supervised, FixMatch, KD students.
+    The EMA (when enabled) averages `net`, and the test evaluation runs the EMA copy."""
+
+    backbone_prefix = "net.backbone."
+    head_prefix = "net.head."
+    evaluate_ema = True
+
+    def __init__(self, cfg, backbone: nn.Module, info: DataInfo) -> None:
+        from ..models.heads import Classifier
+
+        super().__init__(cfg, info)
+        self.net = Classifier(backbone, info.num_classes)
+
+    def get_backbone(self) -> nn.Module:
+        return self.net.backbone
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.net.head]
+
+    def ema_target(self) -> nn.Module:
+        return self.net
+
+    def classifier(self, ema: Optional[nn.Module] = None) -> nn.Module:
+        return ema if (ema is not None and self.evaluate_ema) else self.net
+
+    def head(self) -> nn.Linear:
+        return self.net.head

@@ -13,63 +13,20 @@ from ..data.augment import ContrastiveView
 from ..data.loader import Batch
 from ..engine import distributed as dist
 from ..engine.ema import momentum_update
-from ..engine.optim import ParamGroup
 from ..engine.schedule import cosine_ramp
 from ..losses import InfoNCELoss, NTXentLoss
 from ..models.heads import mlp
-from .base import Method, Progress
+from .base import Progress
+from .pretext import PretextMethod
 
 
-class _ProbedClassifier(nn.Module):
-    """backbone + online probe as one classifier: normalised images (N, C, H, W) -> logits (N, K)."""
-
-    def __init__(self, backbone: nn.Module, probe: nn.Linear) -> None:
-        super().__init__()
-        self.backbone, self.probe = backbone, probe
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.probe(self.backbone(x))
-
-
-class ContrastiveMethod(Method):
-    """Shared parts: two augmented views, a projector, an online probe. Subclasses define `contrast`."""
-
-    head_prefix = "probe."
+class ContrastiveMethod(PretextMethod):
+    """Two augmented views of each image and a projector; subclasses define `contrast`."""
 
     def __init__(self, cfg, backbone: nn.Module, info) -> None:
-        super().__init__(cfg, info)
-        self.backbone = backbone
+        super().__init__(cfg, backbone, info)
         self.view1 = ContrastiveView(self.normalize, cfg.views, cfg.data.hflip)
         self.view2 = ContrastiveView(self.normalize, cfg.views, cfg.data.hflip, solarize_prob=cfg.views.solarize_prob)
-        self.probe = nn.Linear(backbone.num_features, info.num_classes)
-        self.register_buffer("_probe_correct", torch.zeros(()), persistent=False)
-        self.register_buffer("_probe_seen", torch.zeros(()), persistent=False)
-
-    def parameter_groups(self) -> list[ParamGroup]:
-        probe_ids = {id(p) for p in self.probe.parameters()}
-        groups = [g for g in super().parameter_groups() if g.name != "head"]
-        others = [p for p in self.parameters() if p.requires_grad and id(p) not in probe_ids
-                  and id(p) not in {id(q) for q in self.backbone.parameters()}]
-        groups.append(ParamGroup("projector", others))
-        if self.cfg.online_probe.enabled:
-            groups.append(ParamGroup("probe", list(self.probe.parameters()),
-                                     self.cfg.online_probe.lr / self.cfg.optimizer.lr, weight_decay=False,
-                                     extra={"lars": False}))
-        return groups
-
-    def head_modules(self) -> list[nn.Module]:
-        return [self.probe]
-
-    def probe_loss(self, features: Tensor, labels: Tensor) -> Tensor:
-        """Cross-entropy of the online probe on detached features (no gradient reaches the backbone)."""
-        known = labels >= 0
-        if not self.cfg.online_probe.enabled or not bool(known.any()):
-            return features.new_zeros(())
-        logits = self.probe(features.detach()[known].float())
-        with torch.no_grad():
-            self._probe_correct += (logits.argmax(1) == labels[known]).sum()
-            self._probe_seen += known.sum()
-        return F.cross_entropy(logits, labels[known])
 
     def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         x1, x2 = self.view1(batch.x), self.view2(batch.x)
@@ -80,19 +37,6 @@ class ContrastiveMethod(Method):
     def contrast(self, x1: Tensor, x2: Tensor, progress: Progress) -> tuple[Tensor, Tensor]:
         """views (N, C, H, W) × 2 -> (contrastive loss, backbone features (2N, F) for the probe)."""
         raise NotImplementedError
-
-    def classifier(self, ema: Optional[nn.Module] = None) -> nn.Module:
-        return _ProbedClassifier(self.backbone, self.probe)
-
-    def head(self) -> nn.Linear:
-        return self.probe
-
-    def epoch_metrics(self) -> dict[str, float]:
-        seen = float(self._probe_seen)
-        out = {"online_probe/train_top1": float(self._probe_correct) / seen} if seen else {}
-        self._probe_correct.zero_()
-        self._probe_seen.zero_()
-        return out
 
 
 class SimCLR(ContrastiveMethod):

@@ -12,23 +12,20 @@ from torch import Tensor, nn
 from ..data.augment import StrongView
 from ..data.loader import Batch
 from ..losses import fixmatch_loss
-from ..models.heads import Classifier
-from .base import Method, Progress
+from .base import ClassifierMethod, Progress
 from .thresholds import DistributionAlignment, build_policy
 
 
-class FixMatch(Method):
+class FixMatch(ClassifierMethod):
     uses_unlabeled = True
-    backbone_prefix = "net.backbone."
-    head_prefix = "net.head."
 
     @classmethod
-    def context_from(cls, data) -> dict:
+    def context_from(cls, cfg, data, stage_backbones: dict) -> dict:
         return {"num_unlabeled": len(data.unlabeled)}
 
     def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0) -> None:
-        super().__init__(cfg, info)
-        self.net = Classifier(backbone, info.num_classes)
+        super().__init__(cfg, backbone, info)
+        self.evaluate_ema = cfg.eval_ema
         self.strong_view = StrongView(self.normalize, cfg.strong, cfg.data.translate, cfg.data.hflip)
         self.policy = build_policy(cfg, info.num_classes, num_unlabeled)
         self.alignment = DistributionAlignment(info.num_classes) if cfg.threshold_policy.distribution_alignment else None
@@ -36,12 +33,6 @@ class FixMatch(Method):
         for name in ("_seen", "_masked", "_correct"):
             self.register_buffer(name, torch.zeros(k), persistent=False)
         self.register_buffer("_weight_sum", torch.zeros(()), persistent=False)
-
-    def get_backbone(self) -> nn.Module:
-        return self.net.backbone
-
-    def head_modules(self) -> list[nn.Module]:
-        return [self.net.head]
 
     def _logits(self, x: Tensor, u_weak: Tensor, u_strong: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.cfg.joint_forward:  # one pass: BN sees labeled and unlabeled images together, as in the reference
@@ -130,11 +121,3 @@ class FixMatch(Method):
             out[f"sweep/quality@{t}"] = q
         return out
 
-    def ema_target(self) -> nn.Module:
-        return self.net
-
-    def classifier(self, ema: Optional[nn.Module] = None) -> nn.Module:
-        return ema if (ema is not None and self.cfg.eval_ema) else self.net
-
-    def head(self) -> nn.Linear:
-        return self.net.head

@@ -1,0 +1,75 @@
+"""Shared base of the pretext-task methods (contrastive, DINO): an online linear probe on detached backbone
+features, trained beside the pretext loss with its own learning rate and no weight decay, logged per epoch — how
+users watch pretraining progress. The probe is also the classifier the test evaluation runs."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..engine.optim import ParamGroup
+from .base import Method
+
+
+class ProbedClassifier(nn.Module):
+    """backbone + online probe as one classifier: normalised images (N, C, H, W) -> logits (N, K)."""
+
+    def __init__(self, backbone: nn.Module, probe: nn.Linear) -> None:
+        super().__init__()
+        self.backbone, self.probe = backbone, probe
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.probe(self.backbone(x))
+
+
+class PretextMethod(Method):
+    """Holds `backbone` and `probe`; every other trainable parameter forms the 'projector' group (pretext heads)."""
+
+    head_prefix = "probe."
+
+    def __init__(self, cfg, backbone: nn.Module, info) -> None:
+        super().__init__(cfg, info)
+        self.backbone = backbone
+        self.probe = nn.Linear(backbone.num_features, info.num_classes)
+        self.register_buffer("_probe_correct", torch.zeros(()), persistent=False)
+        self.register_buffer("_probe_seen", torch.zeros(()), persistent=False)
+
+    def parameter_groups(self) -> list[ParamGroup]:
+        probe_ids = {id(p) for p in self.probe.parameters()}
+        backbone_ids = {id(p) for p in self.backbone.parameters()}
+        groups = [ParamGroup("backbone", [p for p in self.backbone.parameters() if p.requires_grad],
+                             self.cfg.optimizer.backbone_lr_scale)]
+        heads = [p for p in self.parameters() if p.requires_grad and id(p) not in probe_ids | backbone_ids]
+        groups.append(ParamGroup("projector", heads))
+        if self.cfg.online_probe.enabled:
+            groups.append(ParamGroup("probe", list(self.probe.parameters()),
+                                     self.cfg.online_probe.lr / self.cfg.optimizer.lr, weight_decay=False,
+                                     extra={"lars": False}))
+        return groups
+
+    def probe_loss(self, features: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy of the online probe on detached features (no gradient reaches the backbone).
+        features (N, F), labels (N,) with -1 for unknown."""
+        known = labels >= 0
+        if not self.cfg.online_probe.enabled or not bool(known.any()):
+            return features.new_zeros(())
+        logits = self.probe(features.detach()[known].float())
+        with torch.no_grad():
+            self._probe_correct += (logits.argmax(1) == labels[known]).sum()
+            self._probe_seen += known.sum()
+        return F.cross_entropy(logits, labels[known])
+
+    def classifier(self, ema: Optional[nn.Module] = None) -> nn.Module:
+        return ProbedClassifier(self.get_backbone(), self.probe)
+
+    def head(self) -> nn.Linear:
+        return self.probe
+
+    def epoch_metrics(self) -> dict[str, float]:
+        seen = float(self._probe_seen)
+        out = {"online_probe/train_top1": float(self._probe_correct) / seen} if seen else {}
+        self._probe_correct.zero_()
+        self._probe_seen.zero_()
+        return out
