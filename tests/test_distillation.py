@@ -115,3 +115,23 @@ def test_kd_teacher_without_head_is_refused(tmp_path):
     stage = tiny_stage("s", "kd", teacher={"checkpoint": str(tmp_path / "headless.pt")})
     with pytest.raises(ConfigError, match="teacher checkpoint has no classification head"):
         run_recipe(validate_recipe({"seed": 0, "name": "k", "stages": [stage]}), tmp_path / "kd")
+
+
+def test_dino_with_a_vit_handles_local_crops_of_another_size():
+    from ssl_kit.data.loader import Batch
+    from ssl_kit.models.vit import VisionTransformer, sincos_pos_embed
+
+    stage = tiny_stage("p", "dino", out_dim=8, head_hidden_dim=16, bottleneck_dim=4, local_crops=2, local_crop_size=0.5)
+    cfg = validate_recipe({"seed": 0, "stages": [stage]}).stages[0]
+    vit = VisionTransformer(image_size=16, patch_size=4, in_channels=1, dim=32, depth=1, heads=2)
+    method = DINO(cfg, vit, INFO)
+    batch = Batch(torch.randint(0, 255, (4, 1, 16, 16), dtype=torch.uint8), torch.arange(4))
+    out = method.training_step(batch, Progress(0, 10, 0, 10))
+    assert torch.isfinite(out["loss"])
+    # the fixed 2-D sin-cos table: first half encodes the column, second half the row (MAE's layout)
+    table = sincos_pos_embed(8, 2)
+    omega = torch.tensor([1.0, 1.0 / 100.0])
+    for index, (row, col) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        expected = torch.cat([torch.sin(col * omega), torch.cos(col * omega), torch.sin(row * omega),
+                              torch.cos(row * omega)])
+        assert torch.allclose(table[index], expected, atol=1e-6)

@@ -94,8 +94,13 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """images (N, C, H, W) -> patch tokens with position embedding (N, L, D), L = grid²."""
-        return self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]
+        """images (N, C, H, W) -> patch tokens with position embedding (N, L, D), L = (H / patch)².
+        Other input sizes than image_size (DINO's local crops) get the sin-cos table of their own grid."""
+        tokens = self.patch_embed(x)
+        grid = tokens.shape[-1]
+        pos = self.pos_embed[:, 1:] if grid == self.grid else \
+            sincos_pos_embed(tokens.shape[1], grid).to(tokens.device, tokens.dtype).unsqueeze(0)
+        return tokens.flatten(2).transpose(1, 2) + pos
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """patch tokens (N, L', D) (all or a visible subset) -> normalised (N, 1 + L', D) with the cls token first."""
