@@ -8,7 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import SslKitError
+from .errors import SslKitError, TrainingInterrupted
 
 RECIPE_DIRS = (Path(__file__).resolve().parents[1] / "recipes", Path.cwd() / "recipes")
 
@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except TrainingInterrupted as exc:
+        print(f"ssl-kit: {exc}", file=sys.stderr)
+        return 128 + exc.signal_number
     except SslKitError as exc:
         print(f"ssl-kit: error: {exc}", file=sys.stderr)
         return 2

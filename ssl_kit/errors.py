@@ -19,3 +19,11 @@ class CheckpointError(SslKitError, ValueError):
 
 class TrainingError(SslKitError, RuntimeError):
     """Training cannot go on (non-finite loss or gradients, a failed rank)."""
+
+
+class TrainingInterrupted(SslKitError):
+    """SIGINT/SIGTERM arrived: a checkpoint was saved at the step boundary; `--resume` continues."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number

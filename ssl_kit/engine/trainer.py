@@ -6,8 +6,11 @@ gradient all-reduce -> unscale, clip -> optimizer step -> schedule -> method hoo
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -17,7 +20,7 @@ from torch import nn
 
 from ..data.loader import DeviceLoader
 from ..data.pipeline import PreparedData
-from ..errors import CheckpointError, TrainingError
+from ..errors import CheckpointError, TrainingError, TrainingInterrupted
 from ..eval.metrics import classification_metrics, predict
 from ..methods.base import Method, Progress
 from ..models.heads import init_head
@@ -48,6 +51,29 @@ def autocast_context(precision: str, device: torch.device):
         raise TrainingError("train.precision=fp16 needs a CUDA device; use bf16 on the CPU")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextmanager
+def catch_stop_signals(trainer: "Trainer"):
+    """While training, SIGINT and SIGTERM only set trainer._stop_signal (a second SIGINT interrupts at once).
+    Handlers are installed from the main thread only and restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signal_number, frame):
+        if trainer._stop_signal is not None and signal_number == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer._stop_signal = signal_number
+        print(f"\n[ssl-kit] signal {signal_number}: saving a checkpoint at the end of this step "
+              f"(Ctrl-C again to abort now)", file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @dataclass
@@ -104,6 +130,7 @@ class Trainer:
         self._epoch_losses: list[torch.Tensor] = []
         self._bad_step = torch.tensor(-1, device=self.device)  # first step with a non-finite loss/grad, -1: none
         self._bad_terms: dict[str, torch.Tensor] = {}
+        self._stop_signal: Optional[int] = None
 
     # ------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -224,12 +251,27 @@ class Trainer:
         logs["lr"] = torch.tensor(lr)
         return logs
 
+    def _stop_at_boundary(self) -> None:
+        """After SIGINT/SIGTERM: save a checkpoint at this step boundary and stop with a resume hint."""
+        signal_number = self._stop_signal
+        self._check_pending()
+        self.save_checkpoint()
+        raise TrainingInterrupted(
+            f"stage {self.cfg.name!r} stopped by signal {signal_number} at step {self.step}/{self.total_steps}; "
+            f"checkpoint saved to {self.checkpoint_path}. Continue with: ssl-kit run RECIPE --out "
+            f"{self.ctx.run_dir} --resume", signal_number)
+
     def fit(self) -> dict:
-        """Train to total_steps (continuing from self.step), evaluate on the test split. -> final metrics."""
+        """Train to total_steps (continuing from self.step), evaluate on the test split. -> final metrics.
+        SIGINT/SIGTERM (Ctrl-C, a cluster's pre-emption) stop at the next step boundary with a checkpoint."""
         tc = self.cfg.train
         self.method.train()
         start_time, start_step = time.perf_counter(), self.step
         bar = progress(self.total_steps, f"{self.cfg.name}", tc.progress and self.is_main, initial=self.step)
+        with catch_stop_signals(self):
+            return self._fit_loop(tc, bar, start_time, start_step)
+
+    def _fit_loop(self, tc, bar, start_time: float, start_step: int) -> dict:
         try:
             while self.step < self.total_steps:
                 logs = self._train_step()
@@ -249,6 +291,8 @@ class Trainer:
                     self.save_checkpoint()
                 if self.ctx.step_callback is not None:
                     self.ctx.step_callback(self.step)
+                if self._stop_signal is not None and self.step < self.total_steps:
+                    self._stop_at_boundary()
         finally:
             bar.close()
         elapsed = time.perf_counter() - start_time
