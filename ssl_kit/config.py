@@ -116,6 +116,7 @@ class TrainConfig(Strict):
     log_every: int = Field(10, ge=1)
     eval_every_epochs: int = Field(1, ge=0, description="0: only at the end")
     checkpoint_every_steps: int = Field(200, ge=1)
+    keep_last: int = Field(1, ge=1, description="checkpoints kept: last.pt plus keep_last − 1 older step-N.pt files")
     progress: bool = True
 
     @model_validator(mode="after")

@@ -242,3 +242,11 @@ def test_backbones_any_channels(name):
     for channels in (1, 3):
         net = build_backbone(name, channels, 32, kwargs)
         assert net(torch.rand(2, channels, 32, 32)).shape == (2, net.num_features)
+
+
+def test_checkpoints_rotate_keep_last(tmp_path, tiny_recipe):
+    recipe = tiny_recipe(tiny_stage(train={"steps": 20, "checkpoint_every_steps": 4, "keep_last": 3}))
+    run_dir, _ = run_recipe(recipe, tmp_path / "run")
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["last.pt", "step-000000016.pt", "step-000000020.pt"]
+    assert safe_load(run_dir / "checkpoints" / "step-000000016.pt")["step"] == 16

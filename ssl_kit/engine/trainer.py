@@ -147,8 +147,17 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        if self.is_main:
-            atomic_save(self.state_dict(), self.checkpoint_path)
+        """checkpoints/last.pt (atomically); with train.keep_last = N > 1 also step-<step>.pt, oldest removed."""
+        if not self.is_main:
+            return
+        state = self.state_dict()
+        atomic_save(state, self.checkpoint_path)
+        keep = self.cfg.train.keep_last
+        if keep > 1:
+            atomic_save(state, self.checkpoint_path.parent / f"step-{self.step:09d}.pt")
+            snapshots = sorted(self.checkpoint_path.parent.glob("step-*.pt"))
+            for old in snapshots[:max(0, len(snapshots) - (keep - 1))]:
+                old.unlink()
 
     def load_checkpoint(self, state: dict) -> None:
         if state.get("stage") != self.cfg.name:
