@@ -137,8 +137,13 @@ class StageBase(Strict):
 
 
 class SupervisedStage(StageBase):
+    """Labels only; also the fine-tuning stage (init.from_stage / init.checkpoint)."""
+
     method: Literal["supervised"]
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    mixup_alpha: float = Field(0.0, ge=0, description="mixup Beta(α, α); 0 = off")
+    cutmix_alpha: float = Field(0.0, ge=0, description="CutMix Beta(α, α); 0 = off (with both, each batch picks one)")
+    layer_decay: Optional[float] = Field(None, gt=0, le=1, description="ViT layer-wise lr decay (MAE fine-tuning 0.65)")
 
 
 class ViewsConfig(Strict):
@@ -243,6 +248,22 @@ class DinoStage(StageBase):
     online_probe: OnlineProbeConfig = Field(default_factory=OnlineProbeConfig)
 
 
+class MaskedStage(StageBase):
+    """Masked image modeling: MAE (ViT, encoder on visible patches) or SimMIM (ViT or ResNet, mask token in the
+    input, light linear head, L1 on masked pixels)."""
+
+    method: Literal["mae", "simmim"]
+    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    masking: Literal["random", "block"] = Field("random", description="block: BEiT-style blockwise masks")
+    mask_patch_size: Optional[int] = Field(None, ge=1, description="SimMIM: mask unit in pixels (default: patch size / 4 px for ResNets)")
+    norm_pix: bool = Field(True, description="MAE: per-patch normalised pixel targets")
+    decoder_dim: int = Field(128, ge=4)
+    decoder_depth: int = Field(2, ge=1)
+    decoder_heads: int = Field(4, ge=1)
+    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="random resized crop of the input view")
+    online_probe: OnlineProbeConfig = Field(default_factory=OnlineProbeConfig)
+
+
 class EvalStageBase(Strict):
     name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$")
     from_stage: Optional[str] = Field(None, description="backbone of this earlier stage; default: the latest one")
@@ -271,11 +292,11 @@ class TransferStage(EvalStageBase):
 
 
 Stage = Annotated[
-    Union[SupervisedStage, ContrastiveStage, FixMatchStage, KDStage, DinoStage, LinearProbeStage, KnnStage,
-          TransferStage],
+    Union[SupervisedStage, ContrastiveStage, FixMatchStage, KDStage, DinoStage, MaskedStage, LinearProbeStage,
+          KnnStage, TransferStage],
     Field(discriminator="method"),
 ]
-TRAINING_METHODS = ("supervised", "simclr", "mocov2", "mocov3", "fixmatch", "kd", "dino")
+TRAINING_METHODS = ("supervised", "simclr", "mocov2", "mocov3", "fixmatch", "kd", "dino", "mae", "simmim")
 EVAL_METHODS = ("linear_probe", "knn", "transfer")
 
 

@@ -123,8 +123,11 @@ class RecipeRunner:
         if trained["channels"] != info.channels:
             raise ConfigError(f"stages[{stage.name}]: the init backbone was trained on {trained['channels']}-channel "
                               f"images, this stage's data has {info.channels}; set data.channels={trained['channels']}")
-        record = dict(record, data=dict(trained, image_size=info.image_size))
-        return build_from_record(record), {"arch": record["arch"], "kwargs": dict(record["kwargs"])}
+        kwargs = dict(record["kwargs"])
+        if "kwargs" in stage.backbone.model_fields_set:  # e.g. drop_path / global_pool for fine-tuning
+            kwargs.update(stage.backbone.kwargs)
+        record = dict(record, kwargs=kwargs, data=dict(trained, image_size=info.image_size))
+        return build_from_record(record), {"arch": record["arch"], "kwargs": kwargs}
 
     # ------------------------------------------------------------------------------------ stages
     def run(self) -> dict:

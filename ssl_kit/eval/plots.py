@@ -80,6 +80,19 @@ def plot_threshold_sweep(thresholds: list[float], quantity: list[float], quality
     return _save(fig, out)
 
 
+def plot_reconstructions(rows: list, titles: list[str], out: Path) -> Path:
+    """rows: tensors (N, C, H, W) in [0, 1], one figure row each (MAE: original, masked, reconstruction)."""
+    n = rows[0].shape[0]
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.2 * n, 1.3 * len(rows)), squeeze=False)
+    for r, (images, title) in enumerate(zip(rows, titles)):
+        for c in range(n):
+            image = images[c].permute(1, 2, 0).numpy()
+            axes[r][c].imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+            axes[r][c].axis("off")
+        axes[r][0].set_title(title, fontsize=8, loc="left")
+    return _save(fig, out)
+
+
 def _save(fig, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

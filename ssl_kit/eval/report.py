@@ -35,9 +35,7 @@ def write_report(run_dir: Path, recipe, summary: dict) -> Path:
         lines += ["## Training curves", "", "![training curves](plots/training_curves.png)", ""]
     for stage in recipe.stages:
         eval_path = run_dir / "stages" / stage.name / "eval.json"
-        if not eval_path.is_file():
-            continue
-        details = json.loads(eval_path.read_text())
+        details = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
         if "confusion" in details and "classes" in details:
             name = f"confusion_{stage.name}.png"
             plots.plot_confusion(details["confusion"], details["classes"], f"{stage.name}: test confusion",
@@ -50,9 +48,10 @@ def write_report(run_dir: Path, recipe, summary: dict) -> Path:
         if pseudo:
             lines += [f"## {stage.name}: pseudo-label quantity and quality", "",
                       f"![pseudo labels](plots/pseudo_labels_{stage.name}.png)", ""]
-        sweep = plot_dir / f"threshold_sweep_{stage.name}.png"
-        if sweep.is_file():
-            lines += [f"![threshold sweep](plots/threshold_sweep_{stage.name}.png)", ""]
+        for kind in ("threshold_sweep", "reconstruction"):
+            if (plot_dir / f"{kind}_{stage.name}.png").is_file():
+                lines += [f"## {stage.name}: {kind.replace('_', ' ')}", "",
+                          f"![{kind}](plots/{kind}_{stage.name}.png)", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

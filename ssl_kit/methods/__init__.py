@@ -11,9 +11,10 @@ def _registry() -> dict[str, type]:
     from .dino import DINO
     from .fixmatch import FixMatch
     from .kd import KnowledgeDistillation
+    from .masked import MAE, SimMIM
 
     return {"supervised": Supervised, "simclr": SimCLR, "mocov2": MoCoV2, "mocov3": MoCoV3, "fixmatch": FixMatch,
-            "kd": KnowledgeDistillation, "dino": DINO}
+            "kd": KnowledgeDistillation, "dino": DINO, "mae": MAE, "simmim": SimMIM}
 
 
 def build_method(name: str, check_only: bool = False) -> type:

@@ -123,6 +123,17 @@ class ClassifierMethod(Method):
     def get_backbone(self) -> nn.Module:
         return self.net.backbone
 
+    def parameter_groups(self) -> list[ParamGroup]:
+        """With `layer_decay` (fine-tuning a ViT): one group per layer, decayed towards the input; else backbone/head."""
+        from ..engine.optim import layer_decay_groups
+        from ..models.vit import VisionTransformer
+
+        decay = getattr(self.cfg, "layer_decay", None)
+        if decay is None or not isinstance(self.net.backbone, VisionTransformer):
+            return super().parameter_groups()
+        return layer_decay_groups(self.net.backbone, decay, self.cfg.optimizer.backbone_lr_scale) + \
+            [ParamGroup("head", list(self.net.head.parameters()))]
+
     def head_modules(self) -> list[nn.Module]:
         return [self.net.head]
 

@@ -21,6 +21,8 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
         image_size, in_channels=in_channels, **{"patch_size": 4, "dim": 192, "depth": 12, "heads": 3, **kw}),
     "vit_small": lambda in_channels, image_size, **kw: VisionTransformer(
         image_size, in_channels=in_channels, **{"patch_size": 4, "dim": 384, "depth": 12, "heads": 6, **kw}),
+    "vit_base": lambda in_channels, image_size, **kw: VisionTransformer(
+        image_size, in_channels=in_channels, **{"patch_size": 16, "dim": 768, "depth": 12, "heads": 12, **kw}),
 }
 
 

@@ -28,6 +28,17 @@ class ResNetBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """images (N, C, H, W) -> last stage's map (N, num_features, H / stride, W / stride) before pooling."""
+        net = self.net
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+
+    @property
+    def stride(self) -> int:
+        """Total downsampling of feature_map: 8 with the small stem, 32 with the ImageNet stem."""
+        return 8 if isinstance(self.net.maxpool, nn.Identity) and self.net.conv1.stride == (1, 1) else 32
+
 
 class _WideBlock(nn.Module):
     """Pre-activation wide basic block (BN-LeakyReLU-conv ×2), as in the FixMatch code base."""
