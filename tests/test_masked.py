@@ -99,3 +99,19 @@ def test_mae_encoder_sees_only_visible_patches():
     encoded, mask, restore = method.encode_visible(torch.rand(3, 1, 16, 16))
     assert encoded.shape == (3, 1 + 4, 32)  # cls + 25% of 16 patches
     assert method.decode(encoded, restore).shape == (3, 16, 16)
+
+
+@pytest.mark.slow
+def test_fine_tuned_mae_beats_the_same_vit_from_scratch(tmp_path):
+    from ssl_kit.config import load_yaml
+    from ssl_kit.cli import find_recipe
+
+    recipe = load_yaml(find_recipe("mae_digits"))
+    pretrain, finetune = recipe["stages"][0], recipe["stages"][1]
+    pretrain["train"].update(progress=False)  # the bundled recipe as is: 150 epochs, then 10 labels/class
+    finetune["train"].update(progress=False)
+    scratch = {**finetune, "name": "scratch", "init": {}, "backbone": pretrain["backbone"]}
+    stages = [pretrain, finetune, scratch]
+    _, summary = run_recipe(validate_recipe({"seed": 0, "name": "mae", "stages": stages}), tmp_path / "run")
+    # measured: 0.869 vs 0.851 (deterministic on the CPU); with only 60 pretraining epochs MAE does not help yet
+    assert summary["finetune/test/top1"] > summary["scratch/test/top1"], summary
