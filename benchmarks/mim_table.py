@@ -14,8 +14,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import run_stages, table, time_interleaved  # noqa: E402
 from ssl_kit.config import load_yaml, validate_recipe  # noqa: E402

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ssl_kit.losses import dino_loss, fixmatch_loss, info_nce_loss, kd_loss, mae_loss, nt_xent_loss
 

@@ -1,7 +1,6 @@
 """Contrastive and FixMatch machinery: queue, momentum, thresholding policies' state updates."""
 import pytest
 import torch
-from torch import nn
 
 from ssl_kit.config import validate_recipe
 from ssl_kit.data.pipeline import DataInfo

@@ -3,7 +3,6 @@ STL-10 binaries and image folders. Each returns {split: ImageSet}; nothing is ev
 from __future__ import annotations
 
 import gzip
-import io
 import pickle
 from pathlib import Path
 

@@ -1,7 +1,6 @@
 """Soft-target distillation losses: Hinton KD and DINO self-distillation."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

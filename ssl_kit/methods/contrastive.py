@@ -3,7 +3,6 @@ All three share the view pipeline and an online linear probe on detached feature
 from __future__ import annotations
 
 import copy
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -100,7 +100,6 @@ class DINO(PretextMethod):
     def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         cfg = self.cfg
         self._freeze_last_layer(progress)
-        n = batch.x.shape[0]
         globals_ = torch.cat([view(batch.x) for view in self.global_views])
         with torch.no_grad():
             teacher_features = self.teacher_backbone(globals_)
