@@ -98,6 +98,7 @@ def cmd_finetune(args) -> int:
     from .runner import run_recipe
 
     stage = {"name": "finetune", "method": "supervised", "init": {"checkpoint": args.checkpoint},
+             "label_smoothing": args.label_smoothing, "layer_decay": args.layer_decay,
              "data": {"dataset": args.data, "labels_per_class": args.labels_per_class},
              "optimizer": {"lr": args.lr, "backbone_lr_scale": args.backbone_lr_scale, "nesterov": True},
              "schedule": {"name": "cosine", "warmup_epochs": min(1.0, args.epochs * 0.1)},
@@ -177,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--backbone-lr-scale", type=float, default=0.1)
     finetune.add_argument("--batch-size", type=int, default=64)
     finetune.add_argument("--image-size", type=int)
+    finetune.add_argument("--layer-decay", type=float, help="ViT layer-wise lr decay, e.g. 0.65 for MAE backbones")
+    finetune.add_argument("--label-smoothing", type=float, default=0.0)
     finetune.add_argument("--out")
 
     transfer = evaluation("transfer", "fit on a source domain, report accuracy on targets", cmd_transfer, data_arg=False)

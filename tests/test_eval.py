@@ -157,3 +157,12 @@ def test_cli_recipes_lists_every_file():
     assert result.returncode == 0
     for path in bundled_recipes():
         assert path.stem in result.stdout
+
+
+def test_cli_finetune_json(trained_run, tmp_path):
+    result = run_cli("finetune", "--checkpoint", str(trained_run), "--data", "digits", "--epochs", "1",
+                     "--labels-per-class", "5", "--batch-size", "25", "--out", str(tmp_path / "ft"), "--json")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert 0 <= payload["top1"] <= 1 and payload["run_dir"] == str(tmp_path / "ft")
+    assert (tmp_path / "ft" / "backbone.pt").is_file()
