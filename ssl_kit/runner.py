@@ -197,8 +197,8 @@ class RecipeRunner:
         results_flat["train_seconds"] = round(time.perf_counter() - started, 2)
         results_flat["steps"] = trainer.total_steps
         if self.is_main:
-            self._save_stage_outputs(stage, trainer, results, meta)
             evaluated = trainer.method.classifier(trainer.ema.module if trainer.ema else None)
+            self._save_stage_outputs(stage, trainer, evaluated, results, meta)
             if evaluated is not None:
                 results_flat.update(trainer.method.final_report(evaluated, data, self.run_dir))
         return results_flat
@@ -212,13 +212,17 @@ class RecipeRunner:
             "dataset": data.info.dataset, "labeled": data.labeled.tolist(),
             "unlabeled": None if data.unlabeled is None else data.unlabeled.tolist()}))
 
-    def _save_stage_outputs(self, stage: StageBase, trainer: Trainer, results: dict, meta: dict) -> None:
+    def _save_stage_outputs(self, stage: StageBase, trainer: Trainer, evaluated, results: dict, meta: dict) -> None:
+        """backbone.pt holds the network whose test metrics are reported: the evaluated classifier (the EMA copy
+        when the method evaluates it), else the method's backbone and head."""
+        from .models.heads import Classifier
+
         stage_dir = self.run_dir / "stages" / stage.name
         stage_dir.mkdir(parents=True, exist_ok=True)
-        method = trainer.method
-        source = trainer.ema.module if trainer.ema is not None and hasattr(trainer.ema.module, "backbone") else None
-        backbone = source.backbone if source is not None else method.get_backbone()
-        head = source.head if source is not None else method.head()
+        if isinstance(evaluated, Classifier):
+            backbone, head = evaluated.backbone, evaluated.head
+        else:
+            backbone, head = trainer.method.get_backbone(), trainer.method.head()
         record = backbone_record(meta["arch"], meta["kwargs"], meta["data"], backbone, head)
         atomic_save(record, stage_dir / "backbone.pt")
         shutil.copyfile(stage_dir / "backbone.pt", self.run_dir / ".backbone.pt.tmp")
