@@ -48,10 +48,18 @@ def cmd_run(args) -> int:
     from .config import load_recipe
     from .runner import run_recipe
 
+    from .eval.report import format_headline, headline_rows
+
     recipe = load_recipe(find_recipe(args.recipe), args.overrides)
     run_dir, summary = run_recipe(recipe, Path(args.out) if args.out else None, resume=args.resume)
-    print(f"[ssl-kit] run finished: {run_dir}  (report: {run_dir / 'report.md'})", file=sys.stderr)
-    _emit({"run_dir": str(run_dir), **summary}, args.json)
+    table = format_headline(headline_rows(summary, recipe.stages))
+    if args.json:
+        print(table, file=sys.stderr)
+        _emit({"run_dir": str(run_dir), **summary}, True)
+    else:
+        print(table)
+    print(f"[ssl-kit] run finished: {run_dir}\n[ssl-kit] report: {run_dir / 'report.md'}  "
+          f"(all metrics: {run_dir / 'summary.json'})", file=sys.stderr)
     return 0
 
 

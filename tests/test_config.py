@@ -98,12 +98,3 @@ def test_yaml_is_loaded_safely(tmp_path):
     path.write_text("seed: !!python/object/apply:os.system ['echo pwned']\nstages: []\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_recipe(path)
-
-
-def test_bundled_recipes_validate():
-    from ssl_kit.cli import bundled_recipes
-
-    recipes = bundled_recipes()
-    assert len(recipes) >= 3
-    for path in recipes:
-        load_recipe(path)

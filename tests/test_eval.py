@@ -133,30 +133,21 @@ def test_cli_info(trained_run):
 
 def test_cli_run_end_to_end_and_overrides(tmp_path):
     out = tmp_path / "run"
-    result = run_cli("run", "quickstart", "supervised.train.epochs=1", "supervised.data.image_size=16",
+    result = run_cli("run", "supervised_digits", "supervised.train.epochs=1", "supervised.data.image_size=16",
                      "supervised.backbone.kwargs.width=8", "supervised.train.progress=false", "--out", str(out), "--json")
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
     assert 0 <= payload["supervised/test/top1"] <= 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["supervised/test/top1"] == payload["supervised/test/top1"]
-    again = run_cli("run", "quickstart", "--out", str(out))
+    again = run_cli("run", "supervised_digits", "--out", str(out))
     assert again.returncode == 2 and "exists and is not empty" in again.stderr
 
 
 def test_cli_run_bad_override_is_clear():
-    result = run_cli("run", "quickstart", "supervised.train.batch_size=-1")
+    result = run_cli("run", "supervised_digits", "supervised.train.batch_size=-1")
     assert result.returncode == 2
     assert "stages[supervised].train.batch_size" in result.stderr and "greater than or equal to 1" in result.stderr
-
-
-def test_cli_recipes_lists_every_file():
-    from ssl_kit.cli import bundled_recipes
-
-    result = run_cli("recipes")
-    assert result.returncode == 0
-    for path in bundled_recipes():
-        assert path.stem in result.stdout
 
 
 def test_cli_finetune_json(trained_run, tmp_path):

@@ -24,12 +24,43 @@ def summary_table(summary: dict) -> list[str]:
     return rows
 
 
+HEADLINE_METRICS = ("test/top1", "top1")
+
+
+def headline_rows(summary: dict, stages) -> list[tuple[str, str, str]]:
+    """One (stage, what, value) row per stage's headline number: a training stage's test top-1, an evaluation's
+    top-1, and for transfer every target's top-1 with its gap to the source."""
+    rows = []
+    for stage in stages:
+        name = stage.name
+        for metric in HEADLINE_METRICS:
+            if isinstance(summary.get(f"{name}/{metric}"), float):
+                rows.append((name, f"{stage.method} {metric}", f"{summary[f'{name}/{metric}']:.4f}"))
+        if isinstance(summary.get(f"{name}/source/top1"), float):
+            rows.append((name, "source top1", f"{summary[f'{name}/source/top1']:.4f}"))
+        for key, value in summary.items():
+            if key.startswith(f"{name}/") and key.endswith("/gap") and isinstance(value, float):
+                target = key[len(name) + 1:-len("/gap")]
+                top1 = summary.get(f"{name}/{target}/top1")
+                rows.append((name, f"{target} top1 (gap)", f"{top1:.4f} ({value:+.4f})"))
+    return rows
+
+
+def format_headline(rows: list[tuple[str, str, str]]) -> str:
+    """Fixed-width text table of headline_rows for the terminal."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(("stage", "result", "value"))]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(("stage", "result", "value")), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
 def write_report(run_dir: Path, recipe, summary: dict) -> Path:
     plot_dir = run_dir / "plots"
     records = plots.read_metrics(run_dir / "metrics.jsonl")
     lines = [f"# Report: {recipe.name}", "", recipe.description or "", "", f"Seed {recipe.seed}. "
              "All accuracies are final-epoch numbers on the test split (no selection on test).", "",
-             "## Results", ""] + summary_table(summary) + [""]
+             "## Headline", "", "| stage | result | value |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in headline_rows(summary, recipe.stages)]
+    lines += ["", "## All metrics", ""] + summary_table(summary) + [""]
     curves = plots.plot_training_curves(records, plot_dir / "training_curves.png")
     if curves:
         lines += ["## Training curves", "", "![training curves](plots/training_curves.png)", ""]
