@@ -68,42 +68,72 @@ def _scalars(result: dict) -> dict:
 
 
 def cmd_linear_probe(args) -> int:
-    from .eval.features import FeatureExtractor
     from .eval.stages import probe_dataset
 
-    extractor = FeatureExtractor.from_checkpoint(args.checkpoint, args.device)
+    extractor = _extractor(args)
     result = probe_dataset(extractor, args.data, args.epochs, args.labels_per_class, args.seed, sweep=not args.no_sweep)
     _emit(_scalars(result), args.json)
     return 0
 
 
 def cmd_knn(args) -> int:
-    from .eval.features import FeatureExtractor
     from .eval.stages import knn_dataset
 
-    extractor = FeatureExtractor.from_checkpoint(args.checkpoint, args.device)
+    extractor = _extractor(args)
     _emit(_scalars(knn_dataset(extractor, args.data, args.k, args.temperature, args.ivf)), args.json)
     return 0
 
 
-def cmd_transfer(args) -> int:
+def _extractor(args):
     from .eval.features import FeatureExtractor
-    from .eval.transfer import transfer_eval
 
-    extractor = FeatureExtractor.from_checkpoint(args.checkpoint, args.device)
-    result = transfer_eval(extractor, args.source, args.target, args.epochs, args.seed, sweep=not args.no_sweep)
+    return FeatureExtractor.from_checkpoint(args.checkpoint, args.device, args.weights, args.image_size)
+
+
+def cmd_transfer(args) -> int:
+    from .eval.corruptions import parse_corruptions
+    from .eval.transfer import leave_one_domain_out, transfer_eval
+
+    if not (args.source or args.domains):
+        raise SslKitError("transfer needs --source (with --target and/or --corruptions) or --domains "
+                          "(leave-one-domain-out)")
+    if args.source and not (args.target or args.corruptions):
+        raise SslKitError("transfer --source needs at least one --target or --corruptions")
+    corruptions = parse_corruptions(args.corruptions) if args.corruptions else []
+    extractor = _extractor(args)
+    result = {}
+    if args.source:
+        result = transfer_eval(extractor, args.source, args.target or [], args.epochs, args.seed,
+                               sweep=not args.no_sweep, adapt=args.adapt or [], corruptions=corruptions,
+                               severities=args.severities, checkpoint=args.checkpoint, adapt_steps=args.adapt_steps)
+    if args.domains:
+        result["leave_one_domain_out"] = leave_one_domain_out(extractor, args.domains, args.epochs, args.seed,
+                                                              sweep=not args.no_sweep)
     if args.json:
-        print(json.dumps(result))
-    else:
+        from .runner import finite_or_none
+
+        print(json.dumps(finite_or_none(result), allow_nan=False))
+        return 0
+    if "source" in result:
         print(f"source {args.source}: top1 {result['source']['top1']:.4f}")
         for target, metrics in result["targets"].items():
-            print(f"target {target}: top1 {metrics['top1']:.4f} (gap {metrics['gap']:+.4f})")
+            extra = "".join(f"  {k} {v:.4f}" for k, v in metrics.items() if k.endswith("_top1"))
+            print(f"target {target}: top1 {metrics['top1']:.4f} (gap {metrics['gap']:+.4f}){extra}")
+    if "leave_one_domain_out" in result:
+        lodo = result["leave_one_domain_out"]
+        for domain, row in list(lodo["domains"].items()) + [("average", lodo["average"])]:
+            print(f"held out {domain}: top1 {row['top1']:.4f}  oracle {row['oracle_top1']:.4f}")
     return 0
 
 
 def cmd_finetune(args) -> int:
     from .config import validate_recipe
+    from .models.external import is_torchvision_reference
     from .runner import run_recipe
+
+    if is_torchvision_reference(args.checkpoint):
+        raise SslKitError("finetune takes an ssl_kit checkpoint (backbone.pt, run dir or training checkpoint); "
+                          "torchvision:NAME backbones are for linear-probe, knn and transfer")
 
     stage = {"name": "finetune", "method": "supervised", "init": {"checkpoint": args.checkpoint},
              "label_smoothing": args.label_smoothing, "layer_decay": args.layer_decay,
@@ -160,10 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     def evaluation(name: str, help_text: str, func, data_arg: bool = True):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--checkpoint", required=True, help="backbone.pt, run directory or training checkpoint")
+        p.add_argument("--checkpoint", required=True,
+                       help="backbone.pt, run directory, training checkpoint, or torchvision:NAME (with --weights)")
         if data_arg:
             p.add_argument("--data", required=True, help="dataset spec, e.g. digits, fashion-mnist, cifar10:/data")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        if func is not cmd_finetune:
+            p.add_argument("--weights", help="local weights file for --checkpoint torchvision:NAME (or 'random')")
+            p.add_argument("--image-size", type=int, help="resize images to this size (default: the backbone's)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
         p.set_defaults(func=func)
@@ -191,8 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--out")
 
     transfer = evaluation("transfer", "fit on a source domain, report accuracy on targets", cmd_transfer, data_arg=False)
-    transfer.add_argument("--source", required=True)
-    transfer.add_argument("--target", required=True, action="append")
+    transfer.add_argument("--source", help="dataset spec the probe is fitted on")
+    transfer.add_argument("--target", action="append", help="dataset spec with the source's classes (repeatable)")
+    transfer.add_argument("--corruptions", help="'all' or a comma list (gaussian_noise, ..., jpeg) of the source test split")
+    transfer.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5])
+    transfer.add_argument("--adapt", action="append", choices=["adabn", "fixmatch"],
+                          help="adaptation numbers beside the plain ones (repeatable)")
+    transfer.add_argument("--adapt-steps", type=int, default=300, help="training steps of --adapt fixmatch")
+    transfer.add_argument("--domains", nargs="+", help="leave-one-domain-out over these dataset specs (>= 3)")
     transfer.add_argument("--epochs", type=int, default=100)
     transfer.add_argument("--no-sweep", action="store_true")
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, SslKitError
 
 
 class Strict(BaseModel):
@@ -35,6 +35,9 @@ class DataConfig(Strict):
     dataset: str = "digits"
     root: Optional[str] = Field(None, description="dataset root folder; fills the ROOT part of the spec")
     test: Optional[str] = Field(None, description="spec of the test set; default: the dataset's own test split")
+    unlabeled_dataset: Optional[str] = Field(
+        None, description="spec whose training images (labels hidden) are the unlabeled pool instead of this "
+                          "dataset's own images: domain adaptation, e.g. labeled digits + unlabeled digits-rotated:45")
     image_size: int = Field(32, ge=4, le=1024)
     channels: Optional[Literal[1, 3]] = Field(None, description="convert images to this many channels")
     labels_per_class: Optional[int] = Field(None, ge=1, description="None: every training image is labeled")
@@ -181,11 +184,15 @@ class StrongAugConfig(Strict):
 
 
 class ThresholdConfig(Strict):
-    policy: Literal["fixed", "flexmatch", "freematch", "softmatch"] = "fixed"
+    policy: Literal["fixed", "flexmatch", "freematch", "softmatch", "relative"] = Field(
+        "fixed", description="relative (AdaMatch): threshold × mean confidence on the labeled batch's weak view")
     flexmatch_warmup: bool = True
     ema: float = Field(0.999, gt=0, lt=1, description="freematch/softmatch EMA momentum")
     freematch_fairness_weight: float = Field(0.0, ge=0)
     distribution_alignment: bool = False
+    alignment_target: Literal["uniform", "labeled"] = Field(
+        "uniform", description="align pseudo-labels to a uniform class distribution or to the model's running mean "
+                               "prediction on labeled images (AdaMatch, for domain shift)")
 
 
 class FixMatchStage(StageBase):
@@ -277,6 +284,7 @@ class LinearProbeStage(EvalStageBase):
     method: Literal["linear_probe"]
     labels_per_class: Optional[int] = Field(None, ge=1)
     epochs: int = Field(100, ge=1)
+    tsne: bool = Field(False, description="t-SNE picture of the test features coloured by class in plots/")
 
 
 class KnnStage(EvalStageBase):
@@ -286,9 +294,37 @@ class KnnStage(EvalStageBase):
 
 
 class TransferStage(EvalStageBase):
+    """Fit on `data` (the source), score on each target; optionally corruptions of the source test split, adaptation
+    numbers beside the plain ones, and a leave-one-domain-out table over `domains`."""
+
     method: Literal["transfer"]
-    targets: list[str] = Field(min_length=1)
+    targets: list[str] = Field(default_factory=list, description="dataset specs with the source's classes")
     epochs: int = Field(100, ge=1)
+    oracle: bool = Field(True, description="also fit on each labeled target itself (the upper bound)")
+    adapt: list[Literal["adabn", "fixmatch"]] = Field(default_factory=list)
+    adapt_steps: int = Field(300, ge=1, description="training steps of fixmatch adaptation")
+    corruptions: list[str] = Field(default_factory=list, description="'all' or names from eval/corruptions.py")
+    severities: list[Literal[1, 2, 3, 4, 5]] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
+    domains: list[str] = Field(default_factory=list, description="leave-one-domain-out over these (≥ 3)")
+    tsne: bool = Field(True, description="t-SNE picture of source and target features in plots/")
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> "TransferStage":
+        if not (self.targets or self.corruptions or self.domains):
+            raise ValueError("give targets, corruptions or domains (leave-one-domain-out)")
+        if self.domains and len(self.domains) < 3:
+            raise ValueError(f"leave-one-domain-out needs at least 3 domains, got {self.domains}")
+        return self
+
+    @field_validator("corruptions")
+    @classmethod
+    def _known_corruptions(cls, names: list[str]) -> list[str]:
+        from .eval.corruptions import parse_corruptions
+
+        try:
+            return parse_corruptions(names) if names else names
+        except SslKitError as exc:
+            raise ValueError(str(exc)) from None
 
 
 Stage = Annotated[

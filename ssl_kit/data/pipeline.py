@@ -64,6 +64,24 @@ def load_converted(spec: str, image_size: int, channels: Optional[int]) -> dict[
     return {name: split.converted(image_size, target_channels) for name, split in splits.items()}
 
 
+def _append(train: ImageSet, extra: ImageSet) -> tuple[ImageSet, torch.Tensor]:
+    """train + extra images as one ImageSet -> (joined, indices (M,) of the extra images in it)."""
+    offset = len(train)
+    joined = ImageSet(torch.cat([train.images, extra.images]), torch.cat([train.labels, extra.labels]),
+                      train.classes, train.name)
+    return joined, torch.arange(offset, len(joined))
+
+
+def _append_unlabeled_domain(train: ImageSet, spec: str, image_size: int) -> tuple[ImageSet, torch.Tensor]:
+    """Another domain's training images as the unlabeled pool (domain adaptation). Its labels stay hidden from
+    training and serve only to measure pseudo-label accuracy, so its classes must be the labeled set's."""
+    other = load_converted(spec, image_size, train.channels)
+    if other["train"].classes != train.classes:
+        raise DataError(f"data.unlabeled_dataset {spec!r} has classes {other['train'].classes[:10]}, the labeled "
+                        f"dataset {train.name!r} has {train.classes[:10]}: adaptation needs the same classes")
+    return _append(train, other["train"])
+
+
 def prepare_data(cfg: DataConfig, seed: int, use_unlabeled: bool) -> PreparedData:
     """Load and split a stage's data. Labeled: labels_per_class per class (all when None)."""
     spec = cfg.spec()
@@ -79,14 +97,13 @@ def prepare_data(cfg: DataConfig, seed: int, use_unlabeled: bool) -> PreparedDat
         labeled = labeled_indices(train.labels, cfg.labels_per_class, cfg.split_seed if cfg.split_seed is not None
                                   else seed, train.classes)
     unlabeled = None
-    if use_unlabeled:
+    if use_unlabeled and cfg.unlabeled_dataset:
+        train, unlabeled = _append_unlabeled_domain(train, cfg.unlabeled_dataset, cfg.image_size)
+    elif use_unlabeled:
         unlabeled = unlabeled_indices(len(train), labeled, cfg.include_labeled_in_unlabeled)
         if "unlabeled" in splits:  # e.g. STL-10's 100k unlabeled images
-            extra = splits["unlabeled"]
-            offset = len(train)
-            train = ImageSet(torch.cat([train.images, extra.images]), torch.cat([train.labels, extra.labels]),
-                             train.classes, train.name)
-            unlabeled = torch.cat([unlabeled, torch.arange(offset, len(train))])
+            train, extra_index = _append(train, splits["unlabeled"])
+            unlabeled = torch.cat([unlabeled, extra_index])
     if cfg.normalize == "dataset":
         mean, std = channel_stats(train.images)
     else:

@@ -21,6 +21,20 @@ def load_eval_splits(spec: str, info: dict) -> dict[str, ImageSet]:
     return load_converted(spec, info["image_size"], info["channels"])
 
 
+def load_eval_backbone(path: str | Path, weights: Optional[str] = None, image_size: Optional[int] = None) -> nn.Module:
+    """Backbone (eval mode, with .data_info) for evaluation commands; see FeatureExtractor.from_checkpoint."""
+    from ..models.external import is_torchvision_reference, torchvision_backbone
+
+    if is_torchvision_reference(path):
+        return torchvision_backbone(str(path), weights, image_size)
+    if weights is not None:
+        raise DataError(f"--weights is for torchvision:NAME checkpoints; {str(path)!r} carries its own weights")
+    backbone = load_backbone(path)
+    if image_size is not None:
+        backbone.data_info = dict(backbone.data_info, image_size=image_size)
+    return backbone
+
+
 class FeatureExtractor:
     """Embeds ImageSets with a frozen backbone in eval mode; results are cached per (dataset name, split).
     `forward_passes` counts the images actually sent through the backbone."""
@@ -36,8 +50,11 @@ class FeatureExtractor:
         self.forward_passes = 0
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "FeatureExtractor":
-        return cls(load_backbone(path), device)
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", weights: Optional[str] = None,
+                        image_size: Optional[int] = None) -> "FeatureExtractor":
+        """An ssl_kit backbone.pt / run dir / training checkpoint, or 'torchvision:NAME' with local `weights`.
+        `image_size` overrides the input size the backbone was trained at (images are resized to it)."""
+        return cls(load_eval_backbone(path, weights, image_size), device)
 
     def features(self, images: ImageSet, key: Optional[str] = None) -> Tensor:
         """uint8 images of any size/channels -> float32 features (N, F) on the CPU (cached under `key`)."""

@@ -93,6 +93,63 @@ def plot_reconstructions(rows: list, titles: list[str], out: Path) -> Path:
     return _save(fig, out)
 
 
+def tsne_embedding(features, seed: int = 0):
+    """features (N, F) -> 2-D t-SNE coordinates (N, 2) (PCA to ≤ 50 dims first, as is usual)."""
+    import numpy as np
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    x = np.asarray(features, dtype=np.float32)
+    if x.shape[1] > 50 and x.shape[0] > 50:
+        x = PCA(50, random_state=seed).fit_transform(x)
+    perplexity = float(min(30, max(2, (x.shape[0] - 1) // 3)))
+    return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+
+
+def plot_tsne(points, labels: list[int], classes: list[str], out: Path, domains: list[str] | None = None,
+              domain_names: list[str] | None = None, title: str = "t-SNE of features") -> Path:
+    """points (N, 2); labels (N,) class indices; optional domains (N,) indices into domain_names: a second panel
+    coloured by domain."""
+    panels = 2 if domains is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.5), squeeze=False)
+    ax = axes[0][0]
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10" if len(classes) <= 10 else "tab20",
+                         s=6, alpha=0.8)
+    handles, _ = scatter.legend_elements(num=len(classes))
+    ax.legend(handles, classes[:len(handles)], fontsize=6, markerscale=0.7, title="class", loc="best")
+    ax.set_title(f"{title}: by class")
+    if domains is not None:
+        ax = axes[0][1]
+        for index, name in enumerate(domain_names):
+            chosen = [i for i, d in enumerate(domains) if d == index]
+            ax.scatter(points[chosen, 0], points[chosen, 1], s=6, alpha=0.6, label=name)
+        ax.legend(fontsize=7, markerscale=1.5, title="domain")
+        ax.set_title(f"{title}: by domain")
+    for ax in axes[0]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return _save(fig, out)
+
+
+def plot_domain_bars(rows: dict[str, dict[str, float]], out: Path, title: str = "accuracy per domain") -> Path:
+    """rows: {domain: {series name: top-1}} -> grouped bars, one group per domain, one bar per series."""
+    domains = list(rows)
+    series = list(dict.fromkeys(k for row in rows.values() for k in row))
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(domains) + 2), 3.8))
+    for i, name in enumerate(series):
+        xs = [d + (i - (len(series) - 1) / 2) * width for d in range(len(domains))]
+        values = [rows[d].get(name, float("nan")) for d in domains]
+        ax.bar(xs, values, width, label=name)
+    ax.set_xticks(range(len(domains)), domains, rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, out)
+
+
 def _save(fig, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -39,10 +39,14 @@ def headline_rows(summary: dict, stages) -> list[tuple[str, str, str]]:
         if isinstance(summary.get(f"{name}/source/top1"), float):
             rows.append((name, "source top1", f"{summary[f'{name}/source/top1']:.4f}"))
         for key, value in summary.items():
-            if key.startswith(f"{name}/") and key.endswith("/gap") and isinstance(value, float):
-                target = key[len(name) + 1:-len("/gap")]
-                top1 = summary.get(f"{name}/{target}/top1")
-                rows.append((name, f"{target} top1 (gap)", f"{top1:.4f} ({value:+.4f})"))
+            if not key.startswith(f"{name}/") or not isinstance(value, float):
+                continue
+            inner = key[len(name) + 1:]
+            if inner.endswith("/gap") and "+" not in inner:  # a target domain (corruptions are summarised below)
+                target = inner[:-len("/gap")]
+                rows.append((name, f"{target} top1 (gap)", f"{summary[f'{name}/{target}/top1']:.4f} ({value:+.4f})"))
+            elif inner.startswith("corruption_mean/") or inner == "lodo/average/top1":
+                rows.append((name, inner, f"{value:.4f}"))
     return rows
 
 
@@ -51,6 +55,36 @@ def format_headline(rows: list[tuple[str, str, str]]) -> str:
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(("stage", "result", "value"))]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(("stage", "result", "value")), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+TARGET_COLUMNS = (("top1", "top-1"), ("gap", "gap to source"), ("oracle_top1", "target oracle"),
+                  ("adabn_top1", "AdaBN"), ("fixmatch_source_only_top1", "fine-tune on source"),
+                  ("fixmatch_adapted_top1", "FixMatch adaptation"))
+
+
+def transfer_tables(stage_dir: Path) -> list[str]:
+    """Markdown tables of a transfer stage's transfer.json and leave_one_domain_out.json (when present)."""
+    lines = []
+    path = stage_dir / "transfer.json"
+    if path.is_file():
+        full = json.loads(path.read_text())
+        targets = full["targets"]
+        columns = [(k, t) for k, t in TARGET_COLUMNS if any(k in m for m in targets.values())]
+        lines += [f"## {stage_dir.name}: transfer from {full['source']['spec']} "
+                  f"(source test top-1 {full['source']['top1']:.4f})", "", full["protocol"], "",
+                  "| target | " + " | ".join(t for _, t in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        for target, metrics in targets.items():
+            lines.append(f"| {target} | " + " | ".join(_format(metrics.get(k, "-")) for k, _ in columns) + " |")
+        lines.append("")
+    path = stage_dir / "leave_one_domain_out.json"
+    if path.is_file():
+        lodo = json.loads(path.read_text())
+        lines += [f"## {stage_dir.name}: leave-one-domain-out", "", lodo["protocol"], "",
+                  "| held-out domain | top-1 | target oracle |", "|---|---|---|"]
+        for domain, row in list(lodo["domains"].items()) + [("**average**", lodo["average"])]:
+            lines.append(f"| {domain} | {_format(row['top1'])} | {_format(row['oracle_top1'])} |")
+        lines.append("")
+    return lines
 
 
 def write_report(run_dir: Path, recipe, summary: dict) -> Path:
@@ -79,7 +113,8 @@ def write_report(run_dir: Path, recipe, summary: dict) -> Path:
         if pseudo:
             lines += [f"## {stage.name}: pseudo-label quantity and quality", "",
                       f"![pseudo labels](plots/pseudo_labels_{stage.name}.png)", ""]
-        for kind in ("threshold_sweep", "reconstruction"):
+        lines += transfer_tables(run_dir / "stages" / stage.name)
+        for kind in ("threshold_sweep", "reconstruction", "domains", "tsne"):
             if (plot_dir / f"{kind}_{stage.name}.png").is_file():
                 lines += [f"## {stage.name}: {kind.replace('_', ' ')}", "",
                           f"![{kind}](plots/{kind}_{stage.name}.png)", ""]

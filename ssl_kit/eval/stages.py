@@ -1,13 +1,17 @@
-"""Evaluation stages of a recipe (linear_probe, knn, transfer) -> flat metrics for summary.json."""
+"""Evaluation stages of a recipe (linear_probe, knn, transfer) -> flat metrics for summary.json, details in
+stages/<name>/, pictures in plots/."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
+
+import torch
 
 from .features import FeatureExtractor
 from .knn import knn_classify
 from .linear_probe import linear_probe
-from .transfer import _scalars, transfer_eval
+from .transfer import leave_one_domain_out, scalars, transfer_eval
 
 
 def probe_dataset(extractor: FeatureExtractor, spec: str, epochs: int, labels_per_class=None, seed: int = 0,
@@ -27,23 +31,92 @@ def knn_dataset(extractor: FeatureExtractor, spec: str, k: int, temperature: flo
     return knn_classify(train_x, train_y, test_x, test_y, len(classes), k, temperature, ivf)
 
 
+def tsne_picture(extractor: FeatureExtractor, specs: Sequence[str], out: Path, per_domain: int = 300,
+                 seed: int = 0) -> Path:
+    """t-SNE of up to `per_domain` test images of each spec, coloured by class (and by domain when > 1 spec)."""
+    from . import plots
+
+    generator = torch.Generator().manual_seed(seed)
+    features, labels, domains = [], [], []
+    classes: list[str] = []
+    for index, spec in enumerate(specs):
+        x, y, classes = extractor.dataset_features(spec)["test"]
+        chosen = torch.randperm(x.shape[0], generator=generator)[:per_domain]
+        features.append(x[chosen])
+        labels += y[chosen].tolist()
+        domains += [index] * len(chosen)
+    points = plots.tsne_embedding(torch.cat(features).numpy(), seed)
+    many = len(specs) > 1
+    return plots.plot_tsne(points, labels, list(classes), out, domains if many else None,
+                           list(specs) if many else None)
+
+
+def flatten_transfer(full: dict, lodo: dict | None) -> dict:
+    """transfer.json (+ leave-one-domain-out) -> flat summary keys: source/top1, <target>/top1, <target>/gap, ...,
+    corruption_mean/<name>/top1, lodo/<domain>/top1, lodo/average/top1."""
+    flat = {}
+    if full:
+        flat.update({f"source/{k}": v for k, v in full["source"].items() if k != "spec"})
+        for target, metrics in full["targets"].items():
+            flat.update({f"{target}/{k}": v for k, v in metrics.items()})
+        for name, value in full.get("corruption_mean_top1", {}).items():
+            flat[f"corruption_mean/{name}/top1"] = value
+    if lodo:
+        for domain, row in list(lodo["domains"].items()) + [("average", lodo["average"])]:
+            flat.update({f"lodo/{domain}/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
+    return flat
+
+
+def domain_bar_rows(full: dict) -> dict[str, dict[str, float]]:
+    """transfer.json -> {domain: {series: top1}} for plots.plot_domain_bars (plain targets, no corruptions)."""
+    series = {"top1": "source probe", "oracle_top1": "target oracle", "adabn_top1": "AdaBN",
+              "fixmatch_source_only_top1": "fine-tune on source", "fixmatch_adapted_top1": "FixMatch adaptation"}
+    rows = {f"{full['source']['spec']} (source)": {"source probe": full["source"]["top1"]}}
+    for target, metrics in full["targets"].items():
+        if "+" not in target:
+            rows[target] = {label: metrics[key] for key, label in series.items() if key in metrics}
+    return rows
+
+
+def _run_transfer(stage, extractor: FeatureExtractor, checkpoint, dataset: str, run_dir: Path, seed: int) -> dict:
+    from . import plots
+
+    out_dir = run_dir / "stages" / stage.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    full, lodo = {}, None
+    if stage.targets or stage.corruptions:
+        full = transfer_eval(extractor, dataset, stage.targets, stage.epochs, seed, adapt=stage.adapt,
+                             oracle=stage.oracle, corruptions=stage.corruptions, severities=stage.severities,
+                             checkpoint=str(checkpoint), adapt_steps=stage.adapt_steps, work_dir=out_dir)
+        (out_dir / "transfer.json").write_text(json.dumps(full, indent=2))
+        if stage.targets:
+            plots.plot_domain_bars(domain_bar_rows(full), run_dir / "plots" / f"domains_{stage.name}.png",
+                                   f"{stage.name}: top-1 per domain")
+            if stage.tsne:
+                tsne_picture(extractor, [dataset, *stage.targets], run_dir / "plots" / f"tsne_{stage.name}.png",
+                             seed=seed)
+    if stage.domains:
+        lodo = leave_one_domain_out(extractor, stage.domains, stage.epochs, seed)
+        (out_dir / "leave_one_domain_out.json").write_text(json.dumps(lodo, indent=2))
+        if not stage.targets:
+            rows = {d: {"leave-one-out": r["top1"], "target oracle": r["oracle_top1"]} for d, r in lodo["domains"].items()}
+            plots.plot_domain_bars(rows, run_dir / "plots" / f"domains_{stage.name}.png",
+                                   f"{stage.name}: leave-one-domain-out")
+    return flatten_transfer(full, lodo)
+
+
 def run_eval_stage(stage, checkpoint, dataset: str, run_dir: Path, seed: int) -> dict:
-    extractor = FeatureExtractor.from_checkpoint(checkpoint, stage.device)
+    extractor = FeatureExtractor.from_checkpoint(checkpoint, stage.device, image_size=stage.image_size)
+    if stage.method == "transfer":
+        return _run_transfer(stage, extractor, checkpoint, dataset, run_dir, seed)
     if stage.method == "linear_probe":
         result = probe_dataset(extractor, dataset, stage.epochs, stage.labels_per_class, seed,
                                sweep=stage.labels_per_class is None or stage.labels_per_class >= 2)
-    elif stage.method == "knn":
-        result = knn_dataset(extractor, dataset, stage.k, stage.knn_temperature)
+        if stage.tsne:
+            tsne_picture(extractor, [dataset], run_dir / "plots" / f"tsne_{stage.name}.png", seed=seed)
     else:
-        full = transfer_eval(extractor, dataset, stage.targets, stage.epochs, seed)
-        out_dir = run_dir / "stages" / stage.name
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "transfer.json").write_text(json.dumps(full, indent=2))
-        flat = {f"source/{k}": v for k, v in full["source"].items() if k != "spec"}
-        for target, metrics in full["targets"].items():
-            flat.update({f"{target}/{k}": v for k, v in metrics.items()})
-        return flat
+        result = knn_dataset(extractor, dataset, stage.k, stage.knn_temperature)
     out_dir = run_dir / "stages" / stage.name
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps({k: v for k, v in result.items()}, default=str))
-    return _scalars(result)
+    return scalars(result)

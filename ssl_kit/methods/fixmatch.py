@@ -28,7 +28,9 @@ class FixMatch(ClassifierMethod):
         self.evaluate_ema = cfg.eval_ema
         self.strong_view = StrongView(self.normalize, cfg.strong, cfg.data.translate, cfg.data.hflip)
         self.policy = build_policy(cfg, info.num_classes, num_unlabeled)
-        self.alignment = DistributionAlignment(info.num_classes) if cfg.threshold_policy.distribution_alignment else None
+        policy = cfg.threshold_policy
+        self.alignment = DistributionAlignment(info.num_classes, follow_labeled=policy.alignment_target == "labeled") \
+            if policy.distribution_alignment else None
         k = info.num_classes
         for name in ("_seen", "_masked", "_correct"):
             self.register_buffer(name, torch.zeros(k), persistent=False)
@@ -46,6 +48,10 @@ class FixMatch(ClassifierMethod):
                                                     self.strong_view(batch.u))
         supervised = F.cross_entropy(logits_x.float(), batch.y)
         with torch.no_grad():
+            labeled_probs = torch.softmax(logits_x.detach().float() / cfg.temperature, dim=1)
+            self.policy.observe_labeled(labeled_probs)
+            if self.alignment is not None:
+                self.alignment.observe_labeled(labeled_probs)
             probs = torch.softmax(logits_w.detach().float() / cfg.temperature, dim=1)
             if self.alignment is not None:
                 probs = self.alignment(probs)

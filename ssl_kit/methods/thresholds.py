@@ -1,7 +1,7 @@
 """Pseudo-label thresholding policies, swappable objects (nn.Modules so their state is checkpointed):
 
 fixed (FixMatch), FlexMatch (class-wise curriculum), FreeMatch (self-adaptive thresholds + fairness),
-SoftMatch (Gaussian soft weights). Distribution alignment is a separate, optional step before any of them.
+SoftMatch (Gaussian soft weights), relative (AdaMatch). Distribution alignment is a separate, optional step before any of them.
 
 Each policy maps probabilities of the weak view (N, K) to per-sample weights (N,) in [0, 1] and then updates its
 state from the same batch."""
@@ -22,6 +22,9 @@ class ThresholdPolicy(nn.Module):
 
     def update(self, probs: Tensor, index: Tensor) -> None:
         """Learn from this batch's weak-view probabilities (called after `weights`)."""
+
+    def observe_labeled(self, probs: Tensor) -> None:
+        """See the labeled batch's probabilities (N, K) (called before `weights`)."""
 
     def extra_loss(self, logits_strong: Tensor, weights: Tensor) -> Optional[Tensor]:
         return None
@@ -148,14 +151,41 @@ class SoftMatchWeights(ThresholdPolicy):
         return self.mean.expand(self.num_classes).clone()
 
 
-class DistributionAlignment(nn.Module):
-    """p ← normalise(p · p_target / p_model), p_model = EMA (0.999) of the mean prediction; p_target uniform."""
+class RelativeThreshold(ThresholdPolicy):
+    """AdaMatch (Berthelot et al. 2022): weight 1 where max prob ≥ τ · mean max prob of the labeled batch's weak
+    view. Under domain shift the model is less sure on the target; the cut-off follows its confidence on the
+    source instead of a fixed number."""
 
-    def __init__(self, num_classes: int, momentum: float = 0.999) -> None:
+    def __init__(self, threshold: float, num_classes: int) -> None:
         super().__init__()
-        self.momentum = momentum
+        self.threshold, self.num_classes = threshold, num_classes
+        self.register_buffer("labeled_confidence", torch.tensor(1.0))
+
+    def observe_labeled(self, probs: Tensor) -> None:
+        self.labeled_confidence.copy_(dist.gather_no_grad(probs.float().max(dim=1).values).mean())
+
+    def weights(self, probs: Tensor, index: Tensor) -> Tensor:
+        return (probs.max(dim=1).values >= self.threshold * self.labeled_confidence).float()
+
+    def thresholds(self) -> Tensor:
+        return torch.full((self.num_classes,), float(self.threshold * self.labeled_confidence))
+
+
+class DistributionAlignment(nn.Module):
+    """p ← normalise(p · p_target / p_model), p_model = EMA (0.999) of the mean unlabeled prediction; p_target is
+    uniform, or (AdaMatch, `follow_labeled`) the EMA of the mean prediction on labeled images."""
+
+    def __init__(self, num_classes: int, momentum: float = 0.999, follow_labeled: bool = False) -> None:
+        super().__init__()
+        self.momentum, self.follow_labeled = momentum, follow_labeled
         self.register_buffer("p_model", torch.full((num_classes,), 1.0 / num_classes))
         self.register_buffer("p_target", torch.full((num_classes,), 1.0 / num_classes))
+
+    @torch.no_grad()
+    def observe_labeled(self, probs: Tensor) -> None:
+        if self.follow_labeled:
+            mean = dist.gather_no_grad(probs.float()).mean(dim=0)
+            self.p_target.mul_(self.momentum).add_((1 - self.momentum) * mean)
 
     def forward(self, probs: Tensor) -> Tensor:
         with torch.no_grad():
@@ -174,4 +204,6 @@ def build_policy(cfg, num_classes: int, num_unlabeled: int) -> ThresholdPolicy:
         return FlexMatchThreshold(cfg.threshold, num_classes, num_unlabeled, policy.flexmatch_warmup)
     if policy.policy == "freematch":
         return FreeMatchThreshold(num_classes, policy.ema, policy.freematch_fairness_weight)
+    if policy.policy == "relative":
+        return RelativeThreshold(cfg.threshold, num_classes)
     return SoftMatchWeights(num_classes, policy.ema)
