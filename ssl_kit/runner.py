@@ -61,6 +61,9 @@ def prepare_run_dir(out: Path, resume: bool) -> None:
     if resume:
         if not (out / "config.yaml").is_file():
             raise ConfigError(f"--resume: {str(out)!r} is not a run directory (no config.yaml)")
+        for stale in sorted(out.rglob(".*.tmp")):  # half-written files of a killed writer; complete files are intact
+            log(f"[ssl-kit] removing {stale} (left by an interrupted write)")
+            stale.unlink()
         return
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"run directory {str(out)!r} exists and is not empty: pass --resume to continue it, "
@@ -90,7 +93,7 @@ class RecipeRunner:
 
     def _write_summary(self) -> None:
         if self.is_main:
-            tmp = self.summary_path.with_suffix(".json.tmp")
+            tmp = self.summary_path.parent / ".summary.json.tmp"
             tmp.write_text(json.dumps(finite_or_none(self.summary), indent=2, sort_keys=False))
             os.replace(tmp, self.summary_path)
 

@@ -41,6 +41,20 @@ def knn_search(bank: Tensor, queries: Tensor, k: int, ivf: bool = False, use_gpu
     return torch.cat(sims), torch.cat(ids)
 
 
+def torch_knn_search(bank: Tensor, queries: Tensor, k: int, chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """The same top-k cosine search as knn_search with plain torch matmuls, `chunk` queries at a time so that the
+    (chunk, M) similarity block bounds memory. -> similarities (N, k), indices (N, k)."""
+    bank = F.normalize(bank.float(), dim=1)
+    queries = F.normalize(queries.float(), dim=1)
+    k = min(k, bank.shape[0])
+    sims, ids = [], []
+    for start in range(0, queries.shape[0], chunk):
+        top = torch.topk(queries[start:start + chunk] @ bank.T, k, dim=1)
+        sims.append(top.values)
+        ids.append(top.indices)
+    return torch.cat(sims), torch.cat(ids)
+
+
 def knn_scores(similarities: Tensor, neighbour_labels: Tensor, num_classes: int, temperature: float) -> Tensor:
     """Class scores (N, K) = Σ over neighbours of exp(sim / T) added to each neighbour's class.
     similarities, neighbour_labels: (N, k)."""
