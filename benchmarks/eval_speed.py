@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=50000)
     parser.add_argument("--test", type=int, default=10000)
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors

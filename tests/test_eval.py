@@ -157,3 +157,31 @@ def test_cli_finetune_json(trained_run, tmp_path):
     payload = json.loads(result.stdout)
     assert 0 <= payload["top1"] <= 1 and payload["run_dir"] == str(tmp_path / "ft")
     assert (tmp_path / "ft" / "backbone.pt").is_file()
+
+
+def test_probe_grid_equals_separate_sgd_runs():
+    """Training the lr/wd grid as one stacked model gives each model exactly torch.optim.SGD's trajectory."""
+    import torch.nn.functional as F
+
+    from ssl_kit.eval.linear_probe import fit_linear_grid
+
+    x, y = clusters(n_per_class=50, classes=5, dim=20, spread=2.0)
+    configs = [(0.3, 0.0), (0.03, 1e-3)]
+    models = fit_linear_grid(x, y, 5, configs, epochs=7, batch_size=64)
+    for model, (lr, wd) in zip(models, configs):
+        xs = (x - x.mean(0)) / x.std(0, unbiased=False)
+        w = torch.zeros(5, 20, requires_grad=True)
+        b = torch.zeros(5, requires_grad=True)
+        optimizer = torch.optim.SGD([w, b], lr=lr, momentum=0.9, nesterov=True)
+        generator, total, step = torch.Generator().manual_seed(0), 7 * math.ceil(250 / 64), 0
+        for _ in range(7):
+            order = torch.randperm(250, generator=generator)
+            for start in range(0, 250, 64):
+                index = order[start:start + 64]
+                optimizer.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                loss = F.cross_entropy(xs[index] @ w.T + b, y[index]) + 0.5 * wd * w.pow(2).sum()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                step += 1
+        assert torch.allclose(model.weight, w.detach(), atol=1e-5) and torch.allclose(model.bias, b.detach(), atol=1e-6)

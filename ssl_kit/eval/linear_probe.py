@@ -57,28 +57,31 @@ def fit_linear_grid(features: Tensor, labels: Tensor, num_classes: int, configs:
     groups = len(configs)
     lrs = torch.tensor([c[0] for c in configs]).view(groups, 1, 1)
     decays = torch.tensor([c[1] for c in configs]).view(groups, 1, 1)
-    weight = torch.zeros(groups, num_classes, x.shape[1], requires_grad=True)
-    bias = torch.zeros(groups, 1, num_classes, requires_grad=True)
+    weight = torch.zeros(groups, num_classes, x.shape[1])
+    bias = torch.zeros(groups, 1, num_classes)
     momentum_w, momentum_b = torch.zeros_like(weight), torch.zeros_like(bias)
     generator = torch.Generator().manual_seed(seed)
     total = epochs * max(1, math.ceil(x.shape[0] / batch_size))
     step = 0
     for _ in range(epochs):
         order = torch.randperm(x.shape[0], generator=generator)
+        shuffled_x, shuffled_y = x[order], labels[order]  # one gather per epoch; batches are contiguous views
         for start in range(0, x.shape[0], batch_size):
-            index = order[start:start + batch_size]
-            logits = torch.matmul(x[index], weight.transpose(1, 2)) + bias  # (G, B, K)
-            # the sum over models of each model's mean loss: every model gets its own gradient
-            loss = F.cross_entropy(logits.reshape(-1, num_classes), labels[index].repeat(groups), reduction="sum")
-            loss = loss / index.numel() + 0.5 * (decays * weight.pow(2)).sum()
-            grad_w, grad_b = torch.autograd.grad(loss, [weight, bias])
-            scale = 0.5 * (1 + math.cos(math.pi * step / total))
-            with torch.no_grad():
-                for param, grad, buffer, rate in ((weight, grad_w, momentum_w, lrs), (bias, grad_b, momentum_b, lrs)):
-                    buffer.mul_(0.9).add_(grad)
-                    param.sub_(rate * scale * (grad + 0.9 * buffer))
+            xb, yb = shuffled_x[start:start + batch_size], shuffled_y[start:start + batch_size]
+            # gradient of the mean cross-entropy in closed form: (softmax − onehot) / B, per model; the G models
+            # are stacked into one (G·K, F) matrix so that each step is two plain matmuls
+            logits = (xb @ weight.view(-1, weight.shape[2]).T).view(-1, groups, num_classes) + bias.transpose(0, 1)
+            residual = torch.softmax(logits, dim=2)  # (B, G, K)
+            residual[torch.arange(yb.numel()), :, yb] -= 1.0
+            residual /= yb.numel()
+            grad_w = (residual.reshape(yb.numel(), -1).T @ xb).view_as(weight) + decays * weight  # (G, K, F)
+            grad_b = residual.sum(dim=0).unsqueeze(1)  # (G, 1, K)
+            rate = lrs * (0.5 * (1 + math.cos(math.pi * step / total)))
+            for param, grad, buffer in ((weight, grad_w, momentum_w), (bias, grad_b, momentum_b)):
+                buffer.mul_(0.9).add_(grad)
+                param.sub_(rate * (grad + 0.9 * buffer))  # nesterov
             step += 1
-    return [LinearModel(mean, std, weight[g].detach(), bias[g, 0].detach()) for g in range(groups)]
+    return [LinearModel(mean, std, weight[g].clone(), bias[g, 0].clone()) for g in range(groups)]
 
 
 def validation_split(labels: Tensor, fraction: float = 0.2, seed: int = 0) -> tuple[Tensor, Tensor]:
