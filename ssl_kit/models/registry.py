@@ -17,6 +17,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "resnet50": lambda in_channels, image_size, **kw: ResNetBackbone(50, in_channels, **kw),
     "wide_resnet28_2": lambda in_channels, image_size, **kw: WideResNet(28, 2, in_channels, **kw),
     "wide_resnet28_8": lambda in_channels, image_size, **kw: WideResNet(28, 8, in_channels, **kw),
+    "wide_resnet": lambda in_channels, image_size, **kw: WideResNet(in_channels=in_channels, **kw),  # depth, widen
     "vit_tiny": lambda in_channels, image_size, **kw: VisionTransformer(
         image_size, in_channels=in_channels, **{"patch_size": 4, "dim": 192, "depth": 12, "heads": 3, **kw}),
     "vit_small": lambda in_channels, image_size, **kw: VisionTransformer(
