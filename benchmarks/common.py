@@ -34,7 +34,7 @@ def time_interleaved(functions: dict[str, Callable[[], None]], steps: int, round
 
 
 def engine_vs_bare(trainer, bare_model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
-                   rounds: int) -> dict[str, float]:
+                   rounds: int, key_encoder: torch.nn.Module | None = None) -> dict[str, float]:
     """Seconds per step of the engine (trainer._train_step, the whole method) and of a bare SGD
     forward/backward/step of `bare_model` on (x, y), interleaved."""
     import torch.nn.functional as F
@@ -50,7 +50,15 @@ def engine_vs_bare(trainer, bare_model: torch.nn.Module, x: torch.Tensor, y: tor
         trainer._train_step()
         trainer.step = (trainer.step + 1) % trainer.total_steps
 
-    return time_interleaved({"bare": bare, "engine": engine}, steps, rounds, trainer.device)
+    contenders = {"bare": bare, "engine": engine}
+    if key_encoder is not None:
+        def bare_and_key() -> None:
+            bare()
+            with torch.no_grad():
+                key_encoder(x)
+
+        contenders["bare+key"] = bare_and_key
+    return time_interleaved(contenders, steps, rounds, trainer.device)
 
 
 def table(headers: list[str], rows: list[list]) -> str:

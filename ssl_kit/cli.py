@@ -71,7 +71,8 @@ def cmd_linear_probe(args) -> int:
     from .eval.stages import probe_dataset
 
     extractor = _extractor(args)
-    result = probe_dataset(extractor, args.data, args.epochs, args.labels_per_class, args.seed, sweep=not args.no_sweep)
+    result = probe_dataset(extractor, args.data, args.epochs, args.labels_per_class, args.seed, sweep=not args.no_sweep,
+                           augment=args.augment)
     _emit(_scalars(result), args.json)
     return 0
 
@@ -207,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--labels-per-class", type=int)
     probe.add_argument("--epochs", type=int, default=100)
     probe.add_argument("--no-sweep", action="store_true", help="skip the lr/wd sweep on the validation split")
+    probe.add_argument("--augment", action="store_true",
+                       help="re-extract features of randomly resized crops every epoch (ImageNet protocol; slower)")
 
     knn = evaluation("knn", "weighted kNN on frozen features (faiss)", cmd_knn)
     knn.add_argument("--k", type=int, default=20)

@@ -285,6 +285,7 @@ class LinearProbeStage(EvalStageBase):
     labels_per_class: Optional[int] = Field(None, ge=1)
     epochs: int = Field(100, ge=1)
     tsne: bool = Field(False, description="t-SNE picture of the test features coloured by class in plots/")
+    augment: bool = Field(False, description="re-extract features of augmented training images every epoch")
 
 
 class KnnStage(EvalStageBase):

@@ -185,3 +185,20 @@ def test_probe_grid_equals_separate_sgd_runs():
                 optimizer.step()
                 step += 1
         assert torch.allclose(model.weight, w.detach(), atol=1e-5) and torch.allclose(model.bias, b.detach(), atol=1e-6)
+
+
+def test_augmented_probe_re_extracts_features_every_epoch(trained_run):
+    from ssl_kit.data.specs import load_splits
+    from ssl_kit.eval.features import FeatureExtractor
+    from ssl_kit.eval.stages import probe_dataset
+
+    extractor = FeatureExtractor.from_checkpoint(trained_run, "cpu")
+    images = load_splits("digits")["train"].subset(torch.arange(20))
+    first, again = extractor.augmented_features(images, seed=1), extractor.augmented_features(images, seed=1)
+    other = extractor.augmented_features(images, seed=2)
+    assert first.shape == (20, extractor.backbone.num_features)
+    assert torch.equal(first, again) and not torch.allclose(first, other)  # seeded crops, never cached
+    clean_passes = 1797  # train + test, extracted once for the lr/wd sweep
+    result = probe_dataset(extractor, "digits", epochs=3, augment=True, sweep=False)
+    assert result["augmented"] == 1 and 0.3 < result["top1"] <= 1
+    assert extractor.forward_passes == 60 + clean_passes + 3 * 1347  # three augmented passes over the train split

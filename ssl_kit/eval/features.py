@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
-from ..data.augment import Normalize
+from ..data.augment import Normalize, random_resized_crop, to_unit_float
 from ..data.imageset import ImageSet, convert_images
 from ..data.pipeline import load_converted
 from ..engine.checkpoint import load_backbone
@@ -70,6 +71,22 @@ class FeatureExtractor:
         if key is not None:
             self._cache[key] = feats
         return feats
+
+    @torch.no_grad()
+    def augmented_features(self, images: ImageSet, seed: int, scale: tuple[float, float] = (0.2, 1.0),
+                           hflip: bool = False) -> Tensor:
+        """Features (N, F) of randomly resized crops (+ flips) of `images`, never cached; the same `seed` gives the
+        same crops. The ImageNet linear-probe protocol re-extracts these every epoch."""
+        x = convert_images(images.images, self.info["image_size"], self.info["channels"])
+        out = []
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for start in range(0, x.shape[0], self.batch_size):
+                chunk = to_unit_float(x[start:start + self.batch_size].to(self.device))
+                view = random_resized_crop(chunk, scale, hflip=hflip)
+                out.append(self.backbone(self.normalize(view)).float().cpu())
+        self.forward_passes += x.shape[0]
+        return torch.cat(out)
 
     def dataset_features(self, spec: str) -> dict[str, tuple[Tensor, Tensor, list[str]]]:
         """{split: (features (N, F), labels (N,), classes)} for every split of a dataset spec."""

@@ -6,9 +6,9 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.builtin import stratified_holdout
@@ -42,46 +42,81 @@ def fit_linear(features: Tensor, labels: Tensor, num_classes: int, lr: float = 0
     return fit_linear_grid(features, labels, num_classes, [(lr, weight_decay)], epochs, batch_size, seed)[0]
 
 
+class GridSGD:
+    """SGD state of G linear models trained at once as a (G, K, F) weight tensor on the same mini-batches: a grid
+    search costs about one fit. Each model follows exactly a separate torch.optim.SGD run (momentum 0.9, nesterov,
+    cosine decay over `total_steps`, L2 term 0.5·wd·‖W‖²). Features given to `epoch` are already standardised."""
+
+    def __init__(self, configs: list[tuple[float, float]], num_classes: int, dim: int, total_steps: int) -> None:
+        self.groups, self.num_classes, self.total = len(configs), num_classes, max(1, total_steps)
+        self.lrs = torch.tensor([c[0] for c in configs]).view(-1, 1, 1)
+        self.decays = torch.tensor([c[1] for c in configs]).view(-1, 1, 1)
+        self.weight = torch.zeros(self.groups, num_classes, dim)
+        self.bias = torch.zeros(self.groups, 1, num_classes)
+        self.momentum_w, self.momentum_b = torch.zeros_like(self.weight), torch.zeros_like(self.bias)
+        self.step = 0
+
+    def epoch(self, x: Tensor, labels: Tensor, batch_size: int, generator: torch.Generator) -> None:
+        """One pass over standardised features x (N, F), labels (N,) in a random order."""
+        order = torch.randperm(x.shape[0], generator=generator)
+        shuffled_x, shuffled_y = x[order], labels[order]  # one gather per epoch; batches are contiguous views
+        for start in range(0, x.shape[0], batch_size):
+            self._update(shuffled_x[start:start + batch_size], shuffled_y[start:start + batch_size])
+
+    def _update(self, xb: Tensor, yb: Tensor) -> None:
+        groups, k, n = self.groups, self.num_classes, yb.numel()
+        # gradient of the mean cross-entropy in closed form, (softmax − onehot) / B per model; the G models are
+        # stacked into one (G·K, F) matrix so that each step is two plain matmuls
+        logits = (xb @ self.weight.view(-1, self.weight.shape[2]).T).view(n, groups, k) + self.bias.transpose(0, 1)
+        residual = torch.softmax(logits, dim=2)  # (B, G, K)
+        residual[torch.arange(n), :, yb] -= 1.0
+        residual /= n
+        grad_w = (residual.reshape(n, -1).T @ xb).view_as(self.weight) + self.decays * self.weight  # (G, K, F)
+        grad_b = residual.sum(dim=0).unsqueeze(1)  # (G, 1, K)
+        rate = self.lrs * (0.5 * (1 + math.cos(math.pi * self.step / self.total)))
+        for param, grad, buffer in ((self.weight, grad_w, self.momentum_w), (self.bias, grad_b, self.momentum_b)):
+            buffer.mul_(0.9).add_(grad)
+            param.sub_(rate * (grad + 0.9 * buffer))  # nesterov
+        self.step += 1
+
+    def models(self, mean: Tensor, std: Tensor) -> list[LinearModel]:
+        return [LinearModel(mean, std, self.weight[g].clone(), self.bias[g, 0].clone()) for g in range(self.groups)]
+
+
+def standardisation(features: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-feature mean and std (N, F) -> (F,), (F,): what BatchNorm without affine computes."""
+    return features.mean(0), features.std(0, unbiased=False).clamp_min(1e-6)
+
+
 def fit_linear_grid(features: Tensor, labels: Tensor, num_classes: int, configs: list[tuple[float, float]],
                     epochs: int = 100, batch_size: int | None = None, seed: int = 0) -> list[LinearModel]:
-    """One linear model per (lr, weight_decay) in `configs`, all trained at once as a (G, K, F) weight tensor on the
-    same mini-batches: a grid search costs about one fit. Each model sees exactly what a separate SGD run with
-    momentum 0.9 (nesterov), cosine decay and an L2 term 0.5·wd·‖W‖² would; features (N, F), labels (N,)."""
+    """One linear model per (lr, weight_decay) in `configs` on features (N, F), labels (N,) (see GridSGD)."""
     if features.shape[0] == 0:
         raise DataError("linear probe: no training features")
     features = features.float()
     batch_size = batch_size or probe_batch_size(features.shape[0])
-    mean = features.mean(0)
-    std = features.std(0, unbiased=False).clamp_min(1e-6)
+    mean, std = standardisation(features)
     x = (features - mean) / std
-    groups = len(configs)
-    lrs = torch.tensor([c[0] for c in configs]).view(groups, 1, 1)
-    decays = torch.tensor([c[1] for c in configs]).view(groups, 1, 1)
-    weight = torch.zeros(groups, num_classes, x.shape[1])
-    bias = torch.zeros(groups, 1, num_classes)
-    momentum_w, momentum_b = torch.zeros_like(weight), torch.zeros_like(bias)
+    trainer = GridSGD(configs, num_classes, x.shape[1], epochs * math.ceil(x.shape[0] / batch_size))
     generator = torch.Generator().manual_seed(seed)
-    total = epochs * max(1, math.ceil(x.shape[0] / batch_size))
-    step = 0
     for _ in range(epochs):
-        order = torch.randperm(x.shape[0], generator=generator)
-        shuffled_x, shuffled_y = x[order], labels[order]  # one gather per epoch; batches are contiguous views
-        for start in range(0, x.shape[0], batch_size):
-            xb, yb = shuffled_x[start:start + batch_size], shuffled_y[start:start + batch_size]
-            # gradient of the mean cross-entropy in closed form: (softmax − onehot) / B, per model; the G models
-            # are stacked into one (G·K, F) matrix so that each step is two plain matmuls
-            logits = (xb @ weight.view(-1, weight.shape[2]).T).view(-1, groups, num_classes) + bias.transpose(0, 1)
-            residual = torch.softmax(logits, dim=2)  # (B, G, K)
-            residual[torch.arange(yb.numel()), :, yb] -= 1.0
-            residual /= yb.numel()
-            grad_w = (residual.reshape(yb.numel(), -1).T @ xb).view_as(weight) + decays * weight  # (G, K, F)
-            grad_b = residual.sum(dim=0).unsqueeze(1)  # (G, 1, K)
-            rate = lrs * (0.5 * (1 + math.cos(math.pi * step / total)))
-            for param, grad, buffer in ((weight, grad_w, momentum_w), (bias, grad_b, momentum_b)):
-                buffer.mul_(0.9).add_(grad)
-                param.sub_(rate * (grad + 0.9 * buffer))  # nesterov
-            step += 1
-    return [LinearModel(mean, std, weight[g].clone(), bias[g, 0].clone()) for g in range(groups)]
+        trainer.epoch(x, labels, batch_size, generator)
+    return trainer.models(mean, std)
+
+
+def fit_linear_augmented(extract: Callable[[int], Tensor], labels: Tensor, num_classes: int, lr: float,
+                         weight_decay: float, epochs: int, seed: int = 0) -> LinearModel:
+    """The ImageNet protocol: every epoch sees features of freshly augmented training images, extract(epoch) ->
+    (N, F) in a fixed image order matching `labels`. The standardisation is that of the first epoch's features."""
+    first = extract(0).float()
+    mean, std = standardisation(first)
+    batch_size = probe_batch_size(first.shape[0])
+    trainer = GridSGD([(lr, weight_decay)], num_classes, first.shape[1], epochs * math.ceil(first.shape[0] / batch_size))
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        features = first if epoch == 0 else extract(epoch).float()
+        trainer.epoch((features - mean) / std, labels, batch_size, generator)
+    return trainer.models(mean, std)[0]
 
 
 def validation_split(labels: Tensor, fraction: float = 0.2, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -115,15 +150,23 @@ def few_shot_index(labels: Tensor, per_class: int, seed: int) -> Tensor:
 
 def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
                  num_classes: int, epochs: int = 100, sweep: bool = True, labels_per_class: int | None = None,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, augmented: Optional[Callable[[int, Tensor], Tensor]] = None) -> dict:
     """Fit on (a few-shot subset of) the training features, report test top1/top5/balanced/per-class.
-    The chosen lr/wd come from the validation split; the final model is refit on all training features given."""
+    The chosen lr/wd come from the validation split; the final model is refit on all training features given.
+    With `augmented(epoch, index) -> features (len(index), F)` of augmented training images, the final fit
+    re-extracts them every epoch (lr/wd still chosen on the cached clean features)."""
+    index = torch.arange(train_features.shape[0])
     if labels_per_class is not None:
         index = few_shot_index(train_labels, labels_per_class, seed)
         train_features, train_labels = train_features[index], train_labels[index]
     chosen = select_hyperparameters(train_features, train_labels, num_classes, epochs, seed) if sweep \
         else {"lr": 0.1, "weight_decay": 0.0}
-    model = fit_linear(train_features, train_labels, num_classes, chosen["lr"], chosen["weight_decay"], epochs, seed=seed)
+    if augmented is None:
+        model = fit_linear(train_features, train_labels, num_classes, chosen["lr"], chosen["weight_decay"], epochs,
+                           seed=seed)
+    else:
+        model = fit_linear_augmented(lambda epoch: augmented(epoch, index), train_labels, num_classes, chosen["lr"],
+                                     chosen["weight_decay"], epochs, seed)
     result = classification_metrics(model.logits(test_features), test_labels, num_classes)
     result.update({"chosen_lr": chosen["lr"], "chosen_weight_decay": chosen["weight_decay"],
                    "train_size": int(train_features.shape[0])})

@@ -44,7 +44,10 @@ def headline_rows(summary: dict, stages) -> list[tuple[str, str, str]]:
             inner = key[len(name) + 1:]
             if inner.endswith("/gap") and "+" not in inner:  # a target domain (corruptions are summarised below)
                 target = inner[:-len("/gap")]
-                rows.append((name, f"{target} top1 (gap)", f"{summary[f'{name}/{target}/top1']:.4f} ({value:+.4f})"))
+                extra = "".join(f"; {label} {summary[f'{name}/{target}/{key}']:.4f}" for key, label in
+                                (("adabn_top1", "AdaBN"), ("fixmatch_adapted_top1", "FixMatch-adapted"),
+                                 ("oracle_top1", "oracle")) if isinstance(summary.get(f"{name}/{target}/{key}"), float))
+                rows.append((name, f"{target} top1", f"{summary[f'{name}/{target}/top1']:.4f} (gap {value:+.4f}{extra})"))
             elif inner.startswith("corruption_mean/") or inner == "lodo/average/top1":
                 rows.append((name, inner, f"{value:.4f}"))
     return rows

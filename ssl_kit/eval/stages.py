@@ -8,19 +8,27 @@ from typing import Sequence
 
 import torch
 
-from .features import FeatureExtractor
+from .features import FeatureExtractor, load_eval_splits
 from .knn import knn_classify
 from .linear_probe import linear_probe
 from .transfer import leave_one_domain_out, scalars, transfer_eval
 
 
 def probe_dataset(extractor: FeatureExtractor, spec: str, epochs: int, labels_per_class=None, seed: int = 0,
-                  sweep: bool = True) -> dict:
+                  sweep: bool = True, augment: bool = False) -> dict:
+    """Linear probe on `spec`; with `augment`, the final fit sees freshly augmented training images every epoch."""
     splits = extractor.dataset_features(spec)
     train_x, train_y, classes = splits["train"]
     test_x, test_y, _ = splits["test"]
-    result = linear_probe(train_x, train_y, test_x, test_y, len(classes), epochs, sweep, labels_per_class, seed)
+    augmented = None
+    if augment:
+        train_images = load_eval_splits(spec, extractor.info)["train"]
+        augmented = lambda epoch, index: extractor.augmented_features(  # noqa: E731
+            train_images.subset(index), seed=seed * 100003 + epoch)
+    result = linear_probe(train_x, train_y, test_x, test_y, len(classes), epochs, sweep, labels_per_class, seed,
+                          augmented)
     result.pop("_model")
+    result["augmented"] = int(augment)
     return result
 
 
@@ -111,7 +119,8 @@ def run_eval_stage(stage, checkpoint, dataset: str, run_dir: Path, seed: int) ->
         return _run_transfer(stage, extractor, checkpoint, dataset, run_dir, seed)
     if stage.method == "linear_probe":
         result = probe_dataset(extractor, dataset, stage.epochs, stage.labels_per_class, seed,
-                               sweep=stage.labels_per_class is None or stage.labels_per_class >= 2)
+                               sweep=stage.labels_per_class is None or stage.labels_per_class >= 2,
+                               augment=stage.augment)
         if stage.tsne:
             tsne_picture(extractor, [dataset], run_dir / "plots" / f"tsne_{stage.name}.png", seed=seed)
     else:
