@@ -33,17 +33,20 @@ def time_interleaved(functions: dict[str, Callable[[], None]], steps: int, round
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def engine_vs_bare(trainer, bare_model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
-                   rounds: int, key_encoder: torch.nn.Module | None = None) -> dict[str, float]:
+def engine_vs_bare(trainer, bare_model: torch.nn.Module, x, y, steps: int, rounds: int,
+                   key_encoder: torch.nn.Module | None = None, key_input: torch.Tensor | None = None) -> dict[str, float]:
     """Seconds per step of the engine (trainer._train_step, the whole method) and of a bare SGD
-    forward/backward/step of `bare_model` on (x, y), interleaved."""
+    forward/backward/step of `bare_model` on (x, y) — or on each (x_i, y_i) when x and y are lists (multi-crop) —,
+    interleaved. With `key_encoder`, also 'bare+key': the bare step plus its no-grad forward of `key_input`
+    (default x): the floor of methods that need a momentum encoder or an EMA teacher."""
     import torch.nn.functional as F
 
     optimizer = torch.optim.SGD(bare_model.parameters(), lr=0.01, momentum=0.9)
+    pairs = list(zip(x, y)) if isinstance(x, (list, tuple)) else [(x, y)]
 
     def bare() -> None:
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(bare_model(x), y).backward()
+        sum(F.cross_entropy(bare_model(xi), yi) for xi, yi in pairs).backward()
         optimizer.step()
 
     def engine() -> None:
@@ -52,10 +55,12 @@ def engine_vs_bare(trainer, bare_model: torch.nn.Module, x: torch.Tensor, y: tor
 
     contenders = {"bare": bare, "engine": engine}
     if key_encoder is not None:
+        key_x = key_input if key_input is not None else pairs[0][0]
+
         def bare_and_key() -> None:
             bare()
             with torch.no_grad():
-                key_encoder(x)
+                key_encoder(key_x)
 
         contenders["bare+key"] = bare_and_key
     return time_interleaved(contenders, steps, rounds, trainer.device)

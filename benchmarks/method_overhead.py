@@ -27,7 +27,9 @@ from ssl_kit.models.registry import build_backbone  # noqa: E402
 
 HEADERS = ["method", "backbone", "px", "batch", "method img/s", "bare img/s", "step / bare",
            "step / own floor"]  # own floor: bare, plus the momentum encoder's no-grad forward for MoCo
-KWARGS = {"small_cnn": {"width": 32}, "resnet18": {"small_stem": True}, "wide_resnet28_2": {}}
+KWARGS = {"small_cnn": {"width": 32}, "resnet18": {"small_stem": True}, "wide_resnet28_2": {},
+          "vit_tiny": {"patch_size": 4, "dim": 96, "depth": 4, "heads": 3}}
+VIT_METHODS = ("mae", "simmim")  # measured on the small ViT whatever --model says (MAE needs a ViT)
 
 
 def stage_for(method: str, model: str, batch: int, size: int, device: str, mu: int) -> dict:
@@ -41,29 +43,50 @@ def stage_for(method: str, model: str, batch: int, size: int, device: str, mu: i
         stage["train"]["ema_decay"] = 0.999
     if method in ("simclr", "mocov2", "mocov3"):
         stage["optimizer"]["name"] = "lars"
+    if method == "dino":  # the head and crops of recipes/dino_digits.yaml
+        stage.update(local_crops=4, local_crop_size=0.5, out_dim=1024, head_hidden_dim=256, bottleneck_dim=64)
+    if method in VIT_METHODS:  # the ViT and decoder of recipes/mae_digits.yaml
+        stage["backbone"] = {"name": "vit_tiny", "kwargs": {**KWARGS["vit_tiny"], "global_pool": True}}
+        if method == "mae":
+            stage.update(decoder_dim=64, decoder_depth=2)
     return stage
 
 
 def measure(method: str, model: str, batch: int, size: int, device: str, mu: int, steps: int, rounds: int) -> tuple:
+    model = "vit_tiny" if method in VIT_METHODS else model
     cfg = validate_recipe({"seed": 0, "stages": [stage_for(method, model, batch, size, device, mu)]}).stages[0]
     cls = build_method(method)
     data = prepare_data(cfg.data, 0, use_unlabeled=cls.wants_unlabeled(cfg))
     torch.manual_seed(0)
-    backbone = build_backbone(model, data.info.channels, size, KWARGS[model])
+    kwargs = dict(cfg.backbone.kwargs)
+    backbone = build_backbone(model, data.info.channels, size, kwargs)
     instance = cls(cfg, backbone, data.info, **cls.context_from(cfg, data, {}))
-    images_per_step = batch * (1 + 2 * mu) if method == "fixmatch" else 2 * batch
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(instance, data, cfg, RunContext(Path(tmp), 0), {})
-        bare = Classifier(build_backbone(model, data.info.channels, size, KWARGS[model]), data.info.num_classes)
-        x = torch.randn(images_per_step, data.info.channels, size, size, device=trainer.device)
-        y = torch.randint(0, data.info.num_classes, (images_per_step,), device=trainer.device)
-        key_encoder = None
-        if method in ("mocov2", "mocov3"):  # their floor also has a no-grad forward of the momentum encoder
-            key_encoder = build_backbone(model, data.info.channels, size, KWARGS[model]).to(trainer.device).train()
-        times = engine_vs_bare(trainer, bare.to(trainer.device).train(), x, y, steps, rounds, key_encoder)
+        dev, channels, classes = trainer.device, data.info.channels, data.info.num_classes
+        bare = Classifier(build_backbone(model, channels, size, kwargs), classes).to(dev).train()
+
+        def images(n: int, side: int = size):
+            return torch.randn(n, channels, side, side, device=dev), torch.randint(0, classes, (n,), device=dev)
+
+        key_encoder, key_input = None, None
+        if method == "fixmatch":
+            (x, y), count = images(batch * (1 + 2 * mu)), batch * (1 + 2 * mu)
+        elif method == "dino":  # 2 global views + local crops at their own size; the EMA teacher sees the globals
+            local = max(4, round(size * cfg.local_crop_size))
+            (xg, yg), (xl, yl) = images(2 * batch), images(cfg.local_crops * batch, local)
+            x, y, count = [xg, xl], [yg, yl], (2 + cfg.local_crops) * batch
+            key_encoder, key_input = build_backbone(model, channels, size, kwargs).to(dev).train(), xg
+        elif method in VIT_METHODS or method == "supervised":  # one view (MIM: the full ViT on every patch)
+            (x, y), count = images(batch), batch
+        else:
+            (x, y), count = images(2 * batch), 2 * batch
+            if method in ("mocov2", "mocov3"):  # their floor also has the momentum encoder's no-grad forward
+                key_encoder = build_backbone(model, channels, size, kwargs).to(dev).train()
+        times = engine_vs_bare(trainer, bare, x, y, steps, rounds, key_encoder, key_input)
     floor = times.get("bare+key", times["bare"])
-    return (times["engine"] / times["bare"], images_per_step / times["engine"], images_per_step / times["bare"],
-            times["engine"] / floor)
+    return (times["engine"] / times["bare"], count / times["engine"], count / times["bare"], times["engine"] / floor,
+            model)
 
 
 def naive_nt_xent(z1, z2, t):
@@ -96,7 +119,8 @@ def loss_timing(device: torch.device) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--methods", nargs="+", default=["simclr", "mocov2", "mocov3", "fixmatch"])
+    parser.add_argument("--methods", nargs="+",
+                        default=["supervised", "simclr", "mocov2", "mocov3", "fixmatch", "dino", "mae", "simmim"])
     parser.add_argument("--model", default="small_cnn")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--fixmatch-batch", type=int, default=32)
@@ -109,9 +133,9 @@ def main() -> None:
     rows = []
     for method in args.methods:
         batch = args.fixmatch_batch if method == "fixmatch" else args.batch
-        ratio, ips, bare_ips, own = measure(method, args.model, batch, args.size, args.device, args.mu, args.steps,
-                                            args.rounds)
-        rows.append([method, args.model, args.size, batch, ips, bare_ips, ratio, own])
+        ratio, ips, bare_ips, own, model = measure(method, args.model, batch, args.size, args.device, args.mu,
+                                                   args.steps, args.rounds)
+        rows.append([method, model, args.size, batch, ips, bare_ips, ratio, own])
         print(table(HEADERS, rows[-1:]), flush=True)
     print("\n" + table(HEADERS, rows))
     print("\n" + table(["loss", "ssl_kit ms", "naive ms", "naive / ssl_kit", "|difference|"],

@@ -1,7 +1,8 @@
 """How cost grows (issue 9): engine step time and peak memory against batch size (at 32 px) and image size (at
 batch 64) for SimCLR, FixMatch (μ = 2) and MAE, on a small ResNet (WRN-10-1, 78k parameters) and a small ViT
-(dim 96, 4 blocks, patch 4). Each point: median of 3 steps after a warm-up, in this process; peak memory is the
-CUDA allocator's peak on a GPU, and on a CPU the growth of the process's peak RSS during those steps (Linux).
+(dim 96, 4 blocks, patch 4). Each point runs in a fresh process (so no earlier point's freed memory is reused):
+median of 3 steps after a warm-up step; peak memory is the CUDA allocator's peak on a GPU, and on a CPU the
+process's peak RSS during the steps minus its RSS just before the first step (Linux), i.e. the step's working set.
 Writes benchmarks/results/scaling.png and prints the table.
 
     python benchmarks/scaling.py [--device cpu|cuda]
@@ -80,10 +81,10 @@ def measure(method: str, backbone: str, batch: int, size: int, device: str) -> t
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cls(cfg, net, data.info, **cls.context_from(cfg, data, {})), data, cfg,
                           RunContext(Path(tmp), 0), {})
-        trainer._train_step()
-        sync(trainer.device)
         gc.collect()
         baseline = reset_peak(trainer.device)
+        trainer._train_step()
+        sync(trainer.device)
         times = []
         for _ in range(3):
             start = time.perf_counter()
@@ -93,6 +94,16 @@ def measure(method: str, backbone: str, batch: int, size: int, device: str) -> t
             times.append(time.perf_counter() - start)
         peak = peak_since(trainer.device, baseline)
     return statistics.median(times), peak
+
+
+def measure_in_child(method: str, backbone: str, batch: int, size: int, device: str) -> tuple[float, float]:
+    import json
+    import subprocess
+
+    command = [sys.executable, __file__, "--point", method, backbone, str(batch), str(size), "--device", device]
+    line = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    values = json.loads(line)
+    return values["seconds"], values["peak_mb"]
 
 
 def plot(points: dict, out: Path) -> None:
@@ -110,7 +121,7 @@ def plot(points: dict, out: Path) -> None:
             axes[1][row].plot(xs, [series[key][x][1] for x in xs], marker="o", label=label)
     for row, (key, xlabel) in enumerate((("batch", "batch size (32 px)"), ("size", "image size px (batch 64)"))):
         axes[0][row].set_ylabel("step time (ms)")
-        axes[1][row].set_ylabel("peak memory growth (MB)")
+        axes[1][row].set_ylabel("step working memory (MB)")
         for ax in (axes[0][row], axes[1][row]):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -126,18 +137,26 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "scaling.png"))
+    parser.add_argument("--point", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.point:
+        import json
+
+        method, backbone, batch, size = args.point
+        seconds, peak = measure(method, backbone, int(batch), int(size), args.device)
+        print(json.dumps({"seconds": seconds, "peak_mb": peak}))
+        return
     points: dict = {}
     rows = []
     for method, backbone in COMBOS:
         series = points.setdefault((method, backbone), {"batch": {}, "size": {}})
         for batch in BATCHES:
-            series["batch"][batch] = measure(method, backbone, batch, 32, args.device)
+            series["batch"][batch] = measure_in_child(method, backbone, batch, 32, args.device)
             rows.append([method, backbone, batch, 32, *series["batch"][batch]])
             print(table(["method", "backbone", "batch", "px", "step s", "peak MB"], rows[-1:]), flush=True)
         for size in SIZES:
-            series["size"][size] = series["batch"][64] if size == 32 else measure(method, backbone, 64, size,
-                                                                                    args.device)
+            series["size"][size] = series["batch"][64] if size == 32 else measure_in_child(method, backbone, 64,
+                                                                                             size, args.device)
             if size != 32:
                 rows.append([method, backbone, 64, size, *series["size"][size]])
     print("\n" + table(["method", "backbone", "batch", "px", "step s", "peak MB"], rows))
