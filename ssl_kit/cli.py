@@ -93,7 +93,7 @@ def _extractor(args):
 
 def cmd_transfer(args) -> int:
     from .eval.corruptions import parse_corruptions
-    from .eval.transfer import leave_one_domain_out, transfer_eval
+    from .eval.transfer import leave_one_domain_out, lodo_rows, transfer_eval
 
     if not (args.source or args.domains):
         raise SslKitError("transfer needs --source (with --target and/or --corruptions) or --domains "
@@ -111,9 +111,7 @@ def cmd_transfer(args) -> int:
         result["leave_one_domain_out"] = leave_one_domain_out(extractor, args.domains, args.epochs, args.seed,
                                                               sweep=not args.no_sweep)
     if args.json:
-        from .runner import finite_or_none
-
-        print(json.dumps(finite_or_none(result), allow_nan=False))
+        _emit(result, True)
         return 0
     if "source" in result:
         print(f"source {args.source}: top1 {result['source']['top1']:.4f}")
@@ -121,8 +119,7 @@ def cmd_transfer(args) -> int:
             extra = "".join(f"  {k} {v:.4f}" for k, v in metrics.items() if k.endswith("_top1"))
             print(f"target {target}: top1 {metrics['top1']:.4f} (gap {metrics['gap']:+.4f}){extra}")
     if "leave_one_domain_out" in result:
-        lodo = result["leave_one_domain_out"]
-        for domain, row in list(lodo["domains"].items()) + [("average", lodo["average"])]:
+        for domain, row in lodo_rows(result["leave_one_domain_out"]):
             print(f"held out {domain}: top1 {row['top1']:.4f}  oracle {row['oracle_top1']:.4f}")
     return 0
 
@@ -227,10 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--label-smoothing", type=float, default=0.0)
     finetune.add_argument("--out")
 
-    transfer = evaluation("transfer", "fit on a source domain, report accuracy on targets", cmd_transfer, data_arg=False)
+    transfer = evaluation("transfer", "fit on a source domain, report accuracy on targets", cmd_transfer,
+                          data_arg=False)
     transfer.add_argument("--source", help="dataset spec the probe is fitted on")
     transfer.add_argument("--target", action="append", help="dataset spec with the source's classes (repeatable)")
-    transfer.add_argument("--corruptions", help="'all' or a comma list (gaussian_noise, ..., jpeg) of the source test split")
+    transfer.add_argument("--corruptions",
+                          help="'all' or a comma list (gaussian_noise, ..., jpeg) applied to the source test split")
     transfer.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5])
     transfer.add_argument("--adapt", action="append", choices=["adabn", "fixmatch"],
                           help="adaptation numbers beside the plain ones (repeatable)")

@@ -35,7 +35,7 @@ def adapt_batchnorm(backbone: nn.Module, images: Tensor, normalize: Normalize, d
                         f"{getattr(backbone, 'arch', type(backbone).__name__)!r} has no BatchNorm layers")
     for norm in norms:
         norm.reset_running_stats()
-        norm.momentum = None  # cumulative moving average: the exact mean over all batches
+        norm.momentum = None  # cumulative average of the batches' statistics
         norm.train()
     for start in range(0, images.shape[0], batch_size):
         adapted(normalize(images[start:start + batch_size].to(device)))
@@ -46,7 +46,8 @@ def fixmatch_adaptation(checkpoint: str | Path, source: str, target: str, steps:
                         device: str = "auto", out_dir: Optional[Path] = None, threshold: float = 0.9) -> dict:
     """Fine-tune the checkpoint's backbone with a new head on labeled `source` + unlabeled `target` images
     (relative threshold, distribution alignment to labeled predictions), and the same fine-tuning on the source
-    alone (no target image seen, so BatchNorm statistics stay the source's). -> {"source_only": target test top1, "adapted": target test top1, plus pseudo-label stats}."""
+    alone (no target image seen, so BatchNorm statistics stay the source's).
+    -> {"source_only_top1", "adapted_top1": target test top-1 of each, "run_dir": where both runs are}."""
     from ..config import validate_recipe
     from ..engine.checkpoint import resolve_checkpoint
     from ..runner import run_recipe

@@ -48,6 +48,7 @@ class FeatureExtractor:
         self.normalize = Normalize(info["mean"], info["std"]).to(self.device)
         self.batch_size = batch_size
         self._cache: dict[str, Tensor] = {}
+        self._splits: dict[str, dict[str, ImageSet]] = {}
         self.forward_passes = 0
 
     @classmethod
@@ -88,9 +89,15 @@ class FeatureExtractor:
         self.forward_passes += x.shape[0]
         return torch.cat(out)
 
+    def dataset_splits(self, spec: str) -> dict[str, ImageSet]:
+        """Every split of `spec` converted to the backbone's input format, loaded once per extractor."""
+        if spec not in self._splits:
+            self._splits[spec] = load_eval_splits(spec, self.info)
+        return self._splits[spec]
+
     def dataset_features(self, spec: str) -> dict[str, tuple[Tensor, Tensor, list[str]]]:
         """{split: (features (N, F), labels (N,), classes)} for every split of a dataset spec."""
         out = {}
-        for split, images in load_eval_splits(spec, self.info).items():
+        for split, images in self.dataset_splits(spec).items():
             out[split] = (self.features(images, key=f"{spec}|{split}"), images.labels, images.classes)
         return out

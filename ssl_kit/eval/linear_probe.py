@@ -89,8 +89,11 @@ def standardisation(features: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def fit_linear_grid(features: Tensor, labels: Tensor, num_classes: int, configs: list[tuple[float, float]],
-                    epochs: int = 100, batch_size: int | None = None, seed: int = 0) -> list[LinearModel]:
-    """One linear model per (lr, weight_decay) in `configs` on features (N, F), labels (N,) (see GridSGD)."""
+                    epochs: int = 100, batch_size: int | None = None, seed: int = 0,
+                    reextract: Optional[Callable[[int], Tensor]] = None) -> list[LinearModel]:
+    """One linear model per (lr, weight_decay) in `configs` on features (N, F), labels (N,) (see GridSGD).
+    With `reextract(epoch) -> (N, F)` (the ImageNet protocol: features of freshly augmented training images in the
+    same image order), epochs after the first train on those instead; the standardisation stays the first's."""
     if features.shape[0] == 0:
         raise DataError("linear probe: no training features")
     features = features.float()
@@ -99,24 +102,11 @@ def fit_linear_grid(features: Tensor, labels: Tensor, num_classes: int, configs:
     x = (features - mean) / std
     trainer = GridSGD(configs, num_classes, x.shape[1], epochs * math.ceil(x.shape[0] / batch_size))
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if reextract is not None and epoch > 0:
+            x = (reextract(epoch).float() - mean) / std
         trainer.epoch(x, labels, batch_size, generator)
     return trainer.models(mean, std)
-
-
-def fit_linear_augmented(extract: Callable[[int], Tensor], labels: Tensor, num_classes: int, lr: float,
-                         weight_decay: float, epochs: int, seed: int = 0) -> LinearModel:
-    """The ImageNet protocol: every epoch sees features of freshly augmented training images, extract(epoch) ->
-    (N, F) in a fixed image order matching `labels`. The standardisation is that of the first epoch's features."""
-    first = extract(0).float()
-    mean, std = standardisation(first)
-    batch_size = probe_batch_size(first.shape[0])
-    trainer = GridSGD([(lr, weight_decay)], num_classes, first.shape[1], epochs * math.ceil(first.shape[0] / batch_size))
-    generator = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
-        features = first if epoch == 0 else extract(epoch).float()
-        trainer.epoch((features - mean) / std, labels, batch_size, generator)
-    return trainer.models(mean, std)[0]
 
 
 def validation_split(labels: Tensor, fraction: float = 0.2, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -165,8 +155,9 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
         model = fit_linear(train_features, train_labels, num_classes, chosen["lr"], chosen["weight_decay"], epochs,
                            seed=seed)
     else:
-        model = fit_linear_augmented(lambda epoch: augmented(epoch, index), train_labels, num_classes, chosen["lr"],
-                                     chosen["weight_decay"], epochs, seed)
+        config = [(chosen["lr"], chosen["weight_decay"])]
+        model = fit_linear_grid(augmented(0, index), train_labels, num_classes, config, epochs, seed=seed,
+                                reextract=lambda epoch: augmented(epoch, index))[0]
     result = classification_metrics(model.logits(test_features), test_labels, num_classes)
     result.update({"chosen_lr": chosen["lr"], "chosen_weight_decay": chosen["weight_decay"],
                    "train_size": int(train_features.shape[0])})

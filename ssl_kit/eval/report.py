@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from . import plots
+from .transfer import lodo_rows
 
 
 def _format(value) -> str:
@@ -25,6 +26,7 @@ def summary_table(summary: dict) -> list[str]:
 
 
 HEADLINE_METRICS = ("test/top1", "top1")
+HEADLINE_EXTRAS = (("adabn_top1", "AdaBN"), ("fixmatch_adapted_top1", "FixMatch-adapted"), ("oracle_top1", "oracle"))
 
 
 def headline_rows(summary: dict, stages) -> list[tuple[str, str, str]]:
@@ -44,10 +46,10 @@ def headline_rows(summary: dict, stages) -> list[tuple[str, str, str]]:
             inner = key[len(name) + 1:]
             if inner.endswith("/gap") and "+" not in inner:  # a target domain (corruptions are summarised below)
                 target = inner[:-len("/gap")]
-                extra = "".join(f"; {label} {summary[f'{name}/{target}/{key}']:.4f}" for key, label in
-                                (("adabn_top1", "AdaBN"), ("fixmatch_adapted_top1", "FixMatch-adapted"),
-                                 ("oracle_top1", "oracle")) if isinstance(summary.get(f"{name}/{target}/{key}"), float))
-                rows.append((name, f"{target} top1", f"{summary[f'{name}/{target}/top1']:.4f} (gap {value:+.4f}{extra})"))
+                found = [(label, summary.get(f"{name}/{target}/{field}")) for field, label in HEADLINE_EXTRAS]
+                extra = "".join(f"; {label} {number:.4f}" for label, number in found if isinstance(number, float))
+                top1 = summary[f"{name}/{target}/top1"]
+                rows.append((name, f"{target} top1", f"{top1:.4f} (gap {value:+.4f}{extra})"))
             elif inner.startswith("corruption_mean/") or inner == "lodo/average/top1":
                 rows.append((name, inner, f"{value:.4f}"))
     return rows
@@ -84,8 +86,9 @@ def transfer_tables(stage_dir: Path) -> list[str]:
         lodo = json.loads(path.read_text())
         lines += [f"## {stage_dir.name}: leave-one-domain-out", "", lodo["protocol"], "",
                   "| held-out domain | top-1 | target oracle |", "|---|---|---|"]
-        for domain, row in list(lodo["domains"].items()) + [("**average**", lodo["average"])]:
-            lines.append(f"| {domain} | {_format(row['top1'])} | {_format(row['oracle_top1'])} |")
+        for domain, row in lodo_rows(lodo):
+            label = "**average**" if domain == "average" else domain
+            lines.append(f"| {label} | {_format(row['top1'])} | {_format(row['oracle_top1'])} |")
         lines.append("")
     return lines
 

@@ -8,10 +8,10 @@ from typing import Sequence
 
 import torch
 
-from .features import FeatureExtractor, load_eval_splits
+from .features import FeatureExtractor
 from .knn import knn_classify
 from .linear_probe import linear_probe
-from .transfer import leave_one_domain_out, scalars, transfer_eval
+from .transfer import leave_one_domain_out, lodo_rows, scalars, transfer_eval
 
 
 def probe_dataset(extractor: FeatureExtractor, spec: str, epochs: int, labels_per_class=None, seed: int = 0,
@@ -22,7 +22,7 @@ def probe_dataset(extractor: FeatureExtractor, spec: str, epochs: int, labels_pe
     test_x, test_y, _ = splits["test"]
     augmented = None
     if augment:
-        train_images = load_eval_splits(spec, extractor.info)["train"]
+        train_images = extractor.dataset_splits(spec)["train"]
         augmented = lambda epoch, index: extractor.augmented_features(  # noqa: E731
             train_images.subset(index), seed=seed * 100003 + epoch)
     result = linear_probe(train_x, train_y, test_x, test_y, len(classes), epochs, sweep, labels_per_class, seed,
@@ -70,7 +70,7 @@ def flatten_transfer(full: dict, lodo: dict | None) -> dict:
         for name, value in full.get("corruption_mean_top1", {}).items():
             flat[f"corruption_mean/{name}/top1"] = value
     if lodo:
-        for domain, row in list(lodo["domains"].items()) + [("average", lodo["average"])]:
+        for domain, row in lodo_rows(lodo):
             flat.update({f"lodo/{domain}/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
     return flat
 
@@ -107,7 +107,8 @@ def _run_transfer(stage, extractor: FeatureExtractor, checkpoint, dataset: str, 
         lodo = leave_one_domain_out(extractor, stage.domains, stage.epochs, seed)
         (out_dir / "leave_one_domain_out.json").write_text(json.dumps(lodo, indent=2))
         if not stage.targets:
-            rows = {d: {"leave-one-out": r["top1"], "target oracle": r["oracle_top1"]} for d, r in lodo["domains"].items()}
+            rows = {d: {"leave-one-out": r["top1"], "target oracle": r["oracle_top1"]}
+                    for d, r in lodo["domains"].items()}
             plots.plot_domain_bars(rows, run_dir / "plots" / f"domains_{stage.name}.png",
                                    f"{stage.name}: leave-one-domain-out")
     return flatten_transfer(full, lodo)

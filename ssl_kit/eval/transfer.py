@@ -20,7 +20,7 @@ from ..data.imageset import ImageSet
 from ..errors import DataError
 from .adaptation import ADAPT_METHODS, adapt_batchnorm, fixmatch_adaptation
 from .corruptions import SEVERITIES, corrupt
-from .features import FeatureExtractor, load_eval_splits
+from .features import FeatureExtractor
 from .linear_probe import linear_probe
 from .metrics import classification_metrics, predict
 
@@ -81,7 +81,7 @@ def transfer_eval(extractor: FeatureExtractor, source: str, targets: Sequence[st
         result["targets"][target] = metrics
 
     if corruptions:
-        clean = load_eval_splits(source, extractor.info)["test"]
+        clean = extractor.dataset_splits(source)["test"]
         for name in corruptions:
             for severity in severities:
                 images = ImageSet(corrupt(clean.images, name, severity, seed), clean.labels, clean.classes,
@@ -100,10 +100,15 @@ def _safe_name(spec: str) -> str:
 def _adabn_top1(extractor: FeatureExtractor, target: str, model, num_classes: int) -> float:
     """Target test accuracy of the source probe on features from a backbone whose BatchNorm statistics were
     re-estimated on the target's training images."""
-    splits = load_eval_splits(target, extractor.info)
+    splits = extractor.dataset_splits(target)
     adapted = adapt_batchnorm(extractor.backbone, splits["train"].images, extractor.normalize, extractor.device)
     features = predict(adapted, splits["test"].images, extractor.normalize, extractor.device)
     return classification_metrics(model.logits(features), splits["test"].labels, num_classes)["top1"]
+
+
+def lodo_rows(lodo: dict) -> list[tuple[str, dict]]:
+    """(domain, row) pairs of a leave_one_domain_out result, its average last as ('average', ...)."""
+    return list(lodo["domains"].items()) + [("average", lodo["average"])]
 
 
 def leave_one_domain_out(extractor: FeatureExtractor, domains: Sequence[str], epochs: int = 100, seed: int = 0,

@@ -1,7 +1,8 @@
 """Pseudo-label thresholding policies, swappable objects (nn.Modules so their state is checkpointed):
 
 fixed (FixMatch), FlexMatch (class-wise curriculum), FreeMatch (self-adaptive thresholds + fairness),
-SoftMatch (Gaussian soft weights), relative (AdaMatch). Distribution alignment is a separate, optional step before any of them.
+SoftMatch (Gaussian soft weights), relative (AdaMatch). Distribution alignment is a separate, optional step before
+any of them.
 
 Each policy maps probabilities of the weak view (N, K) to per-sample weights (N,) in [0, 1] and then updates its
 state from the same batch."""

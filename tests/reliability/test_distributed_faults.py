@@ -2,7 +2,6 @@
 gloo timeout); resuming on another world size refuses clearly (see test_distributed for rank-0-only writes)."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +11,9 @@ import pytest
 import yaml
 
 from tests.conftest import tiny_stage
+from tests.test_distributed import free_port
 
 WORKER = Path(__file__).with_name("fault_worker.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
