@@ -21,6 +21,7 @@ from ssl_kit.config import validate_recipe  # noqa: E402
 from ssl_kit.data.pipeline import prepare_data  # noqa: E402
 from ssl_kit.engine.trainer import RunContext, Trainer  # noqa: E402
 from ssl_kit.losses import nt_xent_loss  # noqa: E402
+from ssl_kit.engine.checkpoint import resolve_checkpoint  # noqa: E402
 from ssl_kit.methods import build_method  # noqa: E402
 from ssl_kit.models.heads import Classifier  # noqa: E402
 from ssl_kit.models.registry import build_backbone  # noqa: E402
@@ -60,7 +61,7 @@ def measure(method: str, model: str, batch: int, size: int, device: str, mu: int
     torch.manual_seed(0)
     kwargs = dict(cfg.backbone.kwargs)
     backbone = build_backbone(model, data.info.channels, size, kwargs)
-    instance = cls(cfg, backbone, data.info, **cls.context_from(cfg, data, {}))
+    instance = cls(cfg, backbone, data.info, **cls.context_from(cfg, data, resolve_checkpoint))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(instance, data, cfg, RunContext(Path(tmp), 0), {})
         dev, channels, classes = trainer.device, data.info.channels, data.info.num_classes

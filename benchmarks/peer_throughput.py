@@ -36,6 +36,7 @@ from benchmarks.method_overhead import KWARGS  # noqa: E402
 from ssl_kit.config import validate_recipe  # noqa: E402
 from ssl_kit.data.pipeline import prepare_data  # noqa: E402
 from ssl_kit.engine.trainer import RunContext, Trainer  # noqa: E402
+from ssl_kit.engine.checkpoint import resolve_checkpoint  # noqa: E402
 from ssl_kit.methods import build_method  # noqa: E402
 from ssl_kit.models.heads import Classifier  # noqa: E402
 from ssl_kit.models.registry import build_backbone  # noqa: E402
@@ -65,7 +66,7 @@ def ssl_kit_step(method: str, model: str, batch: int, mu: int, tmp: str):
     data = prepare_data(cfg.data, 0, use_unlabeled=cls.wants_unlabeled(cfg))
     torch.manual_seed(0)
     backbone = build_backbone(model, data.info.channels, SIZE, KWARGS[model])
-    trainer = Trainer(cls(cfg, backbone, data.info, **cls.context_from(cfg, data, {})), data, cfg,
+    trainer = Trainer(cls(cfg, backbone, data.info, **cls.context_from(cfg, data, resolve_checkpoint)), data, cfg,
                       RunContext(Path(tmp), 0), {})
 
     def step() -> None:

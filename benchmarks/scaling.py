@@ -24,6 +24,7 @@ from benchmarks.common import sync, table  # noqa: E402
 from ssl_kit.config import validate_recipe  # noqa: E402
 from ssl_kit.data.pipeline import prepare_data  # noqa: E402
 from ssl_kit.engine.trainer import RunContext, Trainer  # noqa: E402
+from ssl_kit.engine.checkpoint import resolve_checkpoint  # noqa: E402
 from ssl_kit.methods import build_method  # noqa: E402
 from ssl_kit.models.registry import build_backbone  # noqa: E402
 
@@ -79,7 +80,7 @@ def measure(method: str, backbone: str, batch: int, size: int, device: str) -> t
     data = prepare_data(cfg.data, 0, use_unlabeled=cls.wants_unlabeled(cfg))
     net = build_backbone(BACKBONES[backbone][0], data.info.channels, size, cfg.backbone.kwargs)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cls(cfg, net, data.info, **cls.context_from(cfg, data, {})), data, cfg,
+        trainer = Trainer(cls(cfg, net, data.info, **cls.context_from(cfg, data, resolve_checkpoint)), data, cfg,
                           RunContext(Path(tmp), 0), {})
         gc.collect()
         baseline = reset_peak(trainer.device)

@@ -1,4 +1,5 @@
 """ssl_kit: semi-supervised and self-supervised training of image backbones on one shared engine."""
+from . import methods  # noqa: F401  (registers every method's stage config with the recipe schema)
 from .engine.checkpoint import load_backbone
 from .errors import CheckpointError, ConfigError, DataError, SslKitError, TrainingError
 

@@ -94,6 +94,7 @@ def _extractor(args):
 def cmd_transfer(args) -> int:
     from .eval.corruptions import parse_corruptions
     from .eval.transfer import leave_one_domain_out, lodo_rows, transfer_eval
+    from .runner import run_recipe
 
     if not (args.source or args.domains):
         raise SslKitError("transfer needs --source (with --target and/or --corruptions) or --domains "
@@ -106,7 +107,8 @@ def cmd_transfer(args) -> int:
     if args.source:
         result = transfer_eval(extractor, args.source, args.target or [], args.epochs, args.seed,
                                sweep=not args.no_sweep, adapt=args.adapt or [], corruptions=corruptions,
-                               severities=args.severities, checkpoint=args.checkpoint, adapt_steps=args.adapt_steps)
+                               severities=args.severities, checkpoint=args.checkpoint, adapt_steps=args.adapt_steps,
+                               train=run_recipe)
     if args.domains:
         result["leave_one_domain_out"] = leave_one_domain_out(extractor, args.domains, args.epochs, args.seed,
                                                               sweep=not args.no_sweep)

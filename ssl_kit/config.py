@@ -16,11 +16,12 @@ Unknown keys, wrong types and impossible values raise :class:`ConfigError` namin
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from .errors import ConfigError, SslKitError
 
@@ -138,15 +139,9 @@ class StageBase(Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
-
-class SupervisedStage(StageBase):
-    """Labels only; also the fine-tuning stage (init.from_stage / init.checkpoint)."""
-
-    method: Literal["supervised"]
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    mixup_alpha: float = Field(0.0, ge=0, description="mixup Beta(α, α); 0 = off")
-    cutmix_alpha: float = Field(0.0, ge=0, description="CutMix Beta(α, α); 0 = off (with both, each batch picks one)")
-    layer_decay: Optional[float] = Field(None, gt=0, le=1, description="ViT layer-wise lr decay (MAE fine-tuning 0.65)")
+    def stage_references(self) -> dict[str, Optional[str]]:
+        """{what: earlier stage name} this stage reads: its backbone (init.from_stage); methods add theirs."""
+        return {"backbone": self.init.from_stage}
 
 
 class ViewsConfig(Strict):
@@ -160,115 +155,10 @@ class ViewsConfig(Strict):
     solarize_prob: float = Field(0.0, ge=0, le=1, description="applied to the second view only (BYOL/MoCo v3)")
 
 
-class OnlineProbeConfig(Strict):
-    enabled: bool = True
-    lr: float = Field(0.1, gt=0)
-
-
-class ContrastiveStage(StageBase):
-    method: Literal["simclr", "mocov2", "mocov3"]
-    temperature: float = Field(0.1, gt=0, description="softmax temperature of the contrastive loss")
-    proj_hidden_dim: int = Field(512, ge=1)
-    proj_dim: int = Field(128, ge=1)
-    pred_hidden_dim: int = Field(512, ge=1, description="mocov3 predictor")
-    queue_size: int = Field(4096, ge=0, description="mocov2 negatives queue (0: in-batch negatives)")
-    momentum: float = Field(0.99, ge=0, le=1, description="momentum encoder: base value of the cosine 0.99→1 schedule")
-    views: ViewsConfig = Field(default_factory=ViewsConfig)
-    online_probe: OnlineProbeConfig = Field(default_factory=OnlineProbeConfig)
-
-
 class StrongAugConfig(Strict):
     num_ops: int = Field(2, ge=0, le=14)
     magnitude_max: float = Field(1.0, gt=0, le=1, description="magnitudes drawn per sample in [0.05, max]")
     cutout: float = Field(0.5, ge=0, le=1, description="max cutout side as a fraction of the size")
-
-
-class ThresholdConfig(Strict):
-    policy: Literal["fixed", "flexmatch", "freematch", "softmatch", "relative"] = Field(
-        "fixed", description="relative (AdaMatch): threshold × mean confidence on the labeled batch's weak view")
-    flexmatch_warmup: bool = True
-    ema: float = Field(0.999, gt=0, lt=1, description="freematch/softmatch EMA momentum")
-    freematch_fairness_weight: float = Field(0.0, ge=0)
-    distribution_alignment: bool = False
-    alignment_target: Literal["uniform", "labeled"] = Field(
-        "uniform", description="align pseudo-labels to a uniform class distribution or to the model's running mean "
-                               "prediction on labeled images (AdaMatch, for domain shift)")
-
-
-class FixMatchStage(StageBase):
-    method: Literal["fixmatch"]
-    threshold: float = Field(0.95, ge=0, le=1)
-    lambda_u: float = Field(1.0, ge=0)
-    mu: int = Field(7, ge=1, description="unlabeled batch = mu × labeled batch")
-    temperature: float = Field(1.0, gt=0, description="sharpening of the pseudo-label softmax")
-    threshold_policy: ThresholdConfig = Field(default_factory=ThresholdConfig)
-    strong: StrongAugConfig = Field(default_factory=StrongAugConfig)
-    joint_forward: bool = Field(True, description="labeled + both unlabeled views in one forward pass")
-    eval_ema: bool = Field(True, description="evaluate the EMA model (needs train.ema_decay)")
-
-
-class TeacherConfig(Strict):
-    checkpoint: Optional[str] = Field(None, description="backbone.pt (with its head), run dir or training checkpoint")
-    from_stage: Optional[str] = Field(None, description="the backbone + head an earlier stage of this recipe produced")
-
-
-class KDStage(StageBase):
-    """Hinton knowledge distillation: loss = alpha · KD(student ‖ teacher, T) + (1 − alpha) · CE(student, labels).
-    alpha weighs the soft-target term (the convention of Hinton et al. and torchdistill; RepDistiller's 'alpha' is
-    the CE weight instead)."""
-
-    method: Literal["kd"]
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft-target (KD) term")
-    kd_temperature: float = Field(4.0, gt=0, description="softens both distributions; T² rescales the gradient")
-    use_unlabeled: bool = Field(False, description="also distil on unlabeled images (soft targets only)")
-    mu: int = Field(3, ge=1, description="unlabeled batch = mu × labeled batch when use_unlabeled")
-    cache_teacher_logits: bool = Field(False, description="teacher sees un-augmented images, logits computed once")
-
-    @model_validator(mode="after")
-    def _one_teacher(self) -> "KDStage":
-        if bool(self.teacher.checkpoint) == bool(self.teacher.from_stage):
-            raise ValueError("give exactly one of teacher.checkpoint or teacher.from_stage")
-        return self
-
-
-class DinoStage(StageBase):
-    """DINO self-distillation: EMA teacher, centering, sharpening, multi-crop."""
-
-    method: Literal["dino"]
-    out_dim: int = Field(4096, ge=2, description="prototypes K of the DINO head")
-    head_hidden_dim: int = Field(2048, ge=1)
-    bottleneck_dim: int = Field(256, ge=1)
-    norm_last_layer: bool = Field(True, description="freeze the weight-norm magnitude of the last layer at 1")
-    student_temp: float = Field(0.1, gt=0)
-    teacher_temp: float = Field(0.04, gt=0)
-    warmup_teacher_temp: float = Field(0.04, gt=0)
-    warmup_teacher_temp_epochs: float = Field(0, ge=0)
-    center_momentum: float = Field(0.9, ge=0, lt=1)
-    momentum: float = Field(0.996, ge=0, le=1, description="teacher EMA: cosine from this value to 1")
-    global_crop_scale: tuple[float, float] = (0.4, 1.0)
-    local_crops: int = Field(6, ge=0)
-    local_crop_scale: tuple[float, float] = (0.05, 0.4)
-    local_crop_size: float = Field(0.43, gt=0, le=1, description="local crop side as a fraction of image_size")
-    freeze_last_layer_epochs: float = Field(1, ge=0)
-    views: ViewsConfig = Field(default_factory=ViewsConfig)
-    online_probe: OnlineProbeConfig = Field(default_factory=OnlineProbeConfig)
-
-
-class MaskedStage(StageBase):
-    """Masked image modeling: MAE (ViT, encoder on visible patches) or SimMIM (ViT or ResNet, mask token in the
-    input, light linear head, L1 on masked pixels)."""
-
-    method: Literal["mae", "simmim"]
-    mask_ratio: float = Field(0.75, gt=0, lt=1)
-    masking: Literal["random", "block"] = Field("random", description="block: BEiT-style blockwise masks")
-    mask_patch_size: Optional[int] = Field(None, ge=1, description="SimMIM: mask unit in pixels (default: patch size / 4 px for ResNets)")
-    norm_pix: bool = Field(True, description="MAE: per-patch normalised pixel targets")
-    decoder_dim: int = Field(128, ge=4)
-    decoder_depth: int = Field(2, ge=1)
-    decoder_heads: int = Field(4, ge=1)
-    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="random resized crop of the input view")
-    online_probe: OnlineProbeConfig = Field(default_factory=OnlineProbeConfig)
 
 
 class EvalStageBase(Strict):
@@ -278,6 +168,9 @@ class EvalStageBase(Strict):
     data: Optional[str] = Field(None, description="dataset spec; default: the source stage's dataset")
     image_size: Optional[int] = Field(None, ge=4)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def stage_references(self) -> dict[str, Optional[str]]:
+        return {"backbone": self.from_stage}
 
 
 class LinearProbeStage(EvalStageBase):
@@ -328,13 +221,31 @@ class TransferStage(EvalStageBase):
             raise ValueError(str(exc)) from None
 
 
-Stage = Annotated[
-    Union[SupervisedStage, ContrastiveStage, FixMatchStage, KDStage, DinoStage, MaskedStage, LinearProbeStage,
-          KnnStage, TransferStage],
-    Field(discriminator="method"),
-]
-TRAINING_METHODS = ("supervised", "simclr", "mocov2", "mocov3", "fixmatch", "kd", "dino", "mae", "simmim")
-EVAL_METHODS = ("linear_probe", "knn", "transfer")
+EVAL_STAGES: dict[str, type] = {"linear_probe": LinearProbeStage, "knn": KnnStage, "transfer": TransferStage}
+EVAL_METHODS = tuple(EVAL_STAGES)
+_TRAINING_STAGES: dict[str, type[StageBase]] = {}
+
+
+def register_stage_schema(method: str, schema: type[StageBase]) -> None:
+    """Make `method: <method>` a valid training stage validated by `schema` (a StageBase subclass whose `method`
+    field is Literal[method]). Called by `ssl_kit.methods.registry.register`: each method declares its own keys."""
+    annotation = schema.model_fields.get("method")
+    if annotation is None or method not in getattr(annotation.annotation, "__args__", ()):
+        raise TypeError(f"{schema.__name__} must declare `method: Literal[{method!r}]`")
+    if method in EVAL_STAGES or (method in _TRAINING_STAGES and _TRAINING_STAGES[method] is not schema):
+        raise TypeError(f"stage method {method!r} is registered twice")
+    _TRAINING_STAGES[method] = schema
+    _recipe_model.cache_clear()
+
+
+def training_methods() -> tuple[str, ...]:
+    """Names of the registered training methods (the `method:` values of training stages)."""
+    return tuple(_TRAINING_STAGES)
+
+
+def stage_schema(method: str) -> type:
+    """The config class that validates a stage with this `method`."""
+    return {**_TRAINING_STAGES, **EVAL_STAGES}[method]
 
 
 class WandbConfig(Strict):
@@ -345,11 +256,14 @@ class WandbConfig(Strict):
 
 
 class Recipe(Strict):
+    """seed, name, description, wandb, and the stages; each stage is validated by the schema of its `method`
+    (`_recipe_model` builds the discriminated union from the registered methods)."""
+
     seed: int = 0
     name: Optional[str] = None
     description: str = ""
     wandb: WandbConfig = Field(default_factory=WandbConfig)
-    stages: list[Stage] = Field(min_length=1)
+    stages: list[Any] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _stage_references(self) -> "Recipe":
@@ -357,9 +271,7 @@ class Recipe(Strict):
         for stage in self.stages:
             if stage.name in seen:
                 raise ValueError(f"stage name {stage.name!r} is used twice")
-            source = stage.init.from_stage if isinstance(stage, StageBase) else stage.from_stage
-            teacher = stage.teacher.from_stage if isinstance(stage, KDStage) else None
-            for what, ref in (("backbone", source), ("teacher", teacher)):
+            for what, ref in stage.stage_references().items():
                 if ref is not None and ref not in seen:
                     raise ValueError(f"stage {stage.name!r} takes its {what} from {ref!r}, which is not an earlier "
                                      f"stage (earlier: {seen or 'none'})")
@@ -371,6 +283,15 @@ class Recipe(Strict):
             if stage.name == name:
                 return stage
         raise KeyError(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _recipe_model() -> type[Recipe]:
+    """Recipe whose `stages` is the discriminated union (on `method`) of every registered stage schema."""
+    schemas = tuple(_TRAINING_STAGES.values()) + tuple(EVAL_STAGES.values())
+    stage = Annotated[Union[schemas], Field(discriminator="method")]
+    return create_model("Recipe", __base__=Recipe, __doc__=Recipe.__doc__,
+                        stages=(list[stage], Field(min_length=1)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,7 +311,7 @@ def _format_location(loc: tuple, raw: dict) -> str:
             name = stages[index].get("name", index) if index < len(stages) and isinstance(stages[index], dict) else index
             parts.append(f"stages[{name}]")
             i += 2
-            if i < len(items) and isinstance(items[i], str) and items[i] in TRAINING_METHODS + EVAL_METHODS:
+            if i < len(items) and isinstance(items[i], str) and items[i] in training_methods() + EVAL_METHODS:
                 i += 1  # the discriminator tag pydantic inserts
             continue
         parts.append(f"[{item}]" if isinstance(item, int) else f".{item}")
@@ -410,7 +331,7 @@ def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a recipe is a mapping with 'seed' and 'stages', got {type(raw).__name__}")
     try:
-        return Recipe.model_validate(raw)
+        return _recipe_model().model_validate(raw)
     except ValidationError as exc:
         lines = []
         for error in exc.errors():

@@ -108,6 +108,10 @@ class RecipeRunner:
             stage, step = state.get("stage"), int(state.get("step", -1))
         truncate_metrics(self.run_dir / "metrics.jsonl", self._done_stages(), stage, step)
 
+    def _load_record(self, source: str) -> dict:
+        """The backbone record of an earlier stage (by name) or of a checkpoint path."""
+        return resolve_checkpoint(self.backbones[source] if source in self.backbones else source)
+
     def _init_record(self, stage: StageBase) -> Optional[dict]:
         if stage.init.checkpoint:
             return resolve_checkpoint(stage.init.checkpoint)
@@ -182,11 +186,11 @@ class RecipeRunner:
         data_cfg = stage.data
         if record is not None and data_cfg.channels is None:
             data_cfg = data_cfg.model_copy(update={"channels": record["data"]["channels"]})
-        method_cls = build_method(stage.method, check_only=True)
+        method_cls = build_method(stage.method)
         data = prepare_data(data_cfg, self.recipe.seed, use_unlabeled=method_cls.wants_unlabeled(stage))
         self._save_split(stage.name, data)
         backbone, arch = self._build_backbone(stage, data.info, record)
-        method = method_cls(stage, backbone, data.info, **method_cls.context_from(stage, data, self.backbones))
+        method = method_cls(stage, backbone, data.info, **method_cls.context_from(stage, data, self._load_record))
         meta = {**arch, "data": data.info.to_dict(), "backbone_prefix": method.backbone_prefix,
                 "head_prefix": method.head_prefix}
         trainer = Trainer(method, data, stage, ctx, meta)
@@ -250,7 +254,7 @@ class RecipeRunner:
         dataset = stage.data
         if dataset is None:
             dataset = resolve_checkpoint(source)["data"]["dataset"]
-        return run_eval_stage(stage, source, dataset, self.run_dir, self.recipe.seed)
+        return run_eval_stage(stage, source, dataset, self.run_dir, self.recipe.seed, train=run_recipe)
 
 
 def run_recipe(recipe: Recipe, out: Optional[Path] = None, resume: bool = False,

@@ -13,7 +13,7 @@ def batch(channels=3, n=8, size=16):
 def test_views_shapes_dtypes_and_seed_determinism(channels):
     x = batch(channels)
     normalize = A.Normalize([0.5] * channels, [0.25] * channels)
-    views = [A.WeakView(normalize, 0.125, True), A.ContrastiveView(normalize, ViewsConfig(blur_prob=0.5), True, 0.2),
+    views = [A.WeakView(normalize, 0.125, True), A.ContrastiveView.from_config(normalize, ViewsConfig(blur_prob=0.5), True, solarize_prob=0.2),
              A.StrongView(normalize, StrongAugConfig(), 0.125, True)]
     for view in views:
         torch.manual_seed(3)

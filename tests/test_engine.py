@@ -7,9 +7,11 @@ from torch import nn
 
 from ssl_kit.config import OptimizerConfig, ScheduleConfig
 from ssl_kit.engine.checkpoint import atomic_save, safe_load
-from ssl_kit.engine.ema import ModelEMA, momentum_update
-from ssl_kit.engine.optim import LARS, ParamGroup, build_optimizer
-from ssl_kit.engine.schedule import LrSchedule, cosine_ramp
+from ssl_kit.engine.ema import ModelEMA
+from ssl_kit.methods.momentum import cosine_ramp, momentum_update
+from ssl_kit.engine.optim import LARS, build_optimizer
+from ssl_kit.methods.param_groups import ParamGroup
+from ssl_kit.engine.schedule import LrSchedule
 from ssl_kit.errors import CheckpointError, TrainingError
 from ssl_kit.models.cnn import SmallCNN
 from ssl_kit.runner import run_recipe

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ssl_kit.config import validate_recipe
-from ssl_kit.engine.optim import layer_decay_groups, vit_layer_id
+from ssl_kit.methods.param_groups import layer_decay_groups, vit_layer_id
 from ssl_kit.models.masking import block_masking, patchify, random_masking, unpatchify
 from ssl_kit.models.vit import VisionTransformer
 from ssl_kit.runner import run_recipe

@@ -157,23 +157,36 @@ class WeakView(torch.nn.Module):
 
 
 class ContrastiveView(torch.nn.Module):
-    """SimCLR / MoCo view: resized crop, flip, colour jitter, grayscale, blur, solarize; then normalise."""
+    """SimCLR / MoCo / BYOL / DINO view, every strength an explicit keyword (lightly's transforms are the model):
+    random resized crop (`crop_scale`, `crop_ratio`, `out_size`: None keeps the input size), horizontal flip
+    (`hflip`), colour jitter (`jitter_prob`, `jitter_strength` s: brightness/contrast/saturation 0.8·s, hue 0.2·s),
+    grayscale (`grayscale_prob`), Gaussian blur (`blur_prob`), solarize (`solarize_prob`); then normalise."""
 
-    def __init__(self, normalize: Normalize, cfg: ViewsConfig, hflip: bool, solarize_prob: float = 0.0,
-                 crop_scale: tuple[float, float] | None = None, out_size: int | None = None,
-                 blur_prob: float | None = None) -> None:
+    def __init__(self, normalize: Normalize, *, crop_scale: tuple[float, float] = (0.2, 1.0),
+                 crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), out_size: int | None = None, hflip: bool = True,
+                 jitter_prob: float = 0.8, jitter_strength: float = 0.5, grayscale_prob: float = 0.2,
+                 blur_prob: float = 0.0, solarize_prob: float = 0.0) -> None:
         super().__init__()
-        self.normalize, self.cfg, self.hflip, self.solarize_prob = normalize, cfg, hflip, solarize_prob
-        self.crop_scale = tuple(crop_scale or cfg.crop_scale)
-        self.out_size = out_size
-        self.blur_prob = cfg.blur_prob if blur_prob is None else blur_prob
+        self.normalize = normalize
+        self.crop_scale, self.crop_ratio, self.out_size, self.hflip = tuple(crop_scale), tuple(crop_ratio), out_size, hflip
+        self.jitter_prob, self.jitter_strength, self.grayscale_prob = jitter_prob, jitter_strength, grayscale_prob
+        self.blur_prob, self.solarize_prob = blur_prob, solarize_prob
+
+    @classmethod
+    def from_config(cls, normalize: Normalize, views: ViewsConfig, hflip: bool, **overrides) -> "ContrastiveView":
+        """A view with a recipe's `views` strengths (crop scale, jitter, grayscale, blur; no solarize unless given),
+        any keyword overriding them."""
+        kwargs = dict(crop_scale=views.crop_scale, jitter_prob=views.jitter_prob,
+                      jitter_strength=views.jitter_strength, grayscale_prob=views.grayscale_prob,
+                      blur_prob=views.blur_prob, hflip=hflip)
+        return cls(normalize, **{**kwargs, **overrides})
 
     def forward(self, x: Tensor) -> Tensor:
         """uint8 (N, C, H, W) -> normalised float (N, C, out_size, out_size)."""
-        cfg = self.cfg
-        y = random_resized_crop(to_unit_float(x), self.crop_scale, hflip=self.hflip, out_size=self.out_size)
-        y = color_jitter(y, cfg.jitter_strength, cfg.jitter_prob)
-        y = random_grayscale(y, cfg.grayscale_prob)
+        y = random_resized_crop(to_unit_float(x), self.crop_scale, self.crop_ratio, hflip=self.hflip,
+                                out_size=self.out_size)
+        y = color_jitter(y, self.jitter_strength, self.jitter_prob)
+        y = random_grayscale(y, self.grayscale_prob)
         y = random_blur(y, self.blur_prob)
         y = random_solarize(y, self.solarize_prob)
         return self.normalize(y)

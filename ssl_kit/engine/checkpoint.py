@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..models.registry import build_from_record  # noqa: F401  (public here: records in, modules out)
 
 BACKBONE_FORMAT = "ssl_kit.backbone"
 CHECKPOINT_FORMAT = "ssl_kit.checkpoint"
@@ -102,22 +103,6 @@ def resolve_checkpoint(path: str | Path) -> dict:
         f"{str(path)!r} is not an ssl_kit backbone or training checkpoint (format field: {kind!r}); "
         f"expected a run's backbone.pt, a run directory or checkpoints/last.pt"
     )
-
-
-def build_from_record(record: dict) -> nn.Module:
-    """Rebuild the backbone of a record, load its weights; attaches .data_info and .arch."""
-    from ..models.registry import build_backbone
-
-    info = record["data"]
-    backbone = build_backbone(record["arch"], info["channels"], info["image_size"], record["kwargs"])
-    try:
-        backbone.load_state_dict(record["state_dict"])
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise CheckpointError(f"weights do not fit backbone {record['arch']!r} {record['kwargs']}: {first}") from None
-    backbone.data_info = info
-    backbone.arch = record["arch"]
-    return backbone
 
 
 def load_backbone(path: str | Path) -> nn.Module:

@@ -1,5 +1,5 @@
-"""torchrun / DDP support without wrapping models: gradients are averaged with one flat all-reduce after
-backward, so every method runs unchanged on 1 CPU process or N GPUs. Also a gradient-carrying all-gather."""
+"""torchrun support: joining the process group; gradients are averaged with one flat all-reduce after backward.
+The collectives every layer uses (rank, gathers) live in `ssl_kit.common.distributed` and are re-exported here."""
 from __future__ import annotations
 
 import datetime
@@ -9,21 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
+from ..common.distributed import (all_reduce_mean, all_reduce_sum, gather_no_grad, gather_with_grad,  # noqa: F401
+                                  is_distributed, is_main, rank, world_size)
 
 
 def init_from_env(device: str) -> bool:
@@ -53,43 +40,3 @@ def all_reduce_gradients(params: list[Tensor]) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
-
-
-def all_reduce_mean(value: Tensor) -> Tensor:
-    """Mean of a tensor over ranks (no gradient)."""
-    if not is_distributed():
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value)
-    return value / world_size()
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        parts = [torch.empty_like(x) for _ in range(world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # each rank's loss used every row; sum their contributions
-        n = grad.shape[0] // world_size()
-        return grad[rank() * n:(rank() + 1) * n]
-
-
-def gather_with_grad(x: Tensor) -> Tensor:
-    """(n, D) on each rank -> (world·n, D) in rank order; gradients flow back to every rank's rows."""
-    if not is_distributed() or world_size() == 1:
-        return x
-    return _GatherWithGrad.apply(x)
-
-
-@torch.no_grad()
-def gather_no_grad(x: Tensor) -> Tensor:
-    if not is_distributed() or world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)

@@ -24,11 +24,3 @@ class ModelEMA(nn.Module):
         torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
         for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
             ema_buffer.copy_(buffer)
-
-
-@torch.no_grad()
-def momentum_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """target ← m·target + (1 − m)·online (MoCo/BYOL/DINO teachers); buffers copied."""
-    torch._foreach_lerp_(list(target.parameters()), [p.detach() for p in online.parameters()], 1.0 - momentum)
-    for t_buffer, buffer in zip(target.buffers(), online.buffers()):
-        t_buffer.copy_(buffer)

@@ -1,24 +1,12 @@
-"""Optimizers by name, parameter groups with weight decay excluded by shape, and LARS."""
+"""Optimizers by name from the parameter groups a method declares, weight decay excluded by shape, and LARS."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from ..config import OptimizerConfig
-
-
-@dataclass
-class ParamGroup:
-    """A named set of parameters trained at lr × lr_scale."""
-
-    name: str
-    params: list[nn.Parameter]
-    lr_scale: float = 1.0
-    weight_decay: bool = True
-    extra: dict = field(default_factory=dict)
+from ..methods.param_groups import ParamGroup
 
 
 def split_decay(group: ParamGroup, exclude_norm_and_bias: bool) -> list[ParamGroup]:
@@ -35,28 +23,6 @@ def split_decay(group: ParamGroup, exclude_norm_and_bias: bool) -> list[ParamGro
     if no_decay:
         out.append(ParamGroup(f"{group.name}/no_decay", no_decay, group.lr_scale, False, group.extra))
     return out
-
-
-def vit_layer_id(name: str, depth: int) -> int:
-    """Layer index of a ViT parameter for layer-wise lr decay: embeddings (patch_embed, cls_token, pos_embed) 0,
-    blocks.i -> i + 1, everything after the blocks (final norm) depth + 1."""
-    if name.startswith(("patch_embed", "cls_token", "pos_embed")):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
-
-
-def layer_decay_groups(backbone: nn.Module, decay: float, base_scale: float = 1.0) -> list[ParamGroup]:
-    """One group per ViT layer with lr_scale = base_scale · decay^(depth + 1 − layer id); the head (not in the
-    backbone) keeps scale 1 in its own group."""
-    depth = backbone.depth
-    by_layer: dict[int, list[nn.Parameter]] = {}
-    for name, param in backbone.named_parameters():
-        if param.requires_grad:
-            by_layer.setdefault(vit_layer_id(name, depth), []).append(param)
-    return [ParamGroup(f"layer{layer}", params, base_scale * decay ** (depth + 1 - layer))
-            for layer, params in sorted(by_layer.items())]
 
 
 class LARS(torch.optim.Optimizer):

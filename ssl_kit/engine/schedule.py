@@ -61,9 +61,3 @@ class LrSchedule:
         if self._bad > self.cfg.plateau_patience:
             self.plateau_scale = max(self.cfg.min_lr_ratio, self.plateau_scale * self.cfg.gamma)
             self._bad = 0
-
-
-def cosine_ramp(start: float, end: float, step: int, total: int) -> float:
-    """start -> end along a half cosine over `total` steps (momentum schedules: 0.996 -> 1)."""
-    progress = min(max(step / max(1, total), 0.0), 1.0)
-    return end - (end - start) * 0.5 * (1 + math.cos(math.pi * progress))

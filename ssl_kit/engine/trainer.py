@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,10 +18,11 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..common.device import autocast_context, resolve_device  # noqa: F401  (resolve_device: public here too)
+from ..common.metrics import classification_metrics, predict
 from ..data.loader import DeviceLoader
 from ..data.pipeline import PreparedData
 from ..errors import CheckpointError, TrainingError, TrainingInterrupted
-from ..eval.metrics import classification_metrics, predict
 from ..methods.base import Method, Progress
 from ..models.heads import init_head
 from . import distributed as dist
@@ -30,27 +31,6 @@ from .ema import ModelEMA
 from .loggers import JsonlLogger, WandbLogger, progress
 from .optim import build_optimizer
 from .schedule import LrSchedule
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda (this rank's GPU under torchrun) when available, else cpu."""
-    import os
-
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise TrainingError("train.device=cuda but no CUDA device is available")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def autocast_context(precision: str, device: torch.device):
-    """bf16 autocast on CPU or CUDA, fp16 autocast on CUDA (with a grad scaler), nothing for fp32."""
-    if precision == "fp32":
-        return nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise TrainingError("train.precision=fp16 needs a CUDA device; use bf16 on the CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @contextmanager
@@ -115,7 +95,7 @@ class Trainer:
                                 f"images; lower it")
         images = data.train.images.to(self.device)
         labels = data.train.labels.to(self.device)
-        mu = getattr(cfg, "mu", 0) if method.uses_unlabeled else 0
+        mu = method.unlabeled_ratio()
         self.loader = DeviceLoader(images, labels, data.labeled, tc.batch_size, ctx.seed,
                                    data.unlabeled if method.uses_unlabeled else None, mu, self.rank, self.world)
         self.steps_per_epoch = self.loader.steps_per_epoch

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -42,15 +42,19 @@ def adapt_batchnorm(backbone: nn.Module, images: Tensor, normalize: Normalize, d
     return adapted.eval()
 
 
+TrainRecipe = Callable[..., tuple]  # (recipe, out dir) -> (run dir, summary): the runner's run_recipe
+
+
 def fixmatch_adaptation(checkpoint: str | Path, source: str, target: str, steps: int, seed: int,
-                        device: str = "auto", out_dir: Optional[Path] = None, threshold: float = 0.9) -> dict:
+                        train: TrainRecipe, device: str = "auto", out_dir: Optional[Path] = None,
+                        threshold: float = 0.9) -> dict:
     """Fine-tune the checkpoint's backbone with a new head on labeled `source` + unlabeled `target` images
     (relative threshold, distribution alignment to labeled predictions), and the same fine-tuning on the source
-    alone (no target image seen, so BatchNorm statistics stay the source's).
+    alone (no target image seen, so BatchNorm statistics stay the source's). `train(recipe, out_dir)` runs the two
+    stages (the runner's `run_recipe`: evaluation drives training without importing the runner).
     -> {"source_only_top1", "adapted_top1": target test top-1 of each, "run_dir": where both runs are}."""
     from ..config import validate_recipe
     from ..engine.checkpoint import resolve_checkpoint
-    from ..runner import run_recipe
 
     info = resolve_checkpoint(checkpoint)["data"]
     data = {"dataset": source, "test": target, "image_size": info["image_size"], "channels": info["channels"]}
@@ -67,6 +71,6 @@ def fixmatch_adaptation(checkpoint: str | Path, source: str, target: str, steps:
     stages = [source_only, adapted]
     recipe = validate_recipe({"seed": seed, "name": "adapt", "stages": stages}, f"fixmatch adaptation to {target!r}")
     out = out_dir if out_dir is not None else Path(tempfile.mkdtemp(prefix="ssl-kit-adapt-"))
-    _, summary = run_recipe(recipe, out)
+    _, summary = train(recipe, out)
     return {"source_only_top1": summary["source_only/test/top1"], "adapted_top1": summary["adapted/test/top1"],
             "run_dir": str(out)}

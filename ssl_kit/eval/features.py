@@ -8,13 +8,13 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..common.device import resolve_device
 from ..data.augment import Normalize, random_resized_crop, to_unit_float
 from ..data.imageset import ImageSet, convert_images
 from ..data.pipeline import load_converted
 from ..engine.checkpoint import load_backbone
-from ..engine.trainer import resolve_device
 from ..errors import DataError
-from .metrics import predict
+from ..common.metrics import predict
 
 
 def load_eval_splits(spec: str, info: dict) -> dict[str, ImageSet]:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .metrics import classification_metrics
+from ..common.metrics import classification_metrics
 
 
 def _faiss_index(bank: np.ndarray, ivf: bool, use_gpu: bool):

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..data.builtin import stratified_holdout
 from ..errors import DataError
-from .metrics import classification_metrics
+from ..common.metrics import classification_metrics
 
 LR_GRID = (0.3, 0.1, 0.03)
 WD_GRID = (0.0, 1e-4, 1e-3)

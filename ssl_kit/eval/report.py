@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import plots
+from ..common import plots
 from .transfer import lodo_rows
 
 

@@ -42,7 +42,7 @@ def knn_dataset(extractor: FeatureExtractor, spec: str, k: int, temperature: flo
 def tsne_picture(extractor: FeatureExtractor, specs: Sequence[str], out: Path, per_domain: int = 300,
                  seed: int = 0) -> Path:
     """t-SNE of up to `per_domain` test images of each spec, coloured by class (and by domain when > 1 spec)."""
-    from . import plots
+    from ..common import plots
 
     generator = torch.Generator().manual_seed(seed)
     features, labels, domains = [], [], []
@@ -86,8 +86,9 @@ def domain_bar_rows(full: dict) -> dict[str, dict[str, float]]:
     return rows
 
 
-def _run_transfer(stage, extractor: FeatureExtractor, checkpoint, dataset: str, run_dir: Path, seed: int) -> dict:
-    from . import plots
+def _run_transfer(stage, extractor: FeatureExtractor, checkpoint, dataset: str, run_dir: Path, seed: int,
+                  train) -> dict:
+    from ..common import plots
 
     out_dir = run_dir / "stages" / stage.name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -95,7 +96,8 @@ def _run_transfer(stage, extractor: FeatureExtractor, checkpoint, dataset: str, 
     if stage.targets or stage.corruptions:
         full = transfer_eval(extractor, dataset, stage.targets, stage.epochs, seed, adapt=stage.adapt,
                              oracle=stage.oracle, corruptions=stage.corruptions, severities=stage.severities,
-                             checkpoint=str(checkpoint), adapt_steps=stage.adapt_steps, work_dir=out_dir)
+                             checkpoint=str(checkpoint), adapt_steps=stage.adapt_steps, work_dir=out_dir,
+                             train=train)
         (out_dir / "transfer.json").write_text(json.dumps(full, indent=2))
         if stage.targets:
             plots.plot_domain_bars(domain_bar_rows(full), run_dir / "plots" / f"domains_{stage.name}.png",
@@ -114,10 +116,12 @@ def _run_transfer(stage, extractor: FeatureExtractor, checkpoint, dataset: str, 
     return flatten_transfer(full, lodo)
 
 
-def run_eval_stage(stage, checkpoint, dataset: str, run_dir: Path, seed: int) -> dict:
+def run_eval_stage(stage, checkpoint, dataset: str, run_dir: Path, seed: int, train=None) -> dict:
+    """Run a linear_probe / knn / transfer stage on `checkpoint`. `train`: the runner's run_recipe (for transfer's
+    FixMatch adaptation). -> flat scalar metrics."""
     extractor = FeatureExtractor.from_checkpoint(checkpoint, stage.device, image_size=stage.image_size)
     if stage.method == "transfer":
-        return _run_transfer(stage, extractor, checkpoint, dataset, run_dir, seed)
+        return _run_transfer(stage, extractor, checkpoint, dataset, run_dir, seed, train)
     if stage.method == "linear_probe":
         result = probe_dataset(extractor, dataset, stage.epochs, stage.labels_per_class, seed,
                                sweep=stage.labels_per_class is None or stage.labels_per_class >= 2,

@@ -18,11 +18,11 @@ from torch import Tensor
 
 from ..data.imageset import ImageSet
 from ..errors import DataError
-from .adaptation import ADAPT_METHODS, adapt_batchnorm, fixmatch_adaptation
+from .adaptation import ADAPT_METHODS, TrainRecipe, adapt_batchnorm, fixmatch_adaptation
 from .corruptions import SEVERITIES, corrupt
 from .features import FeatureExtractor
 from .linear_probe import linear_probe
-from .metrics import classification_metrics, predict
+from ..common.metrics import classification_metrics, predict
 
 
 def scalars(metrics: dict) -> dict:
@@ -44,14 +44,16 @@ def _probe(train: tuple, test: tuple, epochs: int, seed: int, sweep: bool) -> di
 def transfer_eval(extractor: FeatureExtractor, source: str, targets: Sequence[str] = (), epochs: int = 100,
                   seed: int = 0, sweep: bool = True, adapt: Sequence[str] = (), oracle: bool = True,
                   corruptions: Sequence[str] = (), severities: Sequence[int] = SEVERITIES,
-                  checkpoint: Optional[str] = None, adapt_steps: int = 300, work_dir: Optional[Path] = None) -> dict:
-    """-> {"protocol", "source": {"spec", "top1", ...}, "targets": {name: {"top1", "top5", "gap", ...}}}.
+                  checkpoint: Optional[str] = None, adapt_steps: int = 300, work_dir: Optional[Path] = None,
+                  train: Optional[TrainRecipe] = None) -> dict:
+    """`train`: the runner's run_recipe, needed by `adapt=["fixmatch"]` (it fine-tunes).
+    -> {"protocol", "source": {"spec", "top1", ...}, "targets": {name: {"top1", "top5", "gap", ...}}}.
     Target entries may add "oracle_top1", "adabn_top1", "fixmatch_source_only_top1", "fixmatch_adapted_top1";
     corrupted targets are named "<source>+<corruption>@<severity>"."""
     unknown = [a for a in adapt if a not in ADAPT_METHODS]
     if unknown:
         raise DataError(f"unknown adaptation {unknown}; known: {', '.join(ADAPT_METHODS)}")
-    if "fixmatch" in adapt and checkpoint is None:
+    if "fixmatch" in adapt and (checkpoint is None or train is None):
         raise DataError("fixmatch adaptation fine-tunes the backbone, so it needs an ssl_kit checkpoint path")
     source_splits = extractor.dataset_features(source)
     fitted = _probe(source_splits["train"], source_splits["test"], epochs, seed, sweep)
@@ -75,7 +77,8 @@ def transfer_eval(extractor: FeatureExtractor, source: str, targets: Sequence[st
             metrics["adabn_top1"] = _adabn_top1(extractor, target, model, len(classes))
         if "fixmatch" in adapt:
             run_dir = None if work_dir is None else work_dir / f"adapt-{_safe_name(target)}"
-            adapted = fixmatch_adaptation(checkpoint, source, target, adapt_steps, seed, str(extractor.device), run_dir)
+            adapted = fixmatch_adaptation(checkpoint, source, target, adapt_steps, seed, train, str(extractor.device),
+                                          run_dir)
             metrics["fixmatch_source_only_top1"] = adapted["source_only_top1"]
             metrics["fixmatch_adapted_top1"] = adapted["adapted_top1"]
         result["targets"][target] = metrics

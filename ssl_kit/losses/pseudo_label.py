@@ -1,4 +1,5 @@
-"""FixMatch's pseudo-label consistency loss."""
+"""Pseudo-label consistency: the loss FixMatch and its successors (FlexMatch, FreeMatch, SoftMatch, AdaMatch, Dash,
+UDA-style soft targets) train the strong view with, and FixMatch's thresholded form of it."""
 from __future__ import annotations
 
 from typing import Optional
@@ -29,3 +30,26 @@ def fixmatch_loss(logits_weak: Tensor, logits_strong: Tensor, threshold: float =
         raise ValueError(f"weights must have shape {tuple(mask.shape)}, got {tuple(weight.shape)}")
     loss = (F.cross_entropy(logits_strong.float(), pseudo, reduction="none") * weight).mean()
     return loss, mask
+
+
+def consistency_loss(logits: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+    """Weighted cross-entropy of `logits` (N, K) towards `targets`: hard pseudo-labels (N,) int64 or soft target
+    distributions (N, K) (rows summing to 1). Targets and weights get no gradient. `weights` (N,) (a threshold mask,
+    SoftMatch's soft weights; None = all 1) multiply each sample's loss; the mean is over all N samples, so masked-out
+    samples count as zeros (FixMatch's convention). -> scalar."""
+    check_2d("logits", logits)
+    n, k = logits.shape
+    targets = targets.detach()
+    if targets.ndim == 1:
+        if targets.shape[0] != n or targets.dtype != torch.long:
+            raise ValueError(f"hard targets must be int64 of shape ({n},), got {targets.dtype} {tuple(targets.shape)}")
+        per_sample = F.cross_entropy(logits.float(), targets, reduction="none")
+    elif targets.shape == (n, k):
+        per_sample = -(targets.float() * F.log_softmax(logits.float(), dim=1)).sum(dim=1)
+    else:
+        raise ValueError(f"targets must be labels ({n},) or distributions ({n}, {k}), got {tuple(targets.shape)}")
+    if weights is None:
+        return per_sample.mean()
+    if weights.shape != (n,):
+        raise ValueError(f"weights must have shape ({n},), got {tuple(weights.shape)}")
+    return (per_sample * weights.detach().float()).mean()

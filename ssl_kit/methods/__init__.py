@@ -1,28 +1,17 @@
-"""Method registry: stage `method` name -> class. One file per method."""
+"""Training methods, one file each. Importing this package imports every module in it, so each method's
+`@register(...)` runs and its stage config becomes part of the recipe schema (see registry.py)."""
 from __future__ import annotations
 
-from ..errors import ConfigError
+import importlib
+import pkgutil
+
 from .base import Method, Progress
-from .supervised import Supervised
+from .registry import build_method, register, registered_methods
 
+_SUPPORT_MODULES = {"base", "registry", "pretext", "param_groups", "momentum", "thresholds"}
 
-def _registry() -> dict[str, type]:
-    from .contrastive import MoCoV2, MoCoV3, SimCLR
-    from .dino import DINO
-    from .fixmatch import FixMatch
-    from .kd import KnowledgeDistillation
-    from .masked import MAE, SimMIM
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _SUPPORT_MODULES:
+        importlib.import_module(f"{__name__}.{_module.name}")
 
-    return {"supervised": Supervised, "simclr": SimCLR, "mocov2": MoCoV2, "mocov3": MoCoV3, "fixmatch": FixMatch,
-            "kd": KnowledgeDistillation, "dino": DINO, "mae": MAE, "simmim": SimMIM}
-
-
-def build_method(name: str, check_only: bool = False) -> type:
-    """The class implementing training method `name`; ConfigError listing the known ones otherwise."""
-    methods = _registry()
-    if name not in methods:
-        raise ConfigError(f"unknown method {name!r} (known: {', '.join(sorted(methods))})")
-    return methods[name]
-
-
-__all__ = ["Method", "Progress", "build_method"]
+__all__ = ["Method", "Progress", "build_method", "register", "registered_methods"]

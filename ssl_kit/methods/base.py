@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from ..data.augment import Normalize, WeakView
 from ..data.loader import Batch
 from ..data.pipeline import DataInfo
-from ..engine.optim import ParamGroup
+from .momentum import cosine_ramp, update_momentum_pairs
+from .param_groups import ParamGroup, layer_decay_groups
 
 
 @dataclass
@@ -28,12 +29,14 @@ class Progress:
 
 
 class Method(nn.Module):
-    """Subclasses set `backbone`, build heads in __init__ and implement training_step.
+    """Subclasses set `backbone`, build heads in __init__ and implement training_step; `@register(name, Config)`
+    (registry.py) gives the method its name and typed stage config.
 
     backbone_prefix / head_prefix: where in state_dict() the backbone and the classification head (if any) live,
     so a training checkpoint can be turned into a backbone.pt.
     """
 
+    name: str = ""
     uses_unlabeled = False
     backbone_prefix = "backbone."
     head_prefix: Optional[str] = None
@@ -50,10 +53,14 @@ class Method(nn.Module):
         return cls.uses_unlabeled
 
     @classmethod
-    def context_from(cls, cfg, data, stage_backbones: dict) -> dict:
-        """Extra constructor arguments from the prepared data (the unlabeled set's size) or from earlier stages'
-        backbones (a teacher), given as {stage name: backbone.pt path}."""
+    def context_from(cls, cfg, data, load_record) -> dict:
+        """Extra constructor arguments from the prepared data (the unlabeled set's size) or from a checkpoint the
+        stage names (a teacher): `load_record(stage name or checkpoint path)` -> backbone record dict."""
         return {}
+
+    def unlabeled_ratio(self) -> int:
+        """Unlabeled images per labeled image in a batch (FixMatch's μ); 0: the method trains on labeled batches."""
+        return 0
 
     # -- what the engine asks of every method -------------------------------------------------------
     def get_backbone(self) -> nn.Module:
@@ -79,8 +86,20 @@ class Method(nn.Module):
         """-> {'loss': scalar tensor, other scalars to log}."""
         raise NotImplementedError
 
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(online, momentum target) module pairs; each target follows its online module by EMA after every step."""
+        return []
+
+    def base_momentum(self) -> float:
+        """Momentum at step 0; it rises to 1 along a half cosine (BYOL/MoCo/DINO). Methods with pairs define it."""
+        return self.cfg.momentum
+
     def after_optimizer_step(self, progress: Progress) -> None:
-        """Hook for momentum encoders, queues, teacher updates."""
+        """Update the momentum targets (subclasses extending this call super() for queues, centres, ...)."""
+        pairs = self.momentum_pairs()
+        if pairs:
+            self.current_momentum = cosine_ramp(self.base_momentum(), 1.0, progress.step, progress.total_steps)
+            update_momentum_pairs(pairs, self.current_momentum)
 
     def ema_target(self) -> Optional[nn.Module]:
         """The sub-network whose weights train.ema_decay averages (evaluated instead of the raw one)."""
@@ -122,12 +141,15 @@ class ClassifierMethod(Method):
     def get_backbone(self) -> nn.Module:
         return self.net.backbone
 
+    def layer_decay(self) -> Optional[float]:
+        """ViT layer-wise lr decay factor for fine-tuning (None: off); the supervised stage exposes it."""
+        return None
+
     def parameter_groups(self) -> list[ParamGroup]:
         """With `layer_decay` (fine-tuning a ViT): one group per layer, decayed towards the input; else backbone/head."""
-        from ..engine.optim import layer_decay_groups
         from ..models.vit import VisionTransformer
 
-        decay = getattr(self.cfg, "layer_decay", None)
+        decay = self.layer_decay()
         if decay is None or not isinstance(self.net.backbone, VisionTransformer):
             return super().parameter_groups()
         return layer_decay_groups(self.net.backbone, decay, self.cfg.optimizer.backbone_lr_scale) + \

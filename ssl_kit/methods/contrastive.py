@@ -2,21 +2,48 @@
 All three share the view pipeline and an online linear probe on detached features (how users watch progress)."""
 from __future__ import annotations
 
-import copy
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
+from ..common import distributed as dist
+from ..config import ViewsConfig
 from ..data.augment import ContrastiveView
 from ..data.loader import Batch
-from ..engine import distributed as dist
-from ..engine.ema import momentum_update
-from ..engine.schedule import cosine_ramp
 from ..losses import InfoNCELoss, NTXentLoss
 from ..models.heads import mlp
 from .base import Progress
-from .pretext import PretextMethod
+from .momentum import frozen_copy
+from .pretext import PretextConfig, PretextMethod
+from .registry import register
+
+
+class ContrastiveConfig(PretextConfig):
+    """Two views per image, a projector, a temperature-scaled contrastive loss."""
+
+    temperature: float = Field(0.1, gt=0, description="softmax temperature of the contrastive loss")
+    proj_hidden_dim: int = Field(512, ge=1)
+    proj_dim: int = Field(128, ge=1)
+    views: ViewsConfig = Field(default_factory=ViewsConfig)
+
+
+class SimCLRConfig(ContrastiveConfig):
+    method: Literal["simclr"]
+
+
+class MoCoV2Config(ContrastiveConfig):
+    method: Literal["mocov2"]
+    queue_size: int = Field(4096, ge=0, description="negatives queue (0: in-batch negatives)")
+    momentum: float = Field(0.99, ge=0, le=1, description="momentum encoder: base value of the cosine 0.99→1 schedule")
+
+
+class MoCoV3Config(ContrastiveConfig):
+    method: Literal["mocov3"]
+    pred_hidden_dim: int = Field(512, ge=1, description="predictor hidden width")
+    momentum: float = Field(0.99, ge=0, le=1, description="momentum encoder: base value of the cosine 0.99→1 schedule")
 
 
 class ContrastiveMethod(PretextMethod):
@@ -24,8 +51,9 @@ class ContrastiveMethod(PretextMethod):
 
     def __init__(self, cfg, backbone: nn.Module, info) -> None:
         super().__init__(cfg, backbone, info)
-        self.view1 = ContrastiveView(self.normalize, cfg.views, cfg.data.hflip)
-        self.view2 = ContrastiveView(self.normalize, cfg.views, cfg.data.hflip, solarize_prob=cfg.views.solarize_prob)
+        self.view1 = ContrastiveView.from_config(self.normalize, cfg.views, cfg.data.hflip)
+        self.view2 = ContrastiveView.from_config(self.normalize, cfg.views, cfg.data.hflip,
+                                                 solarize_prob=cfg.views.solarize_prob)
 
     def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         x1, x2 = self.view1(batch.x), self.view2(batch.x)
@@ -38,6 +66,7 @@ class ContrastiveMethod(PretextMethod):
         raise NotImplementedError
 
 
+@register("simclr", SimCLRConfig)
 class SimCLR(ContrastiveMethod):
     """SimCLR: backbone -> 2-layer MLP projector -> NT-Xent over the 2N views of the (global) batch."""
 
@@ -57,26 +86,23 @@ class SimCLR(ContrastiveMethod):
 
 class _MomentumMethod(ContrastiveMethod):
     """A momentum (key) encoder: copies of backbone + projector updated as m·key + (1 − m)·query, with m following
-    a cosine ramp from cfg.momentum to 1 over training."""
+    a cosine ramp from cfg.momentum to 1 over training (the base class updates `momentum_pairs`)."""
 
     def _make_momentum_encoder(self) -> None:
-        self.key_backbone = copy.deepcopy(self.backbone)
-        self.key_projector = copy.deepcopy(self.projector)
-        for p in list(self.key_backbone.parameters()) + list(self.key_projector.parameters()):
-            p.requires_grad_(False)
+        self.key_backbone = frozen_copy(self.backbone)
+        self.key_projector = frozen_copy(self.projector)
         self.current_momentum = self.cfg.momentum
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone, self.key_backbone), (self.projector, self.key_projector)]
 
     @torch.no_grad()
     def keys(self, x: Tensor) -> Tensor:
         """Key embeddings (N, D) of the momentum encoder (no gradient)."""
         return self.key_projector(self.key_backbone(x))
 
-    def after_optimizer_step(self, progress: Progress) -> None:
-        self.current_momentum = cosine_ramp(self.cfg.momentum, 1.0, progress.step, progress.total_steps)
-        momentum_update(self.key_backbone, self.backbone, self.current_momentum)
-        momentum_update(self.key_projector, self.projector, self.current_momentum)
 
-
+@register("mocov2", MoCoV2Config)
 class MoCoV2(_MomentumMethod):
     """MoCo v2: MLP projector, momentum encoder, a queue of `queue_size` negative keys (0: in-batch keys), symmetric
     loss over the two views. Under DDP the keys of every rank are enqueued; use backbone.sync_bn for BN across
@@ -116,6 +142,7 @@ class MoCoV2(_MomentumMethod):
         return loss, features
 
 
+@register("mocov3", MoCoV3Config)
 class MoCoV3(_MomentumMethod):
     """MoCo v3: 3-layer projector and 2-layer predictor with BN, momentum encoder, in-batch negatives gathered over
     ranks, symmetric loss scaled by 2τ as in the paper."""

@@ -5,23 +5,62 @@ Collapse is watched: the teacher's output entropy (â†’ 0: one prototype wins; â†
 teacher and student are logged, and a warning fires when the loss sits at ln K."""
 from __future__ import annotations
 
-import copy
 import math
 import warnings
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from ..common import distributed as dist
+from ..config import ViewsConfig
 from ..data.augment import ContrastiveView
 from ..data.loader import Batch
-from ..engine import distributed as dist
-from ..engine.ema import momentum_update
-from ..engine.schedule import cosine_ramp
 from ..losses import dino_loss
 from .base import Progress
-from .pretext import PretextMethod
+from .momentum import frozen_copy
+from .pretext import PretextConfig, PretextMethod
+from .registry import register
+
+
+class DINOConfig(PretextConfig):
+    """DINO self-distillation: EMA teacher, centering, sharpening, multi-crop. The view keys follow lightly's
+    DINOTransform: `gaussian_blur` = blur probability of (global view 1, global view 2, local views),
+    `solarization_prob` for global view 2; `views` gives the crop-independent colour strengths."""
+
+    method: Literal["dino"]
+    out_dim: int = Field(4096, ge=2, description="prototypes K of the DINO head")
+    head_hidden_dim: int = Field(2048, ge=1)
+    bottleneck_dim: int = Field(256, ge=1)
+    norm_last_layer: bool = Field(True, description="freeze the weight-norm magnitude of the last layer at 1")
+    student_temp: float = Field(0.1, gt=0)
+    teacher_temp: float = Field(0.04, gt=0)
+    warmup_teacher_temp: float = Field(0.04, gt=0)
+    warmup_teacher_temp_epochs: float = Field(0, ge=0)
+    center_momentum: float = Field(0.9, ge=0, lt=1)
+    momentum: float = Field(0.996, ge=0, le=1, description="teacher EMA: cosine from this value to 1")
+    global_crop_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops: int = Field(6, ge=0)
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    local_crop_size: float = Field(0.43, gt=0, le=1, description="local crop side as a fraction of image_size")
+    gaussian_blur: tuple[float, float, float] = Field(
+        (1.0, 0.1, 0.5), description="blur probability of global view 1, global view 2, each local view (DINO's)")
+    solarization_prob: float = Field(0.2, ge=0, le=1, description="solarize probability of global view 2")
+    freeze_last_layer_epochs: float = Field(1, ge=0)
+    views: ViewsConfig = Field(default_factory=ViewsConfig)
+
+    @model_validator(mode="after")
+    def _views_without_blur(self) -> "DINOConfig":
+        clashing = sorted({"blur_prob", "solarize_prob", "crop_scale"} & self.views.model_fields_set)
+        if clashing:
+            raise ValueError(f"DINO sets blur, solarization and crop scales per view: use gaussian_blur, "
+                             f"solarization_prob, global_crop_scale and local_crop_scale instead of views.{clashing}")
+        if not all(0 <= p <= 1 for p in self.gaussian_blur):
+            raise ValueError(f"gaussian_blur probabilities must be in [0, 1], got {self.gaussian_blur}")
+        return self
 
 
 class DINOHead(nn.Module):
@@ -45,6 +84,7 @@ class DINOHead(nn.Module):
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
 
+@register("dino", DINOConfig)
 class DINO(PretextMethod):
     backbone_prefix = "teacher_backbone."
 
@@ -52,19 +92,19 @@ class DINO(PretextMethod):
         super().__init__(cfg, backbone, info)
         self.head_net = DINOHead(backbone.num_features, cfg.out_dim, cfg.head_hidden_dim, cfg.bottleneck_dim,
                                  cfg.norm_last_layer)
-        self.teacher_backbone = copy.deepcopy(backbone)
-        self.teacher_head = copy.deepcopy(self.head_net)
-        for p in list(self.teacher_backbone.parameters()) + list(self.teacher_head.parameters()):
-            p.requires_grad_(False)
+        self.teacher_backbone = frozen_copy(backbone)
+        self.teacher_head = frozen_copy(self.head_net)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
-        size = info.image_size
-        self.global_views = nn.ModuleList(
-            ContrastiveView(self.normalize, cfg.views, cfg.data.hflip, crop_scale=cfg.global_crop_scale,
-                            blur_prob=blur, solarize_prob=solarize)
-            for blur, solarize in ((1.0 * (cfg.views.blur_prob > 0), 0.0), (0.1 * (cfg.views.blur_prob > 0), 0.2)))
-        local_size = max(4, int(round(size * cfg.local_crop_size)))
-        self.local_view = ContrastiveView(self.normalize, cfg.views, cfg.data.hflip, crop_scale=cfg.local_crop_scale,
-                                          out_size=local_size)
+        blur1, blur2, blur_local = cfg.gaussian_blur
+        self.global_views = nn.ModuleList([
+            ContrastiveView.from_config(self.normalize, cfg.views, cfg.data.hflip, crop_scale=cfg.global_crop_scale,
+                                        blur_prob=blur1, solarize_prob=0.0),
+            ContrastiveView.from_config(self.normalize, cfg.views, cfg.data.hflip, crop_scale=cfg.global_crop_scale,
+                                        blur_prob=blur2, solarize_prob=cfg.solarization_prob)])
+        local_size = max(4, int(round(info.image_size * cfg.local_crop_size)))
+        self.local_view = ContrastiveView.from_config(self.normalize, cfg.views, cfg.data.hflip,
+                                                      crop_scale=cfg.local_crop_scale, out_size=local_size,
+                                                      blur_prob=blur_local)
         self.current_momentum = cfg.momentum
         self._warned_collapse = False
         self.register_buffer("_loss_sum", torch.zeros(()), persistent=False)
@@ -132,10 +172,8 @@ class DINO(PretextMethod):
         kl = (p_t * (torch.log(p_t.clamp_min(1e-12)) - log_p_s)).sum(1).mean()
         return {"dino/teacher_entropy": entropy, "dino/kl_teacher_student": kl}
 
-    def after_optimizer_step(self, progress: Progress) -> None:
-        self.current_momentum = cosine_ramp(self.cfg.momentum, 1.0, progress.step, progress.total_steps)
-        momentum_update(self.teacher_backbone, self.backbone, self.current_momentum)
-        momentum_update(self.teacher_head, self.head_net, self.current_momentum)
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone, self.teacher_backbone), (self.head_net, self.teacher_head)]
 
     def epoch_metrics(self) -> dict[str, float]:
         out = super().epoch_metrics()

@@ -3,24 +3,43 @@ view is trained towards it where the policy is confident. Thresholding policies 
 quantity (mask rate) and quality (accuracy against the hidden labels) are tracked per class."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
+from ..config import StageBase, StrongAugConfig
 from ..data.augment import StrongView
 from ..data.loader import Batch
-from ..losses import fixmatch_loss
+from ..losses import consistency_loss
 from .base import ClassifierMethod, Progress
-from .thresholds import DistributionAlignment, build_policy
+from .registry import register
+from .thresholds import DistributionAlignment, ThresholdConfig, build_policy
 
 
+class FixMatchConfig(StageBase):
+    method: Literal["fixmatch"]
+    threshold: float = Field(0.95, ge=0, le=1)
+    lambda_u: float = Field(1.0, ge=0)
+    mu: int = Field(7, ge=1, description="unlabeled batch = mu × labeled batch")
+    temperature: float = Field(1.0, gt=0, description="sharpening of the pseudo-label softmax")
+    threshold_policy: ThresholdConfig = Field(default_factory=ThresholdConfig)
+    strong: StrongAugConfig = Field(default_factory=StrongAugConfig)
+    joint_forward: bool = Field(True, description="labeled + both unlabeled views in one forward pass")
+    eval_ema: bool = Field(True, description="evaluate the EMA model (needs train.ema_decay)")
+
+
+@register("fixmatch", FixMatchConfig)
 class FixMatch(ClassifierMethod):
     uses_unlabeled = True
 
+    def unlabeled_ratio(self) -> int:
+        return self.cfg.mu
+
     @classmethod
-    def context_from(cls, cfg, data, stage_backbones: dict) -> dict:
+    def context_from(cls, cfg, data, load_record) -> dict:
         return {"num_unlabeled": len(data.unlabeled)}
 
     def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0) -> None:
@@ -58,9 +77,7 @@ class FixMatch(ClassifierMethod):
             weights = self.policy.weights(probs, batch.u_index)
             self.policy.update(probs, batch.u_index)
             self._track(probs, weights, batch.u_y)
-        # log(p) as logits: softmax(log p) = p, so fixmatch_loss takes the aligned/sharpened pseudo-labels as they are
-        unsupervised, _ = fixmatch_loss(torch.log(probs.clamp_min(1e-12)), logits_s.float(), threshold=0.0,
-                                        weights=weights)
+        unsupervised = consistency_loss(logits_s, probs.argmax(dim=1), weights)
         loss = supervised + cfg.lambda_u * unsupervised
         out = {"supervised_loss": supervised.detach(), "unsupervised_loss": unsupervised.detach(),
                "mask_rate": (weights > 0.5).float().mean()}
@@ -105,8 +122,8 @@ class FixMatch(ClassifierMethod):
     def final_report(self, model: nn.Module, data, out_dir) -> dict[str, float]:
         """Threshold sweep on the unlabeled set with the trained model: for each threshold, the fraction of images
         whose confidence passes it (quantity) and the accuracy of their pseudo-labels (quality)."""
-        from ..eval.metrics import predict
-        from ..eval.plots import plot_threshold_sweep
+        from ..common.metrics import predict
+        from ..common.plots import plot_threshold_sweep
 
         images = data.train.images[data.unlabeled]
         hidden = data.train.labels[data.unlabeled].cpu()

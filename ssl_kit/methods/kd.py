@@ -4,19 +4,50 @@ labeled images, and α · kd_loss on unlabeled images when use_unlabeled is on �
 can be compressed using every unlabeled image."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from ..common.metrics import predict
+from ..config import StageBase, Strict
 from ..data.augment import Normalize, random_translate_flip, to_unit_float
 from ..data.loader import Batch
-from ..engine.checkpoint import build_from_record, resolve_checkpoint
 from ..errors import ConfigError
-from ..eval.metrics import predict
 from ..losses import kd_loss
+from ..models.registry import build_from_record
 from .base import ClassifierMethod, Progress
+from .registry import register
+
+
+class TeacherConfig(Strict):
+    checkpoint: Optional[str] = Field(None, description="backbone.pt (with its head), run dir or training checkpoint")
+    from_stage: Optional[str] = Field(None, description="the backbone + head an earlier stage of this recipe produced")
+
+
+class KDConfig(StageBase):
+    """Hinton knowledge distillation: loss = alpha · KD(student ‖ teacher, T) + (1 − alpha) · CE(student, labels).
+    alpha weighs the soft-target term (the convention of Hinton et al. and torchdistill; RepDistiller's 'alpha' is
+    the CE weight instead)."""
+
+    method: Literal["kd"]
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft-target (KD) term")
+    kd_temperature: float = Field(4.0, gt=0, description="softens both distributions; T² rescales the gradient")
+    use_unlabeled: bool = Field(False, description="also distil on unlabeled images (soft targets only)")
+    mu: int = Field(3, ge=1, description="unlabeled batch = mu × labeled batch when use_unlabeled")
+    cache_teacher_logits: bool = Field(False, description="teacher sees un-augmented images, logits computed once")
+
+    @model_validator(mode="after")
+    def _one_teacher(self) -> "KDConfig":
+        if bool(self.teacher.checkpoint) == bool(self.teacher.from_stage):
+            raise ValueError("give exactly one of teacher.checkpoint or teacher.from_stage")
+        return self
+
+    def stage_references(self) -> dict[str, Optional[str]]:
+        return {**super().stage_references(), "teacher": self.teacher.from_stage}
 
 
 class Teacher(nn.Module):
@@ -51,6 +82,7 @@ class Teacher(nn.Module):
         return self.head(self.backbone(self.normalize(x))).float()
 
 
+@register("kd", KDConfig)
 class KnowledgeDistillation(ClassifierMethod):
 
     @classmethod
@@ -58,20 +90,23 @@ class KnowledgeDistillation(ClassifierMethod):
         return cfg.use_unlabeled
 
     @classmethod
-    def context_from(cls, cfg, data, stage_backbones: dict) -> dict:
-        source = cfg.teacher.checkpoint or stage_backbones[cfg.teacher.from_stage]
-        return {"teacher_record": resolve_checkpoint(source), "train_images": data.train.images}
+    def context_from(cls, cfg, data, load_record: Callable[[str], dict]) -> dict:
+        return {"teacher_record": load_record(cfg.teacher.from_stage or cfg.teacher.checkpoint),
+                "train_images": data.train.images}
 
-    def __init__(self, cfg, backbone: nn.Module, info, teacher_record: Optional[dict] = None,
+    def __init__(self, cfg, backbone: nn.Module, info, teacher_record: dict,
                  train_images: Optional[Tensor] = None) -> None:
         super().__init__(cfg, backbone, info)
-        record = teacher_record if teacher_record is not None else resolve_checkpoint(cfg.teacher.checkpoint)
+        record = teacher_record
         self.teacher = Teacher(record)
         if record["head"]["num_classes"] != info.num_classes:
             raise ConfigError(f"stages[{cfg.name}]: the teacher predicts {record['head']['num_classes']} classes, "
                               f"the data has {info.num_classes}")
         self._train_images = train_images
         self.uses_unlabeled = cfg.use_unlabeled
+
+    def unlabeled_ratio(self) -> int:
+        return self.cfg.mu if self.cfg.use_unlabeled else 0
         self.register_buffer("cached_logits", torch.empty(0), persistent=False)
 
     def _teacher_logits(self, unit_view: Tensor, index: Tensor) -> Tensor:

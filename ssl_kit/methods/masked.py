@@ -9,8 +9,11 @@ BEiT would additionally need a discrete visual tokenizer (a pretrained dVAE) to 
 blockwise masking (`masking: block`) but not the tokenizer, which cannot be trained or downloaded here."""
 from __future__ import annotations
 
+from typing import Literal, Optional
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from ..data.augment import random_resized_crop, to_unit_float
@@ -21,7 +24,34 @@ from ..models.masking import make_mask, patchify, unpatchify
 from ..models.resnet import ResNetBackbone
 from ..models.vit import Block, VisionTransformer, sincos_pos_embed
 from .base import Progress
-from .pretext import PretextMethod
+from .pretext import PretextConfig, PretextMethod
+from .registry import register
+
+
+class MaskedConfig(PretextConfig):
+    """Keys MAE and SimMIM share: how much is masked, in which pattern, and the input view."""
+
+    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    masking: Literal["random", "block"] = Field("random", description="block: BEiT-style blockwise masks")
+    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="random resized crop of the input view")
+
+
+class MAEConfig(MaskedConfig):
+    """MAE: ViT encoder on the visible patches, light decoder with mask tokens, (norm-)pixel targets."""
+
+    method: Literal["mae"]
+    norm_pix: bool = Field(True, description="per-patch normalised pixel targets")
+    decoder_dim: int = Field(128, ge=4)
+    decoder_depth: int = Field(2, ge=1)
+    decoder_heads: int = Field(4, ge=1)
+
+
+class SimMIMConfig(MaskedConfig):
+    """SimMIM: mask token in the input (ViT tokens or ResNet pixels), linear head, L1 on masked pixels."""
+
+    method: Literal["simmim"]
+    mask_patch_size: Optional[int] = Field(None, ge=1, description="mask unit in pixels (default: the ViT patch "
+                                                                     "size / the ResNet's output stride)")
 
 
 class _MaskedMethod(PretextMethod):
@@ -29,6 +59,7 @@ class _MaskedMethod(PretextMethod):
         """uint8 (N, C, H, W) -> normalised random resized crop (+ flip)."""
         return self.normalize(random_resized_crop(to_unit_float(x), tuple(self.cfg.crop_scale), hflip=self.cfg.data.hflip))
 
+@register("mae", MAEConfig)
 class MAE(_MaskedMethod):
     def __init__(self, cfg, backbone: nn.Module, info) -> None:
         if not isinstance(backbone, VisionTransformer):
@@ -90,7 +121,7 @@ class MAE(_MaskedMethod):
         return masked_input, pasted, mask
 
     def final_report(self, model: nn.Module, data, out_dir) -> dict[str, float]:
-        from ..eval.plots import plot_reconstructions
+        from ..common.plots import plot_reconstructions
 
         device = next(self.parameters()).device
         x = self.normalize(data.test.images[:8].to(device))
@@ -105,6 +136,7 @@ class MAE(_MaskedMethod):
         return {}
 
 
+@register("simmim", SimMIMConfig)
 class SimMIM(_MaskedMethod):
     def __init__(self, cfg, backbone: nn.Module, info) -> None:
         super().__init__(cfg, backbone, info)

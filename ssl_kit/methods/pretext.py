@@ -7,10 +7,23 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from ..engine.optim import ParamGroup
+from ..config import StageBase, Strict
 from .base import Method
+from .param_groups import ParamGroup
+
+
+class OnlineProbeConfig(Strict):
+    enabled: bool = True
+    lr: float = Field(0.1, gt=0)
+
+
+class PretextConfig(StageBase):
+    """Keys every pretext method shares: the online linear probe watched during pretraining."""
+
+    online_probe: OnlineProbeConfig = Field(default_factory=OnlineProbeConfig)
 
 
 class ProbedClassifier(nn.Module):

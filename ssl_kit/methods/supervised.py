@@ -2,12 +2,27 @@
 label smoothing and mixup / CutMix options; also the fine-tuning stage (with ViT layer-wise lr decay)."""
 from __future__ import annotations
 
+from typing import Literal, Optional
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
+from ..config import StageBase
 from ..data.loader import Batch
 from .base import ClassifierMethod, Progress
+from .registry import register
+
+
+class SupervisedConfig(StageBase):
+    """Labels only; also the fine-tuning stage (init.from_stage / init.checkpoint)."""
+
+    method: Literal["supervised"]
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    mixup_alpha: float = Field(0.0, ge=0, description="mixup Beta(α, α); 0 = off")
+    cutmix_alpha: float = Field(0.0, ge=0, description="CutMix Beta(α, α); 0 = off (with both, each batch picks one)")
+    layer_decay: Optional[float] = Field(None, gt=0, le=1, description="ViT layer-wise lr decay (MAE fine-tuning 0.65)")
 
 
 def mix_batch(x: Tensor, mixup_alpha: float, cutmix_alpha: float) -> tuple[Tensor, Tensor, float]:
@@ -30,7 +45,13 @@ def mix_batch(x: Tensor, mixup_alpha: float, cutmix_alpha: float) -> tuple[Tenso
     return mixed, perm, lam
 
 
+@register("supervised", SupervisedConfig)
 class Supervised(ClassifierMethod):
+    """Cross-entropy on weak views of labeled images (the baseline every method is compared with)."""
+
+    def layer_decay(self) -> Optional[float]:
+        return self.cfg.layer_decay
+
     def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         cfg = self.cfg
         x = self.weak_view(batch.x)

@@ -8,12 +8,29 @@ Each policy maps probabilities of the weak view (N, K) to per-sample weights (N,
 state from the same batch."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
-from ..engine import distributed as dist
+from ..common import distributed as dist
+from ..config import Strict
+
+
+class ThresholdConfig(Strict):
+    """Which policy turns weak-view confidences into per-sample weights, and its knobs (`threshold_policy:` in a
+    FixMatch-family stage)."""
+
+    policy: Literal["fixed", "flexmatch", "freematch", "softmatch", "relative"] = Field(
+        "fixed", description="relative (AdaMatch): threshold × mean confidence on the labeled batch's weak view")
+    flexmatch_warmup: bool = True
+    ema: float = Field(0.999, gt=0, lt=1, description="freematch/softmatch EMA momentum")
+    freematch_fairness_weight: float = Field(0.0, ge=0)
+    distribution_alignment: bool = False
+    alignment_target: Literal["uniform", "labeled"] = Field(
+        "uniform", description="align pseudo-labels to a uniform class distribution or to the model's running mean "
+                               "prediction on labeled images (AdaMatch, for domain shift)")
 
 
 class ThresholdPolicy(nn.Module):

@@ -1,5 +1,5 @@
-"""Pictures for the report (matplotlib, Agg backend): training curves, confusion matrix, pseudo-label quantity
-and quality per epoch."""
+"""Pictures (matplotlib, Agg backend) for the report and for the methods' own diagnostics: training curves,
+confusion matrix, pseudo-label quantity and quality, reconstructions, t-SNE, per-domain bars."""
 from __future__ import annotations
 
 import json
