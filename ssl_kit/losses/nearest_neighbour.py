@@ -55,8 +55,8 @@ class SupportSet(nn.Module):
 
     @torch.no_grad()
     def update(self, z: Tensor) -> None:
-        """Enqueue z (n, dim) (normalised here, no gradient), oldest rows overwritten first; with more rows than
-        `size`, only the last `size` are kept."""
+        """Enqueue z (n, dim) (normalised here, no gradient), oldest rows overwritten first: the same buffer and
+        pointer as enqueueing the rows one by one (with more rows than `size`, only the last `size` remain)."""
         check_2d("z", z)
         if z.shape[1] != self.embeddings.shape[1]:
             raise ValueError(f"SupportSet holds dimension {self.embeddings.shape[1]}, got z of shape {tuple(z.shape)}")
@@ -65,11 +65,12 @@ class SupportSet(nn.Module):
             from ..engine import distributed as dist
 
             z = dist.gather_no_grad(z)
-        size = self.embeddings.shape[0]
-        z = z[-size:]
-        rows = (self.pointer + torch.arange(z.shape[0], device=self.pointer.device)) % size
-        self.embeddings[rows.to(self.embeddings.device)] = z.to(self.embeddings)
-        self.pointer.copy_((self.pointer + z.shape[0]) % size)
+        size, count = self.embeddings.shape[0], z.shape[0]
+        kept = z[-size:]  # the rows that would survive enqueueing all `count` one by one
+        start = self.pointer + (count - kept.shape[0])
+        rows = (start + torch.arange(kept.shape[0], device=self.pointer.device)) % size
+        self.embeddings[rows.to(self.embeddings.device)] = kept.to(self.embeddings)
+        self.pointer.copy_((self.pointer + count) % size)
 
     def nearest(self, z: Tensor) -> Tensor:
         """nearest_neighbours(z, self.embeddings): (N, dim) -> (N, dim), no gradient."""
