@@ -113,11 +113,11 @@ def _info_nce(queries: Tensor, keys: Tensor, offset: int, temperature: float) ->
 def nnclr_loss(z1: Tensor, z2: Tensor, support: Union[Tensor, SupportSet], temperature: float = 0.1,
                p1: Optional[Tensor] = None, p2: Optional[Tensor] = None) -> Tensor:
     """NNCLR. z1, z2: (N, D) projections of two views (used for the neighbour lookup); support: (M, D) tensor or a
-    SupportSet; p1, p2: optional (N, D') predictions (the keys; default z1, z2 themselves, i.e. no predictor).
+    SupportSet; p1, p2: optional (N, D) predictions (the keys; default z1, z2 themselves, i.e. no predictor).
     With nn_a = nearest_neighbours(z_a, support) (no gradient) and everything L2-normalised:
     loss = ½·[CE(nn_1 · p2ᵀ / τ, arange(N)) + CE(nn_2 · p1ᵀ / τ, arange(N))], each CE averaged over N:
-    −log(exp(nn_1i·p2i/τ) / Σ_k exp(nn_1i·p2k/τ)), the other batch's keys being the negatives. Gradients reach only
-    the keys. The support set is not updated here. -> scalar."""
+    −log(exp(nn_1i·p2i/τ) / Σ_k exp(nn_1i·p2k/τ)): the other view's keys of the other samples are the negatives.
+    Gradients reach only the keys. The support set is not updated here. -> scalar."""
     _check(z1, z2, p1, p2, temperature)
     nn1, nn2, k1, k2 = _queries_and_keys(z1, z2, support, p1, p2)
     return 0.5 * (_info_nce(nn1, k2, 0, temperature) + _info_nce(nn2, k1, 0, temperature))
