@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..common import distributed as dist
 from ._checks import check_2d, check_same, check_temperature
 
 
@@ -77,8 +78,6 @@ class NTXentLoss(nn.Module):
         self.temperature, self.gather = temperature, gather
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
-        from ..engine import distributed as dist
-
         if not (self.gather and dist.is_distributed() and dist.world_size() > 1):
             return nt_xent_loss(z1, z2, self.temperature)
         check_same("z1", z1, "z2", z2)
@@ -103,8 +102,6 @@ class InfoNCELoss(nn.Module):
         self.temperature, self.gather = temperature, gather
 
     def forward(self, query: Tensor, key: Tensor, negatives: Optional[Tensor] = None) -> Tensor:
-        from ..engine import distributed as dist
-
         if negatives is not None or not (self.gather and dist.is_distributed() and dist.world_size() > 1):
             return info_nce_loss(query, key, negatives, self.temperature)
         check_same("query", query, "key", key)

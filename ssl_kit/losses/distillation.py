@@ -1,4 +1,4 @@
-"""Soft-target distillation losses: Hinton KD and DINO self-distillation."""
+"""Soft-target distillation losses: Hinton KD, DINO self-distillation and iBOT's masked-patch distillation."""
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -50,3 +50,31 @@ def dino_loss(student_out: list[Tensor], teacher_out: list[Tensor], center: Tens
     if pairs == 0:
         raise ValueError("dino_loss needs at least one (teacher i, student j) pair with i != j")
     return total / pairs
+
+
+def ibot_patch_loss(student_patch_logits: Tensor, teacher_patch_logits: Tensor, mask: Tensor, center: Tensor,
+                    student_temp: float = 0.1, teacher_temp: float = 0.04) -> Tensor:
+    """iBOT's masked-patch self-distillation (reference semantics). student_patch_logits, teacher_patch_logits:
+    (N, L, K) logits of the L patch tokens (the student saw the masked image, the teacher the unmasked one);
+    mask: (N, L) bool or 0/1 float, 1 = masked; center: (K,) or broadcastable to (1, 1, K).
+    Teacher probs = softmax((t − center)/teacher_temp) without gradient; per patch
+    CE = −Σ_k p_t log softmax(s/student_temp); each image's CE is averaged over its masked patches, then the mean
+    is taken over all N images (an image with no masked patch contributes 0, as in the reference). For several
+    crops, stack them along N (every crop has N images, so this equals iBOT's mean over crops). -> scalar."""
+    if student_patch_logits.ndim != 3 or student_patch_logits.shape != teacher_patch_logits.shape:
+        raise ValueError(f"student_patch_logits and teacher_patch_logits must both be (N, L, K), got "
+                         f"{tuple(student_patch_logits.shape)} and {tuple(teacher_patch_logits.shape)}")
+    check_temperature("student_temp", student_temp)
+    check_temperature("teacher_temp", teacher_temp)
+    n, length, k = student_patch_logits.shape
+    if mask.shape != (n, length):
+        raise ValueError(f"mask must be (N, L) = {(n, length)}, got {tuple(mask.shape)}")
+    if center.numel() != k:
+        raise ValueError(f"center must have {k} entries, got shape {tuple(center.shape)}")
+    center = center.detach().float().view(1, 1, k)
+    teacher_probs = F.softmax((teacher_patch_logits.detach().float() - center) / teacher_temp, dim=-1)
+    student_logp = F.log_softmax(student_patch_logits.float() / student_temp, dim=-1)
+    per_patch = -(teacher_probs * student_logp).sum(dim=-1)  # (N, L)
+    weight = mask.detach().float()
+    per_image = (per_patch * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
+    return per_image.mean()
