@@ -186,7 +186,8 @@ def _folder_index(source: str, root: str, workers: int) -> tuple[dict, dict[str,
     if "train" not in split_dirs:
         split_dirs = []
     parts = [(s, os.path.join(root, s)) for s in split_dirs] or [("train", root)]
-    names, labels, split_of, mtimes, skipped = [], [], [], {}, []
+    names, labels, split_of, skipped = [], [], [], []
+    mtimes = {root: os.stat(root).st_mtime_ns}  # split folders appearing or going change the root's mtime
     classes: list[str] = []
     for split, top in parts:
         files, split_mtimes, split_skipped = scan_tree(top, root, workers)
