@@ -5,6 +5,8 @@
   view's RandomResizedCrop box from the original geometry, flip, hand over uint8 views; the photometric
   augmentation (colour jitter, grayscale, blur, solarize, normalisation) runs batched on the device with
   `ssl_kit.data.augment`.
+- views: ours without the photometric step, i.e. the uint8 views the workers deliver; on a GPU the photometric
+  step is a few batched kernels, on this CPU it runs in the training process and competes with the workers.
 - peer: `torchvision.datasets.ImageFolder(root, transform=lightly SimCLRTransform() / DINOTransform())`, a
   DataLoader with the same workers, `shuffle=True`; views arrive normalised float.
 
@@ -30,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CONTENDERS = ("ours-simclr", "peer-simclr", "ours-dino", "peer-dino")
+CONTENDERS = ("ours-simclr", "peer-simclr", "ours-dino", "peer-dino", "views-simclr", "views-dino")
 
 
 def _sample_photos() -> list[np.ndarray]:
@@ -102,7 +104,7 @@ def _photometric(kind: str):
     return lambda views: [view(v, *s) for v, s in zip(views, settings)]
 
 
-def run_ours(root: Path, kind: str, batch: int, batches: int, workers: int) -> float:
+def run_ours(root: Path, kind: str, batch: int, batches: int, workers: int, augment: bool = True) -> float:
     import torch
 
     from ssl_kit.data.crops import CropSpec
@@ -114,11 +116,11 @@ def run_ours(root: Path, kind: str, batch: int, batches: int, workers: int) -> f
     views = ([CropSpec(224, (0.08, 1.0), count=2, flip=True)] if kind == "simclr" else
              [CropSpec(224, (0.4, 1.0), count=2, flip=True), CropSpec(96, (0.05, 0.4), count=6, flip=True)])
     loader = StreamLoader(index, np.arange(len(index)), batch, 0, views, workers=workers, prefetch=2)
-    augment = _photometric(kind)
-    augment(loader.batch(0).views)
+    photometric = _photometric(kind) if augment else (lambda views: views)
+    photometric(loader.batch(0).views)
     start = time.perf_counter()
     for step in range(1, batches + 1):
-        augment(loader.batch(step).views)
+        photometric(loader.batch(step).views)
     return batch * batches / (time.perf_counter() - start)
 
 
@@ -153,7 +155,7 @@ def main() -> None:
     root = Path(args.folder)
     if args.contender:
         side, kind = args.contender.split("-")
-        fn = run_ours if side == "ours" else run_peer
+        fn = {"ours": run_ours, "peer": run_peer, "views": lambda *a: run_ours(*a, augment=False)}[side]
         print(json.dumps({"images_per_s": fn(root, kind, args.batch_size, args.batches, args.workers)}))
         return
     make_folder(root, args.images)
@@ -170,7 +172,10 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for kind, label in (("simclr", "SimCLR 2×224"), ("dino", "DINO 2×224 + 6×96")):
         ours, peer = median[f"ours-{kind}"], median[f"peer-{kind}"]
+        views = median[f"views-{kind}"]
         print(f"| {label} | {ours:.1f} | {peer:.1f} | {ours / peer:.2f}× |")
+        print(f"| {label}, uint8 views only (photometric left to a GPU) | {views:.1f} | {peer:.1f} | "
+              f"{views / peer:.2f}× |")
     print(f"({args.workers} workers, batch {args.batch_size}, {args.batches} timed batches × {args.rounds} rounds, "
           f"median; {len(list((root / 'photos').glob('*.jpg')))} JPEGs)")
 

@@ -209,3 +209,19 @@ def test_cli_data_on_each_source(tmp_path, capsys):
     assert "images: 1" in text and "classes: 4" in text and "unreadable: 0" in text
     assert main(["data", f"images:{tmp_path}/nowhere"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_small_streamed_sources_load_in_memory(tmp_path):
+    from ssl_kit.data.specs import load_splits
+
+    lines = []
+    for i in range(10):
+        jpeg(tmp_path / "imgs" / f"{i}.jpg", width=30, height=20, seed=i)
+        lines.append(f"imgs/{i}.jpg,{'ab'[i % 2]}")
+    (tmp_path / "imgs" / "9.jpg").write_bytes(b"")  # a bad file is left out with a warning
+    (tmp_path / "l.csv").write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match=r"left out bad image .*9.jpg: empty file"):
+        splits = load_splits(f"filelist:{tmp_path / 'l.csv'},test_fraction=0.2", folder_size=8)
+    train, test = splits["train"], splits["test"]
+    assert train.images.shape[1:] == (3, 8, 8) and train.classes == ["a", "b"]
+    assert len(train) + len(test) == 9 and len(test) in (1, 2)  # 20% of each class held out, minus the bad file

@@ -209,12 +209,16 @@ class StreamLoader:
         self.steps_per_epoch = max(1, main)
         self.bad = BadImageLog(bad_images, max_bad_fraction, len(index))
         self.sampler = _KeySampler()
-        pin = self.device.type == "cuda"
-        extra = dict(persistent_workers=True, prefetch_factor=prefetch, worker_init_fn=_worker_init) if workers else {}
-        self.loader = DataLoader(_StepDataset(self.plan), batch_size=None, sampler=self.sampler, num_workers=workers,
-                                 pin_memory=pin, **extra)
+        self.workers, self.prefetch = workers, prefetch
+        self.loader = self._make_loader()
         self._iterator = None
         self._next_key: Optional[tuple[int, int, int]] = None
+
+    def _make_loader(self) -> DataLoader:
+        extra = dict(persistent_workers=True, prefetch_factor=self.prefetch,
+                     worker_init_fn=_worker_init) if self.workers else {}
+        return DataLoader(_StepDataset(self.plan), batch_size=None, sampler=self.sampler, num_workers=self.workers,
+                          pin_memory=self.device.type == "cuda", **extra)
 
     def _restart(self, key: tuple[int, int, int]) -> None:
         self.sampler.start = key
@@ -240,9 +244,10 @@ class StreamLoader:
         return batch
 
     def close(self) -> None:
-        """Stop the workers (they also stop when the loader is garbage collected)."""
+        """Stop the workers now (dropping the DataLoader that owns them); a later batch() starts new ones."""
         self._iterator = None
         self._next_key = None
+        self.loader = self._make_loader()
 
 
 # ------------------------------------------------------------------------------------------- evaluation
