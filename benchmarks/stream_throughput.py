@@ -84,8 +84,6 @@ def make_folder(root: Path, count: int, workers: int = 2) -> Path:
 
 def _photometric(kind: str):
     """Device augmentation of streamed uint8 views (crops and flips were done in the workers)."""
-    import torch
-
     from ssl_kit.data.augment import (Normalize, color_jitter, random_blur, random_grayscale, random_solarize,
                                       to_unit_float)
 
@@ -168,7 +166,7 @@ def main() -> None:
             samples[name].append(json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"])
             print(f"{name}: {samples[name][-1]:.1f} images/s", file=sys.stderr)
     median = {name: statistics.median(v) for name, v in samples.items()}
-    print(f"| workload | ssl_kit stream (img/s) | ImageFolder + lightly (img/s) | ratio |")
+    print("| workload | ssl_kit stream (img/s) | ImageFolder + lightly (img/s) | ratio |")
     print("|---|---:|---:|---:|")
     for kind, label in (("simclr", "SimCLR 2×224"), ("dino", "DINO 2×224 + 6×96")):
         ours, peer = median[f"ours-{kind}"], median[f"peer-{kind}"]

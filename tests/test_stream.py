@@ -8,6 +8,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from pathlib import Path
+
 from PIL import Image
 
 from ssl_kit.data.crops import CropSpec, center_box, crop_box, expand_views, flip_bit
@@ -228,13 +230,15 @@ def test_symlinked_and_missing_files_are_bad_not_tracebacks(tmp_path):
     assert loader.bad.files[f"{tmp_path}/p/00004.jpg"].startswith("cannot read the file (No such file")
 
 
-def _stream_peak_rss(root: str, n: int, steps: int) -> int:
-    import resource
+def _stream_peak_rss(root: str, n: int, steps: int) -> tuple[int, int]:
+    """(peak RSS in bytes, index bytes) of a fresh process streaming `steps` batches over n generated JPEGs."""
     import subprocess
     import sys
 
     code = f"""
 import resource, numpy as np, sys, warnings
+from pathlib import Path
+
 from PIL import Image
 from pathlib import Path
 root = Path({root!r})
@@ -253,7 +257,7 @@ for step in range({steps}):
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, index.nbytes())
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     rss_kb, index_bytes = map(int, out.stdout.split())
     return rss_kb * 1024, index_bytes
 
