@@ -4,12 +4,11 @@ import io
 import math
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from pathlib import Path
-
 from PIL import Image
 
 from ssl_kit.data.crops import CropSpec, center_box, crop_box, expand_views, flip_bit
