@@ -176,6 +176,43 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from .data.inspect import summarize
+    from .data.sources import STREAMED_SOURCES, apply_labels_csv, build_index
+    from .data.specs import parse_spec
+    from .data.stream import check_index
+
+    spec = parse_spec(args.spec)
+    if spec.name not in STREAMED_SOURCES:
+        from .data.specs import load_splits
+
+        splits = load_splits(spec)
+        result = {"source": str(spec), "storage": "memory",
+                  **{f"{name}_images": len(split) for name, split in splits.items()},
+                  "classes": splits["train"].num_classes}
+        _emit(result, args.json)
+        return 0
+    index = build_index(spec.name, spec.arg, workers=args.workers * 4)
+    if args.labels:
+        index = apply_labels_csv(index, args.labels)
+    result = summarize(index, args.image_size, args.channels, args.storage, args.budget_gb)
+    if args.check:
+        reads, bad = check_index(index, workers=args.workers)
+        result.update(checked=reads, unreadable=len(bad), unreadable_files=[f"{p}: {r}" for p, r in bad])
+    if args.json:
+        _emit(result, True)
+        return 0
+    for key, value in result.items():
+        if key == "unreadable_files":
+            for line in value:
+                print(f"unreadable: {line}")
+        elif isinstance(value, dict):
+            print(f"{key}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items()))
+        else:
+            print(f"{key}: {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssl-kit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -242,6 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     recipes = sub.add_parser("recipes", help="list bundled recipes")
     recipes.set_defaults(func=cmd_recipes)
+
+    data = sub.add_parser("data", help="what a dataset spec holds, whether it streams, unreadable files")
+    data.add_argument("spec", help="dataset spec, e.g. imagefolder:/data/x, images:/data/x, filelist:list.csv, "
+                                   "webdataset:/data/shards-{000000..000127}.tar")
+    data.add_argument("--check", action="store_true", help="decode every image with workers and list unreadable ones")
+    data.add_argument("--labels", help="CSV of path,label rows labelling a subset (data.labels)")
+    data.add_argument("--image-size", type=int, default=224, help="size for the in-memory byte count")
+    data.add_argument("--channels", type=int, default=3, choices=[1, 3])
+    data.add_argument("--storage", default="auto", choices=["auto", "memory", "stream"])
+    data.add_argument("--budget-gb", type=float, default=4.0, help="data.memory_budget_gb for storage auto")
+    data.add_argument("--workers", type=int, default=2)
+    data.add_argument("--json", action="store_true")
+    data.set_defaults(func=cmd_data)
 
     info = sub.add_parser("info", help="architecture, parameters and FLOPs of a checkpoint's backbone")
     info.add_argument("--checkpoint", required=True)

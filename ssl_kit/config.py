@@ -47,6 +47,18 @@ class DataConfig(Strict):
     hflip: bool = Field(False, description="random horizontal flips (off for digits, on for natural images)")
     translate: float = Field(0.125, ge=0.0, le=0.5, description="weak view: max shift as a fraction of the size")
     normalize: Literal["dataset", "none"] = "dataset"
+    storage: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="streamed sources (imagefolder, images, filelist, webdataset): memory decodes the set "
+                            "onto the device, stream reads files in workers, auto streams above memory_budget_gb")
+    memory_budget_gb: float = Field(4.0, gt=0, description="auto: stream when the decoded set at image_size is larger")
+    labels: Optional[str] = Field(None, description="CSV of path,label rows labelling a subset (others unlabeled)")
+    bad_images: Literal["skip", "error"] = Field(
+        "skip", description="streamed: skip substitutes a deterministic other image, error stops at the first")
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="stop when more of the images read are bad")
+    workers: int = Field(2, ge=0, description="streamed: DataLoader worker processes (0: decode in the trainer)")
+    prefetch: int = Field(2, ge=1, description="streamed: batches each worker prepares ahead")
+    eval_resize_ratio: float = Field(0.875, gt=0, le=1,
+                                     description="evaluation: shorter side to image_size/ratio, then centre crop")
 
     def spec(self) -> str:
         """The dataset spec with `root` put in place: 'cifar10' + root '/data' -> 'cifar10:/data'."""

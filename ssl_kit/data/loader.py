@@ -23,6 +23,8 @@ class Batch:
     u_index: Optional[Tensor] = None  # int64 (μB,) positions in the unlabeled set (per-sample threshold state)
     x_index: Optional[Tensor] = None  # int64 (B,) indices of the labeled images in the training set
     u_image_index: Optional[Tensor] = None  # int64 (μB,) indices of the unlabeled images in the training set
+    views: Optional[list[Tensor]] = None  # streamed: uint8 (B, C, S_v, S_v) per view, cut in workers; x = views[0]
+    u_views: Optional[list[Tensor]] = None  # streamed: the unlabeled views (e.g. FixMatch weak, strong); u = u_views[0]
 
 
 class IndexStream:

@@ -5,6 +5,7 @@
     digits-rotated:ANGLE        digits rotated by ANGLE degrees (builtin)
     fashion-mnist[:ROOT]        IDX files (default root /usr/share/datasets/fashion-mnist)
     mnist:ROOT  cifar10:ROOT  cifar100:ROOT  svhn:ROOT  stl10:ROOT  imagefolder:ROOT
+    images:ROOT  filelist:FILE  webdataset:PATTERN   streamed sources (see sources.py)
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from .builtin import stratified_holdout
 from .imageset import ImageSet
 
 FASHION_MNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
-NEEDS_ROOT = ("mnist", "cifar10", "cifar100", "svhn", "stl10", "imagefolder")
+NEEDS_ROOT = ("mnist", "cifar10", "cifar100", "svhn", "stl10", "imagefolder", "images", "filelist", "webdataset")
 KNOWN = ("digits", "digits-printed", "digits-rotated", "fashion-mnist") + NEEDS_ROOT
 OPTIONS = {"download": bool, "per_font": int, "test_fraction": float, "seed": int}
 
@@ -122,6 +123,12 @@ def _load_cached(spec: DatasetSpec, folder_size: int) -> dict[str, ImageSet]:
         return formats.load_svhn(Path(arg))
     if name == "stl10":
         return formats.load_stl10(Path(arg))
+    if name in ("images", "filelist", "webdataset"):
+        from .inspect import streamed_splits
+        from .sources import build_index
+
+        return streamed_splits(build_index(name, arg), folder_size, None, spec.option("test_fraction", 0.2),
+                               spec.option("seed", 0))
     return _load_image_folder_splits(spec, folder_size)
 
 

@@ -1,0 +1,137 @@
+"""Decode one image file into view crops, at reduced resolution where the format allows.
+
+`decode_views` opens the file once, reads its geometry from the header, computes every view's crop box in the
+original grid, asks PIL for the smallest JPEG DCT reduction (1/2, 1/4, 1/8 via `Image.draft`) that still keeps
+every crop at least as large as its output size, maps the boxes into the reduced grid and resizes each box to its
+view size with PIL's antialiased bilinear filter. A 4000 px photo cut into 224 px crops is thus decoded at 1000 px
+or less. Modes are converted as `formats.read_image` does: 16-bit and 32-bit integer images scaled to 8 bits,
+palette/CMYK/RGBA/LA to RGB (alpha dropped), RGB -> gray by ITU-R 601 luma.
+
+Anything wrong with a file (zero bytes, not an image, truncated, a decompression bomb over PIL's
+`Image.MAX_IMAGE_PIXELS`, an unreadable path) raises `BadImage` naming the file and the reason; the loader decides
+whether to substitute or stop (`data.bad_images`).
+"""
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from ..errors import DataError
+from .crops import CropSpec, center_box, crop_box, flip_bit
+
+
+class BadImage(DataError):
+    """A file that cannot be decoded as an image. `name` is the file (or tar member), `reason` why."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"image file {name!r} cannot be used: {reason}")
+        self.name, self.reason = name, reason
+
+
+def _open(data: bytes, name: str) -> Image.Image:
+    if len(data) == 0:
+        raise BadImage(name, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise BadImage(name, f"decompression bomb refused by PIL: {exc}") from None
+    except Exception as exc:  # PIL raises many types for garbage input
+        raise BadImage(name, f"not a readable image ({type(exc).__name__}: {exc})") from None
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = image.size
+    if limit is not None and width * height > limit:
+        raise BadImage(name, f"decompression bomb: {width}×{height} = {width * height} pixels exceeds PIL's limit "
+                             f"Image.MAX_IMAGE_PIXELS = {limit} (raise it only for files you trust)")
+    if width < 1 or height < 1:
+        raise BadImage(name, f"image of size {width}×{height} has no pixels")
+    return image
+
+
+def _to_mode(image: Image.Image, channels: int) -> Image.Image:
+    """Loaded PIL image -> 'RGB' (channels 3) or 'L' (channels 1), 16/32-bit integers scaled to 8 bits."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray((np.clip(array, 0, peak) / peak * 255).round().astype(np.uint8))
+    elif image.mode == "P":
+        image = image.convert("RGBA")
+    target = "RGB" if channels == 3 else "L"
+    if image.mode == target:
+        return image
+    if channels == 1 and image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    return image.convert(target)
+
+
+def _reduction(boxes: list[tuple[int, int, int, int]], sizes: list[int]) -> float:
+    """The largest factor r with every box still ≥ its output size after dividing by r (≥ 1)."""
+    return max(1.0, min(min(h, w) / size for (_, _, h, w), size in zip(boxes, sizes)))
+
+
+def _load(image: Image.Image, name: str, channels: int, reduction: float) -> Image.Image:
+    """Decode (JPEG: at the largest DCT reduction ≤ `reduction`) and convert to the requested channels."""
+    width, height = image.size
+    try:
+        if image.format == "JPEG" and reduction >= 2:
+            image.draft("L" if channels == 1 else "RGB",
+                        (math.ceil(width / reduction), math.ceil(height / reduction)))
+        image.load()
+        return _to_mode(image, channels)
+    except Exception as exc:  # truncated data, broken streams, codec errors
+        raise BadImage(name, f"decoding failed ({type(exc).__name__}: {exc})") from None
+
+
+def _cut(image: Image.Image, box: tuple[int, int, int, int], scale: tuple[float, float], size: int,
+         flip: bool) -> np.ndarray:
+    """Resize `box` (top, left, h, w in the original grid; the decoded image is `scale` = (sx, sy) of it) to
+    size×size -> uint8 (C, size, size)."""
+    top, left, h, w = box
+    sx, sy = scale
+    region = (left * sx, top * sy, min(image.width, (left + w) * sx), min(image.height, (top + h) * sy))
+    view = image.resize((size, size), Image.BILINEAR, box=region)
+    if flip:
+        view = view.transpose(Image.FLIP_LEFT_RIGHT)
+    array = np.asarray(view, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def decode_views(data: bytes, name: str, views: list[CropSpec], seed: int, position: int,
+                 channels: int = 3) -> list[np.ndarray]:
+    """One decode of `data`, one crop per entry of `views` (already expanded, see `expand_views`); view v's box
+    and flip are functions of (seed, position, v). -> list of uint8 (channels, size_v, size_v)."""
+    image = _open(data, name)
+    width, height = image.size
+    boxes = [crop_box(height, width, spec, seed, position, v) for v, spec in enumerate(views)]
+    decoded = _load(image, name, channels, _reduction(boxes, [spec.size for spec in views]))
+    scale = (decoded.width / width, decoded.height / height)
+    return [_cut(decoded, box, scale, spec.size, spec.flip and flip_bit(seed, position, v))
+            for v, (box, spec) in enumerate(zip(boxes, views))]
+
+
+def decode_eval(data: bytes, name: str, size: int, channels: int = 3, resize_ratio: float = 0.875) -> np.ndarray:
+    """Evaluation view: shorter side resized to size/resize_ratio, centre crop size×size -> uint8 (C, size, size)."""
+    image = _open(data, name)
+    width, height = image.size
+    box = center_box(height, width, size, resize_ratio)
+    decoded = _load(image, name, channels, _reduction([box], [size]))
+    return _cut(decoded, box, (decoded.width / width, decoded.height / height), size, False)
+
+
+def decode_resized(data: bytes, name: str, size: int, channels: int = 3) -> np.ndarray:
+    """The in-memory path's transform: the whole image squashed to size×size -> uint8 (C, size, size)."""
+    image = _open(data, name)
+    width, height = image.size
+    box = (0, 0, height, width)
+    decoded = _load(image, name, channels, _reduction([box], [size]))
+    return _cut(decoded, box, (decoded.width / width, decoded.height / height), size, False)
+
+
+def image_size(data: bytes, name: str) -> tuple[int, int]:
+    """(width, height) from the header only."""
+    return _open(data, name).size

@@ -1,0 +1,503 @@
+"""File indexes of streamed sources: which images a spec holds, their labels, classes and splits.
+
+    imagefolder:ROOT   ROOT/<class>/**/<image>; with ROOT/train (+ ROOT/val and/or ROOT/test) holding the class
+                       folders, each is a split
+    images:ROOT        every image under ROOT, unlabeled (label -1)
+    filelist:FILE      lines `path[,label]` (CSV, TSV or one path per line); relative paths resolve against FILE's
+                       folder; an empty label is unlabeled
+    webdataset:PATTERN tar shards `shards-{000000..000127}.tar` (or a glob); members KEY.jpg|jpeg|png|webp and
+                       optional KEY.cls (an integer label)
+
+Directories are listed in parallel (a thread pool, one directory per task). The index is cached on disk under
+`$SSL_KIT_CACHE` (default `~/.cache/ssl_kit/index`), keyed by the spec and validated against the mtimes of every
+indexed directory (or of the list file / shards), so a second `ssl-kit data` or training start is instant; the
+dataset root is never written to (read-only roots work).
+
+Names are kept in one numpy byte buffer with offsets rather than a list of Python strings: DataLoader workers
+forked from the trainer share those pages instead of copying them on every reference-count change.
+
+Tar shards are read by random access with the standard library's `tarfile`: the index records each member's data
+offset and size once, so position -> (shard, offset) is O(1) and any step can be read without replaying the
+stream. The `webdataset` library iterates shards sequentially with buffer shuffling, which cannot give an order
+that is a pure function of (seed, position) nor an O(1) resume.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
+import tarfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+STREAMED_SOURCES = ("imagefolder", "images", "filelist", "webdataset")
+SPLIT_FOLDERS = ("train", "val", "test")
+CACHE_VERSION = 1
+
+
+def _pack(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Strings -> (uint8 blob, int64 offsets (N+1,))."""
+    encoded = [n.encode("utf-8", "surrogateescape") for n in names]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
+
+
+@dataclass
+class FileIndex:
+    """N images of a streamed source.
+
+    labels: int64 (N,), -1 = unlabeled; classes: label -> name; splits: split name -> int64 positions (every
+    index has 'train'; imagefolder adds 'val'/'test' when those folders exist). Files: `root` joined with the
+    relative name. Tar members: `shards[shard[i]]` at byte `offset[i]`, `length[i]` bytes.
+    skipped: (path, reason) of entries left out while indexing (symlinks out of the root, loops, dangling).
+    """
+
+    source: str
+    root: str
+    blob: np.ndarray
+    offsets: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    splits: dict[str, np.ndarray]
+    shards: list[str] = field(default_factory=list)
+    shard: Optional[np.ndarray] = None
+    offset: Optional[np.ndarray] = None
+    length: Optional[np.ndarray] = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def name(self, i: int) -> str:
+        """Relative path (files) or 'shard.tar/member' (tar) of image i."""
+        raw = self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
+        return f"{os.path.basename(self.shards[self.shard[i]])}/{raw}" if self.shards else raw
+
+    def path(self, i: int) -> str:
+        """What to show the user for image i: the absolute file path, or 'SHARD.tar/member'."""
+        if self.shards:
+            return f"{self.shards[self.shard[i]]}/{self.name(i).split('/', 1)[1]}"
+        return os.path.join(self.root, self.name(i))
+
+    def read(self, i: int) -> bytes:
+        """The encoded bytes of image i. Raises OSError when the file is unreadable."""
+        if self.shards:
+            with open(self.shards[self.shard[i]], "rb") as handle:
+                handle.seek(int(self.offset[i]))
+                return handle.read(int(self.length[i]))
+        with open(self.path(i), "rb") as handle:
+            return handle.read()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def nbytes(self) -> int:
+        """Memory the index itself takes (arrays only)."""
+        arrays = [self.blob, self.offsets, self.labels, *self.splits.values(), self.shard, self.offset, self.length]
+        return int(sum(a.nbytes for a in arrays if a is not None))
+
+    def split(self, name: str) -> np.ndarray:
+        """Positions of split `name` -> int64 (M,)."""
+        if name not in self.splits:
+            raise DataError(f"{self.source}: no split {name!r} (splits: {sorted(self.splits)})")
+        return self.splits[name]
+
+    def with_labels(self, labels: np.ndarray, classes: list[str]) -> "FileIndex":
+        return FileIndex(self.source, self.root, self.blob, self.offsets, labels.astype(np.int64), list(classes),
+                         self.splits, self.shards, self.shard, self.offset, self.length, self.skipped)
+
+
+# ------------------------------------------------------------------------------------------- scanning
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _list_dir(directory: str, root: str) -> tuple[list[str], list[str], list[tuple[str, str]], int]:
+    """One directory -> (image files, sub-directories, skipped (path, reason), mtime_ns), all absolute paths."""
+    files, dirs, skipped = [], [], []
+    try:
+        mtime = os.stat(directory).st_mtime_ns
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError as exc:
+        return [], [], [(directory, f"cannot list directory: {exc.strerror or exc}")], 0
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            if entry.is_symlink():
+                target = os.path.realpath(entry.path)
+                if not os.path.exists(target):
+                    skipped.append((entry.path, "dangling or looping symlink"))
+                    continue
+                if not _inside(target, root):
+                    skipped.append((entry.path, f"symlink points out of the root to {target}"))
+                    continue
+            if entry.is_dir():
+                dirs.append(entry.path)
+            elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
+                files.append(entry.path)
+        except OSError as exc:
+            skipped.append((entry.path, f"cannot stat: {exc.strerror or exc}"))
+    return files, dirs, skipped, mtime
+
+
+def scan_tree(top: str, root: str, workers: int = 8) -> tuple[list[str], dict[str, int], list[tuple[str, str]]]:
+    """Every image file under `top` (absolute, sorted), the mtime of every directory visited and what was skipped.
+    Directories are listed level by level in a thread pool; a directory reached twice (a symlink loop or an alias)
+    is listed once."""
+    files, mtimes, skipped = [], {}, []
+    seen = {os.path.realpath(top)}
+    level = [top]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        while level:
+            next_level = []
+            for directory, (found, subdirs, bad, mtime) in zip(level, pool.map(lambda d: _list_dir(d, root), level)):
+                files.extend(found)
+                skipped.extend(bad)
+                mtimes[directory] = mtime
+                for sub in subdirs:
+                    real = os.path.realpath(sub)
+                    if real in seen:
+                        skipped.append((sub, f"directory already indexed (symlink loop or alias of {real})"))
+                        continue
+                    seen.add(real)
+                    next_level.append(sub)
+            level = sorted(next_level)
+    return sorted(files), mtimes, skipped
+
+
+def _folder_index(source: str, root: str, workers: int) -> tuple[dict, dict[str, int], list[tuple[str, str]]]:
+    """imagefolder: class sub-folders, optional train/val/test split folders."""
+    split_dirs = [s for s in SPLIT_FOLDERS if os.path.isdir(os.path.join(root, s))]
+    if "train" not in split_dirs:
+        split_dirs = []
+    parts = [(s, os.path.join(root, s)) for s in split_dirs] or [("train", root)]
+    names, labels, split_of, skipped = [], [], [], []
+    mtimes = {root: os.stat(root).st_mtime_ns}  # split folders appearing or going change the root's mtime
+    classes: list[str] = []
+    for split, top in parts:
+        files, split_mtimes, split_skipped = scan_tree(top, root, workers)
+        mtimes.update(split_mtimes)
+        skipped.extend(split_skipped)
+        by_class: dict[str, list[str]] = {}
+        for path in files:
+            relative = os.path.relpath(path, top)
+            if os.sep not in relative:
+                skipped.append((path, "image directly in the root: imagefolder expects ROOT/<class>/<image>"))
+                continue
+            by_class.setdefault(relative.split(os.sep, 1)[0], []).append(path)
+        if split == "train":
+            classes = sorted(by_class)
+            if not classes:
+                raise DataError(f"{source}: {top!r} has no class sub-folders with images "
+                                f"(expected {top}/<class>/<image>; use images:{root} for an unlabeled tree)")
+        unknown = sorted(set(by_class) - set(classes))
+        if unknown:
+            raise DataError(f"{source}: split {split!r} has classes {unknown[:10]} that the train split lacks")
+        for label, cls in enumerate(classes):
+            for path in by_class.get(cls, []):
+                names.append(os.path.relpath(path, root))
+                labels.append(label)
+                split_of.append(split)
+    return {"names": names, "labels": labels, "classes": classes, "split_of": split_of}, mtimes, skipped
+
+
+def _images_index(source: str, root: str, workers: int) -> tuple[dict, dict[str, int], list[tuple[str, str]]]:
+    files, mtimes, skipped = scan_tree(root, root, workers)
+    names = [os.path.relpath(p, root) for p in files]
+    return {"names": names, "labels": [-1] * len(names), "classes": [], "split_of": ["train"] * len(names)}, \
+        mtimes, skipped
+
+
+def _class_table(raw: list[str], where: str) -> tuple[list[int], list[str]]:
+    """Label strings ('' = unlabeled) -> (ints, classes). All-integer labels keep their values (classes '0'..'K');
+    names are numbered in sorted order."""
+    given = [r for r in raw if r != ""]
+    if all(r.lstrip("-").isdigit() for r in given):
+        values = [int(r) for r in given]
+        if values and min(values) < 0:
+            raise DataError(f"{where}: negative label {min(values)} (leave the label empty for an unlabeled image)")
+        classes = [str(i) for i in range(max(values) + 1)] if values else []
+        return [int(r) if r != "" else -1 for r in raw], classes
+    classes = sorted(set(given))
+    lookup = {c: i for i, c in enumerate(classes)}
+    return [lookup[r] if r != "" else -1 for r in raw], classes
+
+
+def _read_rows(path: str) -> list[tuple[int, str, str]]:
+    """A CSV/TSV/text list -> (line number, path, label or ''); a header row 'path[,label]' is skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"file list {path!r} cannot be read: {exc}") from None
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    delimiter = "\t" if path.endswith(".tsv") or "\t" in first else ","
+    rows = []
+    for number, row in enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), start=1):
+        cells = [c.strip() for c in row]
+        if not cells or not any(cells):
+            continue
+        if len(cells) > 2:
+            raise DataError(f"{path}:{number}: expected 'path[,label]', got {len(cells)} columns: {row!r}")
+        if number == 1 and cells[0].lower() in ("path", "file", "filename") and cells[-1].lower() in (
+                "label", "class", cells[0].lower()):
+            continue
+        if not cells[0]:
+            raise DataError(f"{path}:{number}: empty path")
+        rows.append((number, cells[0], cells[1] if len(cells) > 1 else ""))
+    return rows
+
+
+def _filelist_index(source: str, path: str) -> dict:
+    rows = _read_rows(path)
+    if not rows:
+        raise DataError(f"{source}: file list {path!r} names no images")
+    labels, classes = _class_table([label for _, _, label in rows], path)
+    names = [os.path.normpath(p) for _, p, _ in rows]
+    return {"names": names, "labels": labels, "classes": classes, "split_of": ["train"] * len(names)}
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """'shards-{000..003}.tar' or a glob -> sorted shard paths."""
+    from braceexpand import braceexpand
+
+    paths = []
+    for part in braceexpand(pattern):
+        paths.extend(sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])
+    return paths
+
+
+def _tar_members(shard: str) -> tuple[list[tuple[str, int, int]], dict[str, int], list[tuple[str, str]]]:
+    """One shard -> ([(member, data offset, size)] of images, {key: label} from .cls members, skipped)."""
+    images, labels, skipped = [], {}, []
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = os.path.basename(member.name)
+                key_part, _, ext = base.partition(".")
+                key = os.path.join(os.path.dirname(member.name), key_part)
+                if ext.lower() in TAR_IMAGE_EXTENSIONS:
+                    images.append((member.name, member.offset_data, member.size))
+                elif ext.lower() == "cls":
+                    text = tar.extractfile(member).read().decode("utf-8", "replace").strip()
+                    if not text.lstrip("-").isdigit() or int(text) < 0:
+                        skipped.append((f"{shard}/{member.name}", f"label {text[:20]!r} is not a class number"))
+                        continue
+                    labels[key] = int(text)
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        raise DataError(f"tar shard {shard!r} cannot be read: {exc}") from None
+    return images, labels, skipped
+
+
+def _webdataset_index(source: str, pattern: str, workers: int) -> dict:
+    shards = expand_pattern(pattern)
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if not shards or missing:
+        raise DataError(f"{source}: shard files missing: {(missing or [pattern])[:5]} "
+                        f"(expected e.g. webdataset:/data/shards-{{000000..000127}}.tar)")
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(_tar_members, shards))
+    names, raw, shard_of, offsets, lengths, skipped = [], [], [], [], [], []
+    for number, (images, labels, bad) in enumerate(results):
+        skipped.extend(bad)
+        for member, offset, size in images:
+            key = os.path.join(os.path.dirname(member), os.path.basename(member).partition(".")[0])
+            names.append(member)
+            raw.append(labels.get(key, -1))
+            shard_of.append(number)
+            offsets.append(offset)
+            lengths.append(size)
+    if not names:
+        raise DataError(f"{source}: the shards hold no image members (KEY.jpg|jpeg|png|webp)")
+    top = max(raw)
+    return {"names": names, "labels": raw, "classes": [str(i) for i in range(top + 1)] if top >= 0 else [],
+            "split_of": ["train"] * len(names), "shards": [os.path.abspath(s) for s in shards],
+            "shard": shard_of, "offset": offsets, "length": lengths, "skipped": skipped}
+
+
+# ------------------------------------------------------------------------------------------------ cache
+def cache_dir() -> Path:
+    return Path(os.environ.get("SSL_KIT_CACHE") or Path.home() / ".cache" / "ssl_kit") / "index"
+
+
+def _stamps(paths: list[str]) -> list[list]:
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append([p, st.st_mtime_ns, st.st_size])
+        except OSError:
+            out.append([p, -1, -1])
+    return out
+
+
+def _cache_file(source: str) -> Path:
+    return cache_dir() / (hashlib.sha256(f"{CACHE_VERSION}:{source}".encode()).hexdigest()[:32] + ".npz")
+
+
+def _load_cache(source: str) -> Optional[FileIndex]:
+    path = _cache_file(source)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(data["meta"].tobytes().decode())
+            if meta["source"] != source or _stamps([s[0] for s in meta["stamps"]]) != meta["stamps"]:
+                return None
+            arrays = {k: data[k] for k in data.files if k != "meta"}
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return None
+    splits = {k[len("split_"):]: v for k, v in arrays.items() if k.startswith("split_")}
+    return FileIndex(source, meta["root"], arrays["blob"], arrays["offsets"], arrays["labels"], meta["classes"],
+                     splits, meta["shards"], arrays.get("shard"), arrays.get("offset"), arrays.get("length"),
+                     [tuple(s) for s in meta["skipped"]])
+
+
+def _save_cache(index: FileIndex, stamped: list[str]) -> None:
+    """Best effort: an unwritable cache folder only costs a rebuild next time."""
+    path = _cache_file(index.source)
+    meta = {"source": index.source, "root": index.root, "classes": index.classes, "shards": index.shards,
+            "skipped": [list(s) for s in index.skipped], "stamps": _stamps(stamped)}
+    arrays = {"blob": index.blob, "offsets": index.offsets, "labels": index.labels,
+              **{f"split_{k}": v for k, v in index.splits.items()}}
+    if index.shards:
+        arrays.update(shard=index.shard, offset=index.offset, length=index.length)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+        os.replace(tmp, path)
+    except OSError as exc:
+        warnings.warn(f"index cache {str(path)!r} not written ({exc}); the index will be rebuilt next time")
+
+
+# ------------------------------------------------------------------------------------------------ build
+def _assemble(source: str, root: str, built: dict, skipped: list[tuple[str, str]]) -> FileIndex:
+    blob, offsets = _pack(built["names"])
+    split_of = np.asarray(built["split_of"])
+    splits = {s: np.flatnonzero(split_of == s).astype(np.int64) for s in SPLIT_FOLDERS if (split_of == s).any()}
+    if "train" not in splits:
+        raise DataError(f"{source}: no images found under {root!r} (image suffixes: {sorted(IMAGE_SUFFIXES)})")
+    tar = {}
+    if "shards" in built:
+        tar = dict(shards=built["shards"], shard=np.asarray(built["shard"], dtype=np.int32),
+                   offset=np.asarray(built["offset"], dtype=np.int64), length=np.asarray(built["length"], dtype=np.int64))
+    return FileIndex(source, root, blob, offsets, np.asarray(built["labels"], dtype=np.int64), built["classes"],
+                     splits, skipped=skipped, **tar)
+
+
+def build_index(kind: str, arg: str, workers: int = 8, use_cache: bool = True) -> FileIndex:
+    """The index of `kind:arg` (kind one of STREAMED_SOURCES), from the cache when nothing changed."""
+    if kind not in STREAMED_SOURCES:
+        raise DataError(f"{kind!r} is not a streamed source (streamed: {', '.join(STREAMED_SOURCES)})")
+    location = os.path.abspath(os.path.expanduser(arg))
+    source = f"{kind}:{location}"
+    if kind in ("imagefolder", "images") and not os.path.isdir(location):
+        raise DataError(f"{source}: root folder {location!r} does not exist")
+    if kind == "filelist" and not os.path.isfile(location):
+        raise DataError(f"{source}: file list {location!r} does not exist")
+    if use_cache:
+        cached = _load_cache(source)
+        if cached is not None:
+            return cached
+    skipped: list[tuple[str, str]] = []
+    if kind == "imagefolder":
+        built, mtimes, skipped = _folder_index(source, os.path.realpath(location), workers)
+        root, stamped = os.path.realpath(location), sorted(mtimes)
+    elif kind == "images":
+        built, mtimes, skipped = _images_index(source, os.path.realpath(location), workers)
+        root, stamped = os.path.realpath(location), sorted(mtimes)
+    elif kind == "filelist":
+        built, root, stamped = _filelist_index(source, location), os.path.dirname(location), [location]
+    else:
+        built = _webdataset_index(source, arg, workers)
+        root, stamped, skipped = "", built["shards"], built["skipped"]
+    for path, reason in skipped[:20]:
+        warnings.warn(f"{source}: skipped {path}: {reason}")
+    index = _assemble(source, root, built, skipped)
+    if use_cache:
+        _save_cache(index, stamped)
+    return index
+
+
+# ------------------------------------------------------------------------------------------ labels CSV
+def apply_labels_csv(index: FileIndex, csv_path: str) -> FileIndex:
+    """Labels for a subset from a CSV of `path,label` rows (header optional). Paths are relative to the CSV's
+    folder or to the index root (absolute paths work too); labels are class names, or class numbers.
+
+    Images the CSV does not name become unlabeled (-1): that is the point, a labeled subset of a large pool.
+    Rows naming files that are not in the index are ignored with one warning that counts them and names the
+    first five; if no row matches, or a row repeats a path with another label, or (imagefolder) a label is not
+    one of the folder classes, a DataError says so. An empty label marks the image unlabeled.
+    """
+    if index.shards:
+        raise DataError(f"data.labels {csv_path!r}: tar shards carry their labels in KEY.cls members")
+    rows = _read_rows(csv_path)
+    base = os.path.dirname(os.path.abspath(csv_path))
+    lookup = {index.name(i): i for i in range(len(index))}
+    found: dict[int, tuple[str, int]] = {}
+    extra = []
+    for number, raw_path, label in rows:
+        candidates = [os.path.normpath(raw_path)]
+        candidates.insert(0, os.path.normpath(os.path.relpath(os.path.join(base, raw_path), index.root)))
+        position = next((lookup[c] for c in candidates if c in lookup), None)
+        if position is None:
+            extra.append(raw_path)
+            continue
+        if position in found and found[position][0] != label:
+            raise DataError(f"{csv_path}:{number}: {raw_path!r} appears again with label {label!r} "
+                            f"(line {found[position][1]} gave {found[position][0]!r})")
+        found[position] = (label, number)
+    if not found:
+        raise DataError(f"data.labels {csv_path!r}: none of its {len(rows)} rows names an image of {index.source} "
+                        f"(paths are relative to the CSV's folder or to {index.root!r}; first row: {rows[0][1]!r})")
+    if extra:
+        warnings.warn(f"data.labels {csv_path!r}: {len(extra)} rows name files not in {index.source}, ignored: "
+                      f"{extra[:5]}")
+    positions = sorted(found)
+    raw = [found[p][0] for p in positions]
+    if index.classes:
+        lookup_cls = {c: i for i, c in enumerate(index.classes)}
+        unknown = sorted({r for r in raw if r and r not in lookup_cls})
+        if unknown:
+            raise DataError(f"data.labels {csv_path!r}: labels {unknown[:10]} are not classes of {index.source} "
+                            f"({index.classes[:10]})")
+        values, classes = [lookup_cls[r] if r else -1 for r in raw], index.classes
+    else:
+        values, classes = _class_table(raw, csv_path)
+    labels = np.full(len(index), -1, dtype=np.int64)
+    labels[positions] = values
+    return index.with_labels(labels, classes)
+
+
+# ----------------------------------------------------------------------------------------------- storage
+def decoded_bytes(count: int, image_size: int, channels: int = 3) -> int:
+    """Bytes of `count` uint8 images of channels×size×size: what the in-memory path would hold."""
+    return int(count) * channels * image_size * image_size
+
+
+def choose_storage(storage: str, count: int, image_size: int, channels: int, budget_gb: float) -> str:
+    """'memory' or 'stream' for data.storage auto|memory|stream: auto streams when the decoded set at the stage's
+    image size exceeds memory_budget_gb."""
+    if storage not in ("auto", "memory", "stream"):
+        raise DataError(f"data.storage must be auto, memory or stream, got {storage!r}")
+    if storage != "auto":
+        return storage
+    return "stream" if decoded_bytes(count, image_size, channels) > budget_gb * 2 ** 30 else "memory"

@@ -1,0 +1,301 @@
+"""Streamed batches: DataLoader workers decode files of a `FileIndex` and cut every view; uint8 views go to the
+device, where the photometric augmentation runs batched.
+
+`StreamLoader` has `DeviceLoader`'s interface (`steps_per_epoch`, `mu`, `unlabeled_stream`,
+`batch(step, micro, micro_count) -> Batch`), so the trainer can use either. Which images a batch holds is the
+same pure function of (seed, stream, position) as in `DeviceLoader` (`IndexStream`, the same rank slicing), and
+every crop box and flip is a pure function of (seed, stream, position, view) (`crops.crop_box`). Each DataLoader
+item is one whole micro-batch, computed from its key (step, micro, micro_count) alone, so the result does not
+depend on the number of workers, and `batch()` at any other step than the next one restarts the worker iterator
+there in O(1): no replay.
+
+Nothing decoded is cached: memory is the index plus the batches in flight (workers × prefetch).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import DataError
+from .crops import CropSpec, expand_views, view_rng
+from .decode import BadImage, decode_eval, decode_views
+from .loader import Batch, IndexStream
+from .sources import FileIndex
+
+SUBSTITUTE_TRIES = 8
+MIN_READS_FOR_FRACTION = 1000
+
+
+def read_views(index: FileIndex, image: int, views: list[CropSpec], seed: int, position: int,
+               channels: int) -> list[np.ndarray]:
+    """Views of image `image` (a position in the index) at stream position `position`. Raises BadImage."""
+    try:
+        data = index.read(image)
+    except OSError as exc:
+        raise BadImage(index.path(image), f"cannot read the file ({exc.strerror or exc})") from None
+    try:
+        return decode_views(data, index.path(image), views, seed, position, channels)
+    except BadImage as exc:
+        raise BadImage(index.path(image), exc.reason) from None
+
+
+def views_with_substitute(index: FileIndex, pool: np.ndarray, slot: int, views: list[CropSpec], seed: int,
+                          position: int, channels: int, bad: list) -> tuple[int, list[np.ndarray]]:
+    """Views of pool[slot]; when that file is bad, of a substitute pool[k] with k a pure function of
+    (seed, position, try), up to SUBSTITUTE_TRIES, else mid-grey views. Appends (path, reason) of each bad file
+    to `bad`. -> (index position of the image used, -1 for grey; views)."""
+    image = int(pool[slot])
+    for attempt in range(SUBSTITUTE_TRIES + 1):
+        try:
+            return image, read_views(index, image, views, seed, position, channels)
+        except BadImage as exc:
+            bad.append((exc.name, exc.reason))
+        image = int(pool[view_rng(seed, position, 1_000_000 + attempt).randrange(len(pool))])
+    return -1, [np.full((channels, v.size, v.size), 128, dtype=np.uint8) for v in views]
+
+
+class _Plan:
+    """Everything a worker needs to build micro-batch (step, micro, micro_count) for this rank."""
+
+    def __init__(self, index: FileIndex, labeled: np.ndarray, unlabeled: Optional[np.ndarray], batch_size: int,
+                 mu: int, seed: int, views: list[CropSpec], u_views: list[CropSpec], channels: int, rank: int,
+                 world_size: int) -> None:
+        self.index, self.labeled, self.unlabeled = index, labeled, unlabeled
+        self.batch_size, self.mu, self.seed, self.channels = batch_size, mu, seed, channels
+        self.views, self.u_views, self.rank, self.world_size = views, u_views, rank, world_size
+        self.labeled_stream = IndexStream(len(labeled), seed, 0)
+        self.unlabeled_stream = IndexStream(len(unlabeled), seed, 1) if unlabeled is not None and mu > 0 else None
+
+    def _rank_slice(self, start: int, count: int) -> range:
+        per_rank = count // self.world_size
+        return range(start + self.rank * per_rank, start + (self.rank + 1) * per_rank)
+
+    def _stream(self, stream: IndexStream, pool: np.ndarray, positions: range, views: list[CropSpec],
+                crop_seed: int, bad: list) -> tuple[list[Tensor], Tensor, Tensor]:
+        """-> (views: list of uint8 (B, C, S_v, S_v), index positions int64 (B,), slots in the pool int64 (B,))."""
+        slots = stream.take(positions.start, len(positions)) if len(positions) else torch.empty(0, dtype=torch.long)
+        out = [torch.empty((len(positions), self.channels, v.size, v.size), dtype=torch.uint8) for v in views]
+        used = torch.empty(len(positions), dtype=torch.long)
+        for row, (slot, position) in enumerate(zip(slots.tolist(), positions)):
+            used[row], arrays = views_with_substitute(self.index, pool, slot, views, crop_seed, position,
+                                                      self.channels, bad)
+            for v, array in enumerate(arrays):
+                out[v].numpy()[row] = array
+        return out, used, slots
+
+    def build(self, step: int, micro: int, micro_count: int) -> dict:
+        size = self.batch_size // micro_count
+        start = step * self.batch_size + micro * size
+        bad: list[tuple[str, str]] = []
+        views, used, _ = self._stream(self.labeled_stream, self.labeled, self._rank_slice(start, size), self.views,
+                                      self.seed * 2, bad)
+        labels = torch.from_numpy(self.index.labels)
+        item = {"views": views, "x_index": used, "y": labels[used.clamp_min(0)], "bad": bad,
+                "count": len(views[0]), "key": (step, micro, micro_count)}
+        if self.unlabeled_stream is not None:
+            u_views, u_used, slots = self._stream(self.unlabeled_stream, self.unlabeled,
+                                                  self._rank_slice(self.mu * start, self.mu * size), self.u_views,
+                                                  self.seed * 2 + 1, bad)
+            item.update(u_views=u_views, u_image_index=u_used, u_index=slots, u_y=labels[u_used.clamp_min(0)],
+                        count=item["count"] + len(slots))
+        return item
+
+
+class _StepDataset(Dataset):
+    def __init__(self, plan: _Plan) -> None:
+        self.plan = plan
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict:
+        return self.plan.build(*key)
+
+    def __len__(self) -> int:  # endless; the sampler decides
+        return 2 ** 62
+
+
+class _KeySampler(Sampler):
+    """Endless (step, micro, micro_count) keys from `start` on; `start` is set before each new iterator."""
+
+    def __init__(self) -> None:
+        self.start = (0, 0, 1)
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        step, micro, count = self.start
+        while True:
+            yield step, micro, count
+            step, micro = (step, micro + 1) if micro + 1 < count else (step + 1, 0)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+class BadImageLog:
+    """The bad-file policy: 'skip' substitutes (one warning per file) until more than max_bad_fraction of the
+    images read are bad; 'error' stops at the first bad file. `files` maps each bad file to its reason.
+
+    The fraction is bad reads / reads once at least min(dataset size, 1000) images were read; also, more distinct
+    bad files than max_bad_fraction × dataset size stop at once."""
+
+    def __init__(self, policy: str, max_fraction: float, dataset_size: int) -> None:
+        if policy not in ("skip", "error"):
+            raise DataError(f"data.bad_images must be skip or error, got {policy!r}")
+        if not 0 <= max_fraction <= 1:
+            raise DataError(f"data.max_bad_fraction must be in [0, 1], got {max_fraction}")
+        self.policy, self.max_fraction, self.dataset_size = policy, max_fraction, dataset_size
+        self.files: dict[str, str] = {}
+        self.reads = self.bad_reads = 0
+
+    @property
+    def count(self) -> int:
+        """Distinct bad files met so far (the trainer logs it as data/bad_images)."""
+        return len(self.files)
+
+    def record(self, bad: list[tuple[str, str]], reads: int) -> None:
+        self.reads += reads
+        for name, reason in bad:
+            self.bad_reads += 1
+            if self.policy == "error":
+                raise DataError(f"{name}: {reason} (data.bad_images=error stops at the first bad file; "
+                                f"data.bad_images=skip substitutes another image)")
+            if name not in self.files:
+                self.files[name] = reason
+                warnings.warn(f"skipping bad image {name}: {reason} (a deterministic substitute is used)")
+        self._check()
+
+    def _check(self) -> None:
+        too_many_files = self.count > self.max_fraction * self.dataset_size
+        enough = self.reads >= min(self.dataset_size, MIN_READS_FOR_FRACTION)
+        if too_many_files or (enough and self.bad_reads > self.max_fraction * self.reads):
+            listed = "; ".join(f"{n}: {r}" for n, r in list(self.files.items())[:5])
+            raise DataError(f"{self.count} bad image files ({self.bad_reads} of {self.reads} reads) exceed "
+                            f"data.max_bad_fraction={self.max_fraction} of {self.dataset_size} images; first: {listed}")
+
+    def lines(self) -> list[str]:
+        """'path<TAB>reason' per bad file, for bad_images.txt."""
+        return [f"{name}\t{reason}" for name, reason in self.files.items()]
+
+
+class StreamLoader:
+    """Global batches of `batch_size` labeled (+ mu·batch_size unlabeled) images streamed from `index`; each rank
+    gets its slice, exactly as `DeviceLoader` slices.
+
+    labeled / unlabeled: positions in the index (int64 arrays). views: the labeled stream's CropSpecs (expanded in
+    order: Batch.views[v] is uint8 (B, C, S_v, S_v), Batch.x = views[0]); u_views: the unlabeled stream's
+    (Batch.u_views, Batch.u = u_views[0]), e.g. FixMatch [weak, strong] from one decode. Labels come from
+    index.labels. workers=0 decodes in the calling process.
+    """
+
+    def __init__(self, index: FileIndex, labeled, batch_size: int, seed: int, views: list[CropSpec],
+                 channels: int = 3, unlabeled=None, mu: int = 0, u_views: Optional[list[CropSpec]] = None,
+                 rank: int = 0, world_size: int = 1, workers: int = 2, prefetch: int = 2, device="cpu",
+                 bad_images: str = "skip", max_bad_fraction: float = 0.01) -> None:
+        if batch_size % world_size:
+            raise DataError(f"batch_size {batch_size} is not divisible by the world size {world_size}")
+        if channels not in (1, 3):
+            raise DataError(f"channels must be 1 or 3, got {channels}")
+        labeled = np.asarray(labeled, dtype=np.int64)
+        unlabeled = None if unlabeled is None else np.asarray(unlabeled, dtype=np.int64)
+        u_specs = expand_views(u_views or views)
+        self.plan = _Plan(index, labeled, unlabeled, batch_size, mu, seed, expand_views(views), u_specs, channels,
+                          rank, world_size)
+        self.batch_size, self.mu, self.device = batch_size, mu, torch.device(device)
+        self.labeled_stream, self.unlabeled_stream = self.plan.labeled_stream, self.plan.unlabeled_stream
+        main = len(unlabeled) // (mu * batch_size) if self.unlabeled_stream else len(labeled) // batch_size
+        self.steps_per_epoch = max(1, main)
+        self.bad = BadImageLog(bad_images, max_bad_fraction, len(index))
+        self.sampler = _KeySampler()
+        self.workers, self.prefetch = workers, prefetch
+        self.loader = self._make_loader()
+        self._iterator = None
+        self._next_key: Optional[tuple[int, int, int]] = None
+
+    def _make_loader(self) -> DataLoader:
+        extra = dict(persistent_workers=True, prefetch_factor=self.prefetch,
+                     worker_init_fn=_worker_init) if self.workers else {}
+        return DataLoader(_StepDataset(self.plan), batch_size=None, sampler=self.sampler, num_workers=self.workers,
+                          pin_memory=self.device.type == "cuda", **extra)
+
+    def _restart(self, key: tuple[int, int, int]) -> None:
+        self.sampler.start = key
+        self._iterator = iter(self.loader)
+
+    def batch(self, step: int, micro: int = 0, micro_count: int = 1) -> Batch:
+        """Micro-batch `micro` of `micro_count` of global step `step`, this rank's share, on the device."""
+        key = (step, micro, micro_count)
+        if key != self._next_key:
+            self._restart(key)
+        item = next(self._iterator)
+        if tuple(item["key"]) != key:
+            raise DataError(f"stream out of order: asked for {key}, the workers delivered {tuple(item['key'])}")
+        self._next_key = (step, micro + 1, micro_count) if micro + 1 < micro_count else (step + 1, 0, micro_count)
+        self.bad.record(item["bad"], item["count"])
+        move = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+        views = [move(v) for v in item["views"]]
+        batch = Batch(views[0], move(item["y"]), x_index=move(item["x_index"]), views=views)
+        if "u_views" in item:
+            batch.u_views = [move(v) for v in item["u_views"]]
+            batch.u, batch.u_y = batch.u_views[0], move(item["u_y"])
+            batch.u_index, batch.u_image_index = move(item["u_index"]), move(item["u_image_index"])
+        return batch
+
+    def close(self) -> None:
+        """Stop the workers now (dropping the DataLoader that owns them); a later batch() starts new ones."""
+        self._iterator = None
+        self._next_key = None
+        self.loader = self._make_loader()
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+class _EvalChunks(Dataset):
+    def __init__(self, index: FileIndex, positions: np.ndarray, size: int, channels: int, ratio: float,
+                 chunk: int) -> None:
+        self.index, self.positions, self.size, self.channels = index, positions, size, channels
+        self.ratio, self.chunk = ratio, chunk
+
+    def __len__(self) -> int:
+        return (len(self.positions) + self.chunk - 1) // self.chunk
+
+    def __getitem__(self, number: int) -> dict:
+        rows, images, bad = [], [], []
+        for position in self.positions[number * self.chunk:(number + 1) * self.chunk].tolist():
+            try:
+                images.append(decode_eval(self.index.read(position), self.index.path(position), self.size,
+                                          self.channels, self.ratio))
+                rows.append(position)
+            except BadImage as exc:
+                bad.append((self.index.path(position), exc.reason))
+            except OSError as exc:
+                bad.append((self.index.path(position), f"cannot read the file ({exc.strerror or exc})"))
+        stacked = torch.from_numpy(np.stack(images)) if images else torch.empty(
+            (0, self.channels, self.size, self.size), dtype=torch.uint8)
+        return {"images": stacked, "positions": torch.tensor(rows, dtype=torch.long), "bad": bad}
+
+
+def eval_batches(index: FileIndex, positions, size: int, channels: int = 3, resize_ratio: float = 0.875,
+                 batch_size: int = 256, workers: int = 2, bad: Optional[BadImageLog] = None):
+    """Evaluation images in order: shorter side -> size/resize_ratio, centre crop. Yields (uint8 (B, C, S, S),
+    labels int64 (B,), positions int64 (B,)); bad files are left out and recorded in `bad` (a BadImageLog)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    dataset = _EvalChunks(index, positions, size, channels, resize_ratio, batch_size)
+    extra = dict(worker_init_fn=_worker_init, prefetch_factor=2) if workers else {}
+    labels = torch.from_numpy(index.labels)
+    for item in DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, **extra):
+        if bad is not None:
+            bad.record(item["bad"], len(item["positions"]) + len(item["bad"]))
+        yield item["images"], labels[item["positions"]], item["positions"]
+
+
+def check_index(index: FileIndex, workers: int = 2, size: int = 32) -> tuple[int, list[tuple[str, str]]]:
+    """Decode every image (reduced resolution, full entropy stream) -> (images read, [(path, reason)] of the
+    unreadable ones)."""
+    log = BadImageLog("skip", 1.0, max(1, len(index)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in eval_batches(index, np.arange(len(index)), size, 3, 1.0, 64, workers, log):
+            pass
+    return log.reads, list(log.files.items())
