@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import StrongAugConfig, ViewsConfig
+from .crops import CropSpec
 
 
 def to_unit_float(x: Tensor) -> Tensor:
@@ -181,10 +182,16 @@ class ContrastiveView(torch.nn.Module):
                       blur_prob=views.blur_prob, hflip=hflip)
         return cls(normalize, **{**kwargs, **overrides})
 
-    def forward(self, x: Tensor) -> Tensor:
-        """uint8 (N, C, H, W) -> normalised float (N, C, out_size, out_size)."""
-        y = random_resized_crop(to_unit_float(x), self.crop_scale, self.crop_ratio, hflip=self.hflip,
-                                out_size=self.out_size)
+    def crop_spec(self, image_size: int) -> CropSpec:
+        """The geometry of this view for streamed data, where DataLoader workers cut (and flip) the crop."""
+        return CropSpec(self.out_size or image_size, self.crop_scale, self.crop_ratio, flip=self.hflip)
+
+    def forward(self, x: Tensor, precropped: bool = False) -> Tensor:
+        """uint8 (N, C, H, W) -> normalised float (N, C, out_size, out_size). `precropped`: x is this view's crop
+        already cut and flipped by the streaming workers; only the photometric part runs."""
+        y = to_unit_float(x)
+        if not precropped:
+            y = random_resized_crop(y, self.crop_scale, self.crop_ratio, hflip=self.hflip, out_size=self.out_size)
         y = color_jitter(y, self.jitter_strength, self.jitter_prob)
         y = random_grayscale(y, self.grayscale_prob)
         y = random_blur(y, self.blur_prob)

@@ -58,6 +58,24 @@ class Method(nn.Module):
         stage names (a teacher): `load_record(stage name or checkpoint path)` -> backbone record dict."""
         return {}
 
+    def view_list(self) -> list[nn.Module]:
+        """The augmented views training_step takes of each labeled image, in order (ContrastiveViews: crop +
+        photometric). On streamed data the DataLoader workers cut each view's crop from the original image
+        (`batch.views`, in this order) and only the photometric part runs on the device. [] : the method
+        augments `batch.x` itself (weak/strong views at the stage's image size)."""
+        return []
+
+    def augment_views(self, batch: Batch) -> list[Tensor]:
+        """Every view of `view_list()` applied to the batch: to `batch.x` (in memory) or to the pre-cut crops
+        `batch.views` (streamed). -> normalised float views, each (N, C, S_v, S_v)."""
+        views = self.view_list()
+        if batch.views is not None:
+            if len(batch.views) != len(views):
+                raise ValueError(f"{type(self).__name__}: the loader cut {len(batch.views)} views, the method "
+                                 f"declares {len(views)}")
+            return [view(x, precropped=True) for view, x in zip(views, batch.views)]
+        return [view(batch.x) for view in views]
+
     def unlabeled_ratio(self) -> int:
         """Unlabeled images per labeled image in a batch (FixMatch's μ); 0: the method trains on labeled batches."""
         return 0

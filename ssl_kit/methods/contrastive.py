@@ -55,8 +55,11 @@ class ContrastiveMethod(PretextMethod):
         self.view2 = ContrastiveView.from_config(self.normalize, cfg.views, cfg.data.hflip,
                                                  solarize_prob=cfg.views.solarize_prob)
 
+    def view_list(self) -> list[nn.Module]:
+        return [self.view1, self.view2]
+
     def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
-        x1, x2 = self.view1(batch.x), self.view2(batch.x)
+        x1, x2 = self.augment_views(batch)
         loss, features = self.contrast(x1, x2, progress)
         probe = self.probe_loss(features, batch.y.repeat(2))
         return {"loss": loss + probe, "contrastive_loss": loss.detach(), "probe_loss": probe.detach()}

@@ -110,6 +110,10 @@ class DINO(PretextMethod):
         self.register_buffer("_loss_sum", torch.zeros(()), persistent=False)
         self.register_buffer("_loss_count", torch.zeros(()), persistent=False)
 
+    def view_list(self) -> list[nn.Module]:
+        """2 global views, then `local_crops` local views."""
+        return [*self.global_views, *[self.local_view] * self.cfg.local_crops]
+
     def get_backbone(self) -> nn.Module:
         """The teacher's backbone: what DINO evaluates and saves."""
         return self.teacher_backbone
@@ -140,13 +144,14 @@ class DINO(PretextMethod):
     def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         cfg = self.cfg
         self._freeze_last_layer(progress)
-        globals_ = torch.cat([view(batch.x) for view in self.global_views])
+        views = self.augment_views(batch)
+        globals_ = torch.cat(views[:2])
         with torch.no_grad():
             teacher_features = self.teacher_backbone(globals_)
             teacher_logits = self.teacher_head(teacher_features).float()
         student_logits = list(self.head_net(self.backbone(globals_)).float().chunk(2))
         if cfg.local_crops:
-            locals_ = torch.cat([self.local_view(batch.x) for _ in range(cfg.local_crops)])
+            locals_ = torch.cat(views[2:])
             student_logits += list(self.head_net(self.backbone(locals_)).float().chunk(cfg.local_crops))
         teacher_out = list(teacher_logits.chunk(2))
         temperature = self.teacher_temperature(progress)
