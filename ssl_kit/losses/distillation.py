@@ -55,22 +55,22 @@ def dino_loss(student_out: list[Tensor], teacher_out: list[Tensor], center: Tens
     return total / pairs
 
 
-def _binary_and_other_log_probs(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """logits (N, K) already divided by T, targets (N,) -> log [p_t, 1 − p_t] (N, 2) and the log-softmax over the
-    K − 1 non-target classes alone (N, K − 1), both computed exactly in log space (no −1000 masking trick)."""
-    n, k = logits.shape
+def _binary_and_other_log_probs(logits: Tensor, is_target: Tensor) -> tuple[Tensor, Tensor]:
+    """logits (N, K) already divided by T, is_target (N, K) bool one-hot of the labels -> log [p_t, 1 − p_t] (N, 2)
+    and the log-softmax over the K − 1 non-target classes alone (N, K) with 0 in the target column, both exact in log
+    space (no −1000 masking trick). The target column is filled after the −inf, so no NaN reaches the gradient."""
     log_p = F.log_softmax(logits, dim=1)
-    is_target = F.one_hot(targets, k).bool()
-    others = torch.arange(k, device=logits.device).expand(n, k)[~is_target].view(n, k - 1)
-    log_target = log_p.gather(1, targets.view(-1, 1))
-    log_rest = torch.logsumexp(log_p.gather(1, others), dim=1, keepdim=True)
-    other_logits = logits.gather(1, others)
-    return torch.cat([log_target, log_rest], dim=1), F.log_softmax(other_logits, dim=1)
+    log_target = (log_p * is_target).sum(dim=1, keepdim=True)
+    log_rest = torch.logsumexp(log_p.masked_fill(is_target, float("-inf")), dim=1, keepdim=True)
+    others = logits.masked_fill(is_target, float("-inf"))
+    log_others = (others - torch.logsumexp(others, dim=1, keepdim=True)).masked_fill(is_target, 0.0)
+    return torch.cat([log_target, log_rest], dim=1), log_others
 
 
-def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """KL(p ‖ q) per row from log-probabilities (N, C) -> (N,)."""
-    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+def _kl_rows(log_p: Tensor, log_q: Tensor, keep: Optional[Tensor] = None) -> Tensor:
+    """KL(p ‖ q) per row from log-probabilities (N, C) -> (N,), over the columns where `keep` (N, C) is True."""
+    terms = log_p.exp() * (log_p - log_q)
+    return (terms if keep is None else terms * keep).sum(dim=1)
 
 
 def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, alpha: float = 1.0, beta: float = 8.0,
@@ -92,11 +92,11 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, al
     for name, value in (("alpha", alpha), ("beta", beta)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    targets = targets.long()
-    binary_s, others_s = _binary_and_other_log_probs(student_logits.float() / temperature, targets)
-    binary_t, others_t = _binary_and_other_log_probs(teacher_logits.detach().float() / temperature, targets)
+    is_target = F.one_hot(targets.long(), k).bool()
+    binary_s, others_s = _binary_and_other_log_probs(student_logits.float() / temperature, is_target)
+    binary_t, others_t = _binary_and_other_log_probs(teacher_logits.detach().float() / temperature, is_target)
     tckd = _kl_rows(binary_t, binary_s).mean()
-    nckd = _kl_rows(others_t, others_s).mean()
+    nckd = _kl_rows(others_t, others_s, ~is_target).mean()
     return (alpha * tckd + beta * nckd) * temperature ** 2
 
 
