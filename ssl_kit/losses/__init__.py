@@ -1,18 +1,34 @@
 """Loss functions, usable on their own: `from ssl_kit.losses import nt_xent_loss, ...`. Pure functions (no state);
 the Module wrappers add a gradient-carrying all-gather for distributed training."""
+from .adamatch import distribution_alignment, random_logit_interpolation, relative_threshold
 from .barlow_twins import BarlowTwinsLoss, barlow_twins_loss
 from .contrastive import InfoNCELoss, NTXentLoss, info_nce_loss, nt_xent_loss
-from .distillation import dino_loss, ibot_patch_loss, kd_loss
+from .dash import dash_mask, dash_threshold, dash_weak_loss
+from .distillation import dino_loss, dkd_loss, hint_loss, ibot_patch_loss, kd_loss, multi_teacher_kd_loss
 from .masked import mae_loss
 from .nearest_neighbour import NNCLRLoss, SupportSet, nearest_neighbours, nnclr_loss
 from .predictive import byol_loss, symmetric_byol_loss
 from .pseudo_label import consistency_loss, fixmatch_loss
+from .ramps import cosine_rampup, linear_rampup, sigmoid_rampup
+from .semi_supervised import (mean_teacher_loss, mixmatch_loss, mixmatch_targets, mixup, sharpen, tsa_mask,
+                              tsa_threshold, uda_loss)
+from .simmatch import simmatch_in_loss, simmatch_unfold_aggregate
 from .supcon import SupConLoss, supcon_loss
 from .swav import SwAVLoss, sinkhorn, swav_loss
 from .vicreg import VICRegLoss, vicreg_loss
 
-__all__ = ["nt_xent_loss", "info_nce_loss", "fixmatch_loss", "consistency_loss", "kd_loss", "mae_loss", "dino_loss",
-           "NTXentLoss", "InfoNCELoss",
-           "byol_loss", "symmetric_byol_loss", "barlow_twins_loss", "BarlowTwinsLoss", "vicreg_loss", "VICRegLoss",
-           "sinkhorn", "swav_loss", "SwAVLoss", "supcon_loss", "SupConLoss", "nearest_neighbours", "SupportSet",
-           "nnclr_loss", "NNCLRLoss", "ibot_patch_loss"]
+__all__ = [
+    # the design's six, and the distributed wrappers of the contrastive ones
+    "nt_xent_loss", "info_nce_loss", "fixmatch_loss", "kd_loss", "mae_loss", "dino_loss", "NTXentLoss", "InfoNCELoss",
+    # self-supervised methods users compare against
+    "byol_loss", "symmetric_byol_loss", "barlow_twins_loss", "BarlowTwinsLoss", "vicreg_loss", "VICRegLoss",
+    "sinkhorn", "swav_loss", "SwAVLoss", "supcon_loss", "SupConLoss", "nearest_neighbours", "SupportSet",
+    "nnclr_loss", "NNCLRLoss", "ibot_patch_loss",
+    # semi-supervised terms
+    "consistency_loss", "sharpen", "sigmoid_rampup", "linear_rampup", "cosine_rampup", "mean_teacher_loss",
+    "uda_loss", "tsa_threshold", "tsa_mask", "mixup", "mixmatch_targets", "mixmatch_loss", "relative_threshold",
+    "random_logit_interpolation", "distribution_alignment", "dash_threshold", "dash_weak_loss", "dash_mask",
+    "simmatch_unfold_aggregate", "simmatch_in_loss",
+    # distillation
+    "dkd_loss", "multi_teacher_kd_loss", "hint_loss",
+]

@@ -1,6 +1,7 @@
 """Argument validation shared by the losses: clear ValueErrors for shapes, temperatures, thresholds."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -43,3 +44,27 @@ def full_precision(x: Tensor):
     import torch
 
     return torch.autocast(x.device.type, enabled=False)
+
+
+def check_unit_interval(name: str, value: float) -> None:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+
+def check_class_dim(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    """a, b: (·, K) tensors that must agree on the class dimension K (their batch sizes may differ)."""
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"{name_a} and {name_b} must have the same number of classes (last dimension), "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def check_labels(name: str, labels: Tensor, n: int, num_classes: int) -> None:
+    """labels: (n,) integer class indices in [0, num_classes)."""
+    if not hasattr(labels, "dtype") or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8,
+                                                             torch.uint8):
+        raise ValueError(f"{name} must be an integer tensor of class indices, got {getattr(labels, 'dtype', labels)!r}")
+    if labels.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(labels.shape)}")
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"{name} must be class indices in [0, {num_classes}), got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
