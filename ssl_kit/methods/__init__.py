@@ -8,7 +8,7 @@ import pkgutil
 from .base import Method, Progress
 from .registry import build_method, register, registered_methods
 
-_SUPPORT_MODULES = {"base", "registry", "pretext", "param_groups", "momentum", "thresholds"}
+_SUPPORT_MODULES = {"base", "registry", "pretext", "semi", "param_groups", "momentum", "thresholds"}
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _SUPPORT_MODULES:

@@ -1,0 +1,109 @@
+"""What the semi-supervised methods share (FixMatch and its successors, Pseudo-Label, Mean Teacher, UDA, MixMatch,
+SimMatch, AdaMatch, Dash): a labeled stream plus μ× unlabeled images per step, a classifier evaluated as its EMA
+copy, and the pseudo-label bookkeeping every method of this family logs — per-class quantity (mask rate) and quality
+(accuracy against the hidden labels) per epoch, and a threshold sweep of the trained model at the end."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from ..config import StageBase
+from .base import ClassifierMethod
+
+
+class SemiSupervisedConfig(StageBase):
+    """Keys of every method that trains on labeled + unlabeled batches."""
+
+    lambda_u: float = Field(1.0, ge=0, description="weight of the unlabeled loss")
+    mu: int = Field(7, ge=1, description="unlabeled batch = mu × labeled batch")
+    eval_ema: bool = Field(True, description="evaluate the EMA model (needs train.ema_decay)")
+
+
+class SemiSupervisedMethod(ClassifierMethod):
+    """ClassifierMethod (`self.net`) fed labeled `batch.x, batch.y` and unlabeled `batch.u` (hidden labels `batch.u_y`
+    for diagnostics only, positions `batch.u_index` for per-sample state). Subclasses call `track_pseudo_labels`
+    in training_step; `threshold_metrics` adds a thresholding policy's state to the epoch log."""
+
+    uses_unlabeled = True
+
+    @classmethod
+    def context_from(cls, cfg, data, load_record) -> dict:
+        return {"num_unlabeled": len(data.unlabeled)}
+
+    def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0) -> None:
+        super().__init__(cfg, backbone, info)
+        self.evaluate_ema = cfg.eval_ema
+        self.num_unlabeled = num_unlabeled
+        k = info.num_classes
+        for name in ("_seen", "_masked", "_correct"):
+            self.register_buffer(name, torch.zeros(k), persistent=False)
+        self.register_buffer("_weight_sum", torch.zeros(()), persistent=False)
+
+    def unlabeled_ratio(self) -> int:
+        return self.cfg.mu
+
+    def threshold_metrics(self) -> dict:
+        """The thresholding policy's state for the epoch log (methods with a policy return its thresholds)."""
+        return {}
+
+    @torch.no_grad()
+    def track_pseudo_labels(self, probs: Tensor, weights: Tensor, hidden: Optional[Tensor]) -> None:
+        """Accumulate per true class: samples seen, masked (weight > 0.5), and masked with the right pseudo-label.
+        probs (N, K) pseudo-label distributions of the unlabeled batch, weights (N,), hidden (N,) true labels (−1
+        unknown; None: nothing to track). Logged per epoch as pseudo/mask_rate, pseudo/accuracy (+ per class)."""
+        if hidden is None:
+            return
+        known = hidden >= 0
+        k = self.info.num_classes
+        labels = hidden[known]
+        masked = (weights[known] > 0.5).float()
+        correct = (probs[known].argmax(1) == labels).float() * masked
+        self._seen += torch.bincount(labels, minlength=k).float()
+        self._masked += torch.bincount(labels, weights=masked, minlength=k)
+        self._correct += torch.bincount(labels, weights=correct, minlength=k)
+        self._weight_sum += weights.sum()
+
+    def epoch_metrics(self) -> dict[str, float]:
+        seen, masked, correct = self._seen.sum().item(), self._masked.sum().item(), self._correct.sum().item()
+        out: dict = {}
+        if seen:
+            out["pseudo/mask_rate"] = masked / seen
+            out["pseudo/accuracy"] = correct / masked if masked else float("nan")
+            out["pseudo/mask_rate_per_class"] = (self._masked / self._seen.clamp_min(1)).tolist()
+            out["pseudo/accuracy_per_class"] = [c / m if m else None for c, m in zip(self._correct.tolist(), self._masked.tolist())]
+            out.update(self.threshold_metrics())
+        for buffer in (self._seen, self._masked, self._correct, self._weight_sum):
+            buffer.zero_()
+        return out
+
+    SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
+
+    @torch.no_grad()
+    def final_report(self, model: nn.Module, data, out_dir) -> dict[str, float]:
+        """Threshold sweep on the unlabeled set with the trained model: for each threshold, the fraction of images
+        whose confidence passes it (quantity) and the accuracy of their pseudo-labels (quality)."""
+        from ..common.metrics import predict
+        from ..common.plots import plot_threshold_sweep
+
+        images = data.train.images[data.unlabeled]
+        hidden = data.train.labels[data.unlabeled].cpu()
+        device = next(model.parameters()).device
+        probs = torch.softmax(predict(model, images, self.normalize, device), dim=1)
+        confidence, pseudo = probs.max(dim=1)
+        known = hidden >= 0
+        quantity, quality = [], []
+        for t in self.SWEEP_THRESHOLDS:
+            passed = (confidence >= t) & known
+            quantity.append(float(passed.float().sum() / known.sum().clamp_min(1)))
+            quality.append(float((pseudo[passed] == hidden[passed]).float().mean()) if passed.any() else float("nan"))
+        plot_threshold_sweep(list(self.SWEEP_THRESHOLDS), quantity, quality,
+                             out_dir / "plots" / f"threshold_sweep_{self.cfg.name}.png")
+        out = {}
+        for t, n, q in zip(self.SWEEP_THRESHOLDS, quantity, quality):
+            out[f"sweep/quantity@{t}"] = n
+            out[f"sweep/quality@{t}"] = q
+        return out
+
