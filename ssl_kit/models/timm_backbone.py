@@ -78,6 +78,7 @@ class TimmViT(VisionTransformer):
             if name not in ("head", "attn_pool"):
                 self.add_module(name, child)
         self.cls_token, self.pos_embed = model.cls_token, model.pos_embed
+        self.patch_embed.strict_img_size = False  # other grids (DINO's local crops) resample the position table
         patch = model.patch_embed.patch_size
         self.patch_size, self.grid = int(patch[0]), int(model.patch_embed.grid_size[0])
         self.global_pool = model.global_pool == "avg"
