@@ -22,6 +22,7 @@ naming them; a shape mismatch is an error naming the key and both shapes.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -62,13 +63,17 @@ def split_reference(text: str, arch: Optional[str] = None) -> tuple[Optional[str
 
 def parse_arch(arch: str) -> tuple[str, dict[str, Any]]:
     """'timm:NAME,key=value,...' -> ('timm:NAME', {key: YAML-parsed value})."""
-    name, *options = arch.split(",")
+    name, *options = re.split(r",(?=\s*[A-Za-z_]\w*=)", arch)  # commas inside [8,16] stay with their value
     kwargs = {}
     for option in options:
-        key, sep, value = option.partition("=")
-        if not sep or not key:
-            raise CheckpointError(f"architecture {arch!r}: options are key=value after a comma, got {option!r}")
-        kwargs[key.strip()] = yaml.safe_load(value)
+        key, _, value = option.partition("=")
+        try:
+            kwargs[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise CheckpointError(f"architecture {arch!r}: {key.strip()}={value!r} is not a YAML value") from None
+    if "," in name:
+        raise CheckpointError(f"architecture {arch!r}: options after the name are key=value, e.g. "
+                              f"timm:vit_small_patch16_224,global_pool=avg")
     return name, kwargs
 
 
@@ -227,8 +232,9 @@ def fit_state(backbone: nn.Module, state: dict[str, Tensor], source: str) -> tup
             (f"missing keys: {_names(missing)}" if missing else "") + ("; " if missing and unexpected else "") +
             (f"unexpected keys: {_names(unexpected)}" if unexpected else "") +
             f". Is the architecture right? ({ARCH_HELP})")
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(own[key].shape):
+    for key in own:  # in the model's order: the first mismatching layer is named
+        value = state.get(key)
+        if value is not None and tuple(value.shape) != tuple(own[key].shape):
             raise CheckpointError(f"{source}: shape mismatch at {key!r}: the file has {tuple(value.shape)}, {arch} "
                                   f"expects {tuple(own[key].shape)}; is the architecture right? ({ARCH_HELP})")
     full = {k: state.get(k, own[k]) for k in own}  # absent BatchNorm counters keep the model's own
