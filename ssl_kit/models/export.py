@@ -55,7 +55,8 @@ def _our_vit_to_timm(record: dict) -> tuple[dict, dict]:
               "mlp_ratio": vit.blocks[0].mlp[0].out_features / vit.num_features,
               "global_pool": "avg" if vit.global_pool else "token", "fc_norm": False}
     renames = [(r"^patch_embed\.(weight|bias)$", r"patch_embed.proj.\1"),
-               (r"^(blocks\.\d+)\.(qkv|proj)\.", r"\1.attn.\2."), (r"^(blocks\.\d+)\.mlp\.0\.", r"\1.mlp.fc1."), (r"^(blocks\.\d+)\.mlp\.2\.", r"\1.mlp.fc2.")]
+               (r"^(blocks\.\d+)\.(qkv|proj)\.", r"\1.attn.\2."), (r"^(blocks\.\d+)\.mlp\.0\.", r"\1.mlp.fc1."),
+               (r"^(blocks\.\d+)\.mlp\.2\.", r"\1.mlp.fc2.")]
     state = {}
     for key, value in record["state_dict"].items():
         for pattern, replacement in renames:
@@ -265,6 +266,6 @@ def load_exported(out_dir: str | Path) -> nn.Module:
     try:
         model.load_state_dict(read_safetensors(weights), strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{str(weights)!r} does not fit {config['library']} {config['model']}: "
-                              f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from None
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+        raise CheckpointError(f"{str(weights)!r} does not fit {config['library']} {config['model']}: {detail}") from None
     return model

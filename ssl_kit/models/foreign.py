@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 import yaml
 from torch import Tensor, nn
 

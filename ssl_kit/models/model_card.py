@@ -44,7 +44,7 @@ def model_card(config: dict, context: dict) -> str:
              f"| data | {context.get('dataset') or 'unknown'} |",
              f"| input | {channels} × {height} × {width}, float in [0, 1] normalised with mean "
              f"{[round(m, 4) for m in config['mean']]}, std {[round(s, 4) for s in config['std']]} |",
-             f"| output | pooled pre-logits features (no classifier) |",
+             "| output | pooled pre-logits features (no classifier) |",
              f"| model.safetensors sha256 | `{config['sha256']}` |",
              f"| verification | strict load, max abs difference to the ssl_kit backbone "
              f"{config['verified_max_abs_diff']:.3g} on random input |", ""]
