@@ -11,6 +11,11 @@ from pathlib import Path
 from .errors import SslKitError, TrainingInterrupted
 
 RECIPE_DIRS = (Path(__file__).resolve().parents[1] / "recipes", Path.cwd() / "recipes")
+CHECKPOINT_HELP = ("backbone.pt, run directory, training checkpoint, torchvision:NAME / timm:NAME (with --weights), "
+                   "or another repo's file: [mae|dino|dino-student|mocov3|solo-learn|lightly|state-dict:]FILE "
+                   "(.pth or .safetensors; the layout is detected unless given)")
+ARCH_HELP = ("architecture of a file that does not record it: timm:NAME | torchvision:NAME | an ssl_kit backbone "
+             "name, optionally with kwargs: timm:vit_small_patch16_224,global_pool=avg")
 
 
 def _emit(result: dict, as_json: bool) -> None:
@@ -50,6 +55,10 @@ def cmd_run(args) -> int:
 
     from .eval.report import format_headline, headline_rows
 
+    if args.from_bundle:
+        return cmd_run_from_bundle(args)
+    if args.recipe is None:
+        raise SslKitError("run needs a RECIPE (or --from-bundle ARCHIVE)")
     recipe = load_recipe(find_recipe(args.recipe), args.overrides)
     run_dir, summary = run_recipe(recipe, Path(args.out) if args.out else None, resume=args.resume)
     table = format_headline(headline_rows(summary, recipe.stages))
@@ -61,6 +70,61 @@ def cmd_run(args) -> int:
     print(f"[ssl-kit] run finished: {run_dir}\n[ssl-kit] report: {run_dir / 'report.md'}  "
           f"(all metrics: {run_dir / 'summary.json'})", file=sys.stderr)
     return 0
+
+
+def cmd_run_from_bundle(args) -> int:
+    """Re-run a reproduction bundle's config and compare the summary and splits with the bundled ones."""
+    from .bundle import compare_runs, extract_bundle
+    from .config import load_recipe
+    from .runner import run_recipe
+
+    if args.recipe is not None or args.resume:
+        raise SslKitError("--from-bundle takes no RECIPE and no --resume (the bundle holds the resolved config)")
+    bundled = extract_bundle(args.from_bundle, Path(tempfile.mkdtemp(prefix="ssl-kit-bundle-")))
+    recipe = load_recipe(bundled / "config.yaml", args.overrides)
+    run_dir, summary = run_recipe(recipe, Path(args.out) if args.out else None)
+    comparison = compare_runs(bundled, run_dir)
+    for key, (old, new) in comparison["differences"].items():
+        print(f"[ssl-kit] differs from the bundle: {key}: {old} -> {new}", file=sys.stderr)
+    verdict = "reproduces" if comparison["matches"] else "does NOT reproduce"
+    print(f"[ssl-kit] re-run {verdict} the bundle ({comparison['compared']} metrics and splits compared, "
+          f"{len(comparison['differences'])} differ, timings ignored): {run_dir}", file=sys.stderr)
+    _emit({"run_dir": str(run_dir), "bundle_matches": comparison["matches"], **summary}, args.json)
+    return 0 if comparison["matches"] else 1
+
+
+def cmd_export(args) -> int:
+    """The backbone in timm / torchvision / safetensors layout, verified; --bundle adds the reproduction archive."""
+    from .bundle import find_run_dir, run_context, write_bundle
+    from .engine.checkpoint import resolve_checkpoint
+    from .models.export import write_export
+
+    record = resolve_checkpoint(args.checkpoint)
+    run_dir = find_run_dir(args.checkpoint.rsplit("@", 1)[0])
+    if args.bundle and run_dir is None:
+        raise SslKitError(f"--bundle needs a run (a run directory or a backbone.pt inside one); "
+                          f"{args.checkpoint!r} is not in a run directory")
+    result = write_export(record, args.to, args.out, args.tolerance, run_context(run_dir) if run_dir else None)
+    print(f"[ssl-kit] verified: loads strictly into {result['library']} {result['model']}, max |difference| "
+          f"{result['max_abs_diff']:.3g} (tolerance {args.tolerance:g})", file=sys.stderr)
+    if args.bundle:
+        result["bundle"] = str(write_bundle(run_dir, Path(args.out), Path(args.out) / "bundle.tar.gz"))
+    _emit(result, args.json)
+    return 0
+
+
+def _apply_arch(args) -> None:
+    """`--arch ARCH` and `timm:NAME --weights FILE` -> the 'FILE@ARCH' reference resolve_checkpoint reads."""
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint is None:
+        return
+    if checkpoint.startswith("timm:"):
+        if not getattr(args, "weights", None) or args.weights == "random":
+            raise SslKitError(f"--checkpoint {checkpoint} needs --weights FILE, a local .pth or .safetensors state "
+                              f"dict (nothing is downloaded)")
+        args.checkpoint, args.weights = f"{args.weights}@{checkpoint}", None
+    elif getattr(args, "arch", None):
+        args.checkpoint = f"{checkpoint}@{args.arch}"
 
 
 def _scalars(result: dict) -> dict:
@@ -218,22 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the stages of a recipe")
-    run.add_argument("recipe", help="recipe YAML path or bundled recipe name")
+    run.add_argument("recipe", nargs="?", help="recipe YAML path or bundled recipe name")
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. seed=7 fixmatch.threshold=0.9")
     run.add_argument("--out", help="run directory (default: runs/<recipe>-<time>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out")
     run.add_argument("--json", action="store_true")
+    run.add_argument("--from-bundle", metavar="ARCHIVE",
+                     help="re-run a reproduction bundle (ssl-kit export --bundle) and compare with its summary")
     run.set_defaults(func=cmd_run)
 
     def evaluation(name: str, help_text: str, func, data_arg: bool = True):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--checkpoint", required=True,
-                       help="backbone.pt, run directory, training checkpoint, or torchvision:NAME (with --weights)")
+        p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+        p.add_argument("--arch", help=ARCH_HELP)
         if data_arg:
             p.add_argument("--data", required=True, help="dataset spec, e.g. digits, fashion-mnist, cifar10:/data")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         if func is not cmd_finetune:
-            p.add_argument("--weights", help="local weights file for --checkpoint torchvision:NAME (or 'random')")
+            p.add_argument("--weights", help="local weights file for --checkpoint torchvision:NAME / timm:NAME "
+                                             "('random': an untrained torchvision network)")
             p.add_argument("--image-size", type=int, help="resize images to this size (default: the backbone's)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -277,6 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--epochs", type=int, default=100)
     transfer.add_argument("--no-sweep", action="store_true")
 
+    export = sub.add_parser("export", help="the backbone in timm / torchvision / safetensors layout, verified")
+    export.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    export.add_argument("--arch", help=ARCH_HELP)
+    export.add_argument("--to", required=True, choices=["torchvision", "timm", "safetensors"])
+    export.add_argument("--out", required=True, help="folder for model.safetensors, config.json, README.md")
+    export.add_argument("--tolerance", type=float, default=1e-5,
+                        help="refuse when the exported model's outputs differ from ours by more (max abs)")
+    export.add_argument("--bundle", action="store_true",
+                        help="also write OUT/bundle.tar.gz: the run's config, env, metrics, report, splits + export")
+    export.add_argument("--json", action="store_true")
+    export.set_defaults(func=cmd_export)
+
     recipes = sub.add_parser("recipes", help="list bundled recipes")
     recipes.set_defaults(func=cmd_recipes)
 
@@ -303,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _apply_arch(args)
         return args.func(args)
     except TrainingInterrupted as exc:
         print(f"ssl-kit: {exc}", file=sys.stderr)

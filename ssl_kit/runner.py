@@ -71,6 +71,32 @@ def prepare_run_dir(out: Path, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def write_env(run_dir: Path) -> None:
+    """env.json: ssl_kit version and git commit (when run from a checkout), library versions, device, world size
+    and the command line, so a run's numbers can be traced to what produced them."""
+    import importlib.metadata
+    import platform
+    import subprocess
+
+    from . import __version__
+
+    versions = {}
+    for package in ("torch", "torchvision", "kornia", "timm", "safetensors", "numpy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    try:
+        commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (platform.processor() or "cpu")
+    env = {"ssl_kit": __version__, "git_commit": commit, "python": platform.python_version(), **versions,
+           "device": device, "world_size": dist.world_size(), "command": sys.argv}
+    (run_dir / "env.json").write_text(json.dumps(env, indent=2))
+
+
 def default_run_dir(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -141,6 +167,7 @@ class RecipeRunner:
         run_dir = self.run_dir
         if self.is_main:
             (run_dir / "config.yaml").write_text(recipe_to_yaml(self.recipe))
+            write_env(run_dir)
         if self.resume and self.summary_path.is_file():
             self.summary = json.loads(self.summary_path.read_text())
         for name, path in self.summary.get("_backbones", {}).items():

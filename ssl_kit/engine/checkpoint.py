@@ -78,16 +78,23 @@ def _extract_prefixed(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def resolve_checkpoint(path: str | Path) -> dict:
-    """A backbone.pt, a run directory or a training checkpoint -> a backbone record (see module doc)."""
+def resolve_checkpoint(path: str | Path, arch: Optional[str] = None) -> dict:
+    """A backbone.pt, a run directory or a training checkpoint -> a backbone record (see module doc).
+    Also another repo's checkpoint, `[LAYOUT:]FILE[@ARCH]` (.pth or .safetensors), its layout detected unless
+    given and the architecture from `arch` / '@ARCH' when the file does not record it (models/foreign.py)."""
+    from ..models import foreign
+
+    layout, path, arch = foreign.split_reference(str(path), arch)
     path = Path(path)
     if path.is_dir():
         candidate = path / "backbone.pt"
         if not candidate.is_file():
             raise CheckpointError(f"run directory {str(path)!r} has no backbone.pt (has the run finished a training stage?)")
         path = candidate
-    data = safe_load(path)
+    data = foreign.read_safetensors(path) if path.suffix == ".safetensors" else safe_load(path)
     kind = data.get("format")
+    if layout is not None or kind is None:  # another repo's layout; ssl_kit files record their own arch
+        return {"format": BACKBONE_FORMAT, "version": 1, **foreign.foreign_record(data, str(path), layout, arch)}
     if kind == BACKBONE_FORMAT:
         return data
     if kind == CHECKPOINT_FORMAT:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..engine.checkpoint import safe_load
 from ..errors import CheckpointError
+from .torchvision_backbone import replace_classifier
 
 PREFIX = "torchvision:"
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -33,21 +34,6 @@ def _unwrap_state(state: dict, path: str) -> dict:
     if not state or not all(isinstance(k, str) for k in state):
         raise CheckpointError(f"{path!r} does not hold a state dict (parameter name -> tensor)")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-
-
-def _drop_classifier(model: nn.Module, name: str) -> int:
-    """Replace the last nn.Linear (the ImageNet classifier) by an identity -> the feature width it received."""
-    last = None
-    for module_name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            last = module_name
-    if last is None:
-        raise CheckpointError(f"torchvision model {name!r} has no final linear classifier to remove")
-    parent_name, _, child = last.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    width = getattr(parent, child).in_features
-    setattr(parent, child, nn.Identity())
-    return width
 
 
 def torchvision_backbone(reference: str, weights: Optional[str], image_size: Optional[int] = None) -> nn.Module:
@@ -70,7 +56,7 @@ def torchvision_backbone(reference: str, weights: Optional[str], image_size: Opt
         except RuntimeError as exc:
             raise CheckpointError(f"weights {weights!r} do not fit torchvision {name!r}: "
                                   f"{str(exc).splitlines()[0]} {str(exc).splitlines()[1:2]}") from None
-    width = _drop_classifier(model, name)
+    width = replace_classifier(model)[1]
     model.num_features = width
     model.arch = reference
     model.data_info = {"image_size": image_size or 224, "channels": 3, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,

@@ -1,4 +1,5 @@
-"""Backbone registry: name -> constructor. Every backbone maps images (N, C, H, W) to (N, num_features)."""
+"""Backbone registry: name -> constructor. Every backbone maps images (N, C, H, W) to (N, num_features).
+Besides our own names, 'timm:NAME' and 'torchvision:NAME' build any model of those libraries (kwargs passed on)."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -8,6 +9,8 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from .cnn import SmallCNN
 from .resnet import ResNetBackbone, WideResNet
+from .timm_backbone import PREFIX as TIMM_PREFIX, timm_backbone
+from .torchvision_backbone import PREFIX as TORCHVISION_PREFIX, torchvision_backbone
 from .vit import VisionTransformer
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
@@ -29,8 +32,13 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 
 def build_backbone(name: str, in_channels: int, image_size: int, kwargs: dict[str, Any] | None = None) -> nn.Module:
     """Construct a registered backbone; unknown names and bad kwargs raise ConfigError listing what is allowed."""
+    if name.startswith(TIMM_PREFIX):
+        return timm_backbone(name[len(TIMM_PREFIX):], in_channels, image_size, kwargs)
+    if name.startswith(TORCHVISION_PREFIX):
+        return torchvision_backbone(name[len(TORCHVISION_PREFIX):], in_channels, image_size, kwargs)
     if name not in BACKBONES:
-        raise ConfigError(f"unknown backbone {name!r} (known: {', '.join(sorted(BACKBONES))})")
+        raise ConfigError(f"unknown backbone {name!r} (known: {', '.join(sorted(BACKBONES))}, "
+                          f"or timm:NAME / torchvision:NAME)")
     try:
         return BACKBONES[name](in_channels, image_size, **(kwargs or {}))
     except TypeError as exc:

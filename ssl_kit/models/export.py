@@ -1,0 +1,271 @@
+"""A backbone record in another library's layout: weights under the target library's own key names, a config.json
+that rebuilds the target model from that library alone, and one verification (strict load + equal outputs).
+
+  target       what                                          from (arch of the record)
+  timm         timm.create_model(model, **kwargs)            timm:NAME; our vit_* (-> timm VisionTransformer);
+                                                             our ImageNet-stem resnet*, torchvision:resnet*
+  torchvision  torchvision.models.get_model(model, **kwargs) torchvision:NAME; our resnet* (the small-image stem
+               with the modules in config['replace'] rebuilt  is rebuilt as conv1 3x3/1 + maxpool Identity)
+  safetensors  ssl_kit's build_backbone(arch, ...)           every ssl_kit backbone (our own key names)
+
+config.json = {"library", "model", "kwargs", "replace" (torchvision), "input_size": [C, H, W], "mean", "std",
+"num_features", "ssl_kit": {"arch", "kwargs"}}. The features are the model's pooled pre-logits (num_classes=0 in
+timm, the classifier replaced by an identity in torchvision).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CheckpointError
+
+TARGETS = ("torchvision", "timm", "safetensors")
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+OUR_VITS = ("vit_tiny", "vit_small", "vit_base")
+
+
+def _strip(state: dict, prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def _refuse(arch: str, target: str, why: str) -> CheckpointError:
+    return CheckpointError(f"cannot export {arch!r} to {target}: {why}; `--to safetensors` exports every ssl_kit "
+                           f"backbone (loaded back with ssl_kit)")
+
+
+def _our_vit_to_timm(record: dict) -> tuple[dict, dict]:
+    """Our VisionTransformer -> timm VisionTransformer kwargs and keys (qkv/proj under attn., mlp.0/2 -> fc1/fc2,
+    the fixed sin-cos table stored as timm's pos_embed)."""
+    from .registry import build_backbone
+
+    info = record["data"]
+    vit = build_backbone(record["arch"], info["channels"], info["image_size"], record["kwargs"])
+    heads = vit.blocks[0].heads
+    kwargs = {"img_size": info["image_size"], "patch_size": vit.patch_size, "in_chans": info["channels"],
+              "embed_dim": vit.num_features, "depth": vit.depth, "num_heads": heads, "num_classes": 0,
+              "mlp_ratio": vit.blocks[0].mlp[0].out_features / vit.num_features,
+              "global_pool": "avg" if vit.global_pool else "token", "fc_norm": False}
+    renames = [(r"^patch_embed\.(weight|bias)$", r"patch_embed.proj.\1"),
+               (r"^(blocks\.\d+)\.(qkv|proj)\.", r"\1.attn.\2."), (r"^(blocks\.\d+)\.mlp\.0\.", r"\1.mlp.fc1."),
+               (r"^(blocks\.\d+)\.mlp\.2\.", r"\1.mlp.fc2.")]
+    state = {}
+    for key, value in record["state_dict"].items():
+        for pattern, replacement in renames:
+            key = re.sub(pattern, replacement, key)
+        state[key] = value.detach().cpu().contiguous()
+    state["pos_embed"] = vit.pos_embed.detach().clone().contiguous()
+    return {"model": f"{record['arch']}_patch16_224", "kwargs": kwargs}, state  # kwargs override the name's
+
+
+def _to_timm(record: dict) -> tuple[dict, dict]:
+    arch, kwargs, info = record["arch"], dict(record["kwargs"]), record["data"]
+    if arch.startswith("timm:"):
+        import timm
+
+        name = arch[len("timm:"):]
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is not None and getattr(cfg, "fixed_input_size", False) and "img_size" not in kwargs:
+            kwargs["img_size"] = info["image_size"]
+        return {"model": name, "kwargs": {**kwargs, "in_chans": info["channels"], "num_classes": 0}}, \
+            _strip(record["state_dict"], "model.")
+    if arch in OUR_VITS:
+        return _our_vit_to_timm(record)
+    if arch.startswith("torchvision:") and arch.split(":", 1)[1] in RESNETS and not kwargs:
+        return {"model": arch.split(":", 1)[1], "kwargs": {"in_chans": info["channels"], "num_classes": 0}}, \
+            _strip(record["state_dict"], "model.")
+    if arch in RESNETS:
+        if kwargs.get("small_stem", True):
+            raise _refuse(arch, "timm", "our small-image stem (3×3 stride-1 conv, no max-pool) has no timm ResNet "
+                                        "counterpart (timm stems are 7×7/2 or 3-conv 'deep'); use `--to torchvision` "
+                                        "(the stem rebuilt as recorded in config.json)")
+        return {"model": arch, "kwargs": {"in_chans": info["channels"], "num_classes": 0}}, \
+            _strip(record["state_dict"], "net.")
+    raise _refuse(arch, "timm", "it has no timm counterpart")
+
+
+def _conv_spec(conv: nn.Conv2d) -> dict[str, Any]:
+    return {"type": "Conv2d", "in_channels": conv.in_channels, "out_channels": conv.out_channels,
+            "kernel_size": list(conv.kernel_size), "stride": list(conv.stride), "padding": list(conv.padding),
+            "bias": conv.bias is not None}
+
+
+def _to_torchvision(record: dict) -> tuple[dict, dict]:
+    from .registry import build_backbone
+
+    arch, kwargs, info = record["arch"], dict(record["kwargs"]), record["data"]
+    if arch in RESNETS:
+        backbone = build_backbone(arch, info["channels"], info["image_size"], kwargs)
+        replace = {"fc": {"type": "Identity"}}
+        if backbone.net.conv1.kernel_size != (7, 7) or info["channels"] != 3:
+            replace["conv1"] = _conv_spec(backbone.net.conv1)
+        if isinstance(backbone.net.maxpool, nn.Identity):
+            replace["maxpool"] = {"type": "Identity"}
+        return {"model": arch, "kwargs": {}, "replace": replace}, _strip(record["state_dict"], "net.")
+    if arch.startswith("torchvision:"):
+        backbone = build_backbone(arch, info["channels"], info["image_size"], kwargs)
+        replace = {backbone.classifier_name: {"type": "Identity"}}
+        if backbone.stem_name:
+            replace[backbone.stem_name] = _conv_spec(backbone.model.get_submodule(backbone.stem_name))
+        if arch.split(":", 1)[1].startswith("vit_") and "image_size" not in kwargs:
+            kwargs["image_size"] = info["image_size"]
+        return {"model": arch.split(":", 1)[1], "kwargs": kwargs, "replace": replace}, \
+            _strip(record["state_dict"], "model.")
+    raise _refuse(arch, "torchvision", "it has no torchvision counterpart with the same layout")
+
+
+def export_layout(record: dict, target: str) -> tuple[dict, dict[str, Tensor]]:
+    """A backbone record -> (config.json content, state dict under the target library's key names)."""
+    info = record["data"]
+    if target == "timm":
+        config, state = _to_timm(record)
+    elif target == "torchvision":
+        config, state = _to_torchvision(record)
+    elif target == "safetensors":
+        config = {"model": record["arch"], "kwargs": dict(record["kwargs"])}
+        state = _strip(record["state_dict"], "")
+    else:
+        raise CheckpointError(f"export target must be one of {', '.join(TARGETS)}, got {target!r}")
+    library = "ssl_kit" if target == "safetensors" else target
+    return {"library": library, **config, "input_size": [info["channels"], info["image_size"], info["image_size"]],
+            "mean": list(info["mean"]), "std": list(info["std"]),
+            "ssl_kit": {"arch": record["arch"], "kwargs": dict(record["kwargs"])}}, state
+
+
+def _replace_module(model: nn.Module, path: str, spec: dict) -> None:
+    if spec["type"] == "Identity":
+        module: nn.Module = nn.Identity()
+    elif spec["type"] == "Conv2d":
+        module = nn.Conv2d(spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]),
+                           tuple(spec["stride"]), tuple(spec["padding"]), bias=spec["bias"])
+    else:
+        raise CheckpointError(f"config.json: replace[{path!r}] has unknown type {spec['type']!r}")
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def build_exported(config: dict) -> nn.Module:
+    """The target library's model from config.json alone (no weights): timm.create_model / torchvision get_model
+    with config['replace'] applied / ssl_kit build_backbone. -> images (N, C, H, W) -> features (N, F)."""
+    library, name, kwargs = config["library"], config["model"], dict(config["kwargs"])
+    if library == "timm":
+        import timm
+
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if library == "torchvision":
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+        for path, spec in config.get("replace", {}).items():
+            _replace_module(model, path, spec)
+        return model
+    if library == "ssl_kit":
+        from .registry import build_backbone
+
+        channels, size, _ = config["input_size"]
+        return build_backbone(name, channels, size, kwargs)
+    raise CheckpointError(f"config.json: unknown library {library!r} (expected timm, torchvision or ssl_kit)")
+
+
+@torch.no_grad()
+def verify_export(config: dict, weights: str | Path, reference: nn.Module, tolerance: float = 1e-5,
+                  batch: int = 4, seed: int = 0) -> float:
+    """Load `weights` strictly into build_exported(config), compare its outputs with `reference` (our backbone) on
+    seeded random input (batch, *config['input_size']) in eval mode. -> max |difference|; CheckpointError naming
+    the keys when the load fails, or the difference when it exceeds `tolerance`."""
+    from .foreign import read_safetensors
+
+    target = build_exported(config).eval()
+    try:
+        target.load_state_dict(read_safetensors(weights), strict=True)
+    except RuntimeError as exc:
+        lines = str(exc).splitlines()
+        raise CheckpointError(f"export refused: {weights} does not load strictly into {config['library']} "
+                              f"{config['model']}: {' '.join(line.strip() for line in lines[1:3])}") from None
+    x = torch.randn(batch, *config["input_size"], generator=torch.Generator().manual_seed(seed))
+    ours, theirs = reference.eval()(x).float(), target(x).float()
+    if ours.shape != theirs.shape:
+        raise CheckpointError(f"export refused: {config['library']} {config['model']} gives features of shape "
+                              f"{tuple(theirs.shape)}, ours {tuple(ours.shape)}")
+    difference = float((ours - theirs).abs().max())
+    if not difference <= tolerance:
+        raise CheckpointError(f"export refused: {config['library']} {config['model']} outputs differ from ours by "
+                              f"up to {difference:.3g} (> tolerance {tolerance:g})")
+    return difference
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _reference(record: dict) -> nn.Module:
+    """Our backbone of the record with its weights (eval mode): what the export must reproduce."""
+    from .registry import build_backbone
+
+    info = record["data"]
+    backbone = build_backbone(record["arch"], info["channels"], info["image_size"], record["kwargs"])
+    backbone.load_state_dict(record["state_dict"])
+    return backbone.eval()
+
+
+def write_export(record: dict, target: str, out_dir: str | Path, tolerance: float = 1e-5,
+                 context: dict | None = None) -> dict:
+    """Write model.safetensors + config.json + README.md (model card) into `out_dir`, verified before anything
+    lands there (a refused export leaves no files). `context` (method, recipe, data, metrics of the run) goes into
+    the card. -> {"out": dir, "max_abs_diff": float, "sha256": str, "library": str, "model": str}."""
+    from safetensors.torch import save_file
+
+    from .model_card import model_card
+
+    config, state = export_layout(record, target)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    try:
+        save_file(state, str(staging / "model.safetensors"))
+        difference = verify_export(config, staging / "model.safetensors", _reference(record), tolerance)
+        config["sha256"] = sha256_file(staging / "model.safetensors")
+        config["verified_max_abs_diff"] = difference
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (staging / "README.md").write_text(model_card(config, context or {}))
+        for name in ("model.safetensors", "config.json", "README.md"):
+            os.replace(staging / name, out_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"out": str(out_dir), "library": config["library"], "model": config["model"],
+            "max_abs_diff": difference, "sha256": config["sha256"]}
+
+
+def load_exported(out_dir: str | Path) -> nn.Module:
+    """An export folder -> the target library's model with the weights loaded strictly (eval mode). The file's
+    sha256 must match config.json's: a corrupted or swapped model.safetensors is refused."""
+    from .foreign import read_safetensors
+
+    out_dir = Path(out_dir)
+    config_path, weights = out_dir / "config.json", out_dir / "model.safetensors"
+    for path in (config_path, weights):
+        if not path.is_file():
+            raise CheckpointError(f"{str(out_dir)!r} is not an ssl_kit export: {path.name} is missing")
+    config = json.loads(config_path.read_text())
+    if config.get("sha256") != sha256_file(weights):
+        raise CheckpointError(f"{str(weights)!r} does not match the sha256 recorded in config.json: the file was "
+                              f"corrupted or replaced; export it again")
+    model = build_exported(config).eval()
+    try:
+        model.load_state_dict(read_safetensors(weights), strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+        raise CheckpointError(f"{str(weights)!r} does not fit {config['library']} {config['model']}: {detail}") from None
+    return model

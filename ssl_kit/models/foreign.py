@@ -1,0 +1,275 @@
+"""Other repos' checkpoints as backbone records: MAE, DINO, MoCo v3, solo-learn, lightly, torchvision and timm files.
+
+A reference is `[LAYOUT:]FILE[@ARCH]`:
+  LAYOUT  forces the layout (else it is detected): mae | dino | dino-student | mocov3 | solo-learn | lightly |
+          state-dict (a bare torchvision/timm state dict, .pth or .safetensors)
+  ARCH    the architecture when the file does not record it: timm:NAME | torchvision:NAME | one of our backbone
+          names, optionally with constructor kwargs: `timm:vit_small_patch16_224,global_pool=avg`
+          (the command line's --arch appends it).
+
+Layouts (what is kept; everything else is dropped and listed):
+  mae          {'model': timm-ViT keys}                        drops decoder_*, mask_token, head.*
+  dino         {'teacher'/'student': 'backbone.' or 'module.backbone.' keys}   the teacher; drops head.*
+  mocov3       {'state_dict': 'module.base_encoder.' keys}     drops head.* / fc.* (projector), momentum, predictor
+  solo-learn   Lightning {'state_dict': 'backbone.' keys}      drops projector, classifier, momentum copies
+  lightly      a lightly model's state dict: 'backbone.' keys  drops projection/prediction heads, momentum copies
+  state-dict   torchvision/timm keys ('module.' stripped)      the classifier the backbone removes is dropped
+
+The kept keys are fitted to the architecture's own names (our adapters' 'model.' / ResNet's 'net.' prefix, and
+lightly's nn.Sequential(*children) indices mapped back to child names). Missing or unexpected keys are an error
+naming them; a shape mismatch is an error naming the key and both shapes.
+"""
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from torch import Tensor, nn
+
+from ..errors import CheckpointError
+
+LAYOUTS = ("mae", "dino", "dino-student", "mocov3", "solo-learn", "lightly", "state-dict")
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+ARCH_HELP = "--arch timm:NAME | torchvision:NAME | <ssl_kit backbone name> (in a recipe: 'FILE@ARCH')"
+
+
+# ----------------------------------------------------------------------------------------------- references
+def is_arch(text: str) -> bool:
+    """'timm:NAME', 'torchvision:NAME' or one of our registered names (kwargs after a comma allowed)."""
+    from .registry import BACKBONES
+
+    base = text.split(",", 1)[0]
+    return base.startswith(("timm:", "torchvision:")) or base in BACKBONES
+
+
+def split_reference(text: str, arch: Optional[str] = None) -> tuple[Optional[str], str, Optional[str]]:
+    """'[LAYOUT:]FILE[@ARCH]' -> (layout or None, file, arch or None). An explicit `arch` wins over '@ARCH'."""
+    layout = None
+    head, sep, rest = text.partition(":")
+    if sep and head in LAYOUTS:
+        layout, text = head, rest
+    if "@" in text:
+        path, _, tail = text.rpartition("@")
+        if is_arch(tail):
+            text, arch = path, arch or tail
+    return layout, text, arch
+
+
+def parse_arch(arch: str) -> tuple[str, dict[str, Any]]:
+    """'timm:NAME,key=value,...' -> ('timm:NAME', {key: YAML-parsed value})."""
+    name, *options = re.split(r",(?=\s*[A-Za-z_]\w*=)", arch)  # commas inside [8,16] stay with their value
+    kwargs = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        try:
+            kwargs[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise CheckpointError(f"architecture {arch!r}: {key.strip()}={value!r} is not a YAML value") from None
+    if "," in name:
+        raise CheckpointError(f"architecture {arch!r}: options after the name are key=value, e.g. "
+                              f"timm:vit_small_patch16_224,global_pool=avg")
+    return name, kwargs
+
+
+def read_safetensors(path: str | Path) -> dict[str, Tensor]:
+    """A .safetensors file -> state dict (the format holds tensors only: nothing can run on load)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------------- layouts
+def _is_state(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) for k in obj) and \
+        any(isinstance(v, Tensor) for v in obj.values())
+
+
+def _has_prefix(state: dict, *prefixes: str) -> bool:
+    return any(k.startswith(prefixes) for k in state)
+
+
+def detect_layout(data: dict) -> str:
+    """The layout of a loaded checkpoint dict (see the module doc); CheckpointError when none fits."""
+    if _is_state(data.get("teacher")) or _is_state(data.get("student")):
+        return "dino"
+    if _is_state(data.get("model")) and not _is_state(data.get("state_dict")):
+        return "mae"
+    inner = data.get("state_dict") if _is_state(data.get("state_dict")) else data
+    if not _is_state(inner):
+        raise CheckpointError(f"no state dict found (top-level keys: {sorted(map(str, data))[:10]})")
+    if _has_prefix(inner, "module.base_encoder.", "base_encoder."):
+        return "mocov3"
+    if _has_prefix(inner, "backbone.", "module.backbone."):
+        if _has_prefix(inner, "projection_head.", "prediction_head.", "backbone_momentum.") or inner is data:
+            return "lightly"
+        return "solo-learn"
+    return "state-dict"
+
+
+def _strip(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def _keep(state: dict, prefix: str) -> tuple[dict, list[str]]:
+    """Keys under `prefix` (prefix removed), and the names of the others (dropped)."""
+    kept = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return kept, [k for k in state if not k.startswith(prefix)]
+
+
+def layout_state(data: dict, layout: str) -> tuple[dict[str, Tensor], list[str]]:
+    """(backbone state dict in the backbone's own key names, dropped key names) for a checkpoint of `layout`."""
+    if layout in ("dino", "dino-student"):
+        which = "student" if layout == "dino-student" else "teacher"
+        if not _is_state(data.get(which)):
+            raise CheckpointError(f"DINO layout: no {which!r} state dict (top-level keys: {sorted(map(str, data))})")
+        state = _strip(data[which], "module.")
+        if _has_prefix(state, "backbone."):
+            return _keep(state, "backbone.")
+        dropped = [k for k in state if k.startswith("head.")]  # a bare backbone (DINO's published files)
+        return {k: v for k, v in state.items() if k not in dropped}, dropped
+    if layout == "mae":
+        state = data.get("model") if _is_state(data.get("model")) else data
+        dropped = [k for k in state if k.startswith(("decoder_", "mask_token", "head."))]
+        return {k: v for k, v in state.items() if k not in dropped}, dropped
+    inner = data["state_dict"] if _is_state(data.get("state_dict")) else data
+    if not _is_state(inner):
+        raise CheckpointError(f"{layout} layout: no state dict found (top-level keys: {sorted(map(str, data))[:10]})")
+    if layout == "mocov3":
+        state, dropped = _keep(_strip(inner, "module."), "base_encoder.")
+        head = [k for k in state if k.startswith(("head.", "fc."))]
+        return {k: v for k, v in state.items() if k not in head}, dropped + [f"base_encoder.{k}" for k in head]
+    if layout in ("solo-learn", "lightly"):
+        return _keep(_strip(inner, "module."), "backbone.")
+    return _strip(inner, "module."), []
+
+
+# ----------------------------------------------------------------------------------------------- architecture
+def _first_conv_weight(state: dict) -> Optional[Tensor]:
+    return next((v for v in state.values() if isinstance(v, Tensor) and v.ndim == 4), None)
+
+
+def infer_kwargs(arch: str, state: dict) -> dict[str, Any]:
+    """Constructor kwargs the weights imply: a timm ViT's patch size; our ResNet's stem (3×3 conv = small_stem)."""
+    if arch.startswith("timm:") and "patch_embed.proj.weight" in state:
+        return {"patch_size": int(state["patch_embed.proj.weight"].shape[-1])}
+    if arch in ("resnet18", "resnet34", "resnet50") and "conv1.weight" in state:
+        return {"small_stem": int(state["conv1.weight"].shape[-1]) == 3}
+    return {}
+
+
+def infer_data_info(arch: str, state: dict, image_size: Optional[int]) -> dict:
+    """Input format of foreign weights: channels from the first convolution, the size from a ViT's position table
+    (else `image_size`, else the library default), normalisation from timm's config or ImageNet's."""
+    first = _first_conv_weight(state)
+    channels = int(first.shape[1]) if first is not None else 3
+    mean, std, size = IMAGENET_MEAN, IMAGENET_STD, 224 if ":" in arch else 32
+    if arch.startswith("timm:"):
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(arch[len("timm:"):])
+        if cfg is not None:
+            mean, std, size = list(cfg.mean), list(cfg.std), int(cfg.input_size[-1])
+    if "pos_embed" in state and "patch_embed.proj.weight" in state:
+        grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+        size = grid * int(state["patch_embed.proj.weight"].shape[-1])
+    if channels != len(mean):
+        mean, std = [sum(mean) / len(mean)] * channels, [sum(std) / len(std)] * channels
+    return {"num_classes": 0, "classes": [], "channels": channels, "image_size": image_size or size,
+            "mean": mean, "std": std, "dataset": None}
+
+
+def _inner(backbone: nn.Module) -> tuple[str, nn.Module]:
+    """(key prefix, module) that holds the library model inside our backbone: adapters 'model.', ResNet 'net.'."""
+    for attr in ("model", "net"):
+        module = getattr(backbone, attr, None)
+        if isinstance(module, nn.Module):
+            return f"{attr}.", module
+    return "", backbone
+
+
+def _sequential_to_children(state: dict, module: nn.Module) -> dict:
+    """lightly's nn.Sequential(*list(resnet.children())[:-1]) keys '4.0.conv1.weight' -> 'layer1.0.conv1.weight'."""
+    names = [name for name, _ in module.named_children()]
+    out = {}
+    for key, value in state.items():
+        index, _, rest = key.partition(".")
+        out[f"{names[int(index)]}.{rest}" if index.isdigit() and int(index) < len(names) else key] = value
+    return out
+
+
+def _names(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def fit_state(backbone: nn.Module, state: dict[str, Tensor], source: str) -> tuple[dict[str, Tensor], list[str]]:
+    """Rename `state` to `backbone`'s keys; -> (state ready for a strict load, dropped classifier keys).
+    Missing/unexpected keys and shape mismatches raise CheckpointError naming the keys."""
+    prefix, inner = _inner(backbone)
+    if state and all(k.split(".", 1)[0].isdigit() for k in state):
+        state = _sequential_to_children(state, inner)
+    own = backbone.state_dict()
+    if prefix and not any(k in own for k in state):
+        state = {prefix + k: v for k, v in state.items()}
+    classifier = getattr(backbone, "classifier_name", "fc" if prefix == "net." else None)
+    dropped = [k for k in state if k not in own and classifier and k[len(prefix):].startswith(f"{classifier}.")]
+    state = {k: v for k, v in state.items() if k not in dropped}
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    arch = getattr(backbone, "arch_name", type(backbone).__name__)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: the weights do not fit {arch}: " +
+            (f"missing keys: {_names(missing)}" if missing else "") + ("; " if missing and unexpected else "") +
+            (f"unexpected keys: {_names(unexpected)}" if unexpected else "") +
+            f". Is the architecture right? ({ARCH_HELP})")
+    for key in own:  # in the model's order: the first mismatching layer is named
+        value = state.get(key)
+        if value is not None and tuple(value.shape) != tuple(own[key].shape):
+            raise CheckpointError(f"{source}: shape mismatch at {key!r}: the file has {tuple(value.shape)}, {arch} "
+                                  f"expects {tuple(own[key].shape)}; is the architecture right? ({ARCH_HELP})")
+    full = {k: state.get(k, own[k]) for k in own}  # absent BatchNorm counters keep the model's own
+    return full, dropped
+
+
+def _file_arch(data: dict) -> Optional[str]:
+    """An architecture the file records: MoCo v3 / DINO 'arch' naming a torchvision model."""
+    from .torchvision_backbone import list_torchvision_models
+
+    arch = data.get("arch")
+    return f"torchvision:{arch}" if isinstance(arch, str) and arch in list_torchvision_models() else None
+
+
+def foreign_record(data: dict, path: str, layout: Optional[str] = None, arch: Optional[str] = None,
+                   image_size: Optional[int] = None) -> dict:
+    """A loaded foreign checkpoint -> the fields of an ssl_kit backbone record (arch, kwargs, data, state_dict; see
+    engine/checkpoint.py) whose state dict fits the architecture exactly, and 'source': file, layout, dropped keys."""
+    from .registry import build_backbone
+
+    layout = layout or detect_layout(data)
+    state, dropped = layout_state(data, layout)
+    if not state:
+        raise CheckpointError(f"{path!r} ({layout} layout): no backbone weights found")
+    arch = arch or _file_arch(data)
+    if arch is None:
+        raise CheckpointError(f"{path!r} ({layout} layout) does not record its architecture: pass {ARCH_HELP}")
+    name, kwargs = parse_arch(arch)
+    kwargs = {**infer_kwargs(name, state), **kwargs}
+    info = infer_data_info(name, state, image_size)
+    backbone = build_backbone(name, info["channels"], info["image_size"], kwargs)
+    backbone.arch_name = arch
+    fitted, classifier = fit_state(backbone, state, f"{path!r} ({layout} layout)")
+    dropped += classifier
+    if dropped:
+        print(f"[ssl-kit] {path} ({layout} layout): dropped {len(dropped)} non-backbone keys: {_names(dropped, 6)}",
+              file=sys.stderr)
+    return {"arch": name, "kwargs": kwargs, "data": info,
+            "state_dict": fitted, "source": {"file": str(path), "layout": layout, "dropped": dropped}}
