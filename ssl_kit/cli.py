@@ -225,11 +225,35 @@ def cmd_recipes(args) -> int:
 
     for path in bundled_recipes():
         try:
-            description = (yaml.safe_load(path.read_text()) or {}).get("description", "")
+            raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError:
-            description = "(invalid YAML)"
-        print(f"{path.stem:32s} {description.splitlines()[0] if description else ''}")
+            raw = {"description": "(invalid YAML)"}
+        description = str(raw.get("description", "") or "")
+        stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
+        methods = " → ".join(str(s.get("method")) for s in stages if isinstance(s, dict))
+        print(f"{path.stem:32s} {methods:44s} {description.splitlines()[0] if description else ''}")
     return 0
+
+
+def cmd_methods(args) -> int:
+    """The registered training methods (one file each under ssl_kit/methods/) and the evaluation stages."""
+    from .config import EVAL_STAGES
+    from .methods import registered_methods
+
+    rows = {name: _first_line(cls.__doc__ or cls.config_class.__doc__) for name, cls in registered_methods().items()}
+    rows.update({name: _first_line(schema.__doc__) + " (evaluation)" for name, schema in EVAL_STAGES.items()})
+    if args.json:
+        _emit({"methods": rows}, True)
+        return 0
+    for name, text in rows.items():
+        print(f"{name:16s} {text}")
+    return 0
+
+
+def _first_line(text) -> str:
+    """The first sentence of a docstring, on one line."""
+    words = " ".join((text or "").split())
+    return words.split(". ")[0].rstrip(".")
 
 
 def cmd_info(args) -> int:
@@ -290,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--from-bundle", metavar="ARCHIVE",
                      help="re-run a reproduction bundle (ssl-kit export --bundle) and compare with its summary")
     run.set_defaults(func=cmd_run)
+
+    methods = sub.add_parser("methods", help="the training methods recipes can name (from the method registry)")
+    methods.add_argument("--json", action="store_true")
+    methods.set_defaults(func=cmd_methods)
 
     def evaluation(name: str, help_text: str, func, data_arg: bool = True):
         p = sub.add_parser(name, help=help_text)

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from .errors import ConfigError, SslKitError
+from .errors import ConfigError
 
 
 class Strict(BaseModel):
@@ -173,6 +173,11 @@ class StrongAugConfig(Strict):
     cutout: float = Field(0.5, ge=0, le=1, description="max cutout side as a fraction of the size")
 
 
+# The corruptions eval/corruptions.py implements (it checks at import that its table has exactly these keys).
+CORRUPTION_NAMES = ("gaussian_noise", "shot_noise", "gaussian_blur", "motion_blur", "contrast", "brightness",
+                    "pixelate", "jpeg")
+
+
 class EvalStageBase(Strict):
     name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$")
     from_stage: Optional[str] = Field(None, description="backbone of this earlier stage; default: the latest one")
@@ -186,6 +191,8 @@ class EvalStageBase(Strict):
 
 
 class LinearProbeStage(EvalStageBase):
+    """Linear probe on frozen features: BN without affine + linear layer, lr/wd chosen on a validation split."""
+
     method: Literal["linear_probe"]
     labels_per_class: Optional[int] = Field(None, ge=1)
     epochs: int = Field(100, ge=1)
@@ -194,13 +201,15 @@ class LinearProbeStage(EvalStageBase):
 
 
 class KnnStage(EvalStageBase):
+    """Weighted kNN on frozen features (faiss, cosine similarity, votes weighted by exp(sim/T))."""
+
     method: Literal["knn"]
     k: int = Field(20, ge=1)
     knn_temperature: float = Field(0.07, gt=0)
 
 
 class TransferStage(EvalStageBase):
-    """Fit on `data` (the source), score on each target; optionally corruptions of the source test split, adaptation
+    """Domain transfer: fit on `data` (the source), score on each target; optionally corruptions of the source test split, adaptation
     numbers beside the plain ones, and a leave-one-domain-out table over `domains`."""
 
     method: Literal["transfer"]
@@ -225,12 +234,12 @@ class TransferStage(EvalStageBase):
     @field_validator("corruptions")
     @classmethod
     def _known_corruptions(cls, names: list[str]) -> list[str]:
-        from .eval.corruptions import parse_corruptions
-
-        try:
-            return parse_corruptions(names) if names else names
-        except SslKitError as exc:
-            raise ValueError(str(exc)) from None
+        if names == ["all"]:
+            return list(CORRUPTION_NAMES)
+        unknown = [n for n in names if n not in CORRUPTION_NAMES]
+        if unknown:
+            raise ValueError(f"unknown corruption(s) {unknown!r}; known: all, {', '.join(CORRUPTION_NAMES)}")
+        return names
 
 
 EVAL_STAGES: dict[str, type] = {"linear_probe": LinearProbeStage, "knn": KnnStage, "transfer": TransferStage}

@@ -8,7 +8,6 @@ A training checkpoint = {"format": "ssl_kit.checkpoint", "version": 1, "stage", 
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -16,6 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..common.files import safe_load  # noqa: F401  (public here: every checkpoint read goes through it)
 from ..errors import CheckpointError
 from ..models.registry import build_from_record  # noqa: F401  (public here: records in, modules out)
 
@@ -43,25 +43,6 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         if isinstance(exc, OSError):
             raise CheckpointError(f"could not write checkpoint {str(path)!r}: {exc}; the previous file is intact") from exc
         raise
-
-
-def safe_load(path: str | Path) -> dict:
-    """torch.load(weights_only=True): tensors and plain containers only. Anything else is refused unread."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"refusing to load {str(path)!r}: it holds objects other than tensors and plain containers "
-            f"(loading it could run code). Details: {str(exc).splitlines()[0]}"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a readable torch file: {exc}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(data).__name__}, not a dict")
-    return data
 
 
 def backbone_record(arch: str, kwargs: dict, data_info: dict, backbone: nn.Module,

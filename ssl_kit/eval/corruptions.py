@@ -13,6 +13,7 @@ import kornia
 import torch
 from torch import Tensor
 
+from ..config import CORRUPTION_NAMES
 from ..errors import DataError
 
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -89,6 +90,8 @@ CORRUPTIONS: dict[str, Callable[[Tensor, int, int], Tensor]] = {
     "gaussian_noise": gaussian_noise, "shot_noise": shot_noise, "gaussian_blur": gaussian_blur,
     "motion_blur": motion_blur, "contrast": contrast, "brightness": brightness, "pixelate": pixelate, "jpeg": jpeg,
 }
+if tuple(CORRUPTIONS) != CORRUPTION_NAMES:  # the recipe schema validates names against config.CORRUPTION_NAMES
+    raise ImportError(f"config.CORRUPTION_NAMES {CORRUPTION_NAMES} and eval.corruptions {tuple(CORRUPTIONS)} differ")
 
 
 def parse_corruptions(names: str | list[str]) -> list[str]:

@@ -31,6 +31,9 @@ class FixMatchConfig(SemiSupervisedConfig):
 
 @register("fixmatch", FixMatchConfig)
 class FixMatch(SemiSupervisedMethod):
+    """FixMatch: the weak view's confident prediction is the target of the strong view (swappable threshold policies:
+    fixed, FlexMatch, FreeMatch, SoftMatch, relative)."""
+
     def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0) -> None:
         super().__init__(cfg, backbone, info, num_unlabeled)
         self.strong_view = StrongView(self.normalize, cfg.strong, cfg.data.translate, cfg.data.hflip)

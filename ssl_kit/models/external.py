@@ -12,7 +12,7 @@ from typing import Optional
 
 from torch import nn
 
-from ..engine.checkpoint import safe_load
+from ..common.files import safe_load
 from ..errors import CheckpointError
 from .torchvision_backbone import replace_classifier
 

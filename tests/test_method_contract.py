@@ -1,0 +1,180 @@
+"""The method contract: a method is one file that declares its typed config and registers itself; momentum targets
+are declared as pairs and updated in one place; layers import downward only."""
+import ast
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+import ssl_kit.config as config
+from ssl_kit.config import StageBase, validate_recipe
+from ssl_kit.errors import ConfigError
+from ssl_kit.losses import consistency_loss, fixmatch_loss
+from ssl_kit.methods import Progress, build_method, registered_methods
+from ssl_kit.methods import registry
+from ssl_kit.methods.base import ClassifierMethod
+from ssl_kit.methods.momentum import cosine_ramp
+from ssl_kit.runner import run_recipe
+from tests.conftest import tiny_stage
+
+ROOT = Path(__file__).resolve().parents[1] / "ssl_kit"
+
+
+class ToyConfig(StageBase):
+    """A method written in a test, exactly as a user would write a new file."""
+
+    method: Literal["toy_smoothing"]
+    smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of the toy loss")
+
+
+@pytest.fixture
+def toy_method():
+    """Register a one-class method for the duration of a test (and take it out again)."""
+
+    @registry.register("toy_smoothing", ToyConfig)
+    class ToySmoothing(ClassifierMethod):
+        """Cross-entropy with label smoothing on weak views (a test method)."""
+
+        def training_step(self, batch, progress):
+            logits = self.net(self.weak_view(batch.x))
+            return {"loss": F.cross_entropy(logits, batch.y, label_smoothing=self.cfg.smoothing)}
+
+    yield ToySmoothing
+    registry._METHODS.pop("toy_smoothing")
+    config._TRAINING_STAGES.pop("toy_smoothing")
+    config._recipe_model.cache_clear()
+
+
+def test_registering_one_class_makes_the_method_usable_end_to_end(toy_method, tmp_path):
+    assert build_method("toy_smoothing") is toy_method and "toy_smoothing" in registered_methods()
+    recipe = validate_recipe({"seed": 0, "name": "toy", "stages": [tiny_stage("toy", "toy_smoothing", smoothing=0.2)]})
+    assert recipe.stages[0].smoothing == 0.2 and isinstance(recipe.stages[0], ToyConfig)
+    run_dir, summary = run_recipe(recipe, tmp_path / "run")
+    assert 0 <= summary["toy/test/top1"] <= 1
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line).get("kind") == "step"]
+    assert len(losses) == 20 and all(math.isfinite(v) for v in losses)
+
+
+def test_a_methods_own_keys_are_validated_with_their_path(toy_method):
+    with pytest.raises(ConfigError, match=r"stages\[toy\]\.smoothing: .*less than 1"):
+        validate_recipe({"stages": [tiny_stage("toy", "toy_smoothing", smoothing=1.5)]})
+    with pytest.raises(ConfigError, match=r"stages\[toy\]\.threshold: Extra inputs are not permitted"):
+        validate_recipe({"stages": [tiny_stage("toy", "toy_smoothing", threshold=0.9)]})
+
+
+def test_unknown_methods_and_unregistered_names_are_refused_clearly():
+    with pytest.raises(ConfigError, match="toy_smoothing"):
+        validate_recipe({"stages": [tiny_stage("toy", "toy_smoothing")]})
+    with pytest.raises(ConfigError, match=r"unknown method 'nope' \(known: .*simclr"):
+        build_method("nope")
+
+
+def test_a_config_must_declare_its_method_literal():
+    class Untagged(StageBase):
+        pass
+
+    with pytest.raises(TypeError, match="must declare `method: Literal\\['untagged'\\]`"):
+        config.register_stage_schema("untagged", Untagged)
+    class AnotherSimCLR(StageBase):
+        method: Literal["simclr"]
+
+    with pytest.raises(TypeError, match="stage method 'simclr' is registered twice"):
+        config.register_stage_schema("simclr", AnotherSimCLR)
+
+
+def test_every_registered_method_has_a_typed_config_and_a_docstring():
+    methods = registered_methods()
+    assert {"supervised", "simclr", "mocov2", "mocov3", "fixmatch", "kd", "dino", "mae", "simmim"} <= set(methods)
+    for name, cls in methods.items():
+        assert cls.name == name and issubclass(cls.config_class, StageBase)
+        assert name in cls.config_class.model_fields["method"].annotation.__args__
+        assert (cls.__doc__ or cls.config_class.__doc__), name
+
+
+def test_momentum_pairs_are_updated_by_the_base_class_along_the_cosine_ramp():
+    recipe = validate_recipe({"stages": [tiny_stage("p", "mocov2", queue_size=64, proj_hidden_dim=16, proj_dim=8,
+                                                    momentum=0.9)]})
+    cfg = recipe.stages[0]
+    from ssl_kit.data.pipeline import prepare_data
+    from ssl_kit.models.registry import build_backbone
+
+    data = prepare_data(cfg.data, 0, use_unlabeled=False)
+    method = build_method("mocov2")(cfg, build_backbone("small_cnn", 1, 16, {"width": 4}), data.info)
+    pairs = method.momentum_pairs()
+    assert [type(o).__name__ for o, _ in pairs] and all(not p.requires_grad for _, t in pairs for p in t.parameters())
+    with torch.no_grad():
+        for online, _ in pairs:
+            for p in online.parameters():
+                p.add_(torch.randn_like(p))
+    before = [[p.clone() for p in t.parameters()] for _, t in pairs]
+    progress = Progress(step=5, total_steps=10, epoch=0, steps_per_epoch=10)
+    method.after_optimizer_step(progress)
+    m = cosine_ramp(0.9, 1.0, 5, 10)
+    assert method.current_momentum == pytest.approx(m) and 0.9 < m < 1.0
+    for (online, target), old in zip(pairs, before):
+        for o, t, t0 in zip(online.parameters(), target.parameters(), old):
+            assert torch.allclose(t, m * t0 + (1 - m) * o, atol=1e-6)
+
+
+def test_consistency_loss_hard_soft_and_weights():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 4, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    weights = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 1.0])
+    expected = (F.cross_entropy(logits, labels, reduction="none") * weights).sum() / 6
+    assert consistency_loss(logits, labels, weights).item() == pytest.approx(expected.item(), rel=1e-6)
+    one_hot = F.one_hot(labels, 4).float()
+    assert consistency_loss(logits, one_hot, weights).item() == pytest.approx(expected.item(), rel=1e-6)
+    soft = torch.softmax(torch.randn(6, 4), dim=1)
+    by_hand = -(soft * torch.log_softmax(logits, 1)).sum(1).mean()
+    assert consistency_loss(logits, soft).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    # FixMatch's loss is the consistency loss with its confidence mask as weights
+    weak = torch.randn(6, 4) * 3
+    loss, mask = fixmatch_loss(weak, logits, threshold=0.7)
+    assert consistency_loss(logits, weak.argmax(1), mask).item() == pytest.approx(loss.item(), rel=1e-6)
+    grad, = torch.autograd.grad(consistency_loss(logits, soft), logits)
+    assert torch.allclose(grad, (torch.softmax(logits, 1) - soft).detach() / 6, atol=1e-6)
+
+
+@pytest.mark.parametrize("targets, weights, message", [
+    (torch.zeros(5, dtype=torch.long), None, r"hard targets must be int64 of shape \(6,\)"),
+    (torch.zeros(6), None, r"hard targets must be int64"),
+    (torch.zeros(6, 3), None, r"targets must be labels \(6,\) or distributions \(6, 4\)"),
+    (torch.zeros(6, dtype=torch.long), torch.ones(5), r"weights must have shape \(6,\)"),
+])
+def test_consistency_loss_refuses_bad_shapes(targets, weights, message):
+    with pytest.raises(ValueError, match=message):
+        consistency_loss(torch.zeros(6, 4), targets, weights)
+
+
+# Layers import downward only (design.md): cli → runner → eval → engine → methods → models/losses/data → config,
+# common → errors. Lazy (function-level) imports count too.
+LAYER = {"cli": 7, "bundle": 6, "runner": 6, "eval": 5, "engine": 4, "methods": 3, "models": 2, "losses": 2,
+         "data": 2, "config": 1, "common": 1, "errors": 0}
+
+
+def _relative_imports(path: Path):
+    package = list(path.relative_to(ROOT).parts[:-1])
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[:len(package) - (node.level - 1)]
+            target = base + (node.module.split(".") if node.module else [node.names[0].name])
+            yield node.lineno, target[0]
+
+
+def test_layers_import_downward_only():
+    upward = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if path == ROOT / "__init__.py":
+            continue
+        unit = path.relative_to(ROOT).parts[0].removesuffix(".py")
+        for line, target in _relative_imports(path):
+            if target != unit and LAYER.get(target, -1) >= LAYER[unit]:
+                upward.append(f"{path.relative_to(ROOT.parent)}:{line} ({unit} imports {target})")
+    assert upward == []
