@@ -4,4 +4,4 @@ from .engine.checkpoint import load_backbone
 from .errors import CheckpointError, ConfigError, DataError, SslKitError, TrainingError
 
 __version__ = "0.1.0"
-__all__ = ["load_backbone", "SslKitError", "ConfigError", "DataError", "CheckpointError", "TrainingError"]
+__all__ = ["methods", "load_backbone", "SslKitError", "ConfigError", "DataError", "CheckpointError", "TrainingError"]

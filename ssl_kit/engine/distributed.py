@@ -9,8 +9,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..common.distributed import (all_reduce_mean, all_reduce_sum, gather_no_grad, gather_with_grad,  # noqa: F401
-                                  is_distributed, is_main, rank, world_size)
+from ..common.distributed import (all_reduce_mean, all_reduce_sum, gather_no_grad, gather_with_grad, is_distributed,
+                                  is_main, rank, world_size)
+
+__all__ = ["init_from_env", "all_reduce_gradients", "all_reduce_mean", "all_reduce_sum", "gather_no_grad",
+           "gather_with_grad", "is_distributed", "is_main", "rank", "world_size"]
 
 
 def init_from_env(device: str) -> bool:

@@ -16,7 +16,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ..config import validate_recipe
 from ..data.augment import Normalize
+from ..engine.checkpoint import resolve_checkpoint
 from ..errors import DataError
 
 ADAPT_METHODS = ("adabn", "fixmatch")
@@ -53,9 +55,6 @@ def fixmatch_adaptation(checkpoint: str | Path, source: str, target: str, steps:
     alone (no target image seen, so BatchNorm statistics stay the source's). `train(recipe, out_dir)` runs the two
     stages (the runner's `run_recipe`: evaluation drives training without importing the runner).
     -> {"source_only_top1", "adapted_top1": target test top-1 of each, "run_dir": where both runs are}."""
-    from ..config import validate_recipe
-    from ..engine.checkpoint import resolve_checkpoint
-
     info = resolve_checkpoint(checkpoint)["data"]
     data = {"dataset": source, "test": target, "image_size": info["image_size"], "channels": info["channels"]}
     shared = {"init": {"checkpoint": str(checkpoint)},

@@ -9,12 +9,13 @@ import torch
 from torch import Tensor, nn
 
 from ..common.device import resolve_device
+from ..common.metrics import predict
 from ..data.augment import Normalize, random_resized_crop, to_unit_float
 from ..data.imageset import ImageSet, convert_images
 from ..data.pipeline import load_converted
 from ..engine.checkpoint import load_backbone
 from ..errors import DataError
-from ..common.metrics import predict
+from ..models.external import is_torchvision_reference, torchvision_backbone
 
 
 def load_eval_splits(spec: str, info: dict) -> dict[str, ImageSet]:
@@ -24,8 +25,6 @@ def load_eval_splits(spec: str, info: dict) -> dict[str, ImageSet]:
 
 def load_eval_backbone(path: str | Path, weights: Optional[str] = None, image_size: Optional[int] = None) -> nn.Module:
     """Backbone (eval mode, with .data_info) for evaluation commands; see FeatureExtractor.from_checkpoint."""
-    from ..models.external import is_torchvision_reference, torchvision_backbone
-
     if is_torchvision_reference(path):
         return torchvision_backbone(str(path), weights, image_size)
     if weights is not None:

@@ -11,9 +11,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..data.builtin import stratified_holdout
-from ..errors import DataError
 from ..common.metrics import classification_metrics
+from ..data.builtin import stratified_holdout
+from ..data.splits import labeled_indices
+from ..errors import DataError
 
 LR_GRID = (0.3, 0.1, 0.03)
 WD_GRID = (0.0, 1e-4, 1e-3)
@@ -133,8 +134,6 @@ def select_hyperparameters(features: Tensor, labels: Tensor, num_classes: int, e
 
 
 def few_shot_index(labels: Tensor, per_class: int, seed: int) -> Tensor:
-    from ..data.splits import labeled_indices
-
     return labeled_indices(labels, per_class, seed)
 
 

@@ -10,6 +10,8 @@ from torch import Tensor, nn
 from ..data.augment import Normalize, WeakView
 from ..data.loader import Batch
 from ..data.pipeline import DataInfo
+from ..models.heads import Classifier
+from ..models.vit import VisionTransformer
 from .momentum import cosine_ramp, update_momentum_pairs
 from .param_groups import ParamGroup, layer_decay_groups
 
@@ -151,8 +153,6 @@ class ClassifierMethod(Method):
     evaluate_ema = True
 
     def __init__(self, cfg, backbone: nn.Module, info: DataInfo) -> None:
-        from ..models.heads import Classifier
-
         super().__init__(cfg, info)
         self.net = Classifier(backbone, info.num_classes)
 
@@ -165,8 +165,6 @@ class ClassifierMethod(Method):
 
     def parameter_groups(self) -> list[ParamGroup]:
         """With `layer_decay` (fine-tuning a ViT): one group per layer, decayed towards the input; else backbone/head."""
-        from ..models.vit import VisionTransformer
-
         decay = self.layer_decay()
         if decay is None or not isinstance(self.net.backbone, VisionTransformer):
             return super().parameter_groups()

@@ -10,6 +10,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from ..common.metrics import predict
 from ..config import StageBase
 from .base import ClassifierMethod
 
@@ -85,7 +86,6 @@ class SemiSupervisedMethod(ClassifierMethod):
     def final_report(self, model: nn.Module, data, out_dir) -> dict[str, float]:
         """Threshold sweep on the unlabeled set with the trained model: for each threshold, the fraction of images
         whose confidence passes it (quantity) and the accuracy of their pseudo-labels (quality)."""
-        from ..common.metrics import predict
         from ..common.plots import plot_threshold_sweep
 
         images = data.train.images[data.unlabeled]
