@@ -61,8 +61,7 @@ class ContrastiveMethod(PretextMethod):
     def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         x1, x2 = self.augment_views(batch)
         loss, features = self.contrast(x1, x2, progress)
-        probe = self.probe_loss(features, batch.y.repeat(2))
-        return {"loss": loss + probe, "contrastive_loss": loss.detach(), "probe_loss": probe.detach()}
+        return self.with_probe("contrastive_loss", loss, features, batch.y.repeat(2))
 
     def contrast(self, x1: Tensor, x2: Tensor, progress: Progress) -> tuple[Tensor, Tensor]:
         """views (N, C, H, W) × 2 -> (contrastive loss, backbone features (2N, F) for the probe)."""

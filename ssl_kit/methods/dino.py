@@ -159,9 +159,8 @@ class DINO(PretextMethod):
         self._update_center(teacher_logits)
         self._loss_sum += loss.detach()
         self._loss_count += 1
-        probe = self.probe_loss(teacher_features, batch.y.repeat(2))
         stats = self._collapse_stats(student_logits[:2], teacher_out, temperature)
-        return {"loss": loss + probe, "dino_loss": loss.detach(), "probe_loss": probe.detach(), **stats}
+        return {**self.with_probe("dino_loss", loss, teacher_features, batch.y.repeat(2)), **stats}
 
     @torch.no_grad()
     def _update_center(self, teacher_logits: Tensor) -> None:

@@ -101,8 +101,7 @@ class MAE(_MaskedMethod):
         encoded, mask, restore = self.encode_visible(x)
         pred = self.decode(encoded, restore)
         loss = mae_loss(pred.float(), patchify(x, self.patch).float(), mask, self.cfg.norm_pix)
-        probe = self.probe_loss(encoded[:, 1:].mean(dim=1), batch.y)
-        return {"loss": loss + probe, "reconstruction_loss": loss.detach(), "probe_loss": probe.detach()}
+        return self.with_probe("reconstruction_loss", loss, encoded[:, 1:].mean(dim=1), batch.y)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -183,5 +182,4 @@ class SimMIM(_MaskedMethod):
             pred = self.decoder(feature_map)
             features = feature_map.mean(dim=(2, 3))
         loss = ((pred.float() - x.float()).abs() * pixel_mask).sum() / (pixel_mask.sum() * channels + 1e-5)
-        probe = self.probe_loss(features, batch.y)
-        return {"loss": loss + probe, "reconstruction_loss": loss.detach(), "probe_loss": probe.detach()}
+        return self.with_probe("reconstruction_loss", loss, features, batch.y)

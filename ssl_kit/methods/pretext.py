@@ -74,6 +74,12 @@ class PretextMethod(Method):
             self._probe_seen += known.sum()
         return F.cross_entropy(logits, labels[known])
 
+    def with_probe(self, name: str, loss: Tensor, features: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """The step's outputs: `loss` (the pretext loss `name`) plus the online probe's loss on detached `features`
+        (N, F) with `labels` (N,). -> {"loss": total, name: pretext loss, "probe_loss": probe loss} (logged)."""
+        probe = self.probe_loss(features, labels)
+        return {"loss": loss + probe, name: loss.detach(), "probe_loss": probe.detach()}
+
     def classifier(self, ema: Optional[nn.Module] = None) -> nn.Module:
         return ProbedClassifier(self.get_backbone(), self.probe)
 
