@@ -6,6 +6,11 @@ run_dir/
   stages/<stage>/backbone.pt   each training stage's result; backbone.pt = the latest one
   stages/<stage>/eval.json     per-class accuracy and confusion matrix
   splits/<stage>.json          labeled/unlabeled indices
+
+Under torchrun only global rank 0 writes and reads the run dir; what other ranks need from it (the run dir's name,
+the summary when resuming, earlier stages' backbones, evaluation results, the checkpoint to resume from) is
+broadcast from rank 0, so nodes need not share a filesystem. After an elastic restart (torchrun --max-restarts,
+TORCHELASTIC_RESTART_COUNT > 0) the run continues from checkpoints/last.pt without --resume.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,7 +31,7 @@ from .data.pipeline import DataInfo, prepare_data
 from .engine import distributed as dist
 from .engine.checkpoint import atomic_save, backbone_record, build_from_record, resolve_checkpoint, safe_load
 from .engine.loggers import JsonlLogger, WandbLogger, truncate_metrics
-from .engine.trainer import RunContext, Trainer
+from .engine.trainer import RunContext, Trainer, resolve_device
 from .errors import ConfigError
 from .methods import build_method
 from .models.registry import build_backbone
@@ -75,6 +81,56 @@ def default_run_dir(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def latest_run_dir(recipe: Recipe) -> Optional[Path]:
+    """The newest runs/<recipe name>-<timestamp> dir with a config.yaml (an elastic restart without --out)."""
+    runs = sorted(p for p in Path("runs").glob(f"{recipe.name or 'run'}-*") if (p / "config.yaml").is_file())
+    return runs[-1] if runs else None
+
+
+def _is_global_rank0() -> bool:
+    return dist.is_main() if dist.is_distributed() else int(os.environ.get("RANK", "0")) == 0
+
+
+def _decide_run_dir(recipe: Recipe, out: Optional[Path], resume: bool) -> tuple[Path, bool]:
+    """Rank 0's choice: the run dir (given, or a new timestamped one) and whether to resume it; after an elastic
+    restart, the run being restarted is resumed. Prepares the dir."""
+    run_dir = Path(out) if out is not None else default_run_dir(recipe)
+    if dist.restart_count() > 0 and not resume:
+        if out is None:
+            run_dir = latest_run_dir(recipe) or run_dir
+        if (run_dir / "config.yaml").is_file():
+            resume = True
+            log(f"[ssl-kit] elastic restart {dist.restart_count()}: resuming {run_dir}")
+    prepare_run_dir(run_dir, resume)
+    return run_dir, resume
+
+
+def agree_on_run_dir(recipe: Recipe, out: Optional[Path], resume: bool) -> tuple[Path, bool]:
+    """Every rank gets rank 0's decision (its error too). With --out each node keeps its own path (the same string
+    on a shared filesystem; only rank 0 writes there); without it all ranks use the name rank 0 chose."""
+    decision: tuple = (None, resume, None)
+    if _is_global_rank0():
+        try:
+            run_dir, resume = _decide_run_dir(recipe, out, resume)
+            decision = (str(run_dir), resume, None)
+        except ConfigError as exc:
+            decision = (None, resume, str(exc))
+            if not dist.is_distributed():
+                raise
+    decision = dist.broadcast_object(decision)
+    if decision[2] is not None:
+        raise ConfigError(decision[2])
+    return (Path(out) if out is not None else Path(decision[0])), decision[1]
+
+
+def _first_device(recipe: Recipe) -> str:
+    """The train.device of the recipe's first training stage ('auto' when it has none)."""
+    for stage in recipe.stages:
+        if hasattr(stage, "train"):
+            return stage.train.device
+    return "auto"
+
+
 class RecipeRunner:
     """Executes the stages of a recipe into run_dir. summary.json holds flat '<stage>/<metric>' keys."""
 
@@ -84,7 +140,8 @@ class RecipeRunner:
         self.step_callback = step_callback
         self.summary: dict = {}
         self.backbones: dict[str, Path] = {}
-        self.is_main = dist.is_main() if dist.is_distributed() else int(os.environ.get("RANK", "0")) == 0
+        self.is_main = _is_global_rank0()
+        self._rank_dir: Optional[Path] = None  # ranks other than 0: backbones received from rank 0
 
     # ----------------------------------------------------------------------------------- helpers
     @property
@@ -109,11 +166,27 @@ class RecipeRunner:
         truncate_metrics(self.run_dir / "metrics.jsonl", self._done_stages(), stage, step)
 
     def _init_record(self, stage: StageBase) -> Optional[dict]:
-        if stage.init.checkpoint:
-            return resolve_checkpoint(stage.init.checkpoint)
-        if stage.init.from_stage:
-            return resolve_checkpoint(self.backbones[stage.init.from_stage])
-        return None
+        """The init backbone record, read by rank 0 and broadcast (it need only exist on rank 0's node)."""
+        source = stage.init.checkpoint or (self.backbones[stage.init.from_stage] if stage.init.from_stage else None)
+        if source is None:
+            return None
+        return dist.broadcast_object(resolve_checkpoint(source) if self.is_main else None)
+
+    def _stage_backbones(self, stage: StageBase) -> dict[str, Path]:
+        """{stage: backbone.pt} readable on this rank for a stage's teacher.from_stage: under torchrun rank 0 reads
+        the record and broadcasts it, other ranks keep it in a private temporary dir (not the run dir)."""
+        teacher = getattr(stage, "teacher", None)
+        name = getattr(teacher, "from_stage", None)
+        if not dist.is_distributed() or not name:
+            return self.backbones
+        record = dist.broadcast_object(resolve_checkpoint(self.backbones[name]) if self.is_main else None)
+        if self.is_main:
+            return self.backbones
+        if self._rank_dir is None:
+            self._rank_dir = Path(tempfile.mkdtemp(prefix=f"ssl_kit_rank{dist.rank()}_"))
+        path = self._rank_dir / f"{name}.pt"
+        atomic_save(record, path)
+        return {**self.backbones, name: path}
 
     def _build_backbone(self, stage: StageBase, info: DataInfo, record: Optional[dict]):
         if record is None:
@@ -137,8 +210,9 @@ class RecipeRunner:
         run_dir = self.run_dir
         if self.is_main:
             (run_dir / "config.yaml").write_text(recipe_to_yaml(self.recipe))
-        if self.resume and self.summary_path.is_file():
+        if self.is_main and self.resume and self.summary_path.is_file():
             self.summary = json.loads(self.summary_path.read_text())
+        self.summary = dist.broadcast_object(self.summary)
         for name, path in self.summary.get("_backbones", {}).items():
             self.backbones[name] = Path(path)
         if self.resume and self.is_main:
@@ -175,6 +249,8 @@ class RecipeRunner:
                 metrics.close()
             if wandb is not None:
                 wandb.finish()
+            if self._rank_dir is not None:
+                shutil.rmtree(self._rank_dir, ignore_errors=True)
         return finite_or_none({k: v for k, v in self.summary.items() if not k.startswith("_")})
 
     def _run_training_stage(self, stage: StageBase, ctx: RunContext) -> dict:
@@ -186,7 +262,8 @@ class RecipeRunner:
         data = prepare_data(data_cfg, self.recipe.seed, use_unlabeled=method_cls.wants_unlabeled(stage))
         self._save_split(stage.name, data)
         backbone, arch = self._build_backbone(stage, data.info, record)
-        method = method_cls(stage, backbone, data.info, **method_cls.context_from(stage, data, self.backbones))
+        context = method_cls.context_from(stage, data, self._stage_backbones(stage))
+        method = method_cls(stage, backbone, data.info, **context)
         meta = {**arch, "data": data.info.to_dict(), "backbone_prefix": method.backbone_prefix,
                 "head_prefix": method.head_prefix}
         trainer = Trainer(method, data, stage, ctx, meta)
@@ -204,7 +281,9 @@ class RecipeRunner:
             self._save_stage_outputs(stage, trainer, evaluated, results, meta)
             if evaluated is not None:
                 results_flat.update(trainer.method.final_report(evaluated, data, self.run_dir))
-        return results_flat
+        else:
+            self.backbones[stage.name] = self.run_dir / "stages" / stage.name / "backbone.pt"  # rank 0's path
+        return dist.broadcast_object(results_flat)  # every rank reports rank 0's numbers
 
     def _save_split(self, name: str, data) -> None:
         if not self.is_main:
@@ -236,6 +315,11 @@ class RecipeRunner:
         (stage_dir / "eval.json").write_text(json.dumps(details))
 
     def _run_eval_stage(self, stage) -> dict:
+        """Rank 0 evaluates (it holds the backbones) and broadcasts the results; other ranks wait."""
+        results = self._evaluate(stage) if self.is_main else None
+        return dist.broadcast_object(results)
+
+    def _evaluate(self, stage) -> dict:
         from .eval.stages import run_eval_stage
 
         if stage.checkpoint:
@@ -255,9 +339,10 @@ class RecipeRunner:
 
 def run_recipe(recipe: Recipe, out: Optional[Path] = None, resume: bool = False,
                step_callback: Optional[Callable[[int], None]] = None) -> tuple[Path, dict]:
-    """Run every stage of `recipe` into `out` (a fresh dir under runs/ when None). -> (run_dir, summary)."""
-    run_dir = Path(out) if out is not None else default_run_dir(recipe)
-    if int(os.environ.get("RANK", "0")) == 0:
-        prepare_run_dir(run_dir, resume)
+    """Run every stage of `recipe` into `out` (a fresh dir under runs/ when None). -> (run_dir, summary).
+    Under torchrun (WORLD_SIZE > 1) joins the process group first; every rank returns rank 0's summary."""
+    if dist.launched_distributed():
+        dist.init_from_env(str(resolve_device(_first_device(recipe))))
+    run_dir, resume = agree_on_run_dir(recipe, out, resume)
     summary = RecipeRunner(recipe, run_dir, resume, step_callback).run()
     return run_dir, summary

@@ -79,6 +79,11 @@ class Method(nn.Module):
         """-> {'loss': scalar tensor, other scalars to log}."""
         raise NotImplementedError
 
+    def forward(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+        """The training step as the module's forward, so DistributedDataParallel can wrap the method and overlap
+        gradient averaging with backward."""
+        return self.training_step(batch, progress)
+
     def after_optimizer_step(self, progress: Progress) -> None:
         """Hook for momentum encoders, queues, teacher updates."""
 
