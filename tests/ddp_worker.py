@@ -1,6 +1,6 @@
 """Runs `ssl-kit` under torchrun for the DDP tests (never used by users).
 
-    python tests/ddp_worker.py [--deterministic-views] [--exit-rank1-at-step N] -- <ssl-kit arguments>
+    python tests/ddp_worker.py [--deterministic-views] [--exit-rank1-at-step N] ssl-kit <ssl-kit arguments>
 
 --deterministic-views   every random view, crop and mask becomes a fixed function of the image (see
                         `deterministic_views`), so one process can reproduce what several ranks compute
@@ -75,7 +75,7 @@ def exit_rank1_at_step(step: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    separator = argv.index("--")
+    separator = argv.index("ssl-kit")  # not "--": torchrun swallows a "--" right after the script
     options, rest = argv[:separator], argv[separator + 1:]
     torch.set_num_threads(1)
     if "--deterministic-views" in options:

@@ -6,7 +6,8 @@ one CPU process.
 
 DDP choices (the same for every method, except `find_unused_parameters`):
   * gradient_as_bucket_view=True: gradients live in DDP's buckets, no copy into and out of them.
-  * broadcast_buffers=False: buffers that must agree across ranks are already synchronised by their method (MoCo's
+  * buffers are not broadcast at every forward (broadcast_buffers=False; forward_sync_buffers=False in newer torch):
+    buffers that must agree across ranks are already synchronised by their method (MoCo's
     queue is filled from every rank's keys, DINO's centre is all-reduced, BatchNorm statistics with backbone.sync_bn),
     and per-rank counters (online probe accuracy, pseudo-label rates) must not be overwritten by rank 0's at every
     forward. Without sync_bn each rank keeps BatchNorm running statistics of its own inputs; rank 0's are saved.
@@ -18,6 +19,7 @@ DDP choices (the same for every method, except `find_unused_parameters`):
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from typing import Any
 
@@ -71,7 +73,12 @@ def init_from_env(device: str) -> bool:
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=TIMEOUT_MINUTES))
+    timeout = datetime.timedelta(minutes=TIMEOUT_MINUTES)
+    store, rank_, world = next(dist.rendezvous("env://", timeout=timeout))
+    # torchrun's store outlives a restart: keys under an attempt-specific prefix keep restarted workers from meeting
+    # the dead attempt's addresses (seen here: gloo connecting to a killed rank's port, or hanging)
+    store = dist.PrefixStore(f"ssl_kit/attempt{restart_count()}", store)
+    dist.init_process_group(backend, store=store, rank=rank_, world_size=world, timeout=timeout)
     return True
 
 
@@ -96,9 +103,14 @@ def wrap_ddp(module: nn.Module, device: torch.device, trained: list[nn.Parameter
     for param in module.parameters():
         if param.requires_grad and id(param) not in trained_ids:
             param.requires_grad_(False)
-    device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False,
-                                               gradient_as_bucket_view=True, find_unused_parameters=find_unused)
+    options = {"device_ids": [device.index] if device.type == "cuda" else None, "gradient_as_bucket_view": True,
+               "find_unused_parameters": find_unused}
+    ddp = nn.parallel.DistributedDataParallel
+    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:  # newer torch's name for it
+        options["forward_sync_buffers"] = False
+    else:
+        options["broadcast_buffers"] = False
+    return ddp(module, **options)
 
 
 def step_seed(seed: int, step: int, micro: int, rank_: int) -> int:
