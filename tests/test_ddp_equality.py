@@ -58,10 +58,18 @@ def equality_stages() -> list[dict]:
     ]
 
 
-def torchrun(args: list[str], worker_args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
+def start_torchrun(args: list[str], worker_args: list[str]) -> subprocess.Popen:
+    """torchrun [args] tests/ddp_worker.py [worker_args], started in the background (stdout/stderr piped)."""
     command = [sys.executable, "-m", "torch.distributed.run", *args, str(WORKER), *worker_args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def finish(process: subprocess.Popen, timeout: int = 400) -> str:
+    """Wait for a started launch; -> its stderr, after asserting it succeeded."""
+    _, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err[-3000:]
+    return err
 
 
 def step_losses(run_dir: Path) -> dict[str, list[float]]:
@@ -98,9 +106,9 @@ def test_two_processes_equal_one_process_for_every_method_and_accumulation(tmp_p
     stages = equality_stages()
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"seed": 0, "name": "ddp", "stages": stages}))
-    result = torchrun(["--nproc-per-node", "2", "--master-port", str(free_port())],
-                      ["--deterministic-views", "ssl-kit", "run", str(recipe), "--out", str(tmp_path / "ddp")])
-    assert result.returncode == 0, result.stderr[-3000:]
-    single = single_process_run(monkeypatch, stages, tmp_path / "single")
+    launch = start_torchrun(["--nproc-per-node", "2", "--master-port", str(free_port())],
+                            ["--deterministic-views", "ssl-kit", "run", str(recipe), "--out", str(tmp_path / "ddp")])
+    single = single_process_run(monkeypatch, stages, tmp_path / "single")  # meanwhile
+    finish(launch)
     assert_same_training(single, tmp_path / "ddp", [s["name"] for s in stages])
     assert safe_load(tmp_path / "ddp" / "checkpoints" / "last.pt")["world_size"] == 2

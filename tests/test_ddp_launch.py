@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from ssl_kit.engine.checkpoint import safe_load
-from tests.test_ddp_equality import WORKER, _stage, assert_same_training, single_process_run, torchrun
+from tests.test_ddp_equality import WORKER, _stage, assert_same_training, finish, single_process_run, start_torchrun
 from tests.test_distributed import free_port
 
 TIMING_KEYS = ("train_seconds", "images_per_s")
@@ -78,12 +78,11 @@ def test_elastic_restart_after_a_killed_worker_equals_an_uninterrupted_run(tmp_p
                    data={"translate": 0.125})  # real random views this time
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"seed": 0, "name": "elastic", "stages": [stage]}))
-    runs = {}
-    for name, extra in (("uninterrupted", []), ("killed", ["--exit-rank1-at-step", "3"])):
-        result = torchrun(["--nproc-per-node", "2", "--max-restarts", "1", "--master-port", str(free_port())],
-                          [*extra, "ssl-kit", "run", str(recipe), "--out", str(tmp_path / name)])
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = (tmp_path / name, result.stderr)
+    launches = {name: start_torchrun(["--nproc-per-node", "2", "--max-restarts", "1", "--master-port", str(port)],
+                                     [*extra, "ssl-kit", "run", str(recipe), "--out", str(tmp_path / name)])
+                for (name, extra), port in zip((("uninterrupted", []), ("killed", ["--exit-rank1-at-step", "3"])),
+                                               (free_port(), free_port()))}  # side by side
+    runs = {name: (tmp_path / name, finish(launch)) for name, launch in launches.items()}
     assert "rank 1 exits at step 3" in runs["killed"][1]
     assert "elastic restart 1: resuming" in runs["killed"][1]
     summaries = {k: json.loads((d / "summary.json").read_text()) for k, (d, _) in runs.items()}
