@@ -1,7 +1,8 @@
 """Gradient-sync overhead on this CPU: 2 ranks (gloo, one thread each), our ResNet-18 (small stem) + linear head,
 32 px, SGD. Per step, measured in interleaved rounds inside the same two processes:
 
-  ddp     torch DistributedDataParallel as the engine wraps it (engine.distributed.wrap_ddp): buckets all-reduced while backward still runs
+  ddp     torch DistributedDataParallel as the engine wraps it (engine.distributed.wrap_ddp): buckets all-reduced
+          while backward still runs
   flat    the engine's former sync, kept here only as the baseline: after the whole backward, every gradient is
           copied into one flat tensor, all-reduced, divided and copied back
   single  one process, the same per-rank batch, no communication (rank 1 waits at a barrier meanwhile)

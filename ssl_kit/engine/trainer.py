@@ -106,7 +106,8 @@ class Trainer:
         if cfg.backbone.sync_bn and self.distributed:
             if self.device.type != "cuda":
                 raise TrainingError(f"stages[{cfg.name}].backbone.sync_bn needs CUDA devices (torch's SyncBatchNorm "
-                                    f"under DistributedDataParallel is GPU-only); on the CPU set backbone.sync_bn=false")
+                                    f"under DistributedDataParallel is GPU-only); on the CPU set "
+                                    f"backbone.sync_bn=false")
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         self.method = method.to(self.device)
 
