@@ -89,7 +89,9 @@ class InitConfig(Strict):
 class OptimizerConfig(Strict):
     name: Literal["sgd", "adam", "adamw", "rmsprop", "lars"] = "sgd"
     lr: float = Field(0.05, gt=0)
-    lr_scaling: Literal["none", "linear", "sqrt"] = Field("none", description="lr × (batch/256) or √(batch/256)")
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "none", description="lr × (global batch / base_batch_size) or its square root; none: lr as given")
+    base_batch_size: int = Field(256, ge=1, description="the global batch at which lr is meant (lr_scaling)")
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0)
@@ -134,6 +136,8 @@ class TrainConfig(Strict):
     checkpoint_every_steps: int = Field(200, ge=1)
     keep_last: int = Field(1, ge=1, description="checkpoints kept: last.pt plus keep_last − 1 older step-N.pt files")
     progress: bool = True
+    ddp_find_unused_parameters: Optional[bool] = Field(
+        None, description="DistributedDataParallel: look for parameters a step did not use (None: the method's default)")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":

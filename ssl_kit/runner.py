@@ -6,6 +6,11 @@ run_dir/
   stages/<stage>/backbone.pt   each training stage's result; backbone.pt = the latest one
   stages/<stage>/eval.json     per-class accuracy and confusion matrix
   splits/<stage>.json          labeled/unlabeled indices
+
+Under torchrun only global rank 0 writes and reads the run dir; what other ranks need from it (the run dir's name,
+the summary when resuming, earlier stages' backbones, evaluation results, the checkpoint to resume from) is
+broadcast from rank 0, so nodes need not share a filesystem. After an elastic restart (torchrun --max-restarts,
+TORCHELASTIC_RESTART_COUNT > 0) the run continues from checkpoints/last.pt without --resume.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from .data.pipeline import DataInfo, prepare_data
 from .engine import distributed as dist
 from .engine.checkpoint import atomic_save, backbone_record, build_from_record, resolve_checkpoint, safe_load
 from .engine.loggers import JsonlLogger, WandbLogger, truncate_metrics
-from .engine.trainer import RunContext, Trainer
+from .engine.trainer import RunContext, Trainer, resolve_device
 from .errors import ConfigError
 from .methods import build_method
 from .models.registry import build_backbone
@@ -101,6 +106,56 @@ def default_run_dir(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def latest_run_dir(recipe: Recipe) -> Optional[Path]:
+    """The newest runs/<recipe name>-<timestamp> dir with a config.yaml (an elastic restart without --out)."""
+    runs = sorted(p for p in Path("runs").glob(f"{recipe.name or 'run'}-*") if (p / "config.yaml").is_file())
+    return runs[-1] if runs else None
+
+
+def _is_global_rank0() -> bool:
+    return dist.is_main() if dist.is_distributed() else int(os.environ.get("RANK", "0")) == 0
+
+
+def _decide_run_dir(recipe: Recipe, out: Optional[Path], resume: bool) -> tuple[Path, bool]:
+    """Rank 0's choice: the run dir (given, or a new timestamped one) and whether to resume it; after an elastic
+    restart, the run being restarted is resumed. Prepares the dir."""
+    run_dir = Path(out) if out is not None else default_run_dir(recipe)
+    if dist.restart_count() > 0 and not resume:
+        if out is None:
+            run_dir = latest_run_dir(recipe) or run_dir
+        if (run_dir / "config.yaml").is_file():
+            resume = True
+            log(f"[ssl-kit] elastic restart {dist.restart_count()}: resuming {run_dir}")
+    prepare_run_dir(run_dir, resume)
+    return run_dir, resume
+
+
+def agree_on_run_dir(recipe: Recipe, out: Optional[Path], resume: bool) -> tuple[Path, bool]:
+    """Every rank gets rank 0's decision (its error too). With --out each node keeps its own path (the same string
+    on a shared filesystem; only rank 0 writes there); without it all ranks use the name rank 0 chose."""
+    decision: tuple = (None, resume, None)
+    if _is_global_rank0():
+        try:
+            run_dir, resume = _decide_run_dir(recipe, out, resume)
+            decision = (str(run_dir), resume, None)
+        except ConfigError as exc:
+            decision = (None, resume, str(exc))
+            if not dist.is_distributed():
+                raise
+    decision = dist.broadcast_object(decision)
+    if decision[2] is not None:
+        raise ConfigError(decision[2])
+    return (Path(out) if out is not None else Path(decision[0])), decision[1]
+
+
+def _first_device(recipe: Recipe) -> str:
+    """The train.device of the recipe's first training stage ('auto' when it has none)."""
+    for stage in recipe.stages:
+        if hasattr(stage, "train"):
+            return stage.train.device
+    return "auto"
+
+
 class RecipeRunner:
     """Executes the stages of a recipe into run_dir. summary.json holds flat '<stage>/<metric>' keys."""
 
@@ -110,7 +165,7 @@ class RecipeRunner:
         self.step_callback = step_callback
         self.summary: dict = {}
         self.backbones: dict[str, Path] = {}
-        self.is_main = dist.is_main() if dist.is_distributed() else int(os.environ.get("RANK", "0")) == 0
+        self.is_main = _is_global_rank0()
 
     # ----------------------------------------------------------------------------------- helpers
     @property
@@ -135,15 +190,15 @@ class RecipeRunner:
         truncate_metrics(self.run_dir / "metrics.jsonl", self._done_stages(), stage, step)
 
     def _load_record(self, source: str) -> dict:
-        """The backbone record of an earlier stage (by name) or of a checkpoint path."""
-        return resolve_checkpoint(self.backbones[source] if source in self.backbones else source)
+        """The backbone record of an earlier stage (by name) or of a checkpoint path. Rank 0 reads it and broadcasts
+        it under torchrun, so it need only exist on rank 0's node (nodes may not share a filesystem)."""
+        path = self.backbones.get(source, source)
+        return dist.broadcast_object(resolve_checkpoint(path) if self.is_main else None)
 
     def _init_record(self, stage: StageBase) -> Optional[dict]:
-        if stage.init.checkpoint:
-            return resolve_checkpoint(stage.init.checkpoint)
-        if stage.init.from_stage:
-            return resolve_checkpoint(self.backbones[stage.init.from_stage])
-        return None
+        """The init backbone record (init.checkpoint or init.from_stage), None for a fresh backbone."""
+        source = stage.init.checkpoint or stage.init.from_stage
+        return None if source is None else self._load_record(source)
 
     def _build_backbone(self, stage: StageBase, info: DataInfo, record: Optional[dict]):
         if record is None:
@@ -168,8 +223,9 @@ class RecipeRunner:
         if self.is_main:
             (run_dir / "config.yaml").write_text(recipe_to_yaml(self.recipe))
             write_env(run_dir)
-        if self.resume and self.summary_path.is_file():
+        if self.is_main and self.resume and self.summary_path.is_file():
             self.summary = json.loads(self.summary_path.read_text())
+        self.summary = dist.broadcast_object(self.summary)
         for name, path in self.summary.get("_backbones", {}).items():
             self.backbones[name] = Path(path)
         if self.resume and self.is_main:
@@ -235,7 +291,9 @@ class RecipeRunner:
             self._save_stage_outputs(stage, trainer, evaluated, results, meta)
             if evaluated is not None:
                 results_flat.update(trainer.method.final_report(evaluated, data, self.run_dir))
-        return results_flat
+        else:
+            self.backbones[stage.name] = self.run_dir / "stages" / stage.name / "backbone.pt"  # rank 0's path
+        return dist.broadcast_object(results_flat)  # every rank reports rank 0's numbers
 
     def _save_split(self, name: str, data) -> None:
         if not self.is_main:
@@ -267,6 +325,11 @@ class RecipeRunner:
         (stage_dir / "eval.json").write_text(json.dumps(details))
 
     def _run_eval_stage(self, stage) -> dict:
+        """Rank 0 evaluates (it holds the backbones) and broadcasts the results; other ranks wait."""
+        results = self._evaluate(stage) if self.is_main else None
+        return dist.broadcast_object(results)
+
+    def _evaluate(self, stage) -> dict:
         from .eval.stages import run_eval_stage
 
         if stage.checkpoint:
@@ -286,9 +349,10 @@ class RecipeRunner:
 
 def run_recipe(recipe: Recipe, out: Optional[Path] = None, resume: bool = False,
                step_callback: Optional[Callable[[int], None]] = None) -> tuple[Path, dict]:
-    """Run every stage of `recipe` into `out` (a fresh dir under runs/ when None). -> (run_dir, summary)."""
-    run_dir = Path(out) if out is not None else default_run_dir(recipe)
-    if int(os.environ.get("RANK", "0")) == 0:
-        prepare_run_dir(run_dir, resume)
+    """Run every stage of `recipe` into `out` (a fresh dir under runs/ when None). -> (run_dir, summary).
+    Under torchrun (WORLD_SIZE > 1) joins the process group first; every rank returns rank 0's summary."""
+    if dist.launched_distributed():
+        dist.init_from_env(str(resolve_device(_first_device(recipe))))
+    run_dir, resume = agree_on_run_dir(recipe, out, resume)
     summary = RecipeRunner(recipe, run_dir, resume, step_callback).run()
     return run_dir, summary

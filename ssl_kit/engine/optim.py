@@ -63,12 +63,24 @@ class LARS(torch.optim.Optimizer):
 
 
 def scaled_lr(cfg: OptimizerConfig, batch_size: int) -> float:
-    """Base lr, scaled by batch/256 (linear) or its square root (sqrt) when lr_scaling asks."""
+    """Base lr, scaled by global batch / base_batch_size (linear) or its square root (sqrt) when lr_scaling asks."""
     if cfg.lr_scaling == "linear":
-        return cfg.lr * batch_size / 256
+        return cfg.lr * batch_size / cfg.base_batch_size
     if cfg.lr_scaling == "sqrt":
-        return cfg.lr * math.sqrt(batch_size / 256)
+        return cfg.lr * math.sqrt(batch_size / cfg.base_batch_size)
     return cfg.lr
+
+
+def lr_scaling_message(cfg: OptimizerConfig, batch_size: int) -> str:
+    """One line stating the lr training starts from, e.g.
+    'lr 0.3 × (1024/256) = 1.2 (linear scaling, global batch 1024)'."""
+    lr = f"{scaled_lr(cfg, batch_size):.6g}"
+    ratio = f"({batch_size}/{cfg.base_batch_size})"
+    if cfg.lr_scaling == "linear":
+        return f"lr {cfg.lr:g} × {ratio} = {lr} (linear scaling, global batch {batch_size})"
+    if cfg.lr_scaling == "sqrt":
+        return f"lr {cfg.lr:g} × √{ratio} = {lr} (sqrt scaling, global batch {batch_size})"
+    return f"lr {cfg.lr:g} (no scaling, global batch {batch_size})"
 
 
 def build_optimizer(groups: list[ParamGroup], cfg: OptimizerConfig, batch_size: int) -> torch.optim.Optimizer:

@@ -1,7 +1,8 @@
 """The one training loop every method runs on.
 
-Per optimizer step: `accumulate` micro-batches -> method.training_step under autocast -> backward -> (DDP) flat
-gradient all-reduce -> unscale, clip -> optimizer step -> schedule -> method hooks -> EMA -> log -> checkpoint.
+Per optimizer step: `accumulate` micro-batches -> method.training_step (the forward of DistributedDataParallel under
+torchrun, gradients averaged in buckets during the last micro-batch's backward; `no_sync` before) under autocast ->
+backward -> unscale, clip -> optimizer step -> schedule -> method hooks -> EMA -> log -> checkpoint.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,7 +30,7 @@ from . import distributed as dist
 from .checkpoint import CHECKPOINT_FORMAT, atomic_save, safe_load
 from .ema import ModelEMA
 from .loggers import JsonlLogger, WandbLogger, progress
-from .optim import build_optimizer
+from .optim import build_optimizer, lr_scaling_message
 from .schedule import LrSchedule
 
 
@@ -83,6 +84,10 @@ class Trainer:
         for module in method.head_modules():
             init_head(module, cfg.train.head_init)
         if cfg.backbone.sync_bn and self.distributed:
+            if self.device.type != "cuda":
+                raise TrainingError(f"stages[{cfg.name}].backbone.sync_bn needs CUDA devices (torch's SyncBatchNorm "
+                                    f"under DistributedDataParallel is GPU-only); on the CPU set "
+                                    f"backbone.sync_bn=false")
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         self.method = method.to(self.device)
 
@@ -106,6 +111,12 @@ class Trainer:
         target = method.ema_target()
         self.ema = ModelEMA(target, tc.ema_decay) if (tc.ema_decay and target is not None) else None
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.model: nn.Module = method  # what a micro-step calls: the method, or DDP around it
+        if self.distributed:
+            self.model = dist.wrap_ddp(method, self.device, self.params, dist.find_unused_parameters(cfg))
+        if self.is_main:
+            print(f"[ssl-kit] {cfg.name}: {lr_scaling_message(cfg.optimizer, tc.batch_size)}", file=sys.stderr,
+                  flush=True)
         self.step = 0
         self._epoch_losses: list[torch.Tensor] = []
         self._bad_step = torch.tensor(-1, device=self.device)  # first step with a non-finite loss/grad, -1: none
@@ -162,11 +173,13 @@ class Trainer:
         self._epoch_losses = [torch.tensor(v, device=self.device) for v in state.get("epoch_losses", [])]
 
     def try_resume(self) -> bool:
-        """Continue from checkpoints/last.pt when it belongs to this stage. -> resumed?"""
-        if not self.checkpoint_path.is_file():
-            return False
-        state = safe_load(self.checkpoint_path)
-        if state.get("stage") != self.cfg.name:
+        """Continue from checkpoints/last.pt when it belongs to this stage. -> resumed? Under torchrun rank 0 reads
+        it and broadcasts it: other nodes need not share rank 0's filesystem."""
+        state = None
+        if self.is_main and self.checkpoint_path.is_file():
+            state = safe_load(self.checkpoint_path)
+        state = dist.broadcast_object(state)
+        if state is None or state.get("stage") != self.cfg.name:
             return False
         self.load_checkpoint(state)
         return True
@@ -214,15 +227,19 @@ class Trainer:
         logs: dict[str, torch.Tensor] = {}
         for micro in range(tc.accumulate):
             batch = self.loader.batch(self.step, micro, tc.accumulate)
-            with autocast_context(tc.precision, self.device):
-                outputs = self.method.training_step(batch, progress_info)
-            loss = outputs["loss"].float()
-            self.scaler.scale(loss / tc.accumulate).backward()
+            if self.distributed:  # per-rank views, crops and masks, a pure function of the step
+                torch.manual_seed(dist.step_seed(self.ctx.seed, self.step, micro, self.rank))
+            last_micro = micro == tc.accumulate - 1
+            sync = self.model.no_sync() if self.distributed and not last_micro else nullcontext()
+            with sync:
+                with autocast_context(tc.precision, self.device):
+                    outputs = self.model(batch, progress_info)
+                loss = outputs["loss"].float()
+                self.scaler.scale(loss / tc.accumulate).backward()
             self._note_finite(outputs)
             for key, value in outputs.items():
                 if torch.is_tensor(value) and value.numel() == 1:
                     logs[key] = logs.get(key, 0.0) + value.detach().float() / tc.accumulate
-        dist.all_reduce_gradients(self.params)
         self.scaler.unscale_(self.optimizer)
         if tc.clip_grad_value:
             torch.nn.utils.clip_grad_value_(self.params, tc.clip_grad_value)
@@ -270,7 +287,7 @@ class Trainer:
                 last = self.step == self.total_steps
                 if self.step % tc.log_every == 0 or last:
                     self._check_pending()
-                    values = {k: float(v) for k, v in logs.items()}
+                    values = self._mean_over_ranks(logs)
                     bar.set_postfix(loss=f"{values['loss']:.4f}")
                     self._log({"kind": "step", **values})
                 if self.step % self.steps_per_epoch == 0 or last:
@@ -295,7 +312,8 @@ class Trainer:
     def _end_epoch(self) -> None:
         epoch = (self.step - 1) // self.steps_per_epoch
         self._check_pending()
-        mean_loss = float(torch.stack(self._epoch_losses).mean()) if self._epoch_losses else float("nan")
+        mean_loss = float(dist.all_reduce_mean(torch.stack(self._epoch_losses).mean())) if self._epoch_losses \
+            else float("nan")
         record = {"kind": "epoch", "epoch": epoch, "train/loss": mean_loss}
         record.update(self.method.epoch_metrics())
         self._epoch_losses = []
@@ -305,6 +323,15 @@ class Trainer:
             record.update({f"test/{k}": v for k, v in test.items() if isinstance(v, float)})
         self.schedule.observe(record)
         self._log(record)
+
+    def _mean_over_ranks(self, logs: dict) -> dict[str, float]:
+        """0-d logs -> floats, averaged over ranks (each rank's loss is the mean over its share of the global batch,
+        so their mean is the global batch's loss); one all-reduce per logged step."""
+        keys = sorted(k for k in logs if k != "lr")
+        values = dist.all_reduce_mean(torch.stack([logs[k].float().to(self.device) for k in keys]))
+        out = {k: float(v) for k, v in zip(keys, values.tolist())}
+        out["lr"] = float(logs["lr"])
+        return {k: out[k] for k in logs}
 
     def _log(self, record: dict) -> None:
         if not self.is_main:

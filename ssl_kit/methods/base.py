@@ -78,6 +78,12 @@ class Method(nn.Module):
             return [view(x, precropped=True) for view, x in zip(views, batch.views)]
         return [view(batch.x) for view in views]
 
+    @classmethod
+    def ddp_find_unused_parameters(cls, cfg) -> bool:
+        """Whether a step may leave a trainable parameter without a gradient (DDP must then look for unused ones).
+        False by default: every trainable parameter takes part in every step."""
+        return False
+
     def unlabeled_ratio(self) -> int:
         """Unlabeled images per labeled image in a batch (FixMatch's μ); 0: the method trains on labeled batches."""
         return 0
@@ -113,6 +119,11 @@ class Method(nn.Module):
     def base_momentum(self) -> float:
         """Momentum at step 0; it rises to 1 along a half cosine (BYOL/MoCo/DINO). Methods with pairs define it."""
         return self.cfg.momentum
+
+    def forward(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+        """The training step as the module's forward, so DistributedDataParallel can wrap the method and overlap
+        gradient averaging with backward."""
+        return self.training_step(batch, progress)
 
     def after_optimizer_step(self, progress: Progress) -> None:
         """Update the momentum targets (subclasses extending this call super() for queues, centres, ...)."""

@@ -110,6 +110,11 @@ class DINO(PretextMethod):
         self.register_buffer("_loss_sum", torch.zeros(()), persistent=False)
         self.register_buffer("_loss_count", torch.zeros(()), persistent=False)
 
+    @classmethod
+    def ddp_find_unused_parameters(cls, cfg) -> bool:
+        """The head's last layer is frozen (no gradient) for the first freeze_last_layer_epochs."""
+        return True
+
     def view_list(self) -> list[nn.Module]:
         """2 global views, then `local_crops` local views."""
         return [*self.global_views, *[self.local_view] * self.cfg.local_crops]

@@ -49,6 +49,11 @@ class PretextMethod(Method):
         self.register_buffer("_probe_correct", torch.zeros(()), persistent=False)
         self.register_buffer("_probe_seen", torch.zeros(()), persistent=False)
 
+    @classmethod
+    def ddp_find_unused_parameters(cls, cfg) -> bool:
+        """The online probe is skipped for a batch without labelled images."""
+        return cfg.online_probe.enabled
+
     def parameter_groups(self) -> list[ParamGroup]:
         probe_ids = {id(p) for p in self.probe.parameters()}
         backbone_ids = {id(p) for p in self.backbone.parameters()}

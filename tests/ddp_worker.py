@@ -1,0 +1,98 @@
+"""Runs `ssl-kit` under torchrun for the DDP tests (never used by users).
+
+    python tests/ddp_worker.py [--deterministic-views] [--exit-rank1-at-step N] ssl-kit <ssl-kit arguments>
+
+--deterministic-views   every random view, crop and mask becomes a fixed function of the image (see
+                        `deterministic_views`), so one process can reproduce what several ranks compute
+--exit-rank1-at-step N  rank 1 dies (os._exit, no cleanup) before training step N, in the first attempt only
+                        (TORCHELASTIC_RESTART_COUNT == 0): a killed worker for the elastic-restart test
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def deterministic_views(setattr_: Callable = setattr) -> None:
+    """Make the per-sample randomness of every method a function of the image alone, however a global batch is split
+    over ranks: on-device augmentation draws its random numbers per rank, so a single process drawing for the whole
+    batch cannot draw what each rank drew. Contrastive/DINO views become a resize, FixMatch's strong view a
+    horizontal mirror, the masked methods' crop the identity and MAE/SimMIM's mask one fixed random pattern.
+    BatchNorm-free projector MLPs too (torch's SyncBatchNorm is GPU-only, so per-rank BN statistics would differ
+    from one process's on the CPU)."""
+    from ssl_kit.data import augment
+    from ssl_kit.methods import contrastive, masked
+    from ssl_kit.models.masking import random_masking
+
+    def contrastive_view(self, x):
+        y = augment.to_unit_float(x)
+        if self.out_size is not None:
+            y = F.interpolate(y, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
+        return self.normalize(y)
+
+    def strong_view(self, x):
+        return self.normalize(augment.to_unit_float(x).flip(-1))
+
+    def fixed_mask(kind, n, grid, ratio, device=None):
+        state = torch.get_rng_state()
+        torch.manual_seed(1234)
+        keep, mask, restore = random_masking(1, grid * grid, ratio, device)
+        torch.set_rng_state(state)
+        return keep.expand(n, -1), mask.expand(n, -1), restore.expand(n, -1)
+
+    def bn_free_mlp(in_dim, hidden, out_dim, layers=2, last_bn=False):
+        modules, dim = [], in_dim
+        for _ in range(layers - 1):
+            modules += [nn.Linear(dim, hidden), nn.ReLU(inplace=True)]
+            dim = hidden
+        return nn.Sequential(*modules, nn.Linear(dim, out_dim))
+
+    setattr_(augment.ContrastiveView, "forward", contrastive_view)
+    setattr_(augment.StrongView, "forward", strong_view)
+    setattr_(masked, "random_resized_crop", lambda x, scale, hflip=True, out_size=None: x)
+    setattr_(masked, "make_mask", fixed_mask)
+    setattr_(contrastive, "mlp", bn_free_mlp)
+
+
+def exit_rank1_at_step(step: int) -> None:
+    from ssl_kit.engine.trainer import Trainer
+
+    real_step = Trainer._train_step
+
+    def dying_step(self):
+        if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" \
+                and self.step == step:
+            print(f"[ddp_worker] rank 1 exits at step {step}", file=sys.stderr, flush=True)
+            os._exit(17)
+        return real_step(self)
+
+    Trainer._train_step = dying_step
+
+
+def main(argv: list[str]) -> int:
+    separator = argv.index("ssl-kit")  # not "--": torchrun swallows a "--" right after the script
+    options, rest = argv[:separator], argv[separator + 1:]
+    torch.set_num_threads(1)
+    if "--deterministic-views" in options:
+        deterministic_views()
+    if "--exit-rank1-at-step" in options:
+        exit_rank1_at_step(int(options[options.index("--exit-rank1-at-step") + 1]))
+    from ssl_kit.cli import main as cli_main
+
+    try:
+        return cli_main(rest)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(main(sys.argv[1:]))

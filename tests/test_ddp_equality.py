@@ -1,0 +1,114 @@
+"""DistributedDataParallel against one process, launched as users launch it (torchrun, gloo on the CPU).
+
+What is compared and why it must be equal: a global batch of B images split over 2 ranks (B/2 each) gives each rank
+the mean loss over its half; DDP averages the two ranks' gradients, which is the gradient of the mean loss over all B
+images — what one process computes on the same B images — provided that
+  * each rank's loss sees what one process sees: SimCLR's negatives are gathered from every rank (gather_with_grad),
+    MoCo v2's queue is filled with every rank's keys (same set of keys; the queue order differs, which the loss does
+    not see), DINO's centre is the mean over all ranks, FixMatch and MAE losses are per-sample means;
+  * the randomness does not depend on how the batch is split: on-device augmentation draws per rank, so the runs use
+    `tests/ddp_worker.py::deterministic_views` (views, strong views, crops and MAE masks become fixed functions of
+    the image, MLP projectors BN-free) and BatchNorm-free backbones (small_cnn with norm none; torch's SyncBatchNorm
+    is GPU-only, and per-rank BN statistics differ from one process's by design).
+Then the per-step losses (rank-averaged, as metrics.jsonl logs them) and the final weights agree up to float
+summation order: rel 1e-4 on losses, 2e-5 absolute on weights after 3 SGD/AdamW steps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ssl_kit.config import validate_recipe
+from ssl_kit.engine.checkpoint import safe_load
+from ssl_kit.runner import run_recipe
+from tests.conftest import tiny_stage
+from tests.ddp_worker import deterministic_views
+from tests.test_distributed import free_port
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+CNN = {"name": "small_cnn", "kwargs": {"width": 4, "norm": "none"}}
+VIT = {"name": "vit_tiny", "kwargs": {"patch_size": 4, "dim": 16, "depth": 1, "heads": 2}}
+
+
+def _stage(name, method, **extra):
+    train = {"steps": 3, "batch_size": 16, "log_every": 1, **extra.pop("train", {})}
+    data = {"dataset": "digits", "image_size": 16, "translate": 0.0, **extra.pop("data", {})}
+    return tiny_stage(name, method, backbone=extra.pop("backbone", CNN), train=train, data=data, **extra)
+
+
+def equality_stages() -> list[dict]:
+    """One tiny stage per method (3 steps, global batch 16), and SimCLR again with gradient accumulation."""
+    contrastive = {"proj_dim": 8, "proj_hidden_dim": 16, "temperature": 0.2}
+    return [
+        _stage("simclr", "simclr", **contrastive),
+        _stage("mocov2", "mocov2", queue_size=64, momentum=0.9, **contrastive),
+        _stage("fixmatch", "fixmatch", mu=2, threshold=0.0, data={"labels_per_class": 5}),
+        _stage("dino", "dino", out_dim=16, head_hidden_dim=16, bottleneck_dim=8, local_crops=2,
+               local_crop_size=0.5, freeze_last_layer_epochs=0.01),  # last layer frozen at step 0 only
+        _stage("mae", "mae", backbone=VIT, decoder_dim=8, decoder_depth=1, decoder_heads=2,
+               optimizer={"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}),
+        _stage("simclr_accum", "simclr", train={"accumulate": 2}, **contrastive),
+    ]
+
+
+def start_torchrun(args: list[str], worker_args: list[str]) -> subprocess.Popen:
+    """torchrun [args] tests/ddp_worker.py [worker_args], started in the background (stdout/stderr piped)."""
+    command = [sys.executable, "-m", "torch.distributed.run", *args, str(WORKER), *worker_args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def finish(process: subprocess.Popen, timeout: int = 400) -> str:
+    """Wait for a started launch; -> its stderr, after asserting it succeeded."""
+    _, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err[-3000:]
+    return err
+
+
+def step_losses(run_dir: Path) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("kind") == "step":
+            out.setdefault(record["stage"], []).append(record["loss"])
+    return out
+
+
+def assert_same_training(single: Path, ddp: Path, stages: list[str]) -> None:
+    single_losses, ddp_losses = step_losses(single), step_losses(ddp)
+    for stage in stages:
+        assert len(ddp_losses[stage]) == len(single_losses[stage]) > 0, stage
+        assert ddp_losses[stage] == pytest.approx(single_losses[stage], rel=1e-4), stage
+        a = safe_load(single / "stages" / stage / "backbone.pt")
+        b = safe_load(ddp / "stages" / stage / "backbone.pt")
+        tensors = {**a["state_dict"], **{f"head.{k}": v for k, v in a["head"]["state_dict"].items()}}
+        other = {**b["state_dict"], **{f"head.{k}": v for k, v in b["head"]["state_dict"].items()}}
+        for key, value in tensors.items():
+            assert torch.allclose(value, other[key], atol=2e-5, rtol=1e-4), (stage, key)
+
+
+def single_process_run(monkeypatch, stages: list[dict], out: Path) -> Path:
+    deterministic_views(monkeypatch.setattr)
+    recipe = validate_recipe({"seed": 0, "name": "ddp", "stages": stages})
+    run_dir, _ = run_recipe(recipe, out)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_for_every_method_and_accumulation(tmp_path, monkeypatch):
+    stages = equality_stages()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"seed": 0, "name": "ddp", "stages": stages}))
+    launch = start_torchrun(["--nproc-per-node", "2", "--master-port", str(free_port())],
+                            ["--deterministic-views", "ssl-kit", "run", str(recipe), "--out", str(tmp_path / "ddp")])
+    single = single_process_run(monkeypatch, stages, tmp_path / "single")  # meanwhile
+    finish(launch)
+    assert_same_training(single, tmp_path / "ddp", [s["name"] for s in stages])
+    assert safe_load(tmp_path / "ddp" / "checkpoints" / "last.pt")["world_size"] == 2
