@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 import tempfile
@@ -61,6 +62,8 @@ def cmd_run(args) -> int:
         raise SslKitError("run needs a RECIPE (or --from-bundle ARCHIVE)")
     recipe = load_recipe(find_recipe(args.recipe), args.overrides)
     run_dir, summary = run_recipe(recipe, Path(args.out) if args.out else None, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank returns rank 0's summary; one prints it
+        return 0
     table = format_headline(headline_rows(summary, recipe.stages))
     if args.json:
         print(table, file=sys.stderr)
