@@ -27,3 +27,7 @@ class TrainingInterrupted(SslKitError):
     def __init__(self, message: str, signal_number: int) -> None:
         super().__init__(message)
         self.signal_number = signal_number
+
+
+class UsageError(ConfigError):
+    """A command-line argument is missing, malformed or out of range."""
