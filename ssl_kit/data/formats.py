@@ -248,8 +248,8 @@ def _svhn_labels(y: np.ndarray, path: Path) -> np.ndarray:
     elif y.dtype.kind not in "iu":
         raise DataError(f"svhn: {str(path)!r}: labels have dtype {y.dtype}, expected integers 1..10")
     if y.size and (y.min() < 1 or y.max() > 10):
-        bad = y[(y < 1) | (y > 10)][0]
-        raise DataError(f"svhn: {str(path)!r}: label {bad!r} is outside 1..10 (10 stands for the digit 0)")
+        bad = y[(y < 1) | (y > 10)][0].item()
+        raise DataError(f"svhn: {str(path)!r}: label {bad} is outside 1..10 (10 stands for the digit 0)")
     labels = y.astype(np.int64)
     labels[labels == 10] = 0
     return labels
@@ -324,6 +324,7 @@ def read_image(path: Path, size: int) -> np.ndarray:
     """Any PIL-readable file -> uint8 RGB (3, size, size). Raises DataError naming the file."""
     from ..limits import how_to_raise, limit
 
+    Image.MAX_IMAGE_PIXELS = limit("MAX_IMAGE_PIXELS")  # PIL refuses 2× this at open, we refuse 1× below
     try:
         with Image.open(path) as image:
             if image.width * image.height > limit("MAX_IMAGE_PIXELS"):  # header only: nothing decoded yet
@@ -336,7 +337,8 @@ def read_image(path: Path, size: int) -> np.ndarray:
                 image = Image.fromarray((array / peak * 255).round().astype(np.uint8))
             rgb = image.convert("RGB").resize((size, size), Image.BILINEAR)
     except Image.DecompressionBombError as exc:
-        raise DataError(f"image file {str(path)!r} is a decompression bomb: {exc}") from None
+        raise DataError(f"image file {str(path)!r} is too large to decode ({exc}); "
+                        f"{how_to_raise('MAX_IMAGE_PIXELS')}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, DataError):
             raise
