@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
 WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the filesystem is read-only",
                 errno.EACCES: "permission denied", errno.EPERM: "permission denied",
                 errno.EDQUOT: "the disk quota is exceeded", errno.ENOTDIR: "a path component is a file",
-                errno.EISDIR: "it is a directory", errno.ENAMETOOLONG: "the name is too long"}
+                errno.EISDIR: "it is a directory", errno.ENAMETOOLONG: "the name is too long",
+                errno.EFBIG: "the file size limit is reached"}
 
 
 def _fail(kind: str, message: str, as_json: bool, code: int, prefix: str = "error: ") -> int:

@@ -320,13 +320,14 @@ def run_recipe(recipe: Recipe, out: Optional[Path] = None, resume: bool = False,
     run_dir = Path(out) if out is not None else default_run_dir(recipe)
     if int(os.environ.get("RANK", "0")) != 0:
         return run_dir, RecipeRunner(recipe, run_dir, resume, step_callback).run()
-    prepare_run_dir(run_dir, resume)
+    if resume or not (run_dir / LOCK_NAME).exists():  # a dir that held a run: its lock holder is named first
+        prepare_run_dir(run_dir, resume)
     with RunLock(run_dir):
         if resume:
             changes = check_resume_config(run_dir, recipe, allow_config_change)
             remove_our_temp_files(run_dir)
             record_resume_changes(run_dir, changes)
         else:
-            prepare_run_dir(run_dir, resume)  # again under the lock: another run may have started in between
+            prepare_run_dir(run_dir, resume)  # under the lock: another run may have started in between
         summary = RecipeRunner(recipe, run_dir, resume, step_callback).run()
     return run_dir, summary

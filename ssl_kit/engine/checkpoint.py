@@ -24,6 +24,16 @@ BACKBONE_FORMAT = "ssl_kit.backbone"
 CHECKPOINT_FORMAT = "ssl_kit.checkpoint"
 
 
+def _os_error_in(exc: BaseException) -> Optional[OSError]:
+    """exc itself or the first OSError in its __context__ chain (None when there is none)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError):
+            return exc
+        exc, seen = exc.__context__, seen + 1
+    return None
+
+
 def _temp_beside(path: Path) -> tuple[int, str]:
     """mkstemp '.<name>.XXXXXXXX.tmp' in path's folder (created if needed); OSError -> CheckpointError."""
     try:
@@ -50,8 +60,10 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"could not write checkpoint {str(path)!r}: {exc}; the previous file is intact") from exc
+        cause = _os_error_in(exc)  # torch's zip writer reports a failed write as RuntimeError at its finalisation
+        if cause is not None:
+            raise CheckpointError(f"could not write checkpoint {str(path)!r}: {cause}; the previous file is "
+                                  f"intact") from exc
         raise
 
 
