@@ -342,3 +342,16 @@ def test_recipe_path_kinds(tmp_path, capsys):
 def _named(path):
     path.write_text(yaml.safe_dump({"seed": 0, "stages": [tiny_stage()]}))
     return path
+
+
+def test_nan_features_are_an_error_not_a_number():
+    from ssl_kit.data.imageset import ImageSet
+    from ssl_kit.errors import TrainingError
+    from ssl_kit.eval.features import FeatureExtractor
+
+    net = SmallCNN(1, width=2)
+    torch.nn.init.constant_(net.features[0].weight, float("nan"))
+    net.data_info = {"channels": 1, "image_size": 8, "mean": [0.5], "std": [0.2]}
+    images = ImageSet(torch.zeros(3, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0]), ["a", "b"], "probe/train")
+    with pytest.raises(TrainingError, match="probe/train: the backbone produced non-finite features for 3 of 3 images"):
+        FeatureExtractor(net.eval(), "cpu").features(images)
