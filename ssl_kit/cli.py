@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
+import shlex
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
-from .errors import SslKitError, TrainingInterrupted
+from .errors import SslKitError, TrainingInterrupted, UsageError
 
 RECIPE_DIRS = (Path(__file__).resolve().parents[1] / "recipes", Path.cwd() / "recipes")
 CHECKPOINT_HELP = ("backbone.pt, run directory, training checkpoint, torchvision:NAME / timm:NAME (with --weights), "
@@ -35,6 +39,9 @@ def find_recipe(name: str) -> Path:
     path = Path(name)
     if path.is_file():
         return path
+    if path.exists():
+        kind = "a directory" if path.is_dir() else "not a regular file (a device, FIFO or socket)"
+        raise SslKitError(f"recipe {name!r} is {kind}; give a YAML file or a bundled recipe name")
     for folder in RECIPE_DIRS:
         for candidate in (folder / name, folder / f"{name}.yaml"):
             if candidate.is_file():
@@ -61,7 +68,14 @@ def cmd_run(args) -> int:
     if args.recipe is None:
         raise SslKitError("run needs a RECIPE (or --from-bundle ARCHIVE)")
     recipe = load_recipe(find_recipe(args.recipe), args.overrides)
-    run_dir, summary = run_recipe(recipe, Path(args.out) if args.out else None, resume=args.resume)
+    out = Path(args.out) if args.out else None
+    try:
+        run_dir, summary = run_recipe(recipe, out, resume=args.resume, allow_config_change=args.allow_config_change)
+    except TrainingInterrupted as exc:
+        where = exc.run_dir or out
+        command = shlex.join(["ssl-kit", "run", args.recipe, *args.overrides, "--out", str(where), "--resume"])
+        raise TrainingInterrupted(f"{str(exc).split(' Continue with:')[0]} Continue with: {command}",
+                                  exc.signal_number, where) from None
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank returns rank 0's summary; one prints it
         return 0
     table = format_headline(headline_rows(summary, recipe.stages))
@@ -198,6 +212,8 @@ def cmd_finetune(args) -> int:
     from .models.external import is_torchvision_reference
     from .runner import run_recipe
 
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"finetune --out {args.out!r} is a file, not a directory")
     if is_torchvision_reference(args.checkpoint):
         raise SslKitError("finetune takes an ssl_kit checkpoint (backbone.pt, run dir or training checkpoint); "
                           "torchvision:NAME backbones are for linear-probe, knn and transfer")
@@ -213,7 +229,7 @@ def cmd_finetune(args) -> int:
     else:
         from .engine.checkpoint import resolve_checkpoint
 
-        stage["data"]["image_size"] = resolve_checkpoint(args.checkpoint)["data"]["image_size"]
+        stage["data"]["image_size"] = resolve_checkpoint(args.checkpoint, "--checkpoint")["data"]["image_size"]
     recipe = validate_recipe({"seed": args.seed, "name": "finetune", "stages": [stage]}, "finetune arguments")
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ssl-kit-finetune-"))
     run_dir, summary = run_recipe(recipe, out)
@@ -263,7 +279,7 @@ def cmd_info(args) -> int:
     from .engine.checkpoint import resolve_checkpoint
     from .eval.model_info import model_info
 
-    _emit(model_info(resolve_checkpoint(args.checkpoint)), args.json)
+    _emit(model_info(resolve_checkpoint(args.checkpoint, "--checkpoint")), args.json)
     return 0
 
 
@@ -304,8 +320,37 @@ def cmd_data(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError (exit 2, and a JSON error under --json) instead of exiting itself."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def bounded(kind, low: float, high: float, low_open: bool = False):
+    """argparse type: a finite int/float in [low, high] (or (low, high] with low_open), naming the bounds."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(value) or value < low or value > high or low_open and value == low:
+            bracket = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(f"{text} is outside {bracket}{low:g}, {high:g}]")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE = bounded(int, 1, 10**6)
+EPOCHS = bounded(int, 1, 100_000)
+IMAGE_SIZE = bounded(int, 4, 1024)
+SEED = bounded(int, 0, 2**63 - 1)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ssl-kit", description=__doc__)
+    parser = _Parser(prog="ssl-kit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the stages of a recipe")
@@ -313,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. seed=7 fixmatch.threshold=0.9")
     run.add_argument("--out", help="run directory (default: runs/<recipe>-<time>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out")
+    run.add_argument("--allow-config-change", action="store_true",
+                     help="with --resume: continue although the recipe differs from the run's config.yaml in "
+                          "settings that change what is trained (recorded in resume_changes.jsonl)")
     run.add_argument("--json", action="store_true")
     run.add_argument("--from-bundle", metavar="ARCHIVE",
                      help="re-run a reproduction bundle (ssl-kit export --bundle) and compare with its summary")
@@ -332,33 +380,34 @@ def build_parser() -> argparse.ArgumentParser:
         if func is not cmd_finetune:
             p.add_argument("--weights", help="local weights file for --checkpoint torchvision:NAME / timm:NAME "
                                              "('random': an untrained torchvision network)")
-            p.add_argument("--image-size", type=int, help="resize images to this size (default: the backbone's)")
-        p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--image-size", type=IMAGE_SIZE, help="resize images to this size (default: the backbone's)")
+        p.add_argument("--seed", type=SEED, default=0)
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
         p.set_defaults(func=func)
         return p
 
     probe = evaluation("linear-probe", "frozen features + linear classifier", cmd_linear_probe)
-    probe.add_argument("--labels-per-class", type=int)
-    probe.add_argument("--epochs", type=int, default=100)
+    probe.add_argument("--labels-per-class", type=POSITIVE)
+    probe.add_argument("--epochs", type=EPOCHS, default=100)
     probe.add_argument("--no-sweep", action="store_true", help="skip the lr/wd sweep on the validation split")
     probe.add_argument("--augment", action="store_true",
                        help="re-extract features of randomly resized crops every epoch (ImageNet protocol; slower)")
 
     knn = evaluation("knn", "weighted kNN on frozen features (faiss)", cmd_knn)
-    knn.add_argument("--k", type=int, default=20)
-    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.add_argument("--k", type=bounded(int, 1, 10_000), default=20)
+    knn.add_argument("--temperature", type=bounded(float, 0, 100, low_open=True), default=0.07)
     knn.add_argument("--ivf", action="store_true", help="approximate IVF index for large banks")
 
     finetune = evaluation("finetune", "fine-tune the whole backbone with a new head", cmd_finetune)
-    finetune.add_argument("--labels-per-class", type=int)
-    finetune.add_argument("--epochs", type=float, default=20)
-    finetune.add_argument("--lr", type=float, default=0.05)
-    finetune.add_argument("--backbone-lr-scale", type=float, default=0.1)
-    finetune.add_argument("--batch-size", type=int, default=64)
-    finetune.add_argument("--image-size", type=int)
-    finetune.add_argument("--layer-decay", type=float, help="ViT layer-wise lr decay, e.g. 0.65 for MAE backbones")
-    finetune.add_argument("--label-smoothing", type=float, default=0.0)
+    finetune.add_argument("--labels-per-class", type=POSITIVE)
+    finetune.add_argument("--epochs", type=bounded(float, 0, 100_000, low_open=True), default=20)
+    finetune.add_argument("--lr", type=bounded(float, 0, 100, low_open=True), default=0.05)
+    finetune.add_argument("--backbone-lr-scale", type=bounded(float, 0, 100), default=0.1)
+    finetune.add_argument("--batch-size", type=bounded(int, 1, 65_536), default=64)
+    finetune.add_argument("--image-size", type=IMAGE_SIZE)
+    finetune.add_argument("--layer-decay", type=bounded(float, 0, 1, low_open=True),
+                          help="ViT layer-wise lr decay, e.g. 0.65 for MAE backbones")
+    finetune.add_argument("--label-smoothing", type=bounded(float, 0, 0.999), default=0.0)
     finetune.add_argument("--out")
 
     transfer = evaluation("transfer", "fit on a source domain, report accuracy on targets", cmd_transfer,
@@ -370,9 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5])
     transfer.add_argument("--adapt", action="append", choices=["adabn", "fixmatch"],
                           help="adaptation numbers beside the plain ones (repeatable)")
-    transfer.add_argument("--adapt-steps", type=int, default=300, help="training steps of --adapt fixmatch")
+    transfer.add_argument("--adapt-steps", type=bounded(int, 1, 10**7), default=300, help="training steps of --adapt fixmatch")
     transfer.add_argument("--domains", nargs="+", help="leave-one-domain-out over these dataset specs (>= 3)")
-    transfer.add_argument("--epochs", type=int, default=100)
+    transfer.add_argument("--epochs", type=EPOCHS, default=100)
     transfer.add_argument("--no-sweep", action="store_true")
 
     export = sub.add_parser("export", help="the backbone in timm / torchvision / safetensors layout, verified")
@@ -410,20 +459,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the filesystem is read-only",
+                errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                errno.EDQUOT: "the disk quota is exceeded", errno.ENOTDIR: "a path component is a file",
+                errno.EISDIR: "it is a directory", errno.ENAMETOOLONG: "the name is too long",
+                errno.EFBIG: "the file size limit is reached"}
+
+
+def _fail(kind: str, message: str, as_json: bool, code: int, prefix: str = "error: ") -> int:
+    """Report an error: 'ssl-kit: error: ...' on stderr; with --json also {"error": {type, message}} on stdout."""
+    print(f"ssl-kit: {prefix}{message}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"error": {"type": kind, "message": message}}))
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit codes: 0 done, 2 bad input or environment (a clear message, no traceback), 128 + N stopped by signal N,
+    130 Ctrl-C outside training, 1 an internal error (a bug: traceback on stderr)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in argv
     try:
+        args = build_parser().parse_args(argv)
         _apply_arch(args)
         return args.func(args)
     except TrainingInterrupted as exc:
-        print(f"ssl-kit: {exc}", file=sys.stderr)
-        return 128 + exc.signal_number
+        return _fail(type(exc).__name__, str(exc), as_json, 128 + exc.signal_number, prefix="")
     except SslKitError as exc:
-        print(f"ssl-kit: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(type(exc).__name__, str(exc), as_json, 2)
     except KeyboardInterrupt:
-        print("ssl-kit: interrupted", file=sys.stderr)
-        return 130
+        return _fail("KeyboardInterrupt", "interrupted", as_json, 130, prefix="")
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRORS:
+            raise
+        where = f" {str(exc.filename)!r}" if exc.filename else ""
+        return _fail("OSError", f"cannot write{where}: {WRITE_ERRORS[exc.errno]} ({exc.strerror})", as_json, 2)
+    except Exception as exc:  # a bug: keep the traceback for the report, and the JSON promise
+        traceback.print_exc()
+        return _fail(type(exc).__name__, f"internal error: {exc}", as_json, 1)
 
 
 if __name__ == "__main__":

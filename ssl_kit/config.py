@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -24,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from .errors import ConfigError
+from .limits import how_to_raise, limit
 
 
 class Strict(BaseModel):
@@ -42,7 +45,7 @@ class DataConfig(Strict):
     image_size: int = Field(32, ge=4, le=1024)
     channels: Optional[Literal[1, 3]] = Field(None, description="convert images to this many channels")
     labels_per_class: Optional[int] = Field(None, ge=1, description="None: every training image is labeled")
-    split_seed: Optional[int] = Field(None, description="seed of the labeled split; default: the recipe seed")
+    split_seed: Optional[int] = Field(None, ge=0, lt=2**63, description="seed of the labeled split; default: the recipe seed")
     include_labeled_in_unlabeled: bool = True
     hflip: bool = Field(False, description="random horizontal flips (off for digits, on for natural images)")
     translate: float = Field(0.125, ge=0.0, le=0.5, description="weak view: max shift as a fraction of the size")
@@ -59,6 +62,15 @@ class DataConfig(Strict):
     prefetch: int = Field(2, ge=1, description="streamed: batches each worker prepares ahead")
     eval_resize_ratio: float = Field(0.875, gt=0, le=1,
                                      description="evaluation: shorter side to image_size/ratio, then centre crop")
+
+    @field_validator("root")
+    @classmethod
+    def _root_is_a_path(cls, root: Optional[str]) -> Optional[str]:
+        """root fills the ROOT part of a spec: a comma would start spec options, a control character no path has."""
+        if root is not None and ("," in root or any(ord(c) < 32 for c in root) or not root.strip()):
+            raise ValueError(f"data.root must be a folder path without commas or control characters (options go in "
+                             f"data.dataset, e.g. 'imagefolder,test_fraction=0.1'), got {root[:200]!r}")
+        return root
 
     def spec(self) -> str:
         """The dataset spec with `root` put in place: 'cifar10' + root '/data' -> 'cifar10:/data'."""
@@ -156,8 +168,12 @@ class StageBase(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     def stage_references(self) -> dict[str, Optional[str]]:
-        """{what: earlier stage name} this stage reads: its backbone (init.from_stage); methods add theirs."""
+        """{what: earlier stage name} this stage reads: its backbone (from_stage); methods add theirs."""
         return {"backbone": self.init.from_stage}
+
+    def unlabeled_ratio(self) -> int:
+        """Unlabeled images per labeled image in a step (FixMatch's μ); 0 for labeled-only stages."""
+        return 0
 
 
 class ViewsConfig(Strict):
@@ -187,7 +203,7 @@ class EvalStageBase(Strict):
     from_stage: Optional[str] = Field(None, description="backbone of this earlier stage; default: the latest one")
     checkpoint: Optional[str] = None
     data: Optional[str] = Field(None, description="dataset spec; default: the source stage's dataset")
-    image_size: Optional[int] = Field(None, ge=4)
+    image_size: Optional[int] = Field(None, ge=4, le=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def stage_references(self) -> dict[str, Optional[str]]:
@@ -208,8 +224,8 @@ class KnnStage(EvalStageBase):
     """Weighted kNN on frozen features (faiss, cosine similarity, votes weighted by exp(sim/T))."""
 
     method: Literal["knn"]
-    k: int = Field(20, ge=1)
-    knn_temperature: float = Field(0.07, gt=0)
+    k: int = Field(20, ge=1, le=10_000)
+    knn_temperature: float = Field(0.07, gt=0, le=100, allow_inf_nan=False)
 
 
 class TransferStage(EvalStageBase):
@@ -280,12 +296,16 @@ class WandbConfig(Strict):
     entity: Optional[str] = None
 
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"  # a run's folder name under runs/: no '/', no leading '.'
+
+
 class Recipe(Strict):
     """seed, name, description, wandb, and the stages; each stage is validated by the schema of its `method`
     (`_recipe_model` builds the discriminated union from the registered methods)."""
 
-    seed: int = 0
-    name: Optional[str] = None
+    seed: int = Field(0, ge=0, lt=2**63)
+    name: Optional[str] = Field(None, pattern=NAME_PATTERN,
+                                description="run folder name under runs/ (letters, digits, _ . -; no path)")
     description: str = ""
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     stages: list[Any] = Field(min_length=1)
@@ -301,13 +321,68 @@ class Recipe(Strict):
                     raise ValueError(f"stage {stage.name!r} takes its {what} from {ref!r}, which is not an earlier "
                                      f"stage (earlier: {seen or 'none'})")
             seen.append(stage.name)
+        self._sources_are_training_stages()
+        self._bounded_sizes()
         return self
+
+    def _sources_are_training_stages(self) -> None:
+        kinds = {stage.name: stage.method for stage in self.stages}
+        for stage in self.stages:
+            for role, ref in stage.stage_references().items():
+                key = "from_stage" if role == "backbone" else f"{role}.from_stage"
+                if ref is not None and kinds[ref] in EVAL_METHODS:
+                    raise ValueError(f"stage {stage.name!r}: {key} {ref!r} is an evaluation stage ({kinds[ref]}), "
+                                     f"which produces no backbone; name a training stage")
+
+    def _bounded_sizes(self) -> None:
+        """Knobs that multiply memory or time: finite epochs, at most 10^9 steps, architecture integers and the
+        pixels of one step ((1 + mu) × batch × channels × image_size²) within the caps of limits.py."""
+        for stage in self.stages:
+            if not isinstance(stage, StageBase):
+                continue
+            where = f"stages[{stage.name}]"
+            train = stage.train
+            if train.epochs is not None and not math.isfinite(train.epochs) or (train.epochs or 0) > 1e6:
+                raise ValueError(f"{where}.train.epochs must be finite and at most 1e6, got {train.epochs}")
+            if train.steps is not None and train.steps > 10**9:
+                raise ValueError(f"{where}.train.steps must be at most 1e9, got {train.steps}")
+            _check_free_form(stage.backbone.kwargs, f"{where}.backbone.kwargs", 0)
+            images = train.batch_size * (1 + stage.unlabeled_ratio())
+            pixels = images * (stage.data.channels or 3) * stage.data.image_size ** 2
+            if pixels > limit("MAX_BATCH_PIXELS"):
+                raise ValueError(f"{where}: one step would hold {images} images of {stage.data.image_size}² px "
+                                 f"({pixels:,} values: train.batch_size × (1 + mu) × channels × image_size²); "
+                                 f"{how_to_raise('MAX_BATCH_PIXELS')}")
 
     def stage(self, name: str):
         for stage in self.stages:
             if stage.name == name:
                 return stage
         raise KeyError(name)
+
+
+def _check_free_form(value: Any, where: str, depth: int) -> None:
+    """Free-form settings (backbone.kwargs): plain scalars and short lists, integers within MAX_ARCH_INT."""
+    if depth > 4:
+        raise ValueError(f"{where} is nested more than 4 levels deep")
+    if isinstance(value, dict):
+        if len(value) > 64:
+            raise ValueError(f"{where} has {len(value)} keys (at most 64)")
+        for key, item in value.items():
+            _check_free_form(item, f"{where}.{key}", depth + 1)
+    elif isinstance(value, (list, tuple)):
+        if len(value) > 64:
+            raise ValueError(f"{where} is a list of {len(value)} items (at most 64)")
+        for i, item in enumerate(value):
+            _check_free_form(item, f"{where}[{i}]", depth + 1)
+    elif isinstance(value, bool) or value is None:
+        return
+    elif isinstance(value, int) and abs(value) > limit("MAX_ARCH_INT"):
+        raise ValueError(f"{where} = {value} is beyond any real architecture; {how_to_raise('MAX_ARCH_INT')}")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} = {value} is not finite")
+    elif isinstance(value, str) and len(value) > 256:
+        raise ValueError(f"{where} is a string of {len(value)} characters (at most 256)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -362,7 +437,7 @@ def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
         for error in exc.errors():
             where = _format_location(error["loc"], raw)
             got = error.get("input")
-            got_text = "" if isinstance(got, (dict, list)) or error["type"] == "missing" else f" (got {got!r})"
+            got_text = "" if isinstance(got, (dict, list)) or error["type"] == "missing" else f" (got {_short(got)})"
             lines.append(f"  {where}: {error['msg']}{_allowed_values_hint(error)}{got_text}")
         raise ConfigError(f"{source} is invalid:\n" + "\n".join(lines)) from None
 
@@ -376,7 +451,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key.strip() or any(not part.strip() for part in path):
         raise ConfigError(f"override {text!r} has an empty key part")
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
+        value = bounded_yaml(value_text, f"override {_short(text)}") if value_text.strip() else ""
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"override {text!r}: value is not valid YAML ({problem})") from None
@@ -386,7 +461,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Return a copy of `raw` with each `key.sub=value` applied; a first part naming a stage addresses it."""
     result = copy.deepcopy(raw)
-    stage_names = [s.get("name") for s in result.get("stages", []) if isinstance(s, dict)]
+    stages = result.get("stages") if isinstance(result.get("stages"), list) else []
+    stage_names = [s.get("name") if isinstance(s, dict) else None for s in stages]
     for text in overrides:
         path, value = parse_override(text)
         if path[0] in stage_names and path[0] not in ("seed", "name", "wandb", "stages", "description"):
@@ -412,17 +488,91 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return result
 
 
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe file {str(path)!r} does not exist")
+def _short(value: Any, width: int = 200) -> str:
+    """repr(value) cut to `width` characters: error messages never echo a whole hostile value."""
+    text = repr(value)
+    return text if len(text) <= width else f"{text[:width]}... ({len(text):,} characters)"
+
+
+def _expanded_size(root: yaml.Node, source: str) -> tuple[int, int, int]:
+    """(nodes, scalar characters, depth) of the document once every alias is expanded, computed on the composed
+    node graph (aliases are shared nodes there, so this costs one visit per distinct node). Cyclic aliases raise."""
+    done: dict[int, tuple[int, int, int]] = {}
+    active: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if key in done:
+            continue
+        if isinstance(node, yaml.ScalarNode):
+            done[key] = (1, len(node.value), 1)
+            continue
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
+        if children_done:
+            active.discard(key)
+            sizes = [done[id(c)] for c in children]
+            done[key] = (1 + sum(n for n, _, _ in sizes), sum(c for _, c, _ in sizes),
+                         1 + max((d for _, _, d in sizes), default=0))
+            continue
+        if key in active:
+            raise ConfigError(f"{source}: a YAML alias refers to a node that contains it (a cyclic alias)")
+        active.add(key)
+        stack.append((node, True))
+        for child in children:
+            if id(child) in active:
+                raise ConfigError(f"{source}: a YAML alias refers to a node that contains it (a cyclic alias)")
+            if id(child) not in done:
+                stack.append((child, False))
+    return done[id(root)]
+
+
+def bounded_yaml(text: str, source: str) -> Any:
+    """yaml.safe_load with bounds checked on the composed document before any Python object is built: nodes and
+    scalar characters after alias expansion (the "billion laughs"), nesting depth, no cyclic aliases."""
+    loader = yaml.SafeLoader(text)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise ConfigError(f"{source}: YAML nested too deeply; {how_to_raise('MAX_YAML_DEPTH')}") from None
+        if node is None:
+            return None
+        nodes, chars, depth = _expanded_size(node, source)
+        for name, value, what in (("MAX_YAML_NODES", nodes, "values"), ("MAX_YAML_CHARS", chars, "characters"),
+                                  ("MAX_YAML_DEPTH", depth, "levels of nesting")):
+            if value > limit(name):
+                raise ConfigError(f"{source}: the YAML expands to {value:,} {what} once its aliases (*name) are "
+                                  f"expanded; {how_to_raise(name)}")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def load_yaml(path: str | Path) -> dict:
+    """A recipe (or a run's config.yaml) as a dict: a regular UTF-8 file within MAX_RECIPE_BYTES, bounded YAML
+    (bounded_yaml), a mapping at the top."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"recipe file {str(path)!r} does not exist")
+    if not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file (a device, FIFO or socket)"
+        raise ConfigError(f"recipe file {str(path)!r} is {kind}")
+    size = path.stat().st_size
+    if size > limit("MAX_RECIPE_BYTES"):
+        raise ConfigError(f"recipe file {str(path)!r} is {size:,} bytes; {how_to_raise('MAX_RECIPE_BYTES')}")
+    try:
+        raw = bounded_yaml(path.read_text(encoding="utf-8"), f"recipe file {str(path)!r}")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"recipe file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"recipe file {str(path)!r} is not valid YAML: {exc}") from None
-    return raw if raw is not None else {}
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe file {str(path)!r}: a recipe is a mapping with 'seed' and 'stages', got a "
+                          f"{type(raw).__name__}")
+    return raw
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -430,7 +580,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     raw = apply_overrides(load_yaml(path), overrides or [])
     recipe = validate_recipe(raw, source=f"recipe {str(path)!r}")
     if recipe.name is None:
-        recipe.name = Path(path).stem
+        recipe.name = re.sub(r"[^A-Za-z0-9_.\-]", "_", Path(path).stem).lstrip("._-")[:128] or "run"
     return recipe
 
 

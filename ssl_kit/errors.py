@@ -24,6 +24,11 @@ class TrainingError(SslKitError, RuntimeError):
 class TrainingInterrupted(SslKitError):
     """SIGINT/SIGTERM arrived: a checkpoint was saved at the step boundary; `--resume` continues."""
 
-    def __init__(self, message: str, signal_number: int) -> None:
+    def __init__(self, message: str, signal_number: int, run_dir=None) -> None:
         super().__init__(message)
         self.signal_number = signal_number
+        self.run_dir = run_dir  # the run directory to resume (the CLI builds the exact command from it)
+
+
+class UsageError(ConfigError):
+    """A command-line argument is missing, malformed or out of range."""

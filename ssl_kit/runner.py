@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -25,14 +26,18 @@ from typing import Callable, Optional
 
 import torch
 
-from .config import EVAL_METHODS, Recipe, StageBase, recipe_to_yaml
+from .config import EVAL_METHODS, Recipe, StageBase, load_yaml, recipe_to_yaml, validate_recipe
+from .config_diff import format_differences, is_harmless, recipe_differences
 from .data.pipeline import DataInfo, prepare_data
 from .engine import distributed as dist
-from .engine.checkpoint import atomic_save, backbone_record, build_from_record, resolve_checkpoint, safe_load
+from .engine.checkpoint import (atomic_save, atomic_write_text, backbone_record, build_from_record,
+                                resolve_checkpoint, safe_load)
 from .engine.loggers import JsonlLogger, WandbLogger, truncate_metrics
+from .engine.run_lock import LOCK_NAME, RunLock
 from .engine.trainer import RunContext, Trainer, resolve_device
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .methods import build_method
+from .models.bounds import check_architecture
 from .models.registry import build_backbone
 
 
@@ -61,16 +66,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+OUR_TEMP_FILES = re.compile(  # what our writers leave when killed mid-write; nothing else is ever removed
+    r"^(\.(summary\.json|backbone\.pt|config\.yaml)\.tmp|metrics\.jsonl\.tmp"
+    r"|\.[\w.\-]+\.(pt|json|jsonl|md|yaml|png|npz)\.[a-z0-9_]{8}\.tmp)$")
+RESUME_CHANGES = "resume_changes.jsonl"
+
+
 def prepare_run_dir(out: Path, resume: bool) -> None:
     """A new run needs an empty or absent dir; --resume needs an existing one. Nothing is ever overwritten silently."""
     if resume:
         if not (out / "config.yaml").is_file():
             raise ConfigError(f"--resume: {str(out)!r} is not a run directory (no config.yaml)")
-        for stale in sorted(out.rglob(".*.tmp")):  # half-written files of a killed writer; complete files are intact
-            log(f"[ssl-kit] removing {stale} (left by an interrupted write)")
-            stale.unlink()
         return
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file, not a directory: choose another --out")
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
         raise ConfigError(f"run directory {str(out)!r} exists and is not empty: pass --resume to continue it, "
                           f"or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -102,6 +112,45 @@ def write_env(run_dir: Path) -> None:
     (run_dir / "env.json").write_text(json.dumps(env, indent=2))
 
 
+def remove_our_temp_files(run_dir: Path) -> None:
+    """Delete the half-written temp files of a killed writer (OUR_TEMP_FILES only); complete files are intact."""
+    for stale in sorted(run_dir.rglob("*.tmp")):
+        if stale.is_file() and OUR_TEMP_FILES.match(stale.name):
+            log(f"[ssl-kit] removing {stale} (left by an interrupted write)")
+            stale.unlink()
+
+
+def check_resume_config(run_dir: Path, recipe: Recipe, allow_change: bool) -> list[dict]:
+    """Compare `recipe` with the run's config.yaml before anything is touched. -> the differences (possibly
+    harmless ones). Raises ConfigError listing the differences that change what is trained, unless allow_change."""
+    path = run_dir / "config.yaml"
+    stored = load_yaml(path)
+    try:
+        old = validate_recipe(stored, f"{path}").model_dump(mode="json")  # today's defaults on both sides
+    except ConfigError:
+        old = stored
+    changes = recipe_differences(old, recipe.model_dump(mode="json"))
+    refused = [c for c in changes if not is_harmless(c["key"])]
+    if refused and not allow_change:
+        raise ConfigError(
+            f"--resume: this recipe differs from the run's {str(path)!r} in {len(refused)} setting(s) that change "
+            f"what is trained:\n{format_differences(refused)}\nResume with the run's own settings, start a new "
+            f"run (another --out), or pass --allow-config-change to continue anyway (the differences are recorded "
+            f"in {RESUME_CHANGES}); config.yaml was left as it was")
+    return changes
+
+
+def record_resume_changes(run_dir: Path, changes: list[dict]) -> None:
+    """Append one JSON line {time, changes} to run_dir/resume_changes.jsonl."""
+    if not changes:
+        return
+    line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": finite_or_none(changes)}, default=str)
+    with open(run_dir / RESUME_CHANGES, "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+    log(f"[ssl-kit] resuming with {len(changes)} changed setting(s), recorded in {run_dir / RESUME_CHANGES}:\n"
+        f"{format_differences(changes)}")
+
+
 def default_run_dir(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -116,9 +165,11 @@ def _is_global_rank0() -> bool:
     return dist.is_main() if dist.is_distributed() else int(os.environ.get("RANK", "0")) == 0
 
 
-def _decide_run_dir(recipe: Recipe, out: Optional[Path], resume: bool) -> tuple[Path, bool]:
+def _decide_run_dir(recipe: Recipe, out: Optional[Path], resume: bool,
+                    allow_config_change: bool) -> tuple[Path, bool, RunLock]:
     """Rank 0's choice: the run dir (given, or a new timestamped one) and whether to resume it; after an elastic
-    restart, the run being restarted is resumed. Prepares the dir."""
+    restart, the run being restarted is resumed. Takes the run dir's lock (held for the whole run: one writer per
+    run dir), then prepares the dir — on resume only after the recipe was compared with the run's config.yaml."""
     run_dir = Path(out) if out is not None else default_run_dir(recipe)
     if dist.restart_count() > 0 and not resume:
         if out is None:
@@ -126,17 +177,32 @@ def _decide_run_dir(recipe: Recipe, out: Optional[Path], resume: bool) -> tuple[
         if (run_dir / "config.yaml").is_file():
             resume = True
             log(f"[ssl-kit] elastic restart {dist.restart_count()}: resuming {run_dir}")
-    prepare_run_dir(run_dir, resume)
-    return run_dir, resume
+    if resume or not (run_dir / LOCK_NAME).exists():  # a dir that held a run: its lock holder is named first
+        prepare_run_dir(run_dir, resume)
+    lock = RunLock(run_dir).acquire()
+    try:
+        if resume:
+            changes = check_resume_config(run_dir, recipe, allow_config_change)
+            remove_our_temp_files(run_dir)
+            record_resume_changes(run_dir, changes)
+        else:
+            prepare_run_dir(run_dir, resume)  # under the lock: another run may have started in between
+    except BaseException:
+        lock.release()
+        raise
+    return run_dir, resume, lock
 
 
-def agree_on_run_dir(recipe: Recipe, out: Optional[Path], resume: bool) -> tuple[Path, bool]:
+def agree_on_run_dir(recipe: Recipe, out: Optional[Path], resume: bool,
+                     allow_config_change: bool = False) -> tuple[Path, bool, Optional[RunLock]]:
     """Every rank gets rank 0's decision (its error too). With --out each node keeps its own path (the same string
-    on a shared filesystem; only rank 0 writes there); without it all ranks use the name rank 0 chose."""
+    on a shared filesystem; only rank 0 writes there); without it all ranks use the name rank 0 chose.
+    -> (run dir, resume?, the lock rank 0 holds — None on other ranks)."""
     decision: tuple = (None, resume, None)
+    lock = None
     if _is_global_rank0():
         try:
-            run_dir, resume = _decide_run_dir(recipe, out, resume)
+            run_dir, resume, lock = _decide_run_dir(recipe, out, resume, allow_config_change)
             decision = (str(run_dir), resume, None)
         except ConfigError as exc:
             decision = (None, resume, str(exc))
@@ -145,7 +211,7 @@ def agree_on_run_dir(recipe: Recipe, out: Optional[Path], resume: bool) -> tuple
     decision = dist.broadcast_object(decision)
     if decision[2] is not None:
         raise ConfigError(decision[2])
-    return (Path(out) if out is not None else Path(decision[0])), decision[1]
+    return (Path(out) if out is not None else Path(decision[0])), decision[1], lock
 
 
 def _first_device(recipe: Recipe) -> str:
@@ -185,23 +251,35 @@ class RecipeRunner:
         checkpoint = self.run_dir / "checkpoints" / "last.pt"
         stage, step = None, -1
         if checkpoint.is_file():
-            state = safe_load(checkpoint)
-            stage, step = state.get("stage"), int(state.get("step", -1))
+            state = safe_load(checkpoint, "resume checkpoint")
+            stage, step = state.get("stage"), state.get("step", -1)
+            if not isinstance(step, int) or isinstance(step, bool) or not isinstance(stage, str):
+                raise CheckpointError(f"resume checkpoint {str(checkpoint)!r}: 'stage' and 'step' must be a name "
+                                      f"and an integer, got {stage!r} and {step!r}")
         truncate_metrics(self.run_dir / "metrics.jsonl", self._done_stages(), stage, step)
 
-    def _load_record(self, source: str) -> dict:
-        """The backbone record of an earlier stage (by name) or of a checkpoint path. Rank 0 reads it and broadcasts
-        it under torchrun, so it need only exist on rank 0's node (nodes may not share a filesystem)."""
+    def _load_record(self, source: str, what: str = "checkpoint") -> dict:
+        """The backbone record of an earlier stage (by name) or of a checkpoint path; `what` names the slot in
+        errors. Rank 0 reads it and broadcasts it under torchrun, so it need only exist on rank 0's node (nodes may
+        not share a filesystem)."""
         path = self.backbones.get(source, source)
-        return dist.broadcast_object(resolve_checkpoint(path) if self.is_main else None)
+        return dist.broadcast_object(resolve_checkpoint(path, what) if self.is_main else None)
 
     def _init_record(self, stage: StageBase) -> Optional[dict]:
         """The init backbone record (init.checkpoint or init.from_stage), None for a fresh backbone."""
-        source = stage.init.checkpoint or stage.init.from_stage
-        return None if source is None else self._load_record(source)
+        if stage.init.checkpoint:
+            return self._load_record(stage.init.checkpoint, f"stages[{stage.name}].init.checkpoint")
+        if stage.init.from_stage:
+            return self._load_record(stage.init.from_stage, f"stages[{stage.name}].init.from_stage")
+        return None
 
     def _build_backbone(self, stage: StageBase, info: DataInfo, record: Optional[dict]):
         if record is None:
+            try:
+                check_architecture(stage.backbone.name, stage.backbone.kwargs, info.channels, info.image_size,
+                                   f"stages[{stage.name}].backbone")
+            except CheckpointError as exc:
+                raise ConfigError(str(exc)) from None
             return build_backbone(stage.backbone.name, info.channels, info.image_size, stage.backbone.kwargs), \
                 {"arch": stage.backbone.name, "kwargs": dict(stage.backbone.kwargs)}
         if "name" in stage.backbone.model_fields_set and stage.backbone.name != record["arch"]:
@@ -221,7 +299,7 @@ class RecipeRunner:
     def run(self) -> dict:
         run_dir = self.run_dir
         if self.is_main:
-            (run_dir / "config.yaml").write_text(recipe_to_yaml(self.recipe))
+            atomic_write_text(run_dir / "config.yaml", recipe_to_yaml(self.recipe))
             write_env(run_dir)
         if self.is_main and self.resume and self.summary_path.is_file():
             self.summary = json.loads(self.summary_path.read_text())
@@ -343,16 +421,25 @@ class RecipeRunner:
                               f"a training stage before it")
         dataset = stage.data
         if dataset is None:
-            dataset = resolve_checkpoint(source)["data"]["dataset"]
+            dataset = resolve_checkpoint(source, f"stages[{stage.name}].checkpoint")["data"].get("dataset")
+            if not isinstance(dataset, str):
+                raise ConfigError(f"stages[{stage.name}]: the checkpoint records no dataset; set data: SPEC")
         return run_eval_stage(stage, source, dataset, self.run_dir, self.recipe.seed, train=run_recipe)
 
 
 def run_recipe(recipe: Recipe, out: Optional[Path] = None, resume: bool = False,
-               step_callback: Optional[Callable[[int], None]] = None) -> tuple[Path, dict]:
+               step_callback: Optional[Callable[[int], None]] = None,
+               allow_config_change: bool = False) -> tuple[Path, dict]:
     """Run every stage of `recipe` into `out` (a fresh dir under runs/ when None). -> (run_dir, summary).
-    Under torchrun (WORLD_SIZE > 1) joins the process group first; every rank returns rank 0's summary."""
+    Under torchrun (WORLD_SIZE > 1) joins the process group first; every rank returns rank 0's summary. Rank 0
+    holds the run directory's lock (engine/run_lock.py) for the whole run; on resume the recipe is first compared
+    with the run's config.yaml (check_resume_config)."""
     if dist.launched_distributed():
         dist.init_from_env(str(resolve_device(_first_device(recipe))))
-    run_dir, resume = agree_on_run_dir(recipe, out, resume)
-    summary = RecipeRunner(recipe, run_dir, resume, step_callback).run()
+    run_dir, resume, lock = agree_on_run_dir(recipe, out, resume, allow_config_change)
+    try:
+        summary = RecipeRunner(recipe, run_dir, resume, step_callback).run()
+    finally:
+        if lock is not None:
+            lock.release()
     return run_dir, summary

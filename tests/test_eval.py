@@ -122,7 +122,8 @@ def test_cli_bad_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"hello": torch.zeros(1)}, bogus)
     result = run_cli("knn", "--checkpoint", str(bogus), "--data", "digits", "--json")
     assert result.returncode == 2
-    assert "not an ssl_kit backbone or training checkpoint" in result.stderr and result.stdout == ""
+    assert "not an ssl_kit backbone or training checkpoint" in result.stderr
+    assert json.loads(result.stdout)["error"]["type"] == "CheckpointError"  # --json: one object on stdout, even here
 
 
 def test_cli_info(trained_run):

@@ -126,7 +126,7 @@ def test_foreign_errors_name_what_is_wrong(tmp_path):
     with pytest.raises(CheckpointError, match=r"does not record its architecture: pass --arch timm:NAME"):
         resolve_checkpoint(path)
     with pytest.raises(CheckpointError, match=r"missing keys: net\.layer1\.2\.conv1\.weight"):
-        resolve_checkpoint(path, "resnet34")
+        resolve_checkpoint(path, arch="resnet34")
     state = torch.load(path, weights_only=True)
     state["state_dict"]["backbone.extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "extra.ckpt")

@@ -153,10 +153,10 @@ def test_consistency_loss_refuses_bad_shapes(targets, weights, message):
         consistency_loss(torch.zeros(6, 4), targets, weights)
 
 
-# Layers import downward only (design.md): cli → runner → eval → engine → methods → models/losses/data → config,
-# common → errors. Lazy (function-level) imports count too.
+# Layers import downward only (design.md): cli → runner (bundle) → eval → engine → methods → models/losses/data →
+# config, config_diff, common → limits → errors. Lazy (function-level) imports count too.
 LAYER = {"cli": 7, "bundle": 6, "runner": 6, "eval": 5, "engine": 4, "methods": 3, "models": 2, "losses": 2,
-         "data": 2, "config": 1, "common": 1, "errors": 0}
+         "data": 2, "config": 1, "config_diff": 1, "common": 1, "limits": 0.5, "errors": 0}
 
 
 def _relative_imports(path: Path):

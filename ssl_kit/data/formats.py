@@ -3,7 +3,9 @@ STL-10 binaries and image folders. Each returns {split: ImageSet}; nothing is ev
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,32 +35,56 @@ def _find(root: Path, names: list[str], what: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ IDX
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _check_declared_bytes(declared: int, path: Path, what: str) -> None:
+    from ..limits import how_to_raise, limit
+
+    if declared > limit("MAX_DATA_BYTES"):
+        raise DataError(f"{what} {str(path)!r} declares {declared:,} bytes of data; {how_to_raise('MAX_DATA_BYTES')}")
+
+
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped) as in LeCun's MNIST format: magic 0x0000 TT DD, dims, data."""
+    """Read an IDX file (optionally gzipped) as in LeCun's MNIST format: magic 0x0000 TT DD, dims, data.
+    The header's declared size is checked against MAX_DATA_BYTES and the bytes present before the data is read (a
+    gzip member is never expanded past what the header declares)."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as handle:
-            data = handle.read()
-    except (OSError, EOFError) as exc:
+            head = handle.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0:
+                raise DataError(f"IDX file {str(path)!r} has no IDX header ({len(head)} bytes)")
+            dtype_code, ndim = head[2], head[3]
+            if dtype_code not in IDX_DTYPES:
+                raise DataError(f"IDX file {str(path)!r}: unknown data type code 0x{dtype_code:02x}")
+            dims = handle.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise DataError(f"IDX file {str(path)!r} is truncated inside its header")
+            shape = tuple(int.from_bytes(dims[4 * i: 4 * i + 4], "big") for i in range(ndim))
+            dtype = np.dtype(IDX_DTYPES[dtype_code])
+            expected = math.prod(shape) * dtype.itemsize
+            _check_declared_bytes(expected, path, "IDX file")
+            data = handle.read(expected + 1)
+    except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"IDX file {str(path)!r} cannot be read: {exc}") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise DataError(f"IDX file {str(path)!r} has no IDX header ({len(data)} bytes)")
-    dtype_code, ndim = data[2], data[3]
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if dtype_code not in dtypes:
-        raise DataError(f"IDX file {str(path)!r}: unknown data type code 0x{dtype_code:02x}")
-    header_end = 4 + 4 * ndim
-    if len(data) < header_end:
-        raise DataError(f"IDX file {str(path)!r} is truncated inside its header")
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(dtypes[dtype_code])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(data) - header_end != expected:
+    if len(data) != expected:
         raise DataError(
             f"IDX file {str(path)!r} is truncated or padded: header says {shape} ({expected} bytes), "
-            f"file holds {len(data) - header_end}"
+            f"file holds {len(data)}{'+' if len(data) > expected else ''}"
         )
-    return np.frombuffer(data, dtype=dtype, offset=header_end).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, what: str) -> np.ndarray:
+    """Labels must be integers in [0, num_classes): nothing is silently remapped. -> int64 array."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{what}: labels have dtype {labels.dtype}, expected integers")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)][0]
+        raise DataError(f"{what}: label {int(bad)} is out of range for {num_classes} classes")
+    return labels.astype(np.int64)
 
 
 def load_idx_dataset(root: Path, name: str, classes: list[str]) -> dict[str, ImageSet]:
@@ -73,8 +99,11 @@ def load_idx_dataset(root: Path, name: str, classes: list[str]) -> dict[str, Ima
                                        f"{prefix}-labels.idx1-ubyte"], name))
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{name} {split}: images {images.shape} and labels {labels.shape} do not match")
-        out[split] = ImageSet(torch.from_numpy(images.astype(np.uint8)).unsqueeze(1),
-                              torch.from_numpy(labels.astype(np.int64)), classes, f"{name}/{split}")
+        if images.dtype != np.uint8:
+            raise DataError(f"{name} {split}: images are {images.dtype}, expected uint8 pixels (IDX type 0x08)")
+        out[split] = ImageSet(torch.from_numpy(images.copy()).unsqueeze(1),
+                              torch.from_numpy(_check_labels(labels, len(classes), f"{name} {split}")), classes,
+                              f"{name}/{split}")
     return out
 
 
@@ -94,24 +123,50 @@ class _CifarUnpickler(pickle.Unpickler):
         raise DataError(f"refusing to unpickle {module}.{name}: CIFAR batches hold only arrays and lists")
 
 
-def _read_cifar_batch(path: Path) -> dict:
+def _unpickle_cifar(path: Path):
+    """The object in a CIFAR pickle (allow-listed classes only), the file first checked against MAX_DATA_BYTES."""
+    from ..limits import how_to_raise, limit
+
+    size = path.stat().st_size
+    if size > limit("MAX_DATA_BYTES"):
+        raise DataError(f"CIFAR batch {str(path)!r} is {size:,} bytes; {how_to_raise('MAX_DATA_BYTES')}")
     try:
         with open(path, "rb") as handle:
             batch = _CifarUnpickler(handle, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-        if isinstance(exc, DataError):
-            raise
-        raise DataError(f"CIFAR batch {str(path)!r} is corrupt: {exc}") from None
+    except DataError:
+        raise
+    except Exception as exc:  # pickle raises many types for corrupt bytes
+        raise DataError(f"CIFAR batch {str(path)!r} is corrupt: {type(exc).__name__}: {str(exc)[:200]}") from None
+    return batch
+
+
+def _read_cifar_batch(path: Path) -> dict:
+    batch = _unpickle_cifar(path)
     if not isinstance(batch, dict) or "data" not in batch:
         raise DataError(f"CIFAR batch {str(path)!r} has no 'data' entry")
     return batch
 
 
 def _cifar_images(batch: dict, path: Path) -> torch.Tensor:
-    data = np.asarray(batch["data"], dtype=np.uint8)
+    """batch['data'] must be the uint8 (N, 3072) array CIFAR ships: a list (which could repeat one shared row
+    millions of times) or another dtype is refused before anything is allocated."""
+    data = batch["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        kind = f"{data.dtype} array" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"CIFAR batch {str(path)!r}: 'data' is a {kind}, expected a uint8 array (N, 3072)")
     if data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(f"CIFAR batch {str(path)!r}: data of shape {data.shape}, expected (N, 3072)")
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+
+
+def _cifar_labels(batch: dict, key: str, count: int, num_classes: int, path: Path) -> torch.Tensor:
+    labels = batch.get(key)
+    if not isinstance(labels, (list, np.ndarray)) or len(labels) != count:
+        got = f"{len(labels)} entries" if isinstance(labels, (list, np.ndarray)) else type(labels).__name__
+        raise DataError(f"CIFAR batch {str(path)!r}: {key!r} must list {count} labels (one per image), got {got}")
+    if isinstance(labels, list) and not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels):
+        raise DataError(f"CIFAR batch {str(path)!r}: {key!r} holds non-integer labels")
+    return torch.from_numpy(_check_labels(np.asarray(labels), num_classes, f"CIFAR batch {str(path)!r}"))
 
 
 def load_cifar10(root: Path) -> dict[str, ImageSet]:
@@ -124,20 +179,25 @@ def load_cifar10(root: Path) -> dict[str, ImageSet]:
     meta = folder / "batches.meta"
     classes = CIFAR10_CLASSES
     if meta.is_file():
-        classes = list(_read_cifar_batch_meta(meta, "label_names") or classes)
+        classes = _read_cifar_batch_meta(meta, "label_names", 10)
     out = {}
     for split, files in (("train", names[:5]), ("test", names[5:])):
         batches = [(folder / n, _read_cifar_batch(folder / n)) for n in files]
-        images = torch.cat([_cifar_images(b, p) for p, b in batches])
-        labels = torch.cat([torch.as_tensor(b["labels"], dtype=torch.long) for _, b in batches])
+        parts = [(_cifar_images(b, p), b, p) for p, b in batches]
+        images = torch.cat([x for x, _, _ in parts])
+        labels = torch.cat([_cifar_labels(b, "labels", len(x), 10, p) for x, b, p in parts])
         out[split] = ImageSet(images, labels, classes, f"cifar10/{split}")
     return out
 
 
-def _read_cifar_batch_meta(path: Path, key: str):
-    with open(path, "rb") as handle:
-        meta = _CifarUnpickler(handle, encoding="latin1").load()
-    return meta.get(key) if isinstance(meta, dict) else None
+def _read_cifar_batch_meta(path: Path, key: str, count: int):
+    """The `count` class names of a meta file; DataError when `key` holds anything else."""
+    meta = _unpickle_cifar(path)
+    names = meta.get(key) if isinstance(meta, dict) else None
+    if not (isinstance(names, list) and len(names) == count and all(isinstance(n, str) and len(n) < 200
+                                                                     for n in names)):
+        raise DataError(f"CIFAR meta file {str(path)!r}: {key!r} must list {count} class names")
+    return names
 
 
 def load_cifar100(root: Path) -> dict[str, ImageSet]:
@@ -148,16 +208,53 @@ def load_cifar100(root: Path) -> dict[str, ImageSet]:
             raise DataError(f"cifar100: {name!r} missing in {str(folder)!r} (expected train, test, meta)")
     classes = [f"class_{i}" for i in range(100)]
     if (folder / "meta").is_file():
-        classes = list(_read_cifar_batch_meta(folder / "meta", "fine_label_names") or classes)
+        classes = _read_cifar_batch_meta(folder / "meta", "fine_label_names", 100)
     out = {}
     for split in ("train", "test"):
         batch = _read_cifar_batch(folder / split)
-        out[split] = ImageSet(_cifar_images(batch, folder / split),
-                              torch.as_tensor(batch["fine_labels"], dtype=torch.long), classes, f"cifar100/{split}")
+        images = _cifar_images(batch, folder / split)
+        labels = _cifar_labels(batch, "fine_labels", len(images), 100, folder / split)
+        out[split] = ImageSet(images, labels, classes, f"cifar100/{split}")
     return out
 
 
 # ----------------------------------------------------------------------------------------- SVHN
+def _svhn_declared(path: Path) -> None:
+    """Check the shapes and classes the .mat header declares (scipy's whosmat reads headers only) before loadmat
+    allocates anything: X uint8 (32, 32, 3, N), y (N, 1), N × 3072 within MAX_DATA_BYTES."""
+    from scipy.io import whosmat
+
+    try:
+        declared = {name: (tuple(shape), kind) for name, shape, kind in whosmat(path)}
+    except Exception as exc:  # scipy raises several types for corrupt files
+        raise DataError(f"svhn: {str(path)!r} is not a readable .mat file: {type(exc).__name__}: "
+                        f"{str(exc)[:200]}") from None
+    if "X" not in declared or "y" not in declared:
+        raise DataError(f"svhn: {str(path)!r} holds {sorted(declared)[:10]}, expected variables 'X' and 'y'")
+    (x_shape, x_kind), (y_shape, _) = declared["X"], declared["y"]
+    if len(x_shape) != 4 or x_shape[:3] != (32, 32, 3) or x_kind != "uint8":
+        raise DataError(f"svhn: {str(path)!r}: X is {x_kind} {x_shape}, expected uint8 (32, 32, 3, N)")
+    if math.prod(y_shape) != x_shape[3]:
+        raise DataError(f"svhn: {str(path)!r}: y has shape {y_shape} for {x_shape[3]} images")
+    _check_declared_bytes(math.prod(x_shape), path, "svhn file")
+
+
+def _svhn_labels(y: np.ndarray, path: Path) -> np.ndarray:
+    """SVHN stores digit 0 as label 10: labels 1..10 -> 1..9, 0; any other value is an error, never wrapped."""
+    y = np.asarray(y).reshape(-1)
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise DataError(f"svhn: {str(path)!r}: labels are not whole numbers")
+    elif y.dtype.kind not in "iu":
+        raise DataError(f"svhn: {str(path)!r}: labels have dtype {y.dtype}, expected integers 1..10")
+    if y.size and (y.min() < 1 or y.max() > 10):
+        bad = y[(y < 1) | (y > 10)][0].item()
+        raise DataError(f"svhn: {str(path)!r}: label {bad} is outside 1..10 (10 stands for the digit 0)")
+    labels = y.astype(np.int64)
+    labels[labels == 10] = 0
+    return labels
+
+
 def load_svhn(root: Path) -> dict[str, ImageSet]:
     from scipy.io import loadmat
 
@@ -169,12 +266,15 @@ def load_svhn(root: Path) -> dict[str, ImageSet]:
             if split == "extra":
                 continue
             raise DataError(f"svhn: {path.name!r} missing in {str(root)!r} (expected train_32x32.mat, test_32x32.mat)")
+        _svhn_declared(path)
         try:
-            mat = loadmat(path)
+            mat = loadmat(path, variable_names=["X", "y"])
         except Exception as exc:  # scipy raises several types for corrupt files
             raise DataError(f"svhn: {str(path)!r} is not a readable .mat file: {exc}") from None
-        images = np.transpose(mat["X"], (3, 2, 0, 1)).astype(np.uint8)  # (32, 32, 3, N) -> (N, 3, 32, 32)
-        labels = mat["y"].astype(np.int64).reshape(-1) % 10  # SVHN stores digit 0 as label 10
+        if mat["X"].dtype != np.uint8 or mat["X"].ndim != 4:
+            raise DataError(f"svhn: {str(path)!r}: X is {mat['X'].dtype} {mat['X'].shape}, expected uint8 4-D")
+        images = np.transpose(mat["X"], (3, 2, 0, 1))  # (32, 32, 3, N) -> (N, 3, 32, 32)
+        labels = _svhn_labels(mat["y"], path)
         out[split] = ImageSet(torch.from_numpy(images.copy()), torch.from_numpy(labels), [str(i) for i in range(10)],
                               f"svhn/{split}")
     return out
@@ -182,11 +282,22 @@ def load_svhn(root: Path) -> dict[str, ImageSet]:
 
 # --------------------------------------------------------------------------------------- STL-10
 def _read_stl_images(path: Path) -> torch.Tensor:
+    size = path.stat().st_size
+    _check_declared_bytes(size, path, "stl10 file")
+    if size % (3 * 96 * 96):
+        raise DataError(f"stl10: {str(path)!r} holds {size} bytes, not a whole number of 3×96×96 images")
     raw = np.fromfile(path, dtype=np.uint8)
-    if raw.size % (3 * 96 * 96):
-        raise DataError(f"stl10: {str(path)!r} holds {raw.size} bytes, not a whole number of 3×96×96 images")
     # stored column-major per channel: (N, 3, 96, 96) with H and W swapped
     return torch.from_numpy(raw.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2).copy())
+
+
+def _read_stl_labels(path: Path, count: int) -> torch.Tensor:
+    """One byte per image, 1..10 -> 0..9; another count or value is an error."""
+    size = path.stat().st_size
+    if size != count:
+        raise DataError(f"stl10: {str(path)!r} holds {size} labels for {count} images")
+    raw = np.fromfile(path, dtype=np.uint8).astype(np.int64) - 1
+    return torch.from_numpy(_check_labels(raw, 10, f"stl10: {str(path)!r} (labels 1..10)"))
 
 
 def load_stl10(root: Path) -> dict[str, ImageSet]:
@@ -199,7 +310,7 @@ def load_stl10(root: Path) -> dict[str, ImageSet]:
     out = {}
     for split in ("train", "test"):
         images = _read_stl_images(folder / f"{split}_X.bin")
-        labels = torch.from_numpy(np.fromfile(folder / f"{split}_y.bin", dtype=np.uint8).astype(np.int64) - 1)
+        labels = _read_stl_labels(folder / f"{split}_y.bin", len(images))
         out[split] = ImageSet(images, labels, STL10_CLASSES, f"stl10/{split}")
     if (folder / "unlabeled_X.bin").is_file():
         images = _read_stl_images(folder / "unlabeled_X.bin")
@@ -211,15 +322,26 @@ def load_stl10(root: Path) -> dict[str, ImageSet]:
 # --------------------------------------------------------------------------------- image folder
 def read_image(path: Path, size: int) -> np.ndarray:
     """Any PIL-readable file -> uint8 RGB (3, size, size). Raises DataError naming the file."""
+    from ..limits import how_to_raise, limit
+
+    Image.MAX_IMAGE_PIXELS = limit("MAX_IMAGE_PIXELS")  # PIL refuses 2× this at open, we refuse 1× below
     try:
         with Image.open(path) as image:
+            if image.width * image.height > limit("MAX_IMAGE_PIXELS"):  # header only: nothing decoded yet
+                raise DataError(f"image file {str(path)!r} is {image.width}×{image.height} pixels; "
+                                f"{how_to_raise('MAX_IMAGE_PIXELS')}")
             image.load()
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 array = np.asarray(image, dtype=np.float64)
                 peak = 65535.0 if array.max() > 255 else 255.0
                 image = Image.fromarray((array / peak * 255).round().astype(np.uint8))
             rgb = image.convert("RGB").resize((size, size), Image.BILINEAR)
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"image file {str(path)!r} is too large to decode ({exc}); "
+                        f"{how_to_raise('MAX_IMAGE_PIXELS')}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, DataError):
+            raise
         raise DataError(f"image file {str(path)!r} cannot be read as an image: {exc}") from None
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,8 @@ FASHION_MNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 NEEDS_ROOT = ("mnist", "cifar10", "cifar100", "svhn", "stl10", "imagefolder", "images", "filelist", "webdataset")
 KNOWN = ("digits", "digits-printed", "digits-rotated", "fashion-mnist") + NEEDS_ROOT
 OPTIONS = {"download": bool, "per_font": int, "test_fraction": float, "seed": int}
+OPTION_RANGES = {"per_font": (1, 1000), "test_fraction": (0.01, 0.99), "seed": (0, 2**63 - 1)}  # inclusive
+ANGLE_RANGE = (-360.0, 360.0)
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,13 @@ def _parse_option(spec: str, item: str) -> tuple[str, object]:
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError(value)
             return key, value.lower() in ("true", "1", "yes")
-        return key, kind(value)
-    except ValueError:
+        parsed = kind(value)
+    except (ValueError, OverflowError):
         raise DataError(f"dataset spec {spec!r}: option {key}={value!r} is not a valid {kind.__name__}") from None
+    low, high = OPTION_RANGES[key]
+    if not math.isfinite(parsed) or not low <= parsed <= high:
+        raise DataError(f"dataset spec {spec!r}: option {key}={value} is outside [{low:g}, {high:g}]")
+    return key, parsed
 
 
 def parse_spec(spec: str) -> DatasetSpec:
@@ -71,9 +78,12 @@ def parse_spec(spec: str) -> DatasetSpec:
         if arg is None:
             raise DataError(f"dataset spec {spec!r}: give the angle in degrees, e.g. 'digits-rotated:45'")
         try:
-            float(arg)
+            angle = float(arg)
         except ValueError:
             raise DataError(f"dataset spec {spec!r}: angle {arg!r} is not a number") from None
+        if not (math.isfinite(angle) and ANGLE_RANGE[0] <= angle <= ANGLE_RANGE[1]):
+            raise DataError(f"dataset spec {spec!r}: angle {arg} must be finite and within "
+                            f"[{ANGLE_RANGE[0]:g}, {ANGLE_RANGE[1]:g}] degrees")
     if name in ("digits", "digits-printed") and arg is not None:
         raise DataError(f"dataset spec {spec!r}: {name} is builtin and takes no root or argument")
     options = tuple(_parse_option(spec, item) for item in option_items if item.strip())

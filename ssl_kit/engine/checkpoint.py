@@ -7,6 +7,7 @@ A training checkpoint = {"format": "ssl_kit.checkpoint", "version": 1, "stage", 
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -15,20 +16,44 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..common.files import safe_load  # noqa: F401  (public here: every checkpoint read goes through it)
+from ..common.files import safe_load
 from ..errors import CheckpointError
+from ..models import foreign
+from ..models.bounds import check_arch_value
 from ..models.registry import build_from_record  # noqa: F401  (public here: records in, modules out)
+
+__all__ = ["atomic_save", "atomic_write_text", "safe_load", "backbone_record", "validate_record",
+           "resolve_checkpoint", "build_from_record", "load_backbone", "BACKBONE_FORMAT", "CHECKPOINT_FORMAT"]
 
 BACKBONE_FORMAT = "ssl_kit.backbone"
 CHECKPOINT_FORMAT = "ssl_kit.checkpoint"
+
+
+def _os_error_in(exc: BaseException) -> Optional[OSError]:
+    """exc itself or the first OSError in its __context__ chain (None when there is none)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError):
+            return exc
+        exc, seen = exc.__context__, seen + 1
+    return None
+
+
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """mkstemp '.<name>.XXXXXXXX.tmp' in path's folder (created if needed); OSError -> CheckpointError."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise CheckpointError(f"could not write {str(path)!r}: {exc.strerror or exc}; the previous file is "
+                              f"intact") from exc
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temp file in the same folder, fsync, then rename: a crash never leaves a truncated file.
     On failure (disk full, ...) the previous file at `path` is untouched and CheckpointError is raised."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, tmp_name = _temp_beside(path)
     try:
         with os.fdopen(handle, "wb") as tmp:
             torch.save(obj, tmp)
@@ -40,8 +65,30 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
+        cause = _os_error_in(exc)  # torch's zip writer reports a failed write as RuntimeError at its finalisation
+        if cause is not None:
+            raise CheckpointError(f"could not write checkpoint {str(path)!r}: {cause}; the previous file is "
+                                  f"intact") from exc
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file through a temp file + rename; on failure (disk full, read-only) the previous file is
+    intact and CheckpointError names the file and the OS error."""
+    path = Path(path)
+    handle, tmp_name = _temp_beside(path)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as tmp:
+            tmp.write(text)
+        os.replace(tmp_name, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
         if isinstance(exc, OSError):
-            raise CheckpointError(f"could not write checkpoint {str(path)!r}: {exc}; the previous file is intact") from exc
+            raise CheckpointError(f"could not write {str(path)!r}: {exc.strerror or exc}; the previous file is "
+                                  f"intact") from exc
         raise
 
 
@@ -56,39 +103,102 @@ def backbone_record(arch: str, kwargs: dict, data_info: dict, backbone: nn.Modul
 
 
 def _extract_prefixed(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix):]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
 
 
-def resolve_checkpoint(path: str | Path, arch: Optional[str] = None) -> dict:
-    """A backbone.pt, a run directory or a training checkpoint -> a backbone record (see module doc).
+def _need(mapping: dict, key: str, kind, where: str):
+    """mapping[key], which must be of `kind`, else CheckpointError naming `where`.key."""
+    if not isinstance(mapping, dict) or key not in mapping:
+        raise CheckpointError(f"{where}: missing key {key!r}")
+    value = mapping[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise CheckpointError(f"{where}: {key!r} is a {type(value).__name__}, expected {names}")
+    return value
+
+
+def _check_state_dict(state: Any, where: str) -> None:
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{where}: expected a non-empty dict of name -> tensor, got {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(key, str) or not torch.is_tensor(value):
+            raise CheckpointError(f"{where}: entry {str(key)[:80]!r} is a {type(value).__name__}, expected a tensor")
+
+
+def validate_record(record: dict, where: str) -> dict:
+    """Check a backbone record's fields (types, bounds) before anything is built from it. -> record."""
+    arch = _need(record, "arch", str, where)
+    kwargs = _need(record, "kwargs", dict, where)
+    for key, value in kwargs.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{where}: kwargs key {key!r} is not a string")
+        check_arch_value(value, f"{where}: kwargs.{key}")
+    data = _need(record, "data", dict, where)
+    channels = _need(data, "channels", int, f"{where}: data")
+    image_size = _need(data, "image_size", int, f"{where}: data")
+    if channels not in (1, 3):
+        raise CheckpointError(f"{where}: data.channels is {channels}, expected 1 or 3")
+    if not 4 <= image_size <= 4096:
+        raise CheckpointError(f"{where}: data.image_size is {image_size}, expected 4..4096")
+    for key in ("mean", "std"):
+        if key in data:
+            values = data[key]
+            if (not isinstance(values, (list, tuple)) or len(values) != channels
+                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+                    or key == "std" and not all(v > 0 for v in values)):
+                raise CheckpointError(f"{where}: data.{key} is {str(values)[:80]}, expected {channels} finite "
+                                      f"number(s){' > 0' if key == 'std' else ''}")
+    _check_state_dict(record.get("state_dict"), f"{where}: state_dict")
+    if record.get("head") is not None:
+        head = _need(record, "head", dict, where)
+        _check_state_dict(head.get("state_dict"), f"{where}: head.state_dict")
+        num_classes = _need(head, "num_classes", int, f"{where}: head")
+        weight = head["state_dict"].get("weight")
+        if weight is None or weight.ndim != 2 or weight.shape[0] != num_classes or not 1 <= num_classes <= 1_000_000:
+            shape = None if weight is None else tuple(weight.shape)
+            raise CheckpointError(f"{where}: head.num_classes is {num_classes} but head weight has shape {shape}")
+    record["arch"] = arch
+    return record
+
+
+def resolve_checkpoint(path: str | Path, what: str = "checkpoint", *, arch: Optional[str] = None) -> dict:
+    """A backbone.pt, a run directory or a training checkpoint -> a validated backbone record (see module doc).
     Also another repo's checkpoint, `[LAYOUT:]FILE[@ARCH]` (.pth or .safetensors), its layout detected unless
-    given and the architecture from `arch` / '@ARCH' when the file does not record it (models/foreign.py)."""
-    from ..models import foreign
-
+    given and the architecture from `arch` / '@ARCH' when the file does not record it (models/foreign.py).
+    `what` names the slot in errors ('init checkpoint', 'teacher checkpoint', ...)."""
     layout, path, arch = foreign.split_reference(str(path), arch)
     path = Path(path)
     if path.is_dir():
         candidate = path / "backbone.pt"
         if not candidate.is_file():
-            raise CheckpointError(f"run directory {str(path)!r} has no backbone.pt (has the run finished a training stage?)")
+            raise CheckpointError(f"{what}: run directory {str(path)!r} has no backbone.pt (has the run finished a "
+                                  f"training stage?)")
         path = candidate
-    data = foreign.read_safetensors(path) if path.suffix == ".safetensors" else safe_load(path)
+    data = foreign.read_safetensors(path) if path.suffix == ".safetensors" else safe_load(path, what)
     kind = data.get("format")
+    where = f"{what} {str(path)!r}"
     if layout is not None or kind is None:  # another repo's layout; ssl_kit files record their own arch
         return {"format": BACKBONE_FORMAT, "version": 1, **foreign.foreign_record(data, str(path), layout, arch)}
     if kind == BACKBONE_FORMAT:
-        return data
+        return validate_record(data, where)
     if kind == CHECKPOINT_FORMAT:
-        meta = data.get("backbone") or {}
-        state = _extract_prefixed(data["method"], meta.get("backbone_prefix", "backbone."))
-        record = {"format": BACKBONE_FORMAT, "version": 1, "arch": meta["arch"], "kwargs": meta["kwargs"],
-                  "data": meta["data"], "state_dict": state}
-        head = _extract_prefixed(data["method"], meta["head_prefix"]) if meta.get("head_prefix") else {}
-        if "weight" in head:
+        meta = _need(data, "backbone", dict, where)
+        method = _need(data, "method", dict, where)
+        prefix = meta.get("backbone_prefix", "backbone.")
+        if not isinstance(prefix, str):
+            raise CheckpointError(f"{where}: backbone.backbone_prefix is a {type(prefix).__name__}, expected str")
+        record = {"format": BACKBONE_FORMAT, "version": 1, "arch": meta.get("arch"), "kwargs": meta.get("kwargs"),
+                  "data": meta.get("data"), "state_dict": _extract_prefixed(method, prefix)}
+        for key in ("arch", "kwargs", "data"):
+            if key not in meta:
+                raise CheckpointError(f"{where}: backbone metadata has no {key!r}")
+        head_prefix = meta.get("head_prefix")
+        head = _extract_prefixed(method, head_prefix) if isinstance(head_prefix, str) and head_prefix else {}
+        if torch.is_tensor(head.get("weight")) and head["weight"].ndim == 2:
             record["head"] = {"state_dict": head, "num_classes": int(head["weight"].shape[0])}
-        return record
+        return validate_record(record, where)
     raise CheckpointError(
-        f"{str(path)!r} is not an ssl_kit backbone or training checkpoint (format field: {kind!r}); "
+        f"{where} is not an ssl_kit backbone or training checkpoint (format field: {str(kind)[:80]!r}); "
         f"expected a run's backbone.pt, a run directory or checkpoints/last.pt"
     )
 

@@ -265,7 +265,7 @@ class Trainer:
         raise TrainingInterrupted(
             f"stage {self.cfg.name!r} stopped by signal {signal_number} at step {self.step}/{self.total_steps}; "
             f"checkpoint saved to {self.checkpoint_path}. Continue with: ssl-kit run RECIPE --out "
-            f"{self.ctx.run_dir} --resume", signal_number)
+            f"{self.ctx.run_dir} --resume", signal_number, self.ctx.run_dir)
 
     def fit(self) -> dict:
         """Train to total_steps (continuing from self.step), evaluate on the test split. -> final metrics.

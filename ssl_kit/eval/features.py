@@ -14,7 +14,7 @@ from ..data.augment import Normalize, random_resized_crop, to_unit_float
 from ..data.imageset import ImageSet, convert_images
 from ..data.pipeline import load_converted
 from ..engine.checkpoint import load_backbone
-from ..errors import DataError
+from ..errors import DataError, TrainingError
 from ..models.external import is_torchvision_reference, torchvision_backbone
 
 
@@ -33,6 +33,14 @@ def load_eval_backbone(path: str | Path, weights: Optional[str] = None, image_si
     if image_size is not None:
         backbone.data_info = dict(backbone.data_info, image_size=image_size)
     return backbone
+
+
+def check_finite_features(feats: Tensor, name: str) -> None:
+    """Features (N, F) with NaN/inf would give a meaningless accuracy: a clear error instead, naming the images."""
+    bad = (~torch.isfinite(feats)).any(dim=1)
+    if bool(bad.any()):
+        raise TrainingError(f"{name}: the backbone produced non-finite features for {int(bad.sum())} of "
+                            f"{feats.shape[0]} images (a diverged or corrupt checkpoint); no accuracy is reported")
 
 
 class FeatureExtractor:
@@ -68,6 +76,7 @@ class FeatureExtractor:
         x = convert_images(x, self.info["image_size"], self.info["channels"])
         feats = predict(self.backbone, x, self.normalize, self.device, self.batch_size)
         self.forward_passes += x.shape[0]
+        check_finite_features(feats, images.name)
         if key is not None:
             self._cache[key] = feats
         return feats

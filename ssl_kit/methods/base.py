@@ -85,8 +85,9 @@ class Method(nn.Module):
         return False
 
     def unlabeled_ratio(self) -> int:
-        """Unlabeled images per labeled image in a batch (FixMatch's μ); 0: the method trains on labeled batches."""
-        return 0
+        """Unlabeled images per labeled image in a batch (FixMatch's μ; the stage config declares it); 0: the method
+        trains on labeled batches."""
+        return self.cfg.unlabeled_ratio()
 
     # -- what the engine asks of every method -------------------------------------------------------
     def get_backbone(self) -> nn.Module:

@@ -49,6 +49,9 @@ class KDConfig(StageBase):
     def stage_references(self) -> dict[str, Optional[str]]:
         return {**super().stage_references(), "teacher": self.teacher.from_stage}
 
+    def unlabeled_ratio(self) -> int:
+        return self.mu if self.use_unlabeled else 0
+
 
 class Teacher(nn.Module):
     """A frozen backbone + linear head rebuilt from a backbone record, fed images converted to its own input format
@@ -105,8 +108,6 @@ class KnowledgeDistillation(ClassifierMethod):
         self._train_images = train_images
         self.uses_unlabeled = cfg.use_unlabeled
 
-    def unlabeled_ratio(self) -> int:
-        return self.cfg.mu if self.cfg.use_unlabeled else 0
         self.register_buffer("cached_logits", torch.empty(0), persistent=False)
 
     def _teacher_logits(self, unit_view: Tensor, index: Tensor) -> Tensor:

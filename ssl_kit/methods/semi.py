@@ -22,6 +22,9 @@ class SemiSupervisedConfig(StageBase):
     mu: int = Field(7, ge=1, description="unlabeled batch = mu × labeled batch")
     eval_ema: bool = Field(True, description="evaluate the EMA model (needs train.ema_decay)")
 
+    def unlabeled_ratio(self) -> int:
+        return self.mu
+
 
 class SemiSupervisedMethod(ClassifierMethod):
     """ClassifierMethod (`self.net`) fed labeled `batch.x, batch.y` and unlabeled `batch.u` (hidden labels `batch.u_y`
@@ -42,9 +45,6 @@ class SemiSupervisedMethod(ClassifierMethod):
         for name in ("_seen", "_masked", "_correct"):
             self.register_buffer(name, torch.zeros(k), persistent=False)
         self.register_buffer("_weight_sum", torch.zeros(()), persistent=False)
-
-    def unlabeled_ratio(self) -> int:
-        return self.cfg.mu
 
     def threshold_metrics(self) -> dict:
         """The thresholding policy's state for the epoch log (methods with a policy return its thresholds)."""

@@ -1,0 +1,78 @@
+"""Bounds on architectures described by untrusted metadata (a checkpoint's arch/kwargs, a recipe's backbone.kwargs):
+settings within MAX_ARCH_INT and finite, and a network measured on the meta device (shapes only, no memory) against
+MAX_PARAMS and the weights actually present — before anything is allocated."""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ..errors import CheckpointError
+from ..limits import how_to_raise, limit
+
+
+def check_arch_value(value: Any, where: str) -> None:
+    if isinstance(value, bool) or value is None or isinstance(value, str) and len(value) <= 256:
+        return
+    if isinstance(value, int):
+        if abs(value) > limit("MAX_ARCH_INT"):
+            raise CheckpointError(f"{where} = {value} is beyond any real architecture; {how_to_raise('MAX_ARCH_INT')}")
+        return
+    if isinstance(value, float):
+        if value != value or abs(value) == float("inf"):
+            raise CheckpointError(f"{where} = {value} is not finite")
+        return
+    if isinstance(value, (list, tuple)) and len(value) <= 64:
+        for i, item in enumerate(value):
+            check_arch_value(item, f"{where}[{i}]")
+        return
+    raise CheckpointError(f"{where} holds a {type(value).__name__} ({str(value)[:60]}), not an architecture setting")
+
+
+class _LargeOnMeta(TorchFunctionMode):
+    """While active, tensor factories asked for ≥ 4096 elements allocate on the meta device (shape only, no memory);
+    small ones (drop-path rates, position tables) stay real so constructors that read them still work."""
+
+    FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.rand, torch.randn, torch.full}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in self.FACTORIES and kwargs.get("device") is None:
+            size = args[0] if args and isinstance(args[0], (tuple, list, torch.Size)) else \
+                [a for a in args if isinstance(a, int)]
+            if math.prod(int(n) for n in size) >= 4096:
+                kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def check_architecture(arch: str, kwargs: dict, channels: int, image_size: int, where: str,
+                       state_dict: Optional[dict] = None) -> None:
+    """Build the network on the meta device (no memory) and check its size against MAX_PARAMS and, when given,
+    `state_dict`'s names and shapes against it: a crafted checkpoint cannot make us allocate a giant network."""
+    from .registry import build_backbone  # registry builds real networks and calls this first
+
+    for key, value in kwargs.items():
+        check_arch_value(value, f"{where}: kwargs.{key}")
+    with _LargeOnMeta():
+        try:
+            skeleton = build_backbone(arch, channels, image_size, kwargs)
+        except (RuntimeError, NotImplementedError, ZeroDivisionError, OverflowError, MemoryError) as exc:
+            raise CheckpointError(f"{where}: backbone {arch!r} {kwargs} cannot be built: {exc}") from None
+    params = sum(p.numel() for p in skeleton.parameters())
+    if params > limit("MAX_PARAMS"):
+        raise CheckpointError(f"{where}: backbone {arch!r} {kwargs} would have {params:,} parameters; "
+                              f"{how_to_raise('MAX_PARAMS')}")
+    if state_dict is None:
+        return
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [f"{k}: {tuple(state_dict[k].shape)} in the file, {shape} in the network" for k, shape in expected.items()
+             if k in state_dict and tuple(state_dict[k].shape) != shape]
+    problems = [f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",
+                f"wrong shapes {wrong[:3]}" if wrong else ""]
+    if any(problems):
+        raise CheckpointError(f"{where}: weights do not fit backbone {arch!r} {kwargs}: "
+                              f"{'; '.join(p for p in problems if p)}")
