@@ -16,10 +16,35 @@ from benchmarks.common import logistic_regression_on_pixels, run_stages, table  
 from ssl_kit.engine.checkpoint import build_from_record  # noqa: E402
 from ssl_kit.eval.features import FeatureExtractor  # noqa: E402
 from ssl_kit.eval.stages import knn_dataset, probe_dataset  # noqa: E402
+from ssl_kit.methods import build_method  # noqa: E402
 from ssl_kit.models.registry import build_backbone  # noqa: E402
 
 
+METHOD_KEYS = {  # keys of one method on top of the shared ones (its recipes/<method>_digits.yaml values)
+    "swav": {"temperature": 0.1, "n_prototypes": 100, "local_crops": 2, "local_crop_size": 0.5,
+             "local_crop_scale": [0.1, 0.4], "queue_length": 512, "queue_start_epochs": 20,
+             "freeze_prototypes_epochs": 1},
+    "nnclr": {"proj_hidden_dim": 128, "proj_dim": 64, "pred_hidden_dim": 128, "support_set_size": 1024},
+    "supcon": {"proj_hidden_dim": 128, "proj_dim": 64},
+    "ibot": {"backbone": {"name": "vit_tiny", "kwargs": {"patch_size": 4, "dim": 96, "depth": 4, "heads": 3}},
+             "out_dim": 1024, "head_hidden_dim": 256, "bottleneck_dim": 64, "momentum": 0.99, "local_crops": 2,
+             "local_crop_size": 0.5, "global_crop_scale": [0.4, 1.0], "local_crop_scale": [0.1, 0.4],
+             "gaussian_blur": [0.0, 0.0, 0.0], "solarization_prob": 0.0, "warmup_teacher_temp_epochs": 10,
+             "masking": "random", "views": {"jitter_strength": 0.5, "grayscale_prob": 0.0},
+             "optimizer": {"name": "adamw", "lr": 5e-4, "lr_scaling": "linear", "weight_decay": 0.04}},
+}
+
+
 def pretrain_stage(method: str, dataset: str, epochs: float, size: int, width: int, temperature: float, device: str):
+    """The shared digits setup with METHOD_KEYS[method] on top; keys the method's config lacks (a queue for
+    SimCLR) are left out."""
+    stage = _shared_stage(method, dataset, epochs, size, width, temperature, device)
+    stage.update(METHOD_KEYS.get(method, {}))
+    fields = build_method(method).config_class.model_fields
+    return {key: value for key, value in stage.items() if key in fields}
+
+
+def _shared_stage(method: str, dataset: str, epochs: float, size: int, width: int, temperature: float, device: str):
     return {"name": "pretrain", "method": method, "data": {"dataset": dataset, "image_size": size},
             "backbone": {"name": "small_cnn", "kwargs": {"width": width}}, "temperature": temperature,
             "proj_hidden_dim": 128, "proj_dim": 64, "queue_size": 1024, "momentum": 0.99,

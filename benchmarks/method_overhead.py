@@ -31,6 +31,14 @@ HEADERS = ["method", "backbone", "px", "batch", "method img/s", "bare img/s", "s
 KWARGS = {"small_cnn": {"width": 32}, "resnet18": {"small_stem": True}, "wide_resnet28_2": {},
           "vit_tiny": {"patch_size": 4, "dim": 96, "depth": 4, "heads": 3}}
 VIT_METHODS = ("mae", "simmim")  # measured on the small ViT whatever --model says (MAE needs a ViT)
+MULTI_CROP = {  # the heads and crops of recipes/<method>_digits.yaml (LARS like SimCLR; iBOT: AdamW on the ViT)
+    "swav": dict(n_prototypes=100, proj_hidden_dim=128, proj_dim=64, local_crops=2, local_crop_size=0.5,
+                 queue_length=512, queue_start_epochs=0),
+    "nnclr": dict(proj_hidden_dim=128, proj_dim=64, pred_hidden_dim=128, support_set_size=1024),
+    "supcon": dict(proj_hidden_dim=128, proj_dim=64),
+    "ibot": dict(backbone={"name": "vit_tiny", "kwargs": KWARGS["vit_tiny"]}, out_dim=1024, head_hidden_dim=256,
+                 bottleneck_dim=64, local_crops=2, local_crop_size=0.5, masking="random"),
+}
 
 
 def stage_for(method: str, model: str, batch: int, size: int, device: str, mu: int) -> dict:
@@ -46,6 +54,9 @@ def stage_for(method: str, model: str, batch: int, size: int, device: str, mu: i
         stage["optimizer"]["name"] = "lars"
     if method == "dino":  # the head and crops of recipes/dino_digits.yaml
         stage.update(local_crops=4, local_crop_size=0.5, out_dim=1024, head_hidden_dim=256, bottleneck_dim=64)
+    if method in MULTI_CROP:
+        stage.update(MULTI_CROP[method])
+        stage["optimizer"]["name"] = "adamw" if method == "ibot" else "lars"
     if method in VIT_METHODS:  # the ViT and decoder of recipes/mae_digits.yaml
         stage["backbone"] = {"name": "vit_tiny", "kwargs": {**KWARGS["vit_tiny"], "global_pool": True}}
         if method == "mae":
@@ -54,7 +65,7 @@ def stage_for(method: str, model: str, batch: int, size: int, device: str, mu: i
 
 
 def measure(method: str, model: str, batch: int, size: int, device: str, mu: int, steps: int, rounds: int) -> tuple:
-    model = "vit_tiny" if method in VIT_METHODS else model
+    model = "vit_tiny" if method in VIT_METHODS + ("ibot",) else model
     cfg = validate_recipe({"seed": 0, "stages": [stage_for(method, model, batch, size, device, mu)]}).stages[0]
     cls = build_method(method)
     data = prepare_data(cfg.data, 0, use_unlabeled=cls.wants_unlabeled(cfg))
@@ -73,11 +84,12 @@ def measure(method: str, model: str, batch: int, size: int, device: str, mu: int
         key_encoder, key_input = None, None
         if method == "fixmatch":
             (x, y), count = images(batch * (1 + 2 * mu)), batch * (1 + 2 * mu)
-        elif method == "dino":  # 2 global views + local crops at their own size; the EMA teacher sees the globals
+        elif method in ("dino", "swav", "ibot"):  # 2 global views + local crops at their own size
             local = max(4, round(size * cfg.local_crop_size))
             (xg, yg), (xl, yl) = images(2 * batch), images(cfg.local_crops * batch, local)
             x, y, count = [xg, xl], [yg, yl], (2 + cfg.local_crops) * batch
-            key_encoder, key_input = build_backbone(model, channels, size, kwargs).to(dev).train(), xg
+            if method != "swav":  # DINO/iBOT: the EMA teacher sees the globals
+                key_encoder, key_input = build_backbone(model, channels, size, kwargs).to(dev).train(), xg
         elif method in VIT_METHODS or method == "supervised":  # one view (MIM: the full ViT on every patch)
             (x, y), count = images(batch), batch
         else:

@@ -1,0 +1,183 @@
+"""iBOT (Zhou et al. 2022): DINO's [CLS] self-distillation plus masked patch self-distillation on a ViT.
+
+The student sees the 2 global crops with a random share of their patch tokens replaced by a learned mask token (a
+ratio drawn per image from `mask_ratio`, for a `mask_prob` share of the images; blockwise or random patches) and the
+local crops unmasked; the EMA teacher sees the 2 global crops unmasked. Loss = DINO's cross-view [CLS] loss
+(`dino_loss`) + `lambda_patch` × the same-view patch loss on the masked tokens (`ibot_patch_loss`), each with its own
+centre. The patch head is the [CLS] head (`shared_head`, the ViT-S/16 setting) or a separate one (`patch_out_dim`).
+
+Collapse is watched as for DINO (teacher entropy, teacher/student KL, a loss stuck at ln K) and through
+`ibot/embedding_std`: the per-dimension std of the teacher's normalised backbone embedding (see swav.py)."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from ..common import distributed as dist
+from ..data.loader import Batch
+from ..errors import ConfigError
+from ..losses import dino_loss, ibot_patch_loss
+from ..models.masking import block_masking
+from ..models.vit import VisionTransformer
+from .base import Progress
+from .dino import DINO, DINOConfig, DINOHead
+from .momentum import frozen_copy
+from .registry import register
+from .swav import EmbeddingStdMonitor
+
+
+class IBOTConfig(DINOConfig):
+    """DINO's keys (head, temperatures, centre, EMA, multi-crop views) with iBOT's defaults, plus the masked patch
+    objective. The patch teacher temperature follows the same warmup as the [CLS] one (from warmup_teacher_temp)."""
+
+    method: Literal["ibot"]
+    out_dim: int = Field(8192, ge=2, description="prototypes K of the [CLS] head")
+    patch_out_dim: int = Field(8192, ge=2, description="prototypes of the patch head (= out_dim when shared_head)")
+    shared_head: bool = Field(True, description="one head for [CLS] and patch tokens (iBOT's ViT-S/16 setting)")
+    teacher_temp: float = Field(0.07, gt=0, description="[CLS] teacher temperature after warmup")
+    teacher_patch_temp: float = Field(0.07, gt=0, description="patch teacher temperature after warmup")
+    warmup_teacher_temp_epochs: float = Field(30, ge=0)
+    local_crops: int = Field(10, ge=0)
+    mask_ratio: tuple[float, float] = Field((0.1, 0.5), description="per-image masked share, uniform in this range")
+    mask_prob: float = Field(0.5, ge=0, le=1, description="share of the global crops that are masked at all")
+    masking: Literal["block", "random"] = Field("block", description="blockwise (BEiT) or random patches")
+    lambda_patch: float = Field(1.0, ge=0, description="weight of the masked patch loss (iBOT's λ2)")
+
+    @model_validator(mode="after")
+    def _patch_keys(self) -> "IBOTConfig":
+        low, high = self.mask_ratio
+        if not 0 <= low <= high < 1:
+            raise ValueError(f"mask_ratio must satisfy 0 <= low <= high < 1, got {self.mask_ratio}")
+        if self.shared_head and self.patch_out_dim != self.out_dim and "patch_out_dim" in self.model_fields_set:
+            raise ValueError(f"shared_head uses the [CLS] head for patches: patch_out_dim {self.patch_out_dim} "
+                             f"must equal out_dim {self.out_dim} (or set shared_head: false)")
+        return self
+
+
+def ibot_masks(n: int, grid: int, ratio: tuple[float, float], prob: float, kind: str, device=None) -> Tensor:
+    """Masks of n images of grid × grid patches -> (n, grid²) float, 1 = masked. Each image is masked with
+    probability `prob`; a masked image gets round(r·L) masked patches, r ~ U(ratio), as blocks or at random."""
+    length = grid * grid
+    ratios = torch.empty(n).uniform_(*ratio) * (torch.rand(n) < prob)
+    counts = (ratios * length).round().long()
+    if kind == "block":
+        rows = [block_masking(1, grid, float(c) / length)[1] if c else torch.zeros(1, length) for c in counts]
+        return torch.cat(rows).to(device)
+    rank = torch.rand(n, length).argsort(dim=1).argsort(dim=1)
+    return (rank < counts[:, None]).float().to(device)
+
+
+@register("ibot", IBOTConfig)
+class IBOT(DINO):
+    """DINO on a ViT (teacher = EMA of student backbone + heads) with a mask token and a patch objective."""
+
+    def __init__(self, cfg, backbone: nn.Module, info) -> None:
+        if not isinstance(backbone, VisionTransformer):
+            raise ConfigError(f"stages[{cfg.name}]: iBOT needs a ViT backbone (vit_tiny, vit_small), got "
+                              f"{type(backbone).__name__}")
+        super().__init__(cfg, backbone, info)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, backbone.num_features))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        if not cfg.shared_head:
+            self.patch_head_net = DINOHead(backbone.num_features, cfg.patch_out_dim, cfg.head_hidden_dim,
+                                           cfg.bottleneck_dim, cfg.norm_last_layer)
+            self.teacher_patch_head = frozen_copy(self.patch_head_net)
+        self.register_buffer("patch_center", torch.zeros(1, 1, cfg.out_dim if cfg.shared_head else cfg.patch_out_dim))
+        self.collapse = EmbeddingStdMonitor("ibot", backbone.num_features)
+
+    def patch_heads(self) -> tuple[nn.Module, nn.Module]:
+        """(student, teacher) patch heads: the [CLS] heads when shared_head."""
+        if self.cfg.shared_head:
+            return self.head_net, self.teacher_head
+        return self.patch_head_net, self.teacher_patch_head
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        pairs = super().momentum_pairs()
+        return pairs if self.cfg.shared_head else pairs + [(self.patch_head_net, self.teacher_patch_head)]
+
+    def _freeze_last_layer(self, progress: Progress) -> None:
+        super()._freeze_last_layer(progress)
+        if not self.cfg.shared_head:
+            frozen = progress.step < self.cfg.freeze_last_layer_epochs * progress.steps_per_epoch
+            weight = self.patch_head_net.last_layer.parametrizations.weight
+            weight.original1.requires_grad_(not frozen)
+            if not self.cfg.norm_last_layer:
+                weight.original0.requires_grad_(not frozen)
+
+    def masked_tokens(self, x: Tensor, mask: Tensor) -> Tensor:
+        """images (M, C, H, W), mask (M, L) -> student patch tokens (M, L, D): masked ones become mask token + pos."""
+        tokens = self.backbone.embed(x)
+        pos = self.backbone.pos_embed[:, 1:].to(tokens.dtype)
+        return torch.where(mask.unsqueeze(-1) > 0, self.mask_token.to(tokens.dtype) + pos, tokens)
+
+    def pooled(self, tokens: Tensor) -> Tensor:
+        """Encoded tokens (M, 1 + L, D) -> the backbone's feature (M, D): cls, or mean of patches (global_pool)."""
+        return tokens[:, 1:].mean(dim=1) if self.backbone.global_pool else tokens[:, 0]
+
+    def teacher_temperatures(self, progress: Progress) -> tuple[float, float]:
+        """([CLS], patch) teacher temperatures: both warm up from warmup_teacher_temp linearly."""
+        cfg = self.cfg
+        cls_temp = self.teacher_temperature(progress)
+        if progress.step >= cfg.warmup_teacher_temp_epochs * progress.steps_per_epoch:
+            return cls_temp, cfg.teacher_patch_temp
+        fraction = progress.step / (cfg.warmup_teacher_temp_epochs * progress.steps_per_epoch)
+        return cls_temp, cfg.warmup_teacher_temp + (cfg.teacher_patch_temp - cfg.warmup_teacher_temp) * fraction
+
+    def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+        cfg = self.cfg
+        self._freeze_last_layer(progress)
+        views = self.augment_views(batch)
+        globals_ = torch.cat(views[:2])
+        patch_head, teacher_patch_head = self.patch_heads()
+        mask = ibot_masks(globals_.shape[0], self.backbone.grid, cfg.mask_ratio, cfg.mask_prob, cfg.masking,
+                          globals_.device)
+        with torch.no_grad():
+            teacher_tokens = self.teacher_backbone.encode(self.teacher_backbone.embed(globals_))
+            teacher_cls = self.teacher_head(teacher_tokens[:, 0]).float()
+            teacher_patch = teacher_patch_head(teacher_tokens[:, 1:]).float()
+        student_tokens = self.backbone.encode(self.masked_tokens(globals_, mask))
+        student_logits = list(self.head_net(student_tokens[:, 0]).float().chunk(2))
+        student_patch = patch_head(student_tokens[:, 1:]).float()
+        if cfg.local_crops:
+            local_cls = self.backbone.encode(self.backbone.embed(torch.cat(views[2:])))[:, 0]
+            student_logits += list(self.head_net(local_cls).float().chunk(cfg.local_crops))
+        cls_temp, patch_temp = self.teacher_temperatures(progress)
+        teacher_out = list(teacher_cls.chunk(2))
+        cls_loss = dino_loss(student_logits, teacher_out, self.center, cfg.student_temp, cls_temp)
+        patch_loss = ibot_patch_loss(student_patch, teacher_patch, mask, self.patch_center, cfg.student_temp,
+                                     patch_temp)
+        stats = {k.replace("dino/", "ibot/"): v
+                 for k, v in self._collapse_stats(student_logits[:2], teacher_out, cls_temp).items()}
+        self._update_centers(teacher_cls, teacher_patch)
+        self._loss_sum += cls_loss.detach()
+        self._loss_count += 1
+        features = self.pooled(teacher_tokens)
+        self.collapse.observe(features)
+        probe = self.probe_loss(features, batch.y.repeat(2))
+        loss = cls_loss + cfg.lambda_patch * patch_loss
+        return {"loss": loss + probe, "ibot_cls_loss": cls_loss.detach(), "ibot_patch_loss": patch_loss.detach(),
+                "probe_loss": probe.detach(), "ibot/mask_ratio": mask.mean(), **stats}
+
+    @torch.no_grad()
+    def _update_centers(self, teacher_cls: Tensor, teacher_patch: Tensor) -> None:
+        """Both centres ← m·centre + (1 − m)·mean teacher logits over the global batch ([CLS]: (2N, K); patches:
+        (2N, L, K) averaged over images and tokens)."""
+        self._update_center(teacher_cls)
+        patch_mean = dist.all_reduce_mean(teacher_patch.mean(dim=(0, 1), keepdim=True))
+        self.patch_center.mul_(self.cfg.center_momentum).add_(patch_mean * (1 - self.cfg.center_momentum))
+
+    def epoch_metrics(self) -> dict[str, float]:
+        out = {k.replace("dino/", "ibot/"): v for k, v in super().epoch_metrics().items()}
+        return {**out, **self.collapse.epoch_metrics()}
+
+    def warn_if_collapsed(self, loss: float) -> None:
+        """The [CLS] loss sitting at ln K: uniform outputs (DINO's check, on iBOT's [CLS] loss)."""
+        if not self._warned_collapse and abs(loss - math.log(self.cfg.out_dim)) < 0.01 * math.log(self.cfg.out_dim):
+            warnings.warn(f"iBOT [CLS] loss {loss:.4f} sits at ln K = {math.log(self.cfg.out_dim):.4f}: the outputs "
+                          f"look collapsed to uniform; check teacher_temp, center_momentum and the learning rate")
+            self._warned_collapse = True
