@@ -98,6 +98,11 @@ class EmbeddingStdMonitor(nn.Module):
 class SwAV(PretextMethod):
     """backbone -> 2-layer MLP projector -> L2 normalise -> prototypes (linear, no bias, unit rows) -> SwAVLoss."""
 
+    @classmethod
+    def ddp_find_unused_parameters(cls, cfg) -> bool:
+        """The prototypes take no gradient during the first freeze_prototypes_epochs."""
+        return True
+
     def __init__(self, cfg, backbone: nn.Module, info) -> None:
         super().__init__(cfg, backbone, info)
         self.projector = mlp(backbone.num_features, cfg.proj_hidden_dim, cfg.proj_dim, layers=2)
