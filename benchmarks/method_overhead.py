@@ -1,7 +1,8 @@
 """Per-method cost against the floor (issues 3, 4, 9): one engine step of a method (its on-device augmentation,
 heads, loss, momentum updates, all included) divided by a bare forward/backward/step of the same backbone + linear
 head on the same number of images (SimCLR/MoCo: 2 views × batch; FixMatch: (1 + 2μ) × batch), same process,
-interleaved (AdaMatch: (2 + 2μ) × batch, its labeled-only pass for the logit interpolation included). Also times the losses against a straightforward implementation.
+interleaved (AdaMatch: (2 + 2μ) × batch, its labeled-only pass for the logit interpolation included). Also times
+the losses against a straightforward implementation.
 
     python benchmarks/method_overhead.py [--methods simclr mocov2 mocov3 fixmatch] [--model small_cnn] [--device cpu]
 """
