@@ -6,7 +6,11 @@ student→teacher gap that KD with unlabeled data closes (target ≥ 0.5).
 DINO: runs recipes/dino_digits.yaml's pretraining and compares linear probe / kNN with SimCLR and random init
 (same evaluation as benchmarks/contrastive_table.py).
 
-    python benchmarks/distillation_table.py [--skip-dino] [--device cpu]
+KD variants (issue 17): runs recipes/dkd_digits.yaml (two FixMatch teachers of widths 16 and 8, students of width 4
+with labeled + unlabeled images) plus a labels-only student, and reports KD vs DKD vs two-teacher KD vs KD + FitNets
+hint, each with the share of the (width-16) teacher–student gap it closes. `--variant-steps N` shortens every stage.
+
+    python benchmarks/distillation_table.py [--skip-dino] [--skip-variants] [--variant-steps N] [--device cpu]
 """
 from __future__ import annotations
 
@@ -45,6 +49,23 @@ def kd_table(device: str, seed: int) -> str:
     return table(["model", "test top1"], rows) + f"\n\nshare of the gap closed by KD with unlabeled data: {closed:.2f}"
 
 
+def kd_variants_table(device: str, seed: int, steps: int | None = None) -> str:
+    stages = with_device(load_yaml(RECIPES / "dkd_digits.yaml")["stages"], device)
+    student = next(s for s in stages if s["name"] == "student_kd")
+    stages.insert(2, {"name": "student_labels", "method": "supervised", "data": student["data"],
+                      "backbone": student["backbone"], "optimizer": student["optimizer"],
+                      "schedule": student["schedule"], "train": student["train"]})
+    if steps is not None:
+        for stage in stages:
+            stage["train"] = {**stage["train"], "steps": steps}
+    summary, _ = run_stages(stages, seed)
+    top1 = {stage["name"]: summary[f"{stage['name']}/test/top1"] for stage in stages}
+    gap = top1["teacher"] - top1["student_labels"]
+    rows = [[name, value, (value - top1["student_labels"]) / gap if gap > 0 and name.startswith("student_") else ""]
+            for name, value in top1.items()]
+    return table(["model", "test top1", "share of the teacher–student gap closed"], rows)
+
+
 def dino_table(device: str, seed: int, labels: list[int]) -> str:
     stages = with_device(load_yaml(RECIPES / "dino_digits.yaml")["stages"][:1], device)
     _, dino_record = run_stages(stages, seed)
@@ -66,9 +87,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-kd", action="store_true")
     parser.add_argument("--skip-dino", action="store_true")
+    parser.add_argument("--skip-variants", action="store_true", help="skip KD vs DKD vs two teachers vs hint")
+    parser.add_argument("--variant-steps", type=int, default=None, help="steps of every stage of the variants table")
     args = parser.parse_args()
     if not args.skip_kd:
         print(kd_table(args.device, args.seed), flush=True)
+    if not args.skip_variants:
+        print(kd_variants_table(args.device, args.seed, args.variant_steps), flush=True)
     if not args.skip_dino:
         print(dino_table(args.device, args.seed, [4, 10]), flush=True)
 

@@ -15,15 +15,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import label_spreading_on_pixels, mean_std, run_stages, table  # noqa: E402
 
 
-def stages(dataset: str, labels: int, steps: int, size: int, width: int, policy: str | None, device: str, mu: int):
+METHODS = {"simmatch": {"threshold": 0.95, "proj_size": 64}, "adamatch": {"threshold": 0.9}}  # rows that are
+# methods of their own (defaults otherwise: USB's / the paper's), beside FixMatch's threshold policies
+
+
+def stages(dataset: str, labels: int, steps: int, size: int, width: int, policy: str | None, device: str, mu: int,
+           batch: int = 40):
     common = {"data": {"dataset": dataset, "image_size": size, "labels_per_class": labels},
               "backbone": {"name": "small_cnn", "kwargs": {"width": width}},
               "optimizer": {"name": "sgd", "lr": 0.03, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
               "schedule": {"name": "fixmatch_cosine"},
-              "train": {"steps": steps, "batch_size": 40, "ema_decay": 0.99, "eval_every_epochs": 0,
+              "train": {"steps": steps, "batch_size": batch, "ema_decay": 0.99, "eval_every_epochs": 0,
                         "progress": False, "device": device, "checkpoint_every_steps": 100_000}}
     if policy is None:
         return [{"name": "run", "method": "supervised", **common}]
+    if policy in METHODS:
+        return [{"name": "run", "method": policy, "mu": mu, **METHODS[policy], **common}]
     return [{"name": "run", "method": "fixmatch", "mu": mu, "threshold": 0.95,
              "threshold_policy": {"policy": policy}, **common}]
 
@@ -33,11 +40,14 @@ def main() -> None:
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--labels", type=int, nargs="+", default=[4, 10])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--policies", nargs="+", default=["fixed", "flexmatch", "freematch", "softmatch"])
+    parser.add_argument("--policies", nargs="+",
+                        default=["fixed", "flexmatch", "freematch", "softmatch", "simmatch", "adamatch"],
+                        help="FixMatch threshold policies and whole methods (simmatch, adamatch)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--size", type=int, default=16)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--mu", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=40, help="labeled batch size")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--label-spreading", action="store_true", help="also LabelSpreading (rbf, gamma 0.25)")
     args = parser.parse_args()
@@ -47,8 +57,9 @@ def main() -> None:
         for seed in args.seeds:
             for policy in [None] + args.policies:
                 summary, _ = run_stages(stages(args.dataset, labels, args.steps, args.size, args.width, policy,
-                                               args.device, args.mu), seed)
-                name = "supervised only" if policy is None else ("FixMatch" if policy == "fixed" else policy)
+                                               args.device, args.mu, args.batch), seed)
+                name = "supervised only" if policy is None else \
+                    {"fixed": "FixMatch", "simmatch": "SimMatch", "adamatch": "AdaMatch"}.get(policy, policy)
                 results.setdefault(name, []).append(summary["run/test/top1"])
                 print(f"labels/class {labels} seed {seed} {name}: {summary['run/test/top1']:.4f}", flush=True)
             if args.label_spreading:

@@ -1,7 +1,8 @@
 """Per-method cost against the floor (issues 3, 4, 9): one engine step of a method (its on-device augmentation,
 heads, loss, momentum updates, all included) divided by a bare forward/backward/step of the same backbone + linear
 head on the same number of images (SimCLR/MoCo: 2 views × batch; FixMatch: (1 + 2μ) × batch), same process,
-interleaved. Also times the losses against a straightforward implementation.
+interleaved (AdaMatch: (2 + 2μ) × batch, its labeled-only pass for the logit interpolation included). Also times
+the losses against a straightforward implementation.
 
     python benchmarks/method_overhead.py [--methods simclr mocov2 mocov3 fixmatch] [--model small_cnn] [--device cpu]
 """
@@ -46,7 +47,7 @@ def stage_for(method: str, model: str, batch: int, size: int, device: str, mu: i
              "backbone": {"name": model, "kwargs": KWARGS[model]},
              "optimizer": {"name": "sgd", "lr": 0.03, "momentum": 0.9},
              "train": {"steps": 1000, "batch_size": batch, "progress": False, "device": device}}
-    if method == "fixmatch":
+    if method in ("fixmatch", "simmatch", "adamatch"):
         stage.update(mu=mu)
         stage["data"]["labels_per_class"] = 10
         stage["train"]["ema_decay"] = 0.999
@@ -82,8 +83,10 @@ def measure(method: str, model: str, batch: int, size: int, device: str, mu: int
             return torch.randn(n, channels, side, side, device=dev), torch.randint(0, classes, (n,), device=dev)
 
         key_encoder, key_input = None, None
-        if method == "fixmatch":
+        if method in ("fixmatch", "simmatch"):
             (x, y), count = images(batch * (1 + 2 * mu)), batch * (1 + 2 * mu)
+        elif method == "adamatch":  # + the labeled images again, alone (random logit interpolation)
+            (x, y), count = images(batch * (2 + 2 * mu)), batch * (2 + 2 * mu)
         elif method in ("dino", "swav", "ibot"):  # 2 global views + local crops at their own size
             local = max(4, round(size * cfg.local_crop_size))
             (xg, yg), (xl, yl) = images(2 * batch), images(cfg.local_crops * batch, local)
@@ -145,7 +148,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for method in args.methods:
-        batch = args.fixmatch_batch if method == "fixmatch" else args.batch
+        batch = args.fixmatch_batch if method in ("fixmatch", "simmatch", "adamatch") else args.batch
         ratio, ips, bare_ips, own, model = measure(method, args.model, batch, args.size, args.device, args.mu,
                                                    args.steps, args.rounds)
         rows.append([method, model, args.size, batch, ips, bare_ips, ratio, own])

@@ -2,9 +2,10 @@
 plain transfer evaluation never does.
 
 - AdaBN (Li et al. 2016): re-estimate every BatchNorm layer's statistics on target images; weights unchanged.
-- FixMatch adaptation (AdaMatch-style, Berthelot et al. 2022): labeled source + unlabeled target through the
-  pseudo-label machinery with a relative confidence threshold and distribution alignment to the source
-  predictions; compared with the same fine-tuning on the source alone, both scored on the target's test split.
+- FixMatch-family adaptation (`adapt: fixmatch`), run as AdaMatch (Berthelot et al. 2022, methods/adamatch.py):
+  labeled source + unlabeled target with the relative confidence threshold, distribution alignment to the source
+  predictions and random logit interpolation of the source logits; compared with the same fine-tuning on the
+  source alone, both scored on the target's test split.
 """
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ TrainRecipe = Callable[..., tuple]  # (recipe, out dir) -> (run dir, summary): t
 def fixmatch_adaptation(checkpoint: str | Path, source: str, target: str, steps: int, seed: int,
                         train: TrainRecipe, device: str = "auto", out_dir: Optional[Path] = None,
                         threshold: float = 0.9) -> dict:
-    """Fine-tune the checkpoint's backbone with a new head on labeled `source` + unlabeled `target` images
-    (relative threshold, distribution alignment to labeled predictions), and the same fine-tuning on the source
+    """Fine-tune the checkpoint's backbone with a new head on labeled `source` + unlabeled `target` images with
+    AdaMatch (relative threshold, distribution alignment to labeled predictions, random logit interpolation), and the same fine-tuning on the source
     alone (no target image seen, so BatchNorm statistics stay the source's). `train(recipe, out_dir)` runs the two
     stages (the runner's `run_recipe`: evaluation drives training without importing the runner).
     -> {"source_only_top1", "adapted_top1": target test top-1 of each, "run_dir": where both runs are}."""
@@ -63,10 +64,8 @@ def fixmatch_adaptation(checkpoint: str | Path, source: str, target: str, steps:
               "train": {"steps": steps, "batch_size": 32, "eval_every_epochs": 0, "progress": False,
                         "device": device}}
     source_only = {"name": "source_only", "method": "supervised", "data": data, **copy.deepcopy(shared)}
-    adapted = {"name": "adapted", "method": "fixmatch", "threshold": threshold, "mu": 3, "eval_ema": False,
-               "data": {**data, "unlabeled_dataset": target},
-               "threshold_policy": {"policy": "relative", "distribution_alignment": True,
-                                    "alignment_target": "labeled"}, **copy.deepcopy(shared)}
+    adapted = {"name": "adapted", "method": "adamatch", "threshold": threshold, "mu": 3, "eval_ema": False,
+               "data": {**data, "unlabeled_dataset": target}, **copy.deepcopy(shared)}
     stages = [source_only, adapted]
     recipe = validate_recipe({"seed": seed, "name": "adapt", "stages": stages}, f"fixmatch adaptation to {target!r}")
     out = out_dir if out_dir is not None else Path(tempfile.mkdtemp(prefix="ssl-kit-adapt-"))

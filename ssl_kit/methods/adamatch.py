@@ -1,0 +1,107 @@
+"""AdaMatch (Berthelot et al. 2022, "AdaMatch: a unified approach to semi-supervised learning and domain
+adaptation"), complete: FixMatch's weak/strong consistency plus the three pieces the paper adds —
+
+- random logit interpolation: the labeled logits are λ ⊙ (labeled+unlabeled pass) + (1 − λ) ⊙ (labeled-only pass)
+  with λ ~ U(0, 1) per element, so batch norm sees both domains without the labeled loss depending on which;
+- distribution alignment: the unlabeled weak predictions are rescaled by (labeled mean / unlabeled mean) class
+  probabilities (an EMA of both, USB's `ema_p`; `ema_p: 0` uses this batch's means, as the paper does);
+- the relative threshold: τ × the mean confidence on the labeled batch (a swappable policy of thresholds.py,
+  `threshold_policy.policy: relative` by default);
+
+and the paper's cosine warm-up of the unlabeled weight (½ − ½cos, reaching λ_u half-way through training)."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from ..config import StrongAugConfig
+from ..data.augment import StrongView
+from ..data.loader import Batch
+from ..losses import consistency_loss, cosine_rampup, random_logit_interpolation
+from .base import Progress
+from .registry import register
+from .semi import SemiSupervisedConfig, SemiSupervisedMethod
+from .thresholds import DistributionAlignment, ThresholdConfig, build_policy
+
+
+class AdaMatchConfig(SemiSupervisedConfig):
+    method: Literal["adamatch"]
+    threshold: float = Field(0.9, ge=0, le=1, description="τ: the cut-off is τ × mean max prob on the labeled batch "
+                                                          "(USB p_cutoff; the paper's τ 0.9)")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of the pseudo-labels (USB T)")
+    hard_label: bool = Field(True, description="arg-max pseudo-labels (USB hard_label); false: soft targets")
+    dist_align: bool = Field(True, description="align unlabeled predictions to the labeled class distribution "
+                                               "(USB dist_align)")
+    ema_p: float = Field(0.999, ge=0, lt=1, description="EMA momentum of the alignment's class means (USB ema_p); "
+                                                        "0: this batch's means (the paper)")
+    logit_interpolation: bool = Field(True, description="random logit interpolation of the labeled logits (needs "
+                                                        "one more forward pass over the labeled images)")
+    unsup_warmup: float = Field(0.5, ge=0, le=1, description="fraction of training over which λ_u ramps up as "
+                                                             "½ − ½cos (the paper: 0.5); 0 = constant")
+    threshold_policy: ThresholdConfig = Field(default_factory=lambda: ThresholdConfig(policy="relative"))
+    strong: StrongAugConfig = Field(default_factory=StrongAugConfig)
+
+    @model_validator(mode="after")
+    def _alignment_is_adamatchs(self) -> "AdaMatchConfig":
+        if self.threshold_policy.distribution_alignment:
+            raise ValueError("threshold_policy.distribution_alignment: AdaMatch aligns distributions itself "
+                             "(dist_align, ema_p); leave it false")
+        return self
+
+
+@register("adamatch", AdaMatchConfig)
+class AdaMatch(SemiSupervisedMethod):
+    def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0) -> None:
+        super().__init__(cfg, backbone, info, num_unlabeled)
+        self.strong_view = StrongView(self.normalize, cfg.strong, cfg.data.translate, cfg.data.hflip)
+        self.policy = build_policy(cfg, info.num_classes, num_unlabeled)
+        self.alignment = DistributionAlignment(info.num_classes, momentum=cfg.ema_p, follow_labeled=True) \
+            if cfg.dist_align else None
+
+    def threshold_metrics(self) -> dict:
+        return {"pseudo/thresholds": [round(float(t), 4) for t in self.policy.thresholds()]}
+
+    def labeled_logits(self, x: Tensor, logits_joint: Tensor) -> Tensor:
+        """The labeled logits (N, K) the supervised loss and the relative threshold use: with logit interpolation,
+        λ ⊙ joint + (1 − λ) ⊙ (a pass over the labeled images alone), λ ~ U(0, 1) per element; else the joint ones."""
+        if not self.cfg.logit_interpolation:
+            return logits_joint.float()
+        return random_logit_interpolation(logits_joint, self.net(x))
+
+    def unsup_weight(self, progress: Progress) -> float:
+        """λ_u × ½ − ½cos(π · min(step / (unsup_warmup · total), 1))."""
+        return self.cfg.lambda_u * cosine_rampup(progress.step, self.cfg.unsup_warmup * progress.total_steps)
+
+    def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+        cfg = self.cfg
+        x, u_weak, u_strong = self.weak_view(batch.x), self.weak_view(batch.u), self.strong_view(batch.u)
+        n = x.shape[0]
+        logits = self.net(torch.cat([x, u_weak, u_strong]))  # one pass: BN sees both sets, as in the paper
+        logits_w, logits_s = logits[n:].chunk(2)
+        logits_x = self.labeled_logits(x, logits[:n])
+        supervised = F.cross_entropy(logits_x, batch.y)
+        with torch.no_grad():
+            labeled_probs = torch.softmax(logits_x.detach() / cfg.temperature, dim=1)
+            self.policy.observe_labeled(labeled_probs)
+            probs = torch.softmax(logits_w.detach().float() / cfg.temperature, dim=1)
+            if self.alignment is not None:
+                self.alignment.observe_labeled(labeled_probs)
+                probs = self.alignment(probs)
+            weights = self.policy.weights(probs, batch.u_index)
+            self.policy.update(probs, batch.u_index)
+            self.track_pseudo_labels(probs, weights, batch.u_y)
+        unsupervised = consistency_loss(logits_s, probs.argmax(dim=1) if cfg.hard_label else probs, weights)
+        weight_u = self.unsup_weight(progress)
+        loss = supervised + weight_u * unsupervised
+        out = {"supervised_loss": supervised.detach(), "unsupervised_loss": unsupervised.detach(),
+               "mask_rate": (weights > 0.5).float().mean(), "unsup_weight": torch.tensor(weight_u)}
+        fairness = self.policy.extra_loss(logits_s.float(), weights)
+        if fairness is not None:
+            loss = loss + fairness
+            out["fairness_loss"] = fairness.detach()
+        out["loss"] = loss
+        return out

@@ -1,0 +1,143 @@
+"""SimMatch (Zheng et al. 2022, "SimMatch: semi-supervised learning with similarity matching"), as USB implements
+it: FixMatch's classifier consistency with soft pseudo-labels, plus an instance consistency over a memory bank of
+labeled embeddings (a projection head's L2-normalised output).
+
+Each step: the weak view's class prediction (distribution-aligned over the last `da_len` batches) and its
+similarity to the bank are propagated into each other (unfolding: class -> instance pseudo-label q̂; aggregation:
+instance -> class pseudo-label p̂, `simmatch_unfold_aggregate`); the strong view is trained towards p̂ where the
+threshold policy is confident (λ_u) and its bank similarities towards q̂ (`simmatch_in_loss`, λ_in); then the
+labeled batch's embeddings replace their slots in the bank (one slot per labeled image)."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from ..common import distributed as dist
+from ..config import StrongAugConfig
+from ..data.augment import StrongView
+from ..data.loader import Batch
+from ..losses import consistency_loss, simmatch_in_loss, simmatch_unfold_aggregate
+from .base import Progress
+from .registry import register
+from .semi import SemiSupervisedConfig, SemiSupervisedMethod
+from .thresholds import ThresholdConfig, build_policy
+
+
+class SimMatchConfig(SemiSupervisedConfig):
+    method: Literal["simmatch"]
+    threshold: float = Field(0.95, ge=0, le=1, description="confidence cut-off of the class pseudo-label (USB "
+                                                           "p_cutoff)")
+    temperature: float = Field(0.1, gt=0, description="temperature of the bank similarities (USB T)")
+    lambda_in: float = Field(1.0, ge=0, description="weight of the instance consistency loss (USB in_loss_ratio)")
+    proj_size: int = Field(128, ge=1, description="embedding size of the projection head (USB proj_size)")
+    smoothing_alpha: float = Field(0.9, ge=0, le=1, description="p̂ = α · class prediction + (1 − α) · aggregated "
+                                                                "similarity (USB smoothing_alpha)")
+    da_len: int = Field(32, ge=0, description="distribution alignment to uniform over the mean prediction of the "
+                                              "last da_len batches (USB da_len); 0 = off")
+    threshold_policy: ThresholdConfig = Field(default_factory=ThresholdConfig)
+    strong: StrongAugConfig = Field(default_factory=StrongAugConfig)
+
+
+class AlignmentQueue(nn.Module):
+    """USB's `DistAlignQueueHook` with a uniform target: p ← normalise(p · (1/K + ε) / (p̄_model + ε)), p̄_model the
+    mean of the unlabeled batches' mean predictions over the last `length` steps (the queue starts uniform)."""
+
+    def __init__(self, num_classes: int, length: int) -> None:
+        super().__init__()
+        self.register_buffer("queue", torch.full((length, num_classes), 1.0 / num_classes))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def forward(self, probs: Tensor) -> Tensor:
+        """probs (N, K) -> aligned (N, K), rows summing to 1; pushes this batch's mean into the queue first."""
+        self.queue[self.pointer] = dist.gather_no_grad(probs.float()).mean(dim=0)
+        self.pointer.copy_((self.pointer + 1) % self.queue.shape[0])
+        uniform = 1.0 / probs.shape[1]
+        aligned = probs * (uniform + 1e-6) / (self.queue.mean(dim=0) + 1e-6)
+        return aligned / aligned.sum(dim=1, keepdim=True)
+
+
+@register("simmatch", SimMatchConfig)
+class SimMatch(SemiSupervisedMethod):
+
+    @classmethod
+    def context_from(cls, cfg, data, load_record) -> dict:
+        return {**super().context_from(cfg, data, load_record), "labeled_index": data.labeled,
+                "labeled_labels": data.train.labels[data.labeled]}
+
+    def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0,
+                 labeled_index: Optional[Tensor] = None, labeled_labels: Optional[Tensor] = None) -> None:
+        super().__init__(cfg, backbone, info, num_unlabeled)
+        if labeled_index is None or labeled_labels is None:
+            raise ValueError("SimMatch needs the labeled set (labeled_index, labeled_labels) for its memory bank")
+        self.strong_view = StrongView(self.normalize, cfg.strong, cfg.data.translate, cfg.data.hflip)
+        self.policy = build_policy(cfg, info.num_classes, num_unlabeled)
+        self.alignment = AlignmentQueue(info.num_classes, cfg.da_len) if cfg.da_len > 0 else None
+        features = backbone.num_features
+        self.projector = nn.Sequential(nn.Linear(features, features), nn.ReLU(inplace=True),
+                                       nn.Linear(features, cfg.proj_size))  # USB's SimMatch_Net.mlp_proj
+        slots = len(labeled_index)
+        self.register_buffer("bank", F.normalize(torch.randn(slots, cfg.proj_size), dim=1))  # (M, D)
+        self.register_buffer("bank_labels", labeled_labels.long().clone())  # (M,)
+        slot_of = torch.full((int(labeled_index.max()) + 1,), -1, dtype=torch.long)
+        slot_of[labeled_index.long()] = torch.arange(slots)
+        self.register_buffer("slot_of", slot_of, persistent=False)  # training-set index -> bank slot
+
+    def threshold_metrics(self) -> dict:
+        return {"pseudo/thresholds": [round(float(t), 4) for t in self.policy.thresholds()]}
+
+    def embed(self, features: Tensor) -> Tensor:
+        """backbone features (N, F) -> L2-normalised embeddings (N, proj_size)."""
+        return F.normalize(self.projector(features).float(), dim=1)
+
+    @torch.no_grad()
+    def update_bank(self, embeddings: Tensor, labels: Tensor, index: Tensor) -> None:
+        """Write the labeled batch's embeddings (N, D) and labels (N,) into the slots of their training-set
+        indices (N,) (gathered over ranks)."""
+        embeddings, labels = dist.gather_no_grad(embeddings.float()), dist.gather_no_grad(labels)
+        index = dist.gather_no_grad(index)
+        known = (index >= 0) & (index < self.slot_of.shape[0])  # streamed batches mark unreadable images with −1
+        slots = torch.full_like(index, -1)
+        slots[known] = self.slot_of[index[known]]
+        keep = slots >= 0
+        self.bank[slots[keep]] = embeddings[keep]
+        self.bank_labels[slots[keep]] = labels[keep]
+
+    def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+        cfg = self.cfg
+        if batch.x_index is None:
+            raise ValueError("SimMatch needs batch.x_index (the labeled images' indices) to fill its memory bank")
+        x, u_weak, u_strong = self.weak_view(batch.x), self.weak_view(batch.u), self.strong_view(batch.u)
+        n = x.shape[0]
+        features = self.net.backbone(torch.cat([x, u_weak, u_strong]))
+        logits, embeddings = self.net.head(features), self.embed(features)
+        logits_w, logits_s = logits[n:].chunk(2)
+        embeddings_w, embeddings_s = embeddings[n:].chunk(2)
+        supervised = F.cross_entropy(logits[:n].float(), batch.y)
+        bank = self.bank.clone()
+        with torch.no_grad():
+            self.policy.observe_labeled(torch.softmax(logits[:n].detach().float(), dim=1))
+            probs = torch.softmax(logits_w.detach().float(), dim=1)
+            if self.alignment is not None:
+                probs = self.alignment(probs)
+            instance_targets, class_targets = simmatch_unfold_aggregate(
+                embeddings_w, bank, self.bank_labels, probs, cfg.temperature, cfg.smoothing_alpha)
+            weights = self.policy.weights(class_targets, batch.u_index)
+            self.policy.update(class_targets, batch.u_index)
+            self.track_pseudo_labels(class_targets, weights, batch.u_y)
+        unsupervised = consistency_loss(logits_s, class_targets, weights)
+        instance = simmatch_in_loss(embeddings_s, bank, instance_targets, cfg.temperature)
+        loss = supervised + cfg.lambda_u * unsupervised + cfg.lambda_in * instance
+        self.update_bank(embeddings[:n].detach(), batch.y, batch.x_index)
+        out = {"supervised_loss": supervised.detach(), "unsupervised_loss": unsupervised.detach(),
+               "instance_loss": instance.detach(), "mask_rate": (weights > 0.5).float().mean()}
+        fairness = self.policy.extra_loss(logits_s.float(), weights)
+        if fairness is not None:
+            loss = loss + fairness
+            out["fairness_loss"] = fairness.detach()
+        out["loss"] = loss
+        return out
