@@ -21,7 +21,8 @@ from .imageset import ImageSet
 FASHION_MNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 NEEDS_ROOT = ("mnist", "cifar10", "cifar100", "svhn", "stl10", "imagefolder", "images", "filelist", "webdataset")
 KNOWN = ("digits", "digits-printed", "digits-rotated", "fashion-mnist") + NEEDS_ROOT
-OPTIONS = {"download": bool, "per_font": int, "test_fraction": float, "seed": int}
+OPTIONS = {"download": bool, "per_font": int, "test_fraction": float, "seed": int, "labels": str, "storage": str}
+STORAGES = ("auto", "memory", "stream")
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,12 @@ def _parse_option(spec: str, item: str) -> tuple[str, object]:
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError(value)
             return key, value.lower() in ("true", "1", "yes")
+        if key == "storage" and value not in STORAGES:
+            raise ValueError(value)
         return key, kind(value)
     except ValueError:
-        raise DataError(f"dataset spec {spec!r}: option {key}={value!r} is not a valid {kind.__name__}") from None
+        expected = " or ".join(STORAGES) if key == "storage" else f"a valid {kind.__name__}"
+        raise DataError(f"dataset spec {spec!r}: option {key}={value!r} is not {expected}") from None
 
 
 def parse_spec(spec: str) -> DatasetSpec:
@@ -77,6 +81,9 @@ def parse_spec(spec: str) -> DatasetSpec:
     if name in ("digits", "digits-printed") and arg is not None:
         raise DataError(f"dataset spec {spec!r}: {name} is builtin and takes no root or argument")
     options = tuple(_parse_option(spec, item) for item in option_items if item.strip())
+    if name not in ("imagefolder", "images", "filelist", "webdataset") and any(key in ("labels", "storage") for key, _ in options):
+        raise DataError(f"dataset spec {spec!r}: labels= and storage= are options of imagefolder, images, filelist "
+                        f"and webdataset")
     return DatasetSpec(name, arg, options)
 
 
@@ -123,6 +130,14 @@ def _load_cached(spec: DatasetSpec, folder_size: int) -> dict[str, ImageSet]:
         return formats.load_svhn(Path(arg))
     if name == "stl10":
         return formats.load_stl10(Path(arg))
+    if spec.option("labels"):  # a labels CSV over a streamed source: its labeled images are the test holdout
+        from .inspect import load_in_memory
+        from .pipeline import open_index, split_positions
+
+        index = open_index(spec)
+        positions = split_positions(index, spec.option("test_fraction", 0.2), spec.option("seed", 0))
+        return {split: load_in_memory(index, pos, folder_size, f"{index.source}/{split}")[0]
+                for split, pos in zip(("train", "test"), positions)}
     if name in ("images", "filelist", "webdataset"):
         from .inspect import streamed_splits
         from .sources import build_index

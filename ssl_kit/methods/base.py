@@ -8,6 +8,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ..data.augment import Normalize, WeakView
+from ..data.crops import CropSpec
 from ..data.loader import Batch
 from ..data.pipeline import DataInfo
 from .momentum import cosine_ramp, update_momentum_pairs
@@ -75,6 +76,12 @@ class Method(nn.Module):
                                  f"declares {len(views)}")
             return [view(x, precropped=True) for view, x in zip(views, batch.views)]
         return [view(batch.x) for view in views]
+
+    def stream_crop(self, image_size: int) -> CropSpec:
+        """Streamed data, methods without views: the one crop the workers cut per image (its weak/strong views are
+        then made on the device from it). RandomResizedCrop over data.stream_crop_scale, no flip (the device's weak
+        view flips)."""
+        return CropSpec(image_size, tuple(self.cfg.data.stream_crop_scale))
 
     def unlabeled_ratio(self) -> int:
         """Unlabeled images per labeled image in a batch (FixMatch's μ); 0: the method trains on labeled batches."""
