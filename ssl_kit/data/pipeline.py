@@ -175,8 +175,9 @@ def _test_set(cfg: DataConfig, train: Images) -> Images:
     return FileSet(index, positions, f"{index.source}/test", train.channels)
 
 
-def prepare_data(cfg: DataConfig, seed: int, use_unlabeled: bool) -> PreparedData:
-    """Load and split a stage's data. Labeled: labels_per_class per class (all when None).
+def prepare_data(cfg: DataConfig, seed: int, use_unlabeled: bool, label_free: bool = False) -> PreparedData:
+    """Load and split a stage's data. Labeled: labels_per_class per class (all labeled images when None; every
+    training image, labeled or not, when `label_free`: a pretext method on a partly labeled folder).
 
     Streamed sources (imagefolder, images, filelist, webdataset) honour data.storage: `memory` decodes the set
     (squashed to image_size) as today's in-memory path, `stream` keeps only positions into the file index, `auto`
@@ -196,7 +197,9 @@ def prepare_data(cfg: DataConfig, seed: int, use_unlabeled: bool) -> PreparedDat
         test = _test_set(cfg, train)
     if test.classes != train.classes:
         raise DataError(f"test set {cfg.test!r} has classes {test.classes[:10]}, training set {train.classes[:10]}")
-    if cfg.labels_per_class is None:
+    if cfg.labels_per_class is None and label_free:
+        labeled = torch.arange(len(train))
+    elif cfg.labels_per_class is None:
         labeled = (train.labels >= 0).nonzero().squeeze(1)
     else:
         labeled = labeled_indices(train.labels, cfg.labels_per_class, cfg.split_seed if cfg.split_seed is not None

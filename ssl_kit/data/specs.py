@@ -130,13 +130,13 @@ def _load_cached(spec: DatasetSpec, folder_size: int) -> dict[str, ImageSet]:
         return formats.load_svhn(Path(arg))
     if name == "stl10":
         return formats.load_stl10(Path(arg))
-    if spec.option("labels"):  # a labels CSV over a streamed source: its labeled images are the test holdout
+    if spec.option("labels"):  # a labels CSV over a streamed source: its labeled images, the test held out
         from .inspect import load_in_memory
         from .pipeline import open_index, split_positions
 
         index = open_index(spec)
         positions = split_positions(index, spec.option("test_fraction", 0.2), spec.option("seed", 0))
-        return {split: load_in_memory(index, pos, folder_size, f"{index.source}/{split}")[0]
+        return {split: load_in_memory(index, pos[index.labels[pos] >= 0], folder_size, f"{index.source}/{split}")[0]
                 for split, pos in zip(("train", "test"), positions)}
     if name in ("images", "filelist", "webdataset"):
         from .inspect import streamed_splits

@@ -200,6 +200,7 @@ class FeatureExtractor:
         train, test = split_positions(index, parsed.option("test_fraction", 0.2), parsed.option("seed", 0))
         out = {}
         for split, positions in (("train", train), ("test", test)):
+            positions = positions[index.labels[positions] >= 0]  # unlabeled images cannot be fitted nor scored
             if len(positions) == 0:
                 raise DataError(f"dataset {spec!r}: split {split!r} has no labeled images (give labels with "
                                 f"',labels=labels.csv' or use a labeled source)")

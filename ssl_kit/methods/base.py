@@ -39,6 +39,7 @@ class Method(nn.Module):
 
     name: str = ""
     uses_unlabeled = False
+    label_free = False  # True: the training loss needs no labels, so every training image (labeled or not) is drawn
     backbone_prefix = "backbone."
     head_prefix: Optional[str] = None
 
