@@ -81,7 +81,8 @@ def parse_spec(spec: str) -> DatasetSpec:
     if name in ("digits", "digits-printed") and arg is not None:
         raise DataError(f"dataset spec {spec!r}: {name} is builtin and takes no root or argument")
     options = tuple(_parse_option(spec, item) for item in option_items if item.strip())
-    if name not in ("imagefolder", "images", "filelist", "webdataset") and any(key in ("labels", "storage") for key, _ in options):
+    file_options = [key for key, _ in options if key in ("labels", "storage")]
+    if name not in ("imagefolder", "images", "filelist", "webdataset") and file_options:
         raise DataError(f"dataset spec {spec!r}: labels= and storage= are options of imagefolder, images, filelist "
                         f"and webdataset")
     return DatasetSpec(name, arg, options)

@@ -115,7 +115,8 @@ def write_streamed_recipe(folder: Path) -> Path:
                              "storage": "stream", "workers": 1},
                        train={"steps": 30, "batch_size": 8, "checkpoint_every_steps": 10, "log_every": 1})
     path = folder / "streamed.yaml"
-    path.write_text(yaml.safe_dump({"seed": 5, "name": "streamed", "stages": [stage, {"name": "knn", "method": "knn"}]}))
+    stages = [stage, {"name": "knn", "method": "knn"}]
+    path.write_text(yaml.safe_dump({"seed": 5, "name": "streamed", "stages": stages}))
     return path
 
 
