@@ -44,13 +44,16 @@ from ssl_kit.models.registry import build_backbone  # noqa: E402
 SIZE = 32
 
 
+FORWARD_VIEWS = "joint"  # --forward-views: SimCLR's BatchNorm/forward layout (joint 2N forward or one per view)
+
+
 def ssl_kit_stage(method: str, model: str, batch: int, mu: int) -> dict:
     stage = {"name": method, "method": method, "data": {"dataset": "digits", "image_size": SIZE},
              "backbone": {"name": model, "kwargs": KWARGS[model]},
              "optimizer": {"name": "sgd", "lr": 0.03, "momentum": 0.9},
              "train": {"steps": 100000, "batch_size": batch, "progress": False, "device": "cpu"}}
     if method == "simclr":
-        stage.update(temperature=0.5, proj_hidden_dim=512, proj_dim=128,
+        stage.update(temperature=0.5, proj_hidden_dim=512, proj_dim=128, forward_views=FORWARD_VIEWS,
                      views={"crop_scale": [0.4, 1.0], "jitter_prob": 0.8, "jitter_strength": 0.5,
                             "grayscale_prob": 0.0, "blur_prob": 0.0})
     else:
@@ -224,7 +227,7 @@ def child(args) -> None:
 def measure(method: str, which: int, args) -> dict:
     command = [sys.executable, __file__, "--child", method, str(which), "--model", args.model, "--workers",
                str(args.workers), "--batch", str(args.batch), "--fixmatch-batch", str(args.fixmatch_batch), "--mu",
-               str(args.mu), "--steps", str(args.steps)]
+               str(args.mu), "--steps", str(args.steps), "--forward-views", args.forward_views]
     return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
 
 
@@ -238,8 +241,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--forward-views", default="joint", choices=["joint", "separate"],
+                        help="ssl_kit SimCLR: one 2N forward (joint) or one forward per view (separate, as lightly)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global FORWARD_VIEWS
+    FORWARD_VIEWS = args.forward_views
     if args.child:
         return child(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, {args.workers} DataLoader workers, "

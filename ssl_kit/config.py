@@ -60,6 +60,9 @@ class DataConfig(Strict):
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="stop when more of the images read are bad")
     workers: int = Field(2, ge=0, description="streamed: DataLoader worker processes (0: decode in the trainer)")
     prefetch: int = Field(2, ge=1, description="streamed: batches each worker prepares ahead")
+    stream_crop_scale: tuple[float, float] = Field(
+        (0.2, 1.0), description="streamed, methods without views (supervised, FixMatch family, KD): area range of the "
+                                "random resized crop the workers cut at image_size before the device augmentation")
     eval_resize_ratio: float = Field(0.875, gt=0, le=1,
                                      description="evaluation: shorter side to image_size/ratio, then centre crop")
 

@@ -1,16 +1,24 @@
 """From a stage's `data` config to tensors ready for training: load, convert, split, normalisation stats."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..config import DataConfig
 from ..errors import DataError
+from .builtin import stratified_holdout
+from .fileset import FileSet, Images, image_batches
 from .imageset import ImageSet
-from .specs import load_splits, parse_spec
+from .inspect import load_in_memory
+from .sources import STREAMED_SOURCES, FileIndex, apply_labels_csv, build_index, choose_storage
+from .specs import DatasetSpec, load_splits, parse_spec
 from .splits import labeled_indices, unlabeled_indices
+
+NORM_SAMPLE = 512  # images decoded for the normalisation statistics of a streamed set
 
 
 @dataclass
@@ -35,11 +43,18 @@ class DataInfo:
 
 @dataclass
 class PreparedData:
-    train: ImageSet
-    test: ImageSet
+    """train/test: in-memory `ImageSet`s, or `FileSet`s (positions into a file index, nothing decoded) when the
+    stage streams. labeled/unlabeled index rows of `train` in both cases."""
+
+    train: Images
+    test: Images
     labeled: torch.Tensor  # int64 (L,) indices into train
     unlabeled: Optional[torch.Tensor]  # int64 (U,) indices into train, None when the stage uses no unlabeled data
     info: DataInfo
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.train, FileSet)
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float], list[float]]:
@@ -82,30 +97,129 @@ def _append_unlabeled_domain(train: ImageSet, spec: str, image_size: int) -> tup
     return _append(train, other["train"])
 
 
-def prepare_data(cfg: DataConfig, seed: int, use_unlabeled: bool) -> PreparedData:
-    """Load and split a stage's data. Labeled: labels_per_class per class (all when None)."""
+def is_streamed_source(spec: str | DatasetSpec) -> bool:
+    """imagefolder, images, filelist, webdataset: sources that can stream (see sources.py)."""
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    return parsed.name in STREAMED_SOURCES
+
+
+def open_index(spec: DatasetSpec, labels_csv: Optional[str] = None, workers: int = 8) -> FileIndex:
+    """The file index of a streamed spec, with the labels CSV (`labels_csv`, else the spec's `labels=` option)
+    applied."""
+    index = build_index(spec.name, spec.arg, workers=workers)
+    csv_path = labels_csv or spec.option("labels")
+    return apply_labels_csv(index, csv_path) if csv_path else index
+
+
+def split_positions(index: FileIndex, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) positions of a streamed source. The source's own test (else val) split when it has one;
+    else a seeded stratified holdout of `fraction` of the *labeled* images. Unlabeled images always stay in train
+    (they cannot be scored), and the test positions keep only labeled images."""
+    train = index.split("train")
+    for held in ("test", "val"):
+        if held in index.splits:
+            test = index.splits[held]
+            return train, test[index.labels[test] >= 0]
+    labeled = train[index.labels[train] >= 0]
+    if len(labeled) == 0:
+        return train, labeled
+    _, test_rows = stratified_holdout(index.labels[labeled], fraction, seed)
+    test = labeled[test_rows]
+    return np.setdiff1d(train, test, assume_unique=True), test
+
+
+def sample_stats(train: FileSet, size: int, resize_ratio: float, workers: int,
+                 sample: int = NORM_SAMPLE) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of up to `sample` training images evenly spread over the set (evaluation crop at
+    `size`): bounded work and memory whatever the set's size."""
+    rows = np.unique(np.linspace(0, len(train) - 1, num=min(sample, len(train))).round().astype(np.int64))
+    chunks = [x for x, _ in image_batches(train.subset(rows), size, train.channels, 128, workers, resize_ratio)]
+    if not chunks:
+        raise DataError(f"{train.name}: none of the {len(rows)} sampled images could be decoded for the "
+                        f"normalisation statistics")
+    return channel_stats(torch.cat(chunks))
+
+
+def _streamed_splits(cfg: DataConfig, spec: DatasetSpec, seed: int) -> tuple[Images, Images, str]:
+    """train/test of a streamed source: FileSets when the stage streams, else decoded ImageSets.
+    -> (train, test, spec string recorded in DataInfo: the labels CSV as a `labels=` option)."""
+    labels_csv = os.path.abspath(cfg.labels) if cfg.labels else None
+    index = open_index(spec, labels_csv, workers=max(2, cfg.workers))
+    train_pos, test_pos = split_positions(index, spec.option("test_fraction", 0.2), spec.option("seed", 0))
+    channels = cfg.channels or 3
+    requested = cfg.storage if cfg.storage != "auto" else spec.option("storage", "auto")
+    storage = choose_storage(requested, len(train_pos) + len(test_pos), cfg.image_size, channels,
+                             cfg.memory_budget_gb)
+    recorded = str(spec) + (f",labels={labels_csv}" if labels_csv and not spec.option("labels") else "")
+    if storage == "stream":
+        recorded += ",storage=stream" if not spec.option("storage") else ""  # its evaluations stream too
+        return (FileSet(index, train_pos, f"{index.source}/train", channels),
+                FileSet(index, test_pos, f"{index.source}/test", channels), recorded)
+    train, _ = load_in_memory(index, train_pos, cfg.image_size, f"{index.source}/train", channels)
+    if len(test_pos):
+        test, _ = load_in_memory(index, test_pos, cfg.image_size, f"{index.source}/test", channels)
+    else:
+        test = ImageSet(torch.empty((0, channels, cfg.image_size, cfg.image_size), dtype=torch.uint8),
+                        torch.empty(0, dtype=torch.long), index.classes, f"{index.source}/test")
+    return train, test, recorded
+
+
+def _test_set(cfg: DataConfig, train: Images) -> Images:
+    """The set named by data.test (all its labeled images when it is a streamed source, else its test split)."""
+    spec = parse_spec(cfg.test)
+    if not is_streamed_source(spec):
+        channels = train.channels
+        return load_converted(cfg.test, cfg.image_size, channels)["test"]
+    index = open_index(spec, workers=max(2, cfg.workers))
+    positions = np.flatnonzero(index.labels >= 0)
+    return FileSet(index, positions, f"{index.source}/test", train.channels)
+
+
+def prepare_data(cfg: DataConfig, seed: int, use_unlabeled: bool, label_free: bool = False) -> PreparedData:
+    """Load and split a stage's data. Labeled: labels_per_class per class (all labeled images when None; every
+    training image, labeled or not, when `label_free`: a pretext method on a partly labeled folder).
+
+    Streamed sources (imagefolder, images, filelist, webdataset) honour data.storage: `memory` decodes the set
+    (squashed to image_size) as today's in-memory path, `stream` keeps only positions into the file index, `auto`
+    streams when the decoded set exceeds data.memory_budget_gb. Other sources are always in memory."""
     spec = cfg.spec()
-    parse_spec(spec)
-    splits = load_converted(spec, cfg.image_size, cfg.channels)
-    train = splits["train"]
-    test = load_converted(cfg.test, cfg.image_size, train.channels)["test"] if cfg.test else splits["test"]
+    parsed = parse_spec(spec)
+    extra_unlabeled = None
+    if is_streamed_source(parsed):
+        train, test, spec = _streamed_splits(cfg, parsed, seed)
+    else:
+        if cfg.labels:
+            raise DataError(f"data.labels {cfg.labels!r}: a labels CSV names files of an image folder, file list "
+                            f"or images: tree; {parsed.name!r} has its own labels")
+        splits = load_converted(spec, cfg.image_size, cfg.channels)
+        train, test, extra_unlabeled = splits["train"], splits["test"], splits.get("unlabeled")
+    if cfg.test:
+        test = _test_set(cfg, train)
     if test.classes != train.classes:
         raise DataError(f"test set {cfg.test!r} has classes {test.classes[:10]}, training set {train.classes[:10]}")
-    if cfg.labels_per_class is None:
+    if cfg.labels_per_class is None and label_free:
+        labeled = torch.arange(len(train))
+    elif cfg.labels_per_class is None:
         labeled = (train.labels >= 0).nonzero().squeeze(1)
     else:
         labeled = labeled_indices(train.labels, cfg.labels_per_class, cfg.split_seed if cfg.split_seed is not None
                                   else seed, train.classes)
     unlabeled = None
     if use_unlabeled and cfg.unlabeled_dataset:
+        if isinstance(train, FileSet):
+            raise DataError(f"data.unlabeled_dataset {cfg.unlabeled_dataset!r} needs the labeled set in memory; "
+                            f"set data.storage=memory or put the unlabeled images in the streamed source itself")
         train, unlabeled = _append_unlabeled_domain(train, cfg.unlabeled_dataset, cfg.image_size)
     elif use_unlabeled:
         unlabeled = unlabeled_indices(len(train), labeled, cfg.include_labeled_in_unlabeled)
-        if "unlabeled" in splits:  # e.g. STL-10's 100k unlabeled images
-            train, extra_index = _append(train, splits["unlabeled"])
+        if extra_unlabeled is not None:  # e.g. STL-10's 100k unlabeled images
+            train, extra_index = _append(train, extra_unlabeled)
             unlabeled = torch.cat([unlabeled, extra_index])
     if cfg.normalize == "dataset":
-        mean, std = channel_stats(train.images)
+        if isinstance(train, FileSet):
+            mean, std = sample_stats(train, cfg.image_size, cfg.eval_resize_ratio, cfg.workers)
+        else:
+            mean, std = channel_stats(train.images)
     else:
         mean, std = [0.0] * train.channels, [1.0] * train.channels
     info = DataInfo(train.num_classes, list(train.classes), train.channels, cfg.image_size, mean, std, spec)

@@ -22,8 +22,9 @@ from .imageset import ImageSet
 FASHION_MNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 NEEDS_ROOT = ("mnist", "cifar10", "cifar100", "svhn", "stl10", "imagefolder", "images", "filelist", "webdataset")
 KNOWN = ("digits", "digits-printed", "digits-rotated", "fashion-mnist") + NEEDS_ROOT
-OPTIONS = {"download": bool, "per_font": int, "test_fraction": float, "seed": int}
+OPTIONS = {"download": bool, "per_font": int, "test_fraction": float, "seed": int, "labels": str, "storage": str}
 OPTION_RANGES = {"per_font": (1, 1000), "test_fraction": (0.01, 0.99), "seed": (0, 2**63 - 1)}  # inclusive
+STORAGES = ("auto", "memory", "stream")
 ANGLE_RANGE = (-360.0, 360.0)
 
 
@@ -53,9 +54,14 @@ def _parse_option(spec: str, item: str) -> tuple[str, object]:
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError(value)
             return key, value.lower() in ("true", "1", "yes")
+        if key == "storage" and value not in STORAGES:
+            raise ValueError(value)
         parsed = kind(value)
     except (ValueError, OverflowError):
-        raise DataError(f"dataset spec {spec!r}: option {key}={value!r} is not a valid {kind.__name__}") from None
+        expected = " or ".join(STORAGES) if key == "storage" else f"a valid {kind.__name__}"
+        raise DataError(f"dataset spec {spec!r}: option {key}={value!r} is not {expected}") from None
+    if key not in OPTION_RANGES:
+        return key, parsed
     low, high = OPTION_RANGES[key]
     if not math.isfinite(parsed) or not low <= parsed <= high:
         raise DataError(f"dataset spec {spec!r}: option {key}={value} is outside [{low:g}, {high:g}]")
@@ -87,6 +93,10 @@ def parse_spec(spec: str) -> DatasetSpec:
     if name in ("digits", "digits-printed") and arg is not None:
         raise DataError(f"dataset spec {spec!r}: {name} is builtin and takes no root or argument")
     options = tuple(_parse_option(spec, item) for item in option_items if item.strip())
+    file_options = [key for key, _ in options if key in ("labels", "storage")]
+    if name not in ("imagefolder", "images", "filelist", "webdataset") and file_options:
+        raise DataError(f"dataset spec {spec!r}: labels= and storage= are options of imagefolder, images, filelist "
+                        f"and webdataset")
     return DatasetSpec(name, arg, options)
 
 
@@ -133,6 +143,14 @@ def _load_cached(spec: DatasetSpec, folder_size: int) -> dict[str, ImageSet]:
         return formats.load_svhn(Path(arg))
     if name == "stl10":
         return formats.load_stl10(Path(arg))
+    if spec.option("labels"):  # a labels CSV over a streamed source: its labeled images, the test held out
+        from .inspect import load_in_memory
+        from .pipeline import open_index, split_positions
+
+        index = open_index(spec)
+        positions = split_positions(index, spec.option("test_fraction", 0.2), spec.option("seed", 0))
+        return {split: load_in_memory(index, pos[index.labels[pos] >= 0], folder_size, f"{index.source}/{split}")[0]
+                for split, pos in zip(("train", "test"), positions)}
     if name in ("images", "filelist", "webdataset"):
         from .inspect import streamed_splits
         from .sources import build_index

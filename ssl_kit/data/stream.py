@@ -134,6 +134,14 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+def _private_generator() -> torch.Generator:
+    """A DataLoader draws its workers' base seed when an iterator starts; from the global torch RNG that draw
+    would shift the device augmentation's random stream by one number at every (re)start, so a resumed run (which
+    starts its iterator at another step) would diverge. Workers here use no torch randomness: a fixed private
+    generator keeps the global stream untouched."""
+    return torch.Generator().manual_seed(0)
+
+
 class BadImageLog:
     """The bad-file policy: 'skip' substitutes (one warning per file) until more than max_bad_fraction of the
     images read are bad; 'error' stops at the first bad file. `files` maps each bad file to its reason.
@@ -218,7 +226,7 @@ class StreamLoader:
         extra = dict(persistent_workers=True, prefetch_factor=self.prefetch,
                      worker_init_fn=_worker_init) if self.workers else {}
         return DataLoader(_StepDataset(self.plan), batch_size=None, sampler=self.sampler, num_workers=self.workers,
-                          pin_memory=self.device.type == "cuda", **extra)
+                          pin_memory=self.device.type == "cuda", generator=_private_generator(), **extra)
 
     def _restart(self, key: tuple[int, int, int]) -> None:
         self.sampler.start = key
@@ -284,7 +292,8 @@ def eval_batches(index: FileIndex, positions, size: int, channels: int = 3, resi
     dataset = _EvalChunks(index, positions, size, channels, resize_ratio, batch_size)
     extra = dict(worker_init_fn=_worker_init, prefetch_factor=2) if workers else {}
     labels = torch.from_numpy(index.labels)
-    for item in DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, **extra):
+    for item in DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                           generator=_private_generator(), **extra):
         if bad is not None:
             bad.record(item["bad"], len(item["positions"]) + len(item["bad"]))
         yield item["images"], labels[item["positions"]], item["positions"]

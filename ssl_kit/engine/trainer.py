@@ -21,7 +21,7 @@ from torch import nn
 
 from ..common.device import autocast_context, resolve_device  # noqa: F401  (resolve_device: public here too)
 from ..common.metrics import classification_metrics, predict
-from ..data.loader import DeviceLoader
+from ..data.fileset import FileSet, image_batches
 from ..data.pipeline import PreparedData
 from ..errors import CheckpointError, TrainingError, TrainingInterrupted
 from ..methods.base import Method, Progress
@@ -29,6 +29,7 @@ from ..models.heads import init_head
 from . import distributed as dist
 from .checkpoint import CHECKPOINT_FORMAT, atomic_save, safe_load
 from .ema import ModelEMA
+from .loading import bad_image_log, build_loader
 from .loggers import JsonlLogger, WandbLogger, progress
 from .optim import build_optimizer, lr_scaling_message
 from .schedule import LrSchedule
@@ -98,11 +99,8 @@ class Trainer:
         if tc.batch_size > len(data.labeled) and not method.uses_unlabeled:
             raise TrainingError(f"train.batch_size {tc.batch_size} is larger than the {len(data.labeled)} training "
                                 f"images; lower it")
-        images = data.train.images.to(self.device)
-        labels = data.train.labels.to(self.device)
-        mu = method.unlabeled_ratio()
-        self.loader = DeviceLoader(images, labels, data.labeled, tc.batch_size, ctx.seed,
-                                   data.unlabeled if method.uses_unlabeled else None, mu, self.rank, self.world)
+        self.loader = build_loader(method, data, cfg, ctx.seed, self.rank, self.world, self.device)
+        self.bad_log = bad_image_log(self.loader)
         self.steps_per_epoch = self.loader.steps_per_epoch
         self.total_steps = tc.steps or max(1, math.ceil(tc.epochs * self.steps_per_epoch))
         self.optimizer = build_optimizer(method.parameter_groups(), cfg.optimizer, tc.batch_size)
@@ -135,7 +133,15 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "schedule": self.schedule.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None, "rng": rng,
             "epoch_losses": [float(v) for v in self._epoch_losses], "backbone": self.backbone_meta,
+            "bad_images": self._bad_state(),
         }
+
+    def _bad_state(self) -> Optional[dict]:
+        """The streamed bad-file log (files, reads), so a resumed run counts and stops as the uninterrupted one."""
+        if self.bad_log is None:
+            return None
+        return {"files": [[n, r] for n, r in self.bad_log.files.items()], "reads": self.bad_log.reads,
+                "bad_reads": self.bad_log.bad_reads}
 
     def save_checkpoint(self) -> None:
         """checkpoints/last.pt (atomically); with train.keep_last = N > 1 also step-<step>.pt, oldest removed."""
@@ -170,6 +176,10 @@ class Trainer:
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.step = int(state["step"])
+        if self.bad_log is not None and state.get("bad_images"):
+            saved = state["bad_images"]
+            self.bad_log.files = {name: reason for name, reason in saved["files"]}
+            self.bad_log.reads, self.bad_log.bad_reads = int(saved["reads"]), int(saved["bad_reads"])
         self._epoch_losses = [torch.tensor(v, device=self.device) for v in state.get("epoch_losses", [])]
 
     def try_resume(self) -> bool:
@@ -274,8 +284,30 @@ class Trainer:
         self.method.train()
         start_time, start_step = time.perf_counter(), self.step
         bar = progress(self.total_steps, f"{self.cfg.name}", tc.progress and self.is_main, initial=self.step)
-        with catch_stop_signals(self):
-            return self._fit_loop(tc, bar, start_time, start_step)
+        try:
+            with catch_stop_signals(self):
+                return self._fit_loop(tc, bar, start_time, start_step)
+        finally:
+            self._write_bad_images()
+            if isinstance(self.data.train, FileSet):
+                self.loader.close()
+
+    def _data_metrics(self) -> dict:
+        """Streamed data: data/bad_images, the distinct bad files met so far (this rank's share under DDP)."""
+        return {"data/bad_images": self.bad_log.count} if self.bad_log is not None else {}
+
+    def _write_bad_images(self) -> None:
+        """bad_images.txt in the run dir: 'path<TAB>reason' per bad file met by the stream (also when a run stops
+        because too many are bad)."""
+        bad = self.bad_log
+        if bad is None or not bad.files or not self.is_main:
+            return
+        path = self.ctx.run_dir / "bad_images.txt"
+        known = set(path.read_text().splitlines()) if path.is_file() else set()
+        with path.open("a") as handle:
+            for line in bad.lines():
+                if line not in known:
+                    handle.write(line + "\n")
 
     def _fit_loop(self, tc, bar, start_time: float, start_step: int) -> dict:
         try:
@@ -287,7 +319,7 @@ class Trainer:
                 last = self.step == self.total_steps
                 if self.step % tc.log_every == 0 or last:
                     self._check_pending()
-                    values = self._mean_over_ranks(logs)
+                    values = {**self._mean_over_ranks(logs), **self._data_metrics()}
                     bar.set_postfix(loss=f"{values['loss']:.4f}")
                     self._log({"kind": "step", **values})
                 if self.step % self.steps_per_epoch == 0 or last:
@@ -314,7 +346,7 @@ class Trainer:
         self._check_pending()
         mean_loss = float(dist.all_reduce_mean(torch.stack(self._epoch_losses).mean())) if self._epoch_losses \
             else float("nan")
-        record = {"kind": "epoch", "epoch": epoch, "train/loss": mean_loss}
+        record = {"kind": "epoch", "epoch": epoch, "train/loss": mean_loss, **self._data_metrics()}
         record.update(self.method.epoch_metrics())
         self._epoch_losses = []
         every = self.cfg.train.eval_every_epochs
@@ -348,5 +380,16 @@ class Trainer:
         if model is None:
             return {}
         test = self.data.test
-        logits = predict(model, test.images, self.method.normalize, self.device)
-        return classification_metrics(logits, test.labels, test.num_classes)
+        if len(test) == 0:  # e.g. an unlabeled folder: nothing to score
+            return {}
+        if not isinstance(test, FileSet):
+            logits = predict(model, test.images, self.method.normalize, self.device)
+            return classification_metrics(logits, test.labels, test.num_classes)
+        dc = self.cfg.data
+        outputs, labels = [], []
+        for images, y in image_batches(test, dc.image_size, test.channels, 256, dc.workers, dc.eval_resize_ratio):
+            outputs.append(predict(model, images, self.method.normalize, self.device))
+            labels.append(y)
+        if not outputs:
+            return {}
+        return classification_metrics(torch.cat(outputs), torch.cat(labels), test.num_classes)

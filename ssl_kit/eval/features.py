@@ -1,21 +1,62 @@
 """Frozen-backbone features for any dataset: images are converted to the size, channels and normalisation the
-backbone was trained with (recorded in backbone.pt), then embedded once and cached."""
+backbone was trained with (recorded in backbone.pt), then embedded once and cached.
+
+Large streamed sources (imagefolder, images, filelist, webdataset above `STREAM_BUDGET_GB` decoded at the
+backbone's size, or any of them with the spec option `storage=stream`) are never decoded into memory: DataLoader
+workers decode them with the evaluation transform (shorter side -> size/0.875, centre crop), and the features go
+to an on-disk float16 cache under `$SSL_KIT_CACHE/features` (default ~/.cache/ssl_kit/features), keyed by the
+backbone's weights, the spec, the split and the transform, so linear-probe, knn and transfer on the same
+checkpoint embed each image once.
+"""
 from __future__ import annotations
 
+import hashlib
+import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..common.device import resolve_device
 from ..common.metrics import predict
 from ..data.augment import Normalize, random_resized_crop, to_unit_float
+from ..data.fileset import FileSet, image_batches
 from ..data.imageset import ImageSet, convert_images
-from ..data.pipeline import load_converted
+from ..data.pipeline import is_streamed_source, load_converted, open_index, split_positions
+from ..data.sources import FileIndex, cache_dir, choose_storage
+from ..data.specs import parse_spec
+from ..data.stream import BadImageLog
 from ..engine.checkpoint import load_backbone
 from ..errors import DataError, TrainingError
 from ..models.external import is_torchvision_reference, torchvision_backbone
+
+STREAM_BUDGET_GB = 4.0
+EVAL_RESIZE_RATIO = 0.875
+
+
+def feature_cache_dir() -> Path:
+    """$SSL_KIT_CACHE/features (beside the file-index cache)."""
+    return cache_dir().parent / "features"
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 of a module's state dict (names, shapes, bytes): the identity of a backbone's weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()[:24]
+
+
+def _index_digest(index: FileIndex, positions: np.ndarray) -> str:
+    digest = hashlib.sha256(index.source.encode())
+    for array in (index.blob, index.offsets, index.labels, positions):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:24]
 
 
 def load_eval_splits(spec: str, info: dict) -> dict[str, ImageSet]:
@@ -47,13 +88,14 @@ class FeatureExtractor:
     """Embeds ImageSets with a frozen backbone in eval mode; results are cached per (dataset name, split).
     `forward_passes` counts the images actually sent through the backbone."""
 
-    def __init__(self, backbone: nn.Module, device: str = "auto", batch_size: int = 512) -> None:
+    def __init__(self, backbone: nn.Module, device: str = "auto", batch_size: int = 512, workers: int = 2) -> None:
         self.device = resolve_device(device)
         self.backbone = backbone.to(self.device).eval()
         info = backbone.data_info
         self.info = info
         self.normalize = Normalize(info["mean"], info["std"]).to(self.device)
-        self.batch_size = batch_size
+        self.batch_size, self.workers = batch_size, workers
+        self._weights: Optional[str] = None
         self._cache: dict[str, Tensor] = {}
         self._splits: dict[str, dict[str, ImageSet]] = {}
         self.forward_passes = 0
@@ -98,13 +140,90 @@ class FeatureExtractor:
         return torch.cat(out)
 
     def dataset_splits(self, spec: str) -> dict[str, ImageSet]:
-        """Every split of `spec` converted to the backbone's input format, loaded once per extractor."""
+        """Every split of `spec` converted to the backbone's input format, loaded once per extractor (in memory:
+        what needs the images themselves, augmented probes, AdaBN, corruptions)."""
+        if spec not in self._splits and self.streams(spec):
+            raise DataError(f"dataset {spec!r} streams (too large to decode into memory, or storage=stream): "
+                            f"augmented probes, AdaBN and corruptions need the images in memory; use the plain "
+                            f"linear probe / knn / transfer, or ',storage=memory' for a small set")
         if spec not in self._splits:
             self._splits[spec] = load_eval_splits(spec, self.info)
         return self._splits[spec]
 
+    def streams(self, spec: str) -> bool:
+        """Whether `spec` is embedded from files in workers (see the module docstring) rather than in memory."""
+        parsed = parse_spec(spec)
+        if not is_streamed_source(parsed):
+            return False
+        index = open_index(parsed)
+        return choose_storage(parsed.option("storage", "auto"), len(index), self.info["image_size"],
+                              self.info["channels"], STREAM_BUDGET_GB) == "stream"
+
+    def file_features(self, images: FileSet, spec: str, split: str) -> tuple[Tensor, Tensor]:
+        """Features (N, F) float32 and labels (N,) of a streamed split, from the on-disk float16 cache or computed
+        in batches and written to it (unreadable files are left out with a warning, labels stay aligned)."""
+        if self._weights is None:
+            self._weights = weights_digest(self.backbone)
+        size, channels = self.info["image_size"], self.info["channels"]
+        key = hashlib.sha256(f"{self._weights}|{spec}|{split}|{size}|{channels}|{EVAL_RESIZE_RATIO}|"
+                             f"{_index_digest(images.index, images.positions)}".encode()).hexdigest()[:32]
+        folder = feature_cache_dir()
+        feats_path, labels_path = folder / f"{key}.f16.npy", folder / f"{key}.labels.npy"
+        if feats_path.is_file() and labels_path.is_file():
+            return torch.from_numpy(np.load(feats_path).astype(np.float32)), torch.from_numpy(np.load(labels_path))
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{key}.{os.getpid()}.tmp.npy"
+        bad = BadImageLog("skip", 1.0, max(1, len(images)))
+        store, labels, rows = None, [], 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # one summary warning below instead of one per file
+            for x, y in image_batches(images, size, channels, self.batch_size, self.workers, EVAL_RESIZE_RATIO, bad):
+                feats = predict(self.backbone, x, self.normalize, self.device, self.batch_size)
+                if store is None:
+                    store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                                                      shape=(len(images), feats.shape[1]))
+                store[rows:rows + len(feats)] = feats.numpy().astype(np.float16)
+                rows += len(feats)
+                labels.append(y)
+                self.forward_passes += len(feats)
+        if bad.files:
+            warnings.warn(f"{images.name}: {len(bad.files)} unreadable images left out of the features, e.g. "
+                          f"{list(bad.files.items())[:3]}")
+        if store is None:
+            raise DataError(f"{images.name}: no image could be decoded")
+        store.flush()
+        kept = np.asarray(store[:rows])
+        del store
+        np.save(labels_path, torch.cat(labels).numpy())
+        if rows == len(images):
+            os.replace(tmp, feats_path)
+        else:
+            np.save(feats_path, kept)
+            tmp.unlink()
+        return torch.from_numpy(kept.astype(np.float32)), torch.cat(labels)
+
+    def _streamed_features(self, spec: str) -> dict[str, tuple[Tensor, Tensor, list[str]]]:
+        parsed = parse_spec(spec)
+        index = open_index(parsed)
+        train, test = split_positions(index, parsed.option("test_fraction", 0.2), parsed.option("seed", 0))
+        out = {}
+        for split, positions in (("train", train), ("test", test)):
+            positions = positions[index.labels[positions] >= 0]  # unlabeled images cannot be fitted nor scored
+            if len(positions) == 0:
+                raise DataError(f"dataset {spec!r}: split {split!r} has no labeled images (give labels with "
+                                f"',labels=labels.csv' or use a labeled source)")
+            key = f"{spec}|{split}"
+            if key not in self._cache:
+                images = FileSet(index, positions, f"{index.source}/{split}", self.info["channels"])
+                self._cache[key], self._cache[key + "|labels"] = self.file_features(images, spec, split)
+            out[split] = (self._cache[key], self._cache[key + "|labels"], index.classes)
+        return out
+
     def dataset_features(self, spec: str) -> dict[str, tuple[Tensor, Tensor, list[str]]]:
-        """{split: (features (N, F), labels (N,), classes)} for every split of a dataset spec."""
+        """{split: (features (N, F), labels (N,), classes)} for every split of a dataset spec; large streamed
+        sources are embedded from files with the on-disk cache."""
+        if self.streams(spec):
+            return self._streamed_features(spec)
         out = {}
         for split, images in self.dataset_splits(spec).items():
             out[split] = (self.features(images, key=f"{spec}|{split}"), images.labels, images.classes)

@@ -8,6 +8,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ..data.augment import Normalize, WeakView
+from ..data.crops import CropSpec
 from ..data.loader import Batch
 from ..data.pipeline import DataInfo
 from ..models.heads import Classifier
@@ -40,6 +41,7 @@ class Method(nn.Module):
 
     name: str = ""
     uses_unlabeled = False
+    label_free = False  # True: the training loss needs no labels, so every training image (labeled or not) is drawn
     backbone_prefix = "backbone."
     head_prefix: Optional[str] = None
 
@@ -83,6 +85,12 @@ class Method(nn.Module):
         """Whether a step may leave a trainable parameter without a gradient (DDP must then look for unused ones).
         False by default: every trainable parameter takes part in every step."""
         return False
+
+    def stream_crop(self, image_size: int) -> CropSpec:
+        """Streamed data, methods without views: the one crop the workers cut per image (its weak/strong views are
+        then made on the device from it). RandomResizedCrop over data.stream_crop_scale, no flip (the device's weak
+        view flips)."""
+        return CropSpec(image_size, tuple(self.cfg.data.stream_crop_scale))
 
     def unlabeled_ratio(self) -> int:
         """Unlabeled images per labeled image in a batch (FixMatch's μ; the stage config declares it); 0: the method

@@ -32,6 +32,10 @@ class ContrastiveConfig(PretextConfig):
 
 class SimCLRConfig(ContrastiveConfig):
     method: Literal["simclr"]
+    forward_views: Literal["joint", "separate"] = Field(
+        "joint", description="joint: one backbone forward of the 2N views (BatchNorm statistics over both views, as "
+                             "SimCLR's reference); separate: one forward per view of N (BN statistics per view, as "
+                             "lightly/solo-learn do); the loss is the same NT-Xent over the 2N embeddings")
 
 
 class MoCoV2Config(ContrastiveConfig):
@@ -81,8 +85,12 @@ class SimCLR(ContrastiveMethod):
         return [self.probe, self.projector]
 
     def contrast(self, x1: Tensor, x2: Tensor, progress: Progress) -> tuple[Tensor, Tensor]:
-        features = self.backbone(torch.cat([x1, x2]))
-        z1, z2 = self.projector(features).chunk(2)
+        if self.cfg.forward_views == "separate":
+            features = torch.cat([self.backbone(x1), self.backbone(x2)])
+            z1, z2 = self.projector(features[:x1.shape[0]]), self.projector(features[x1.shape[0]:])
+        else:
+            features = self.backbone(torch.cat([x1, x2]))
+            z1, z2 = self.projector(features).chunk(2)
         return self.loss_fn(z1, z2), features
 
 

@@ -17,6 +17,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..data.augment import random_resized_crop, to_unit_float
+from ..data.crops import CropSpec
+from ..data.fileset import image_batches
 from ..data.loader import Batch
 from ..errors import ConfigError
 from ..losses import mae_loss
@@ -55,9 +57,16 @@ class SimMIMConfig(MaskedConfig):
 
 
 class _MaskedMethod(PretextMethod):
-    def view(self, x: Tensor) -> Tensor:
-        """uint8 (N, C, H, W) -> normalised random resized crop (+ flip)."""
+    def view(self, x: Tensor, precropped: bool = False) -> Tensor:
+        """uint8 (N, C, H, W) -> normalised random resized crop (+ flip). `precropped`: streamed data, whose workers
+        already cut (and flipped) this crop (`stream_crop`); only the normalisation runs."""
+        if precropped:
+            return self.normalize(to_unit_float(x))
         return self.normalize(random_resized_crop(to_unit_float(x), tuple(self.cfg.crop_scale), hflip=self.cfg.data.hflip))
+
+    def stream_crop(self, image_size: int) -> CropSpec:
+        """Streamed data: the workers cut the method's own random resized crop (crop_scale) and flip."""
+        return CropSpec(image_size, tuple(self.cfg.crop_scale), flip=self.cfg.data.hflip)
 
 @register("mae", MAEConfig)
 class MAE(_MaskedMethod):
@@ -97,7 +106,7 @@ class MAE(_MaskedMethod):
         return self.decoder_pred(self.decoder_norm(y))[:, 1:]
 
     def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
-        x = self.view(batch.x)
+        x = self.view(batch.x, precropped=batch.views is not None)
         encoded, mask, restore = self.encode_visible(x)
         pred = self.decode(encoded, restore)
         loss = mae_loss(pred.float(), patchify(x, self.patch).float(), mask, self.cfg.norm_pix)
@@ -123,7 +132,11 @@ class MAE(_MaskedMethod):
         from ..common.plots import plot_reconstructions
 
         device = next(self.parameters()).device
-        x = self.normalize(data.test.images[:8].to(device))
+        source = data.test if len(data.test) else data.train  # an unlabeled folder has no test images
+        info = self.info
+        first, _ = next(image_batches(source, info.image_size, info.channels, batch_size=8, workers=0,
+                                      resize_ratio=self.cfg.data.eval_resize_ratio))
+        x = self.normalize(first.to(device))
         was_training = self.training
         self.eval()
         masked, pasted, _ = self.reconstruct(x)
@@ -163,7 +176,7 @@ class SimMIM(_MaskedMethod):
                               f"{self.unit} px")
 
     def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
-        x = self.view(batch.x)
+        x = self.view(batch.x, precropped=batch.views is not None)
         n, channels, size, _ = x.shape
         grid = size // self.unit
         _, mask, _ = make_mask(self.cfg.masking, n, grid, self.cfg.mask_ratio, x.device)

@@ -41,6 +41,7 @@ class PretextMethod(Method):
     """Holds `backbone` and `probe`; every other trainable parameter forms the 'projector' group (pretext heads)."""
 
     head_prefix = "probe."
+    label_free = True  # the pretext loss uses every image; the online probe learns from the labeled ones only
 
     def __init__(self, cfg, backbone: nn.Module, info) -> None:
         super().__init__(cfg, info)

@@ -81,17 +81,29 @@ class SemiSupervisedMethod(ClassifierMethod):
         return out
 
     SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
+    SWEEP_LIMIT = 50_000  # streamed: unlabeled images scored by the sweep (bounded work on large sets)
 
     @torch.no_grad()
     def final_report(self, model: nn.Module, data, out_dir) -> dict[str, float]:
-        """Threshold sweep on the unlabeled set with the trained model: for each threshold, the fraction of images
-        whose confidence passes it (quantity) and the accuracy of their pseudo-labels (quality)."""
+        """Threshold sweep on the unlabeled set (streamed: SWEEP_LIMIT images spread over it, decoded with the
+        evaluation transform) with the trained model: for each threshold, the fraction of images whose confidence
+        passes it (quantity) and the accuracy of their pseudo-labels (quality)."""
         from ..common.plots import plot_threshold_sweep
+        from ..data.fileset import image_batches
 
-        images = data.train.images[data.unlabeled]
-        hidden = data.train.labels[data.unlabeled].cpu()
+        rows = data.unlabeled
+        if data.streamed and len(rows) > self.SWEEP_LIMIT:  # evenly spread, so no class or folder dominates
+            rows = rows[torch.linspace(0, len(rows) - 1, self.SWEEP_LIMIT).round().long()]
+        pool = data.train.subset(rows)
         device = next(model.parameters()).device
-        probs = torch.softmax(predict(model, images, self.normalize, device), dim=1)
+        info, outputs, hidden = self.info, [], []
+        for images, labels in image_batches(pool, info.image_size, info.channels, 512, self.cfg.data.workers,
+                                            self.cfg.data.eval_resize_ratio):
+            outputs.append(torch.softmax(predict(model, images, self.normalize, device), dim=1))
+            hidden.append(labels.cpu())
+        if not outputs:
+            return {}
+        probs, hidden = torch.cat(outputs), torch.cat(hidden)
         confidence, pseudo = probs.max(dim=1)
         known = hidden >= 0
         quantity, quality = [], []
