@@ -254,13 +254,16 @@ def foreign_record(data: dict, path: str, layout: Optional[str] = None, arch: Op
     engine/checkpoint.py) whose state dict fits the architecture exactly, and 'source': file, layout, dropped keys."""
     from .registry import build_backbone
 
+    detected = layout is None
     layout = layout or detect_layout(data)
     state, dropped = layout_state(data, layout)
     if not state:
         raise CheckpointError(f"{path!r} ({layout} layout): no backbone weights found")
     arch = arch or _file_arch(data)
     if arch is None:
-        raise CheckpointError(f"{path!r} ({layout} layout) does not record its architecture: pass {ARCH_HELP}")
+        plain = " is not an ssl_kit backbone or training checkpoint (no 'format' field); read as" \
+            if detected and layout == "state-dict" else ""
+        raise CheckpointError(f"{path!r}{plain} ({layout} layout) does not record its architecture: pass {ARCH_HELP}")
     name, kwargs = parse_arch(arch)
     kwargs = {**infer_kwargs(name, state), **kwargs}
     info = infer_data_info(name, state, image_size)
