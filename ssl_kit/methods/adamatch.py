@@ -55,6 +55,9 @@ class AdaMatchConfig(SemiSupervisedConfig):
 
 @register("adamatch", AdaMatchConfig)
 class AdaMatch(SemiSupervisedMethod):
+    """AdaMatch: FixMatch with random logit interpolation, distribution alignment to the labeled predictions and a
+    threshold relative to the labeled confidence."""
+
     def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0) -> None:
         super().__init__(cfg, backbone, info, num_unlabeled)
         self.strong_view = StrongView(self.normalize, cfg.strong, cfg.data.translate, cfg.data.hflip)

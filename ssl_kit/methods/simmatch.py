@@ -63,6 +63,8 @@ class AlignmentQueue(nn.Module):
 
 @register("simmatch", SimMatchConfig)
 class SimMatch(SemiSupervisedMethod):
+    """SimMatch: soft pseudo-labels from class and labeled-bank similarities propagated into each other, plus
+    instance consistency of the strong view over the bank."""
 
     @classmethod
     def context_from(cls, cfg, data, load_record) -> dict:
