@@ -16,10 +16,29 @@ from benchmarks.common import logistic_regression_on_pixels, run_stages, table  
 from ssl_kit.engine.checkpoint import build_from_record  # noqa: E402
 from ssl_kit.eval.features import FeatureExtractor  # noqa: E402
 from ssl_kit.eval.stages import knn_dataset, probe_dataset  # noqa: E402
+from ssl_kit.methods import build_method  # noqa: E402
 from ssl_kit.models.registry import build_backbone  # noqa: E402
 
 
+METHOD_KEYS = {  # keys of one method on top of the shared ones (its recipes/<method>_digits.yaml values)
+    "byol": {"pred_hidden_dim": 128},
+    "simsiam": {"pred_hidden_dim": 32, "optimizer": {"name": "sgd", "lr": 0.5, "lr_scaling": "linear",
+                                                     "weight_decay": 1e-5}},
+    "barlow_twins": {"proj_hidden_dim": 256, "proj_dim": 256, "lambda_offdiag": 5e-3, "scale_loss": 0.1},
+    "vicreg": {"proj_hidden_dim": 256, "proj_dim": 256},
+}
+
+
 def pretrain_stage(method: str, dataset: str, epochs: float, size: int, width: int, temperature: float, device: str):
+    """The shared digits setup with METHOD_KEYS[method] on top; keys the method's config lacks (a temperature for
+    BYOL) are left out."""
+    stage = _shared_stage(method, dataset, epochs, size, width, temperature, device)
+    stage.update(METHOD_KEYS.get(method, {}))
+    fields = build_method(method).config_class.model_fields
+    return {key: value for key, value in stage.items() if key in fields}
+
+
+def _shared_stage(method: str, dataset: str, epochs: float, size: int, width: int, temperature: float, device: str):
     return {"name": "pretrain", "method": method, "data": {"dataset": dataset, "image_size": size},
             "backbone": {"name": "small_cnn", "kwargs": {"width": width}}, "temperature": temperature,
             "proj_hidden_dim": 128, "proj_dim": 64, "queue_size": 1024, "momentum": 0.99,

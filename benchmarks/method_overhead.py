@@ -31,6 +31,12 @@ HEADERS = ["method", "backbone", "px", "batch", "method img/s", "bare img/s", "s
 KWARGS = {"small_cnn": {"width": 32}, "resnet18": {"small_stem": True}, "wide_resnet28_2": {},
           "vit_tiny": {"patch_size": 4, "dim": 96, "depth": 4, "heads": 3}}
 VIT_METHODS = ("mae", "simmim")  # measured on the small ViT whatever --model says (MAE needs a ViT)
+HEADS = {  # the heads of recipes/<method>_digits.yaml
+    "byol": dict(proj_hidden_dim=128, proj_dim=64, pred_hidden_dim=128),
+    "simsiam": dict(proj_hidden_dim=128, proj_dim=64, pred_hidden_dim=32),
+    "barlow_twins": dict(proj_hidden_dim=256, proj_dim=256, scale_loss=0.1),
+    "vicreg": dict(proj_hidden_dim=256, proj_dim=256),
+}
 
 
 def stage_for(method: str, model: str, batch: int, size: int, device: str, mu: int) -> dict:
@@ -42,8 +48,9 @@ def stage_for(method: str, model: str, batch: int, size: int, device: str, mu: i
         stage.update(mu=mu)
         stage["data"]["labels_per_class"] = 10
         stage["train"]["ema_decay"] = 0.999
-    if method in ("simclr", "mocov2", "mocov3"):
+    if method in ("simclr", "mocov2", "mocov3", "byol", "barlow_twins", "vicreg"):
         stage["optimizer"]["name"] = "lars"
+    stage.update(HEADS.get(method, {}))
     if method == "dino":  # the head and crops of recipes/dino_digits.yaml
         stage.update(local_crops=4, local_crop_size=0.5, out_dim=1024, head_hidden_dim=256, bottleneck_dim=64)
     if method in VIT_METHODS:  # the ViT and decoder of recipes/mae_digits.yaml
@@ -82,7 +89,7 @@ def measure(method: str, model: str, batch: int, size: int, device: str, mu: int
             (x, y), count = images(batch), batch
         else:
             (x, y), count = images(2 * batch), 2 * batch
-            if method in ("mocov2", "mocov3"):  # their floor also has the momentum encoder's no-grad forward
+            if method in ("mocov2", "mocov3", "byol"):  # their floor also has the momentum encoder's no-grad forward
                 key_encoder = build_backbone(model, channels, size, kwargs).to(dev).train()
         times = engine_vs_bare(trainer, bare, x, y, steps, rounds, key_encoder, key_input)
     floor = times.get("bare+key", times["bare"])
