@@ -32,12 +32,17 @@ METHOD_KEYS = {  # keys of one method on top of the shared ones (its recipes/<me
              "gaussian_blur": [0.0, 0.0, 0.0], "solarization_prob": 0.0, "warmup_teacher_temp_epochs": 10,
              "masking": "random", "views": {"jitter_strength": 0.5, "grayscale_prob": 0.0},
              "optimizer": {"name": "adamw", "lr": 5e-4, "lr_scaling": "linear", "weight_decay": 0.04}},
+    "byol": {"pred_hidden_dim": 128},
+    "simsiam": {"pred_hidden_dim": 32, "optimizer": {"name": "sgd", "lr": 0.5, "lr_scaling": "linear",
+                                                     "weight_decay": 1e-5}},
+    "barlow_twins": {"proj_hidden_dim": 256, "proj_dim": 256, "lambda_offdiag": 5e-3, "scale_loss": 0.1},
+    "vicreg": {"proj_hidden_dim": 256, "proj_dim": 256},
 }
 
 
 def pretrain_stage(method: str, dataset: str, epochs: float, size: int, width: int, temperature: float, device: str):
     """The shared digits setup with METHOD_KEYS[method] on top; keys the method's config lacks (a queue for
-    SimCLR) are left out."""
+    SimCLR, a temperature for BYOL) are left out."""
     stage = _shared_stage(method, dataset, epochs, size, width, temperature, device)
     stage.update(METHOD_KEYS.get(method, {}))
     fields = build_method(method).config_class.model_fields

@@ -40,6 +40,12 @@ MULTI_CROP = {  # the heads and crops of recipes/<method>_digits.yaml (LARS like
     "ibot": dict(backbone={"name": "vit_tiny", "kwargs": KWARGS["vit_tiny"]}, out_dim=1024, head_hidden_dim=256,
                  bottleneck_dim=64, local_crops=2, local_crop_size=0.5, masking="random"),
 }
+HEADS = {  # the heads of recipes/<method>_digits.yaml
+    "byol": dict(proj_hidden_dim=128, proj_dim=64, pred_hidden_dim=128),
+    "simsiam": dict(proj_hidden_dim=128, proj_dim=64, pred_hidden_dim=32),
+    "barlow_twins": dict(proj_hidden_dim=256, proj_dim=256, scale_loss=0.1),
+    "vicreg": dict(proj_hidden_dim=256, proj_dim=256),
+}
 
 
 def stage_for(method: str, model: str, batch: int, size: int, device: str, mu: int) -> dict:
@@ -51,8 +57,9 @@ def stage_for(method: str, model: str, batch: int, size: int, device: str, mu: i
         stage.update(mu=mu)
         stage["data"]["labels_per_class"] = 10
         stage["train"]["ema_decay"] = 0.999
-    if method in ("simclr", "mocov2", "mocov3"):
+    if method in ("simclr", "mocov2", "mocov3", "byol", "barlow_twins", "vicreg"):
         stage["optimizer"]["name"] = "lars"
+    stage.update(HEADS.get(method, {}))
     if method == "dino":  # the head and crops of recipes/dino_digits.yaml
         stage.update(local_crops=4, local_crop_size=0.5, out_dim=1024, head_hidden_dim=256, bottleneck_dim=64)
     if method in MULTI_CROP:
@@ -97,7 +104,7 @@ def measure(method: str, model: str, batch: int, size: int, device: str, mu: int
             (x, y), count = images(batch), batch
         else:
             (x, y), count = images(2 * batch), 2 * batch
-            if method in ("mocov2", "mocov3"):  # their floor also has the momentum encoder's no-grad forward
+            if method in ("mocov2", "mocov3", "byol"):  # their floor also has the momentum encoder's no-grad forward
                 key_encoder = build_backbone(model, channels, size, kwargs).to(dev).train()
         times = engine_vs_bare(trainer, bare, x, y, steps, rounds, key_encoder, key_input)
     floor = times.get("bare+key", times["bare"])

@@ -30,7 +30,7 @@ def test_impossible_value_threshold_out_of_range():
 
 
 def test_unknown_method_lists_allowed_values():
-    stage = tiny_stage(method="byol")
+    stage = tiny_stage(method="no_such_method")
     with pytest.raises(ConfigError, match=r"supervised.*simclr.*fixmatch"):
         validate_recipe(raw(stage))
 
