@@ -21,7 +21,8 @@ from ssl_kit.methods.base import Progress
 from ssl_kit.methods.ibot import IBOT, ibot_masks
 from ssl_kit.methods.nnclr import NNCLR
 from ssl_kit.methods.supcon import SupCon
-from ssl_kit.methods.swav import COLLAPSE_STD_FRACTION, EmbeddingStdMonitor, SwAV
+from ssl_kit.methods.collapse import DEFAULT_THRESHOLD, EmbeddingStdWatch
+from ssl_kit.methods.swav import SwAV
 from ssl_kit.models.cnn import SmallCNN
 from ssl_kit.models.vit import VisionTransformer
 from ssl_kit.runner import run_recipe
@@ -219,17 +220,17 @@ def test_bad_values_are_named_by_key_path(method, overrides, message):
         config(method, **overrides)
 
 
-def test_embedding_std_monitor_reports_the_std_and_warns_once_on_collapse():
-    monitor = EmbeddingStdMonitor("swav", 64)
+def test_embedding_std_watch_reports_the_std_and_warns_once_on_collapse():
+    monitor = EmbeddingStdWatch("swav")
     torch.manual_seed(0)
-    monitor.observe(torch.randn(4096, 64))
+    monitor.update(torch.randn(4096, 64))
     healthy = monitor.epoch_metrics()["swav/embedding_std"]
     assert healthy == pytest.approx(1 / math.sqrt(64), rel=0.05)
     collapsed = torch.ones(32, 64) + 1e-4 * torch.randn(32, 64)
-    monitor.observe(collapsed)
-    with pytest.warns(UserWarning, match=rf"swav: embedding std .* below {COLLAPSE_STD_FRACTION / 8:.4g}"):
+    monitor.update(collapsed)
+    with pytest.warns(UserWarning, match=rf"swav: embedding std .* below {DEFAULT_THRESHOLD:g}/√D = {DEFAULT_THRESHOLD / 8:.2e}"):
         assert monitor.epoch_metrics()["swav/embedding_std"] < 1e-3
-    monitor.observe(collapsed)
+    monitor.update(collapsed)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         monitor.epoch_metrics()  # only once

@@ -25,10 +25,10 @@ from ..losses import dino_loss, ibot_patch_loss
 from ..models.masking import block_masking
 from ..models.vit import VisionTransformer
 from .base import Progress
+from .collapse import EmbeddingStdWatch
 from .dino import DINO, DINOConfig, DINOHead
 from .momentum import frozen_copy
 from .registry import register
-from .swav import EmbeddingStdMonitor
 
 
 class IBOTConfig(DINOConfig):
@@ -88,7 +88,7 @@ class IBOT(DINO):
                                            cfg.bottleneck_dim, cfg.norm_last_layer)
             self.teacher_patch_head = frozen_copy(self.patch_head_net)
         self.register_buffer("patch_center", torch.zeros(1, 1, cfg.out_dim if cfg.shared_head else cfg.patch_out_dim))
-        self.collapse = EmbeddingStdMonitor("ibot", backbone.num_features)
+        self.collapse = EmbeddingStdWatch("ibot")
 
     def patch_heads(self) -> tuple[nn.Module, nn.Module]:
         """(student, teacher) patch heads: the [CLS] heads when shared_head."""
@@ -157,7 +157,7 @@ class IBOT(DINO):
         self._loss_sum += cls_loss.detach()
         self._loss_count += 1
         features = self.pooled(teacher_tokens)
-        self.collapse.observe(features)
+        self.collapse.update(features)
         probe = self.probe_loss(features, batch.y.repeat(2))
         loss = cls_loss + cfg.lambda_patch * patch_loss
         return {"loss": loss + probe, "ibot_cls_loss": cls_loss.detach(), "ibot_patch_loss": patch_loss.detach(),

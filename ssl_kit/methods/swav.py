@@ -10,11 +10,9 @@ unit length after every optimizer step.
 
 Collapse is watched through `swav/embedding_std`: the per-dimension standard deviation of the normalised
 projections over the batch (SimSiam's diagnostic), ≈ 1/√D when the embeddings spread over the sphere, → 0 when they
-collapse; a warning fires once when the epoch mean falls below `COLLAPSE_STD_FRACTION`/√D."""
+collapse; a warning fires once when the epoch mean falls below 0.1/√D (methods/collapse.py)."""
 from __future__ import annotations
 
-import math
-import warnings
 from typing import Literal, Optional
 
 import torch
@@ -28,11 +26,11 @@ from ..data.loader import Batch
 from ..losses import SwAVLoss
 from ..models.heads import mlp
 from .base import Progress
+from .collapse import EmbeddingStdWatch
 from .contrastive import ContrastiveConfig
 from .pretext import PretextMethod
 from .registry import register
 
-COLLAPSE_STD_FRACTION = 0.1  # warn when embedding std < this × 1/√D (a tenth of an isotropic embedding's value)
 
 
 class SwAVConfig(ContrastiveConfig):
@@ -60,40 +58,6 @@ class SwAVConfig(ContrastiveConfig):
         return self
 
 
-class EmbeddingStdMonitor(nn.Module):
-    """Per-epoch mean of the per-dimension std of L2-normalised embeddings (SimSiam's collapse diagnostic) and a
-    one-time warning when it falls below COLLAPSE_STD_FRACTION / √dim."""
-
-    def __init__(self, method: str, dim: int) -> None:
-        super().__init__()
-        self.method, self.threshold = method, COLLAPSE_STD_FRACTION / math.sqrt(dim)
-        self.warned = False
-        self.register_buffer("_sum", torch.zeros(()), persistent=False)
-        self.register_buffer("_count", torch.zeros(()), persistent=False)
-
-    @torch.no_grad()
-    def observe(self, z: Tensor) -> Tensor:
-        """z: (N, D) embeddings (normalised here). -> the batch's mean per-dimension std (0-d), accumulated."""
-        std = F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
-        self._sum += std
-        self._count += 1
-        return std
-
-    def epoch_metrics(self) -> dict[str, float]:
-        """{'<method>/embedding_std': epoch mean} (empty before any step); warns once below the threshold; resets."""
-        if not float(self._count):
-            return {}
-        value = float(self._sum / self._count)
-        self._sum.zero_()
-        self._count.zero_()
-        if value < self.threshold and not self.warned:
-            warnings.warn(f"{self.method}: embedding std {value:.4g} is below {self.threshold:.4g} "
-                          f"({COLLAPSE_STD_FRACTION} / sqrt(D)): the normalised embeddings look collapsed; check the "
-                          f"learning rate, temperature and augmentations")
-            self.warned = True
-        return {f"{self.method}/embedding_std": value}
-
-
 @register("swav", SwAVConfig)
 class SwAV(PretextMethod):
     """backbone -> 2-layer MLP projector -> L2 normalise -> prototypes (linear, no bias, unit rows) -> SwAVLoss."""
@@ -119,7 +83,7 @@ class SwAV(PretextMethod):
         rows = cfg.queue_length // dist.world_size()
         self.register_buffer("queue", torch.zeros(2, rows, cfg.proj_dim))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
-        self.collapse = EmbeddingStdMonitor("swav", cfg.proj_dim)
+        self.collapse = EmbeddingStdWatch("swav")
 
     def view_list(self) -> list[nn.Module]:
         """2 global views, then `local_crops` local views."""
@@ -150,7 +114,7 @@ class SwAV(PretextMethod):
             low = list(self.prototypes(z_local).chunk(self.cfg.local_crops))
         loss = self.loss_fn(high, low, self.queue_scores())
         self.enqueue(z_global.chunk(2), progress)
-        self.collapse.observe(z_global)
+        self.collapse.update(z_global)
         probe = self.probe_loss(features, batch.y.repeat(2))
         return {"loss": loss + probe, "swav_loss": loss.detach(), "probe_loss": probe.detach()}
 
