@@ -31,6 +31,13 @@ HEADERS = ["method", "backbone", "px", "batch", "method img/s", "bare img/s", "s
 KWARGS = {"small_cnn": {"width": 32}, "resnet18": {"small_stem": True}, "wide_resnet28_2": {},
           "vit_tiny": {"patch_size": 4, "dim": 96, "depth": 4, "heads": 3}}
 VIT_METHODS = ("mae", "simmim")  # measured on the small ViT whatever --model says (MAE needs a ViT)
+# Semi-supervised methods beside FixMatch: their own keys here, and how many images get forward/backward per labeled
+# image (`grad`) and a no-grad forward only (`nograd`: Mean Teacher's teacher, MixMatch's K label guesses) given μ.
+SEMI_METHODS = {"pseudo_label": ({}, lambda mu: (1 + mu, 0)),
+                "mean_teacher": ({}, lambda mu: (1 + mu, mu)),
+                "uda": ({}, lambda mu: (1 + 2 * mu, 0)),
+                "mixmatch": ({"num_augmentations": 2}, lambda mu: (1 + 2 * mu, 2 * mu)),
+                "dash": ({"warmup_steps": 1}, lambda mu: (1 + 2 * mu, 0))}
 
 
 def stage_for(method: str, model: str, batch: int, size: int, device: str, mu: int) -> dict:
@@ -40,6 +47,10 @@ def stage_for(method: str, model: str, batch: int, size: int, device: str, mu: i
              "train": {"steps": 1000, "batch_size": batch, "progress": False, "device": device}}
     if method == "fixmatch":
         stage.update(mu=mu)
+        stage["data"]["labels_per_class"] = 10
+        stage["train"]["ema_decay"] = 0.999
+    if method in SEMI_METHODS:
+        stage.update(mu=mu, **SEMI_METHODS[method][0])
         stage["data"]["labels_per_class"] = 10
         stage["train"]["ema_decay"] = 0.999
     if method in ("simclr", "mocov2", "mocov3"):
@@ -73,6 +84,11 @@ def measure(method: str, model: str, batch: int, size: int, device: str, mu: int
         key_encoder, key_input = None, None
         if method == "fixmatch":
             (x, y), count = images(batch * (1 + 2 * mu)), batch * (1 + 2 * mu)
+        elif method in SEMI_METHODS:  # the floor: the same images through forward/backward (+ no-grad passes)
+            grad, nograd = SEMI_METHODS[method][1](mu)
+            (x, y), count = images(batch * grad), batch * grad
+            if nograd:
+                key_encoder, key_input = bare, images(batch * nograd)[0]
         elif method == "dino":  # 2 global views + local crops at their own size; the EMA teacher sees the globals
             local = max(4, round(size * cfg.local_crop_size))
             (xg, yg), (xl, yl) = images(2 * batch), images(cfg.local_crops * batch, local)
@@ -133,7 +149,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for method in args.methods:
-        batch = args.fixmatch_batch if method == "fixmatch" else args.batch
+        batch = args.fixmatch_batch if method == "fixmatch" or method in SEMI_METHODS else args.batch
         ratio, ips, bare_ips, own, model = measure(method, args.model, batch, args.size, args.device, args.mu,
                                                    args.steps, args.rounds)
         rows.append([method, model, args.size, batch, ips, bare_ips, ratio, own])

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..config import StrongAugConfig
 from ..data.augment import StrongView
 from ..data.loader import Batch
-from ..losses import consistency_loss, dash_mask, dash_threshold, dash_weak_loss
+from ..losses import consistency_loss, dash_threshold, dash_weak_loss
 from .base import Progress
 from .registry import register
 from .semi import SemiSupervisedConfig, SemiSupervisedMethod
@@ -41,7 +41,7 @@ class DashConfig(SemiSupervisedConfig):
 class DashThreshold(ThresholdPolicy):
     """Dash's dynamic loss threshold as a policy. `observe_supervised(loss, step)` during warm-up collects ρ̂;
     `schedule(step)` sets ρ_t for the step; `weights(probs)` = 1 where CE(weak, own pseudo-label) ≤ ρ_t
-    (`dash_mask(dash_weak_loss(...))`, soft targets until ρ_t = ρ_min, then hard)."""
+    (the rule of `dash_mask` on `dash_weak_loss`, ρ_t kept on the device; soft targets until ρ_t = ρ_min, then hard)."""
 
     def __init__(self, num_classes: int, temperature: float, gamma: float, c: float, rho_min: float,
                  warmup_steps: int, rho_window: int, update_every: int) -> None:
@@ -66,8 +66,8 @@ class DashThreshold(ThresholdPolicy):
 
     @torch.no_grad()
     def schedule(self, step: int) -> None:
-        """ρ_t for optimizer step `step` ≥ warmup_steps: max(ρ_min, C γ^−stage ρ̂), stage = ⌊(step − warm-up) /
-        update_every⌋ (`dash_threshold` with ρ̂ = 1 gives the factor; ρ̂ stays a device tensor, no sync)."""
+        """ρ_t for optimizer step `step` ≥ warmup_steps: max(ρ_min, C γ^−stage ρ̂), stage = ⌊(step − warm-up)
+        / update_every⌋ (`dash_threshold` with ρ̂ = 1 gives the factor; ρ̂ stays a device tensor, no sync)."""
         factor = dash_threshold(step - self.warmup_steps, 1.0, self.gamma, self.c, 0.0, self.update_every)
         self.rho.copy_(torch.clamp_min(factor * self.rho_init(), self.rho_min))
 

@@ -24,8 +24,8 @@ class MeanTeacherConfig(SemiSupervisedConfig):
     mu: int = Field(1, ge=1, description="unlabeled batch = mu × labeled batch (USB uratio 1)")
     lambda_u: float = Field(50.0, ge=0, description="weight of the consistency loss (USB ulb_loss_ratio 50)")
     ema_m: float = Field(0.999, ge=0, lt=1, description="teacher = EMA of the student with this decay (USB ema_m)")
-    unsup_warmup: float = Field(0.4, ge=0, le=1, description="fraction of the steps the ramp-up lasts (USB "
-                                                             "unsup_warm_up)")
+    unsup_warmup: float = Field(0.4, ge=0, le=1,
+                                description="fraction of the steps the ramp-up lasts (USB unsup_warm_up)")
     rampup: Literal["sigmoid", "linear"] = Field(
         "sigmoid", description="shape of the ramp-up: sigmoid exp(−5(1 − t)²) (Mean Teacher paper) or linear (USB)")
 

@@ -1,6 +1,6 @@
 """MixMatch (Berthelot et al. 2019), as USB runs it (`mixmatch`): K weak views of each unlabeled image are
-classified without gradient, their mean prediction is sharpened with T (`mixmatch_targets`); labeled images (one-hot
-targets) and the K unlabeled views (the guess as target) are mixed with a random partner from the whole set,
+classified without gradient, their mean prediction is sharpened with T (`mixmatch_targets`); labeled images
+(one-hot targets) and the K unlabeled views (the guess as target) are mixed with a random partner from the whole set,
 λ' = max(λ, 1 − λ), λ ~ Beta(α, α) (`mixup`); soft cross-entropy on the labeled rows, squared error on the unlabeled
 rows (`mixmatch_loss`), weighted by λ_u times a linear ramp-up. BatchNorm running statistics are left untouched by
 the label-guessing pass (USB's freeze_bn); the mixed batch goes through the network in one pass."""
