@@ -1,4 +1,5 @@
-"""FixMatch and its adaptive-threshold successors vs. labels-only training and LabelSpreading (issue 4).
+"""FixMatch and its adaptive-threshold successors vs. labels-only training and LabelSpreading (issue 4), and the
+methods FixMatch is compared with (Pseudo-Label, Mean Teacher, UDA, MixMatch, Dash; issue 17).
 
 Test-split accuracy (final step, EMA model; no selection on test), mean ± std over seeds. Same labeled split, same
 backbone, same number of steps for every row.
@@ -15,8 +16,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import label_spreading_on_pixels, mean_std, run_stages, table  # noqa: E402
 
 
-METHODS = {"simmatch": {"threshold": 0.95, "proj_size": 64}, "adamatch": {"threshold": 0.9}}  # rows that are
-# methods of their own (defaults otherwise: USB's / the paper's), beside FixMatch's threshold policies
+# The compared methods' own keys at this step budget (USB's values; Dash's warm-up and ρ stages scaled to the
+# budget); rows that are methods of their own, beside FixMatch's threshold policies
+METHOD_KEYS = {
+    "pseudo_label": {"threshold": 0.95, "unsup_warmup": 0.4},
+    "mean_teacher": {"lambda_u": 50.0, "unsup_warmup": 0.4},
+    "uda": {"threshold": 0.8, "temperature": 0.4},
+    "mixmatch": {"lambda_u": 75.0, "temperature": 0.5, "mixup_alpha": 0.5, "unsup_warmup": 0.4},
+    "dash": {"warmup_steps": 100, "rho_window": 20, "rho_update_every": 10},
+    "simmatch": {"threshold": 0.95, "proj_size": 64},
+    "adamatch": {"threshold": 0.9},
+}
+NAMES = {"fixed": "FixMatch", "pseudo_label": "Pseudo-Label", "mean_teacher": "Mean Teacher", "uda": "UDA",
+         "mixmatch": "MixMatch", "dash": "Dash", "simmatch": "SimMatch", "adamatch": "AdaMatch"}
 
 
 def stages(dataset: str, labels: int, steps: int, size: int, width: int, policy: str | None, device: str, mu: int,
@@ -29,8 +41,8 @@ def stages(dataset: str, labels: int, steps: int, size: int, width: int, policy:
                         "progress": False, "device": device, "checkpoint_every_steps": 100_000}}
     if policy is None:
         return [{"name": "run", "method": "supervised", **common}]
-    if policy in METHODS:
-        return [{"name": "run", "method": policy, "mu": mu, **METHODS[policy], **common}]
+    if policy in METHOD_KEYS:  # a method of its own (policy names the method), same budget, same μ
+        return [{"name": "run", "method": policy, "mu": mu, **METHOD_KEYS[policy], **common}]
     return [{"name": "run", "method": "fixmatch", "mu": mu, "threshold": 0.95,
              "threshold_policy": {"policy": policy}, **common}]
 
@@ -40,9 +52,9 @@ def main() -> None:
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--labels", type=int, nargs="+", default=[4, 10])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--policies", nargs="+",
-                        default=["fixed", "flexmatch", "freematch", "softmatch", "simmatch", "adamatch"],
-                        help="FixMatch threshold policies and whole methods (simmatch, adamatch)")
+    parser.add_argument("--policies", nargs="+", default=["fixed", "flexmatch", "freematch", "softmatch"],
+                        help="FixMatch threshold policies (a method name here runs that method)")
+    parser.add_argument("--methods", nargs="+", default=list(METHOD_KEYS), help="other methods beside FixMatch")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--size", type=int, default=16)
     parser.add_argument("--width", type=int, default=16)
@@ -55,11 +67,10 @@ def main() -> None:
     for labels in args.labels:
         results: dict[str, list[float]] = {}
         for seed in args.seeds:
-            for policy in [None] + args.policies:
+            for policy in [None] + args.policies + args.methods:
                 summary, _ = run_stages(stages(args.dataset, labels, args.steps, args.size, args.width, policy,
                                                args.device, args.mu, args.batch), seed)
-                name = "supervised only" if policy is None else \
-                    {"fixed": "FixMatch", "simmatch": "SimMatch", "adamatch": "AdaMatch"}.get(policy, policy)
+                name = "supervised only" if policy is None else NAMES.get(policy, policy)
                 results.setdefault(name, []).append(summary["run/test/top1"])
                 print(f"labels/class {labels} seed {seed} {name}: {summary['run/test/top1']:.4f}", flush=True)
             if args.label_spreading:

@@ -46,6 +46,13 @@ HEADS = {  # the heads of recipes/<method>_digits.yaml
     "barlow_twins": dict(proj_hidden_dim=256, proj_dim=256, scale_loss=0.1),
     "vicreg": dict(proj_hidden_dim=256, proj_dim=256),
 }
+# Semi-supervised methods beside FixMatch: their own keys here, and how many images get forward/backward per labeled
+# image (`grad`) and a no-grad forward only (`nograd`: Mean Teacher's teacher, MixMatch's K label guesses) given μ.
+SEMI_METHODS = {"pseudo_label": ({}, lambda mu: (1 + mu, 0)),
+                "mean_teacher": ({}, lambda mu: (1 + mu, mu)),
+                "uda": ({}, lambda mu: (1 + 2 * mu, 0)),
+                "mixmatch": ({"num_augmentations": 2}, lambda mu: (1 + 2 * mu, 2 * mu)),
+                "dash": ({"warmup_steps": 1}, lambda mu: (1 + 2 * mu, 0))}
 
 
 def stage_for(method: str, model: str, batch: int, size: int, device: str, mu: int) -> dict:
@@ -55,6 +62,10 @@ def stage_for(method: str, model: str, batch: int, size: int, device: str, mu: i
              "train": {"steps": 1000, "batch_size": batch, "progress": False, "device": device}}
     if method in ("fixmatch", "simmatch", "adamatch"):
         stage.update(mu=mu)
+        stage["data"]["labels_per_class"] = 10
+        stage["train"]["ema_decay"] = 0.999
+    if method in SEMI_METHODS:
+        stage.update(mu=mu, **SEMI_METHODS[method][0])
         stage["data"]["labels_per_class"] = 10
         stage["train"]["ema_decay"] = 0.999
     if method in ("simclr", "mocov2", "mocov3", "byol", "barlow_twins", "vicreg"):
@@ -94,6 +105,11 @@ def measure(method: str, model: str, batch: int, size: int, device: str, mu: int
             (x, y), count = images(batch * (1 + 2 * mu)), batch * (1 + 2 * mu)
         elif method == "adamatch":  # + the labeled images again, alone (random logit interpolation)
             (x, y), count = images(batch * (2 + 2 * mu)), batch * (2 + 2 * mu)
+        elif method in SEMI_METHODS:  # the floor: the same images through forward/backward (+ no-grad passes)
+            grad, nograd = SEMI_METHODS[method][1](mu)
+            (x, y), count = images(batch * grad), batch * grad
+            if nograd:
+                key_encoder, key_input = bare, images(batch * nograd)[0]
         elif method in ("dino", "swav", "ibot"):  # 2 global views + local crops at their own size
             local = max(4, round(size * cfg.local_crop_size))
             (xg, yg), (xl, yl) = images(2 * batch), images(cfg.local_crops * batch, local)
@@ -155,7 +171,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for method in args.methods:
-        batch = args.fixmatch_batch if method in ("fixmatch", "simmatch", "adamatch") else args.batch
+        batch = args.fixmatch_batch if method in ("fixmatch", "simmatch", "adamatch") or method in SEMI_METHODS \
+            else args.batch
         ratio, ips, bare_ips, own, model = measure(method, args.model, batch, args.size, args.device, args.mu,
                                                    args.steps, args.rounds)
         rows.append([method, model, args.size, batch, ips, bare_ips, ratio, own])

@@ -69,3 +69,44 @@ def test_grayscale_for_gray_input_is_identity():
     x = torch.rand(4, 1, 8, 8)
     assert torch.equal(A.random_grayscale(x, 1.0), x)
     assert A.color_jitter(x, 0.5, 1.0).shape == x.shape
+
+
+def _rand_augment_op_by_op(x, num_ops, magnitude_max):
+    """The previous RandAugment: every op applied in turn to the rows that drew it (reference for the fast path)."""
+    names = list(A.RANDAUGMENT_OPS)
+    out = x.clone()
+    n = x.shape[0]
+    for _ in range(num_ops):
+        choice = torch.randint(len(names), (n,))
+        magnitude = torch.rand(n) * (max(0.05, magnitude_max) - 0.05) + 0.05
+        for op_index in torch.unique(choice).tolist():
+            rows = (choice == op_index).nonzero().squeeze(1)
+            if names[op_index] != "identity":
+                out[rows] = A.RANDAUGMENT_OPS[names[op_index]](out[rows], magnitude[rows]).clamp(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_rand_augment_fast_path_equals_op_by_op(channels):
+    """Grouped rows and one warp for all geometric rows of a round: the same images as applying each op in turn
+    (same random draws, same order)."""
+    x = torch.rand(96, channels, 12, 12)
+    torch.manual_seed(3)
+    fast = A.rand_augment(x, num_ops=3, magnitude_max=0.9)
+    torch.manual_seed(3)
+    reference = _rand_augment_op_by_op(x, num_ops=3, magnitude_max=0.9)
+    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-6)
+    assert not torch.equal(fast, x)
+
+
+def test_cutout_masked_fill_matches_where():
+    x = torch.rand(32, 3, 10, 10)
+    torch.manual_seed(5)
+    y = A.cutout(x, 0.5, fill=0.25)
+    torch.manual_seed(5)
+    n, _, h, w = x.shape
+    side, cy, cx = torch.rand(n) * 0.5 * 10, torch.rand(n) * h, torch.rand(n) * w
+    ys, xs = torch.arange(h).view(1, h, 1) + 0.5, torch.arange(w).view(1, 1, w) + 0.5
+    inside = ((ys - cy.view(-1, 1, 1)).abs() <= side.view(-1, 1, 1) / 2) & \
+        ((xs - cx.view(-1, 1, 1)).abs() <= side.view(-1, 1, 1) / 2)
+    assert torch.equal(y, torch.where(inside.unsqueeze(1), torch.full_like(x, 0.25), x))

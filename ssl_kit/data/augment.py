@@ -244,30 +244,40 @@ def _signed_factor(m: Tensor) -> Tensor:
     return 1.0 + sign * 0.9 * m
 
 
+def _geometric_matrix(kind: str, m: Tensor, sign: Tensor) -> Tensor:
+    """The affine map (N, 2, 3), in normalised coordinates, of geometric op `kind` with magnitudes m (N,) in [0, 1]
+    and directions sign (N,) ±1: rotate up to 30°, shear up to 0.3, translate up to 30% of the size."""
+    n = m.shape[0]
+    matrix = torch.zeros(n, 2, 3, device=m.device)
+    matrix[:, 0, 0] = 1.0
+    matrix[:, 1, 1] = 1.0
+    if kind == "rotate":  # up to 30 degrees
+        angle = sign * m * math.radians(30)
+        matrix[:, 0, 0], matrix[:, 0, 1] = torch.cos(angle), -torch.sin(angle)
+        matrix[:, 1, 0], matrix[:, 1, 1] = torch.sin(angle), torch.cos(angle)
+    elif kind == "shear_x":
+        matrix[:, 0, 1] = sign * m * 0.3
+    elif kind == "shear_y":
+        matrix[:, 1, 0] = sign * m * 0.3
+    elif kind == "translate_x":  # up to 30% of the size
+        matrix[:, 0, 2] = sign * m * 0.6
+    else:
+        matrix[:, 1, 2] = sign * m * 0.6
+    return matrix
+
+
+def _random_sign(n: int, device) -> Tensor:
+    return torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0)
+
+
 def _geometric(kind: str):
     def op(x: Tensor, m: Tensor) -> Tensor:
-        n = x.shape[0]
-        sign = torch.where(torch.rand(n, device=x.device) < 0.5, -1.0, 1.0)
-        matrix = torch.zeros(n, 2, 3, device=x.device)
-        matrix[:, 0, 0] = 1.0
-        matrix[:, 1, 1] = 1.0
-        if kind == "rotate":  # up to 30 degrees
-            angle = sign * m * math.radians(30)
-            matrix[:, 0, 0], matrix[:, 0, 1] = torch.cos(angle), -torch.sin(angle)
-            matrix[:, 1, 0], matrix[:, 1, 1] = torch.sin(angle), torch.cos(angle)
-        elif kind == "shear_x":
-            matrix[:, 0, 1] = sign * m * 0.3
-        elif kind == "shear_y":
-            matrix[:, 1, 0] = sign * m * 0.3
-        elif kind == "translate_x":  # up to 30% of the size
-            matrix[:, 0, 2] = sign * m * 0.6
-        else:
-            matrix[:, 1, 2] = sign * m * 0.6
-        return _warp(x, matrix, "zeros")
+        return _warp(x, _geometric_matrix(kind, m, _random_sign(x.shape[0], x.device)), "zeros")
 
     return op
 
 
+GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 RANDAUGMENT_OPS = {
     "identity": lambda x, m: x,
     "autocontrast": _autocontrast,
@@ -288,17 +298,32 @@ RANDAUGMENT_OPS = {
 
 def rand_augment(x: Tensor, num_ops: int, magnitude_max: float) -> Tensor:
     """RandAugment as in FixMatch: each sample gets `num_ops` ops drawn uniformly, each with its own magnitude
-    in [0.05, magnitude_max]. x: float (N, C, H, W) in [0, 1] -> same shape, in [0, 1]."""
+    in [0.05, magnitude_max]. x: float (N, C, H, W) in [0, 1] -> same shape, in [0, 1].
+
+    Each op runs only on the rows that drew it; within a round the rows that drew any geometric op are warped in
+    one `grid_sample` call (their maps stacked), with the random directions drawn op by op in the same order as
+    applying the ops one at a time, so the result equals `RANDAUGMENT_OPS[op](rows, m)` op by op."""
     names = list(RANDAUGMENT_OPS)
     out = x.clone()
     n = x.shape[0]
     for _ in range(num_ops):
         choice = torch.randint(len(names), (n,), device=x.device)
         magnitude = _uniform(n, 0.05, max(0.05, magnitude_max), x.device)
-        for op_index in torch.unique(choice).tolist():
-            rows = (choice == op_index).nonzero().squeeze(1)
-            if names[op_index] != "identity":
-                out[rows] = RANDAUGMENT_OPS[names[op_index]](out[rows], magnitude[rows]).clamp(0, 1)
+        order = torch.argsort(choice, stable=True)
+        counts = torch.bincount(choice, minlength=len(names)).tolist()
+        geometric_rows, matrices = [], []
+        for name, rows in zip(names, order.split(counts)):
+            if rows.numel() == 0 or name == "identity":
+                continue
+            m = magnitude.index_select(0, rows)
+            if name in GEOMETRIC_OPS:
+                matrices.append(_geometric_matrix(name, m, _random_sign(rows.numel(), x.device)))
+                geometric_rows.append(rows)
+            else:
+                out.index_copy_(0, rows, RANDAUGMENT_OPS[name](out.index_select(0, rows), m).clamp(0, 1))
+        if geometric_rows:
+            rows = torch.cat(geometric_rows)
+            out.index_copy_(0, rows, _warp(out.index_select(0, rows), torch.cat(matrices), "zeros").clamp(0, 1))
     return out
 
 
@@ -314,7 +339,7 @@ def cutout(x: Tensor, max_fraction: float, fill: float = 0.5) -> Tensor:
     xs = torch.arange(w, device=x.device).view(1, 1, w) + 0.5
     inside = ((ys - cy.view(-1, 1, 1)).abs() <= side.view(-1, 1, 1) / 2) & \
              ((xs - cx.view(-1, 1, 1)).abs() <= side.view(-1, 1, 1) / 2)
-    return torch.where(inside.unsqueeze(1), torch.full_like(x, fill), x)
+    return x.masked_fill(inside.unsqueeze(1), fill)
 
 
 class StrongView(torch.nn.Module):
