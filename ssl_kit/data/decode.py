@@ -16,11 +16,13 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image
 
 from ..errors import DataError
+from ..limits import how_to_raise, limit
 from .crops import CropSpec, center_box, crop_box, flip_bit
 
 
@@ -32,22 +34,34 @@ class BadImage(DataError):
         self.name, self.reason = name, reason
 
 
+
+@contextmanager
+def pil_pixel_limit():
+    """PIL's own decompression-bomb check (at open, 2 × Image.MAX_IMAGE_PIXELS) follows MAX_IMAGE_PIXELS while the
+    block runs; PIL's global is restored afterwards, so a lowered cap never leaks into other code."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit("MAX_IMAGE_PIXELS")
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
 def _open(data: bytes, name: str) -> Image.Image:
     if len(data) == 0:
         raise BadImage(name, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            with pil_pixel_limit():
+                image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise BadImage(name, f"decompression bomb refused by PIL: {exc}") from None
     except Exception as exc:  # PIL raises many types for garbage input
         raise BadImage(name, f"not a readable image ({type(exc).__name__}: {exc})") from None
-    limit = Image.MAX_IMAGE_PIXELS
     width, height = image.size
-    if limit is not None and width * height > limit:
-        raise BadImage(name, f"decompression bomb: {width}×{height} = {width * height} pixels exceeds PIL's limit "
-                             f"Image.MAX_IMAGE_PIXELS = {limit} (raise it only for files you trust)")
+    if width * height > limit("MAX_IMAGE_PIXELS"):  # from the header: nothing decoded yet
+        raise BadImage(name, f"decompression bomb: {width}×{height} = {width * height} pixels; "
+                             f"{how_to_raise('MAX_IMAGE_PIXELS')} (raise it only for files you trust)")
     if width < 1 or height < 1:
         raise BadImage(name, f"image of size {width}×{height} has no pixels")
     return image

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
+from .decode import pil_pixel_limit
 from .imageset import ImageSet
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -324,9 +325,8 @@ def read_image(path: Path, size: int) -> np.ndarray:
     """Any PIL-readable file -> uint8 RGB (3, size, size). Raises DataError naming the file."""
     from ..limits import how_to_raise, limit
 
-    Image.MAX_IMAGE_PIXELS = limit("MAX_IMAGE_PIXELS")  # PIL refuses 2× this at open, we refuse 1× below
     try:
-        with Image.open(path) as image:
+        with pil_pixel_limit(), Image.open(path) as image:
             if image.width * image.height > limit("MAX_IMAGE_PIXELS"):  # header only: nothing decoded yet
                 raise DataError(f"image file {str(path)!r} is {image.width}×{image.height} pixels; "
                                 f"{how_to_raise('MAX_IMAGE_PIXELS')}")
