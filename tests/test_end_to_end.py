@@ -14,7 +14,8 @@ from tests.conftest import tiny_stage
 
 
 def contrastive_stage(method, epochs):
-    return tiny_stage("pretrain", method, temperature=0.5, proj_hidden_dim=64, proj_dim=32, queue_size=512,
+    queue = {"queue_size": 512} if method == "mocov2" else {}  # each method's config holds only its own keys
+    return tiny_stage("pretrain", method, temperature=0.5, proj_hidden_dim=64, proj_dim=32, **queue,
                       backbone={"name": "small_cnn", "kwargs": {"width": 16}},
                       views={"crop_scale": [0.4, 1.0], "grayscale_prob": 0.0},
                       optimizer={"name": "lars", "lr": 0.3, "lr_scaling": "linear", "weight_decay": 1e-5},

@@ -22,7 +22,7 @@ TIMM_VIT_KWARGS = {"patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2}
 
 
 def test_timm_vit_adapter_is_timms_model_with_our_vit_interface():
-    from ssl_kit.engine.optim import layer_decay_groups
+    from ssl_kit.methods.param_groups import layer_decay_groups
 
     ours = build_backbone("timm:vit_tiny_patch16_224", 1, 16, TIMM_VIT_KWARGS).eval()
     reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, in_chans=1, img_size=16,
