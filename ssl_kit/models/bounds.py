@@ -55,7 +55,7 @@ def check_architecture(arch: str, kwargs: dict, channels: int, image_size: int, 
 
     for key, value in kwargs.items():
         check_arch_value(value, f"{where}: kwargs.{key}")
-    with _LargeOnMeta():
+    with torch.random.fork_rng(devices=[]), _LargeOnMeta():  # measuring must not move the global RNG
         try:
             skeleton = build_backbone(arch, channels, image_size, kwargs)
         except (RuntimeError, NotImplementedError, ZeroDivisionError, OverflowError, MemoryError) as exc:
