@@ -102,9 +102,4 @@ class AdaMatch(SemiSupervisedMethod):
         loss = supervised + weight_u * unsupervised
         out = {"supervised_loss": supervised.detach(), "unsupervised_loss": unsupervised.detach(),
                "mask_rate": (weights > 0.5).float().mean(), "unsup_weight": torch.tensor(weight_u)}
-        fairness = self.policy.extra_loss(logits_s.float(), weights)
-        if fairness is not None:
-            loss = loss + fairness
-            out["fairness_loss"] = fairness.detach()
-        out["loss"] = loss
-        return out
+        return self.with_policy_loss(self.policy, loss, out, logits_s, weights)

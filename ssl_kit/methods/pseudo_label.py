@@ -57,9 +57,4 @@ class PseudoLabel(SemiSupervisedMethod):
         loss = supervised + cfg.lambda_u * ramp * unsupervised
         out = {"supervised_loss": supervised.detach(), "unsupervised_loss": unsupervised.detach(),
                "mask_rate": (weights > 0.5).float().mean(), "unsup_weight": torch.tensor(cfg.lambda_u * ramp)}
-        fairness = self.gate.extra_loss(logits_u, weights)
-        if fairness is not None:
-            loss = loss + fairness
-            out["fairness_loss"] = fairness.detach()
-        out["loss"] = loss
-        return out
+        return self.with_policy_loss(self.gate, loss, out, logits_u, weights)

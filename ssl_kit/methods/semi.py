@@ -46,6 +46,18 @@ class SemiSupervisedMethod(ClassifierMethod):
             self.register_buffer(name, torch.zeros(k), persistent=False)
         self.register_buffer("_weight_sum", torch.zeros(()), persistent=False)
 
+    @staticmethod
+    def with_policy_loss(policy, loss: Tensor, out: dict, logits_strong: Tensor, weights: Tensor) -> dict:
+        """Finish a step's outputs: add the threshold policy's own loss term when it has one (FreeMatch's fairness,
+        logged as fairness_loss) to `loss`, and put the total under out["loss"]. policy: a ThresholdPolicy or a
+        PseudoLabelGate (anything with `extra_loss(logits_strong (N, K), weights (N,))`). -> out."""
+        extra = policy.extra_loss(logits_strong.float(), weights)
+        if extra is not None:
+            loss = loss + extra
+            out["fairness_loss"] = extra.detach()
+        out["loss"] = loss
+        return out
+
     def threshold_metrics(self) -> dict:
         """The thresholding policy's state for the epoch log (methods with a policy return its thresholds)."""
         return {}

@@ -72,9 +72,4 @@ class UDA(SemiSupervisedMethod):
         out = {"supervised_loss": supervised.detach(), "unsupervised_loss": unsupervised.detach(),
                "mask_rate": (weights > 0.5).float().mean(), "tsa/threshold": torch.tensor(eta),
                "tsa/kept": kept.mean()}
-        fairness = self.gate.extra_loss(logits_s, weights)
-        if fairness is not None:
-            loss = loss + fairness
-            out["fairness_loss"] = fairness.detach()
-        out["loss"] = loss
-        return out
+        return self.with_policy_loss(self.gate, loss, out, logits_s, weights)
