@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from braceexpand import braceexpand
 
 from ..errors import DataError
 
@@ -274,8 +275,6 @@ def _filelist_index(source: str, path: str) -> dict:
 
 def expand_pattern(pattern: str) -> list[str]:
     """'shards-{000..003}.tar' or a glob -> sorted shard paths."""
-    from braceexpand import braceexpand
-
     paths = []
     for part in braceexpand(pattern):
         paths.extend(sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])

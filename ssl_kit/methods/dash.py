@@ -93,6 +93,9 @@ class DashThreshold(ThresholdPolicy):
 
 @register("dash", DashConfig)
 class Dash(SemiSupervisedMethod):
+    """Dash: after a labeled-only warm-up, unlabeled samples train while their own pseudo-label loss is below a
+    threshold ρ_t that shrinks by γ per stage (soft targets, then hard ones)."""
+
     def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0) -> None:
         super().__init__(cfg, backbone, info, num_unlabeled)
         self.strong_view = StrongView(self.normalize, cfg.strong, cfg.data.translate, cfg.data.hflip)
