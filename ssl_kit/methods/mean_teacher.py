@@ -32,6 +32,9 @@ class MeanTeacherConfig(SemiSupervisedConfig):
 
 @register("mean_teacher", MeanTeacherConfig)
 class MeanTeacher(SemiSupervisedMethod):
+    """Mean Teacher: squared error between the student's and an EMA teacher's class probabilities on two weak
+    views of unlabeled images, ramped up (sigmoid or linear)."""
+
     def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0) -> None:
         super().__init__(cfg, backbone, info, num_unlabeled)
         self.teacher = frozen_copy(self.net)

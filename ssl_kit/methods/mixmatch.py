@@ -53,6 +53,8 @@ def frozen_bn_statistics(module: nn.Module):
 
 @register("mixmatch", MixMatchConfig)
 class MixMatch(SemiSupervisedMethod):
+    """MixMatch: K weak guesses averaged and sharpened, MixUp of labeled and unlabeled images, soft CE on the labeled
+    rows and squared error on the unlabeled ones."""
 
     @torch.no_grad()
     def guess(self, u_views: list[Tensor]) -> tuple[Tensor, Tensor]:

@@ -35,6 +35,9 @@ def ramp_weight(progress: Progress, warmup_fraction: float) -> float:
 
 @register("pseudo_label", PseudoLabelConfig)
 class PseudoLabel(SemiSupervisedMethod):
+    """Pseudo-Label (Lee 2013): the confident hard prediction on a weak view is that view's own target, weighted
+    by a linear ramp."""
+
     def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0) -> None:
         super().__init__(cfg, backbone, info, num_unlabeled)
         self.gate = PseudoLabelGate(cfg, info.num_classes, num_unlabeled)

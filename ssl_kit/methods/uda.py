@@ -36,6 +36,9 @@ class UDAConfig(SemiSupervisedConfig):
 
 @register("uda", UDAConfig)
 class UDA(SemiSupervisedMethod):
+    """UDA: the sharpened weak-view prediction is the strong view's soft target where confident; optional
+    training-signal annealing of the labeled loss."""
+
     def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0) -> None:
         super().__init__(cfg, backbone, info, num_unlabeled)
         self.strong_view = StrongView(self.normalize, cfg.strong, cfg.data.translate, cfg.data.hflip)
