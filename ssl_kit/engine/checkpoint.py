@@ -11,7 +11,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -49,14 +49,16 @@ def _temp_beside(path: Path) -> tuple[int, str]:
                               f"intact") from exc
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename: a crash never leaves a truncated file.
-    On failure (disk full, ...) the previous file at `path` is untouched and CheckpointError is raised."""
+def _write_atomically(path: str | Path, mode: str, write: Callable[[Any], None], label: str) -> None:
+    """write(file) into a temp file beside `path`, flush + fsync, then rename over `path`: a crash never leaves a
+    truncated file. On failure the temp file is removed, the previous file at `path` is untouched, and an OS error
+    (disk full, read-only, permissions, file size; also when torch's zip writer reports it as a RuntimeError at its
+    finalisation) becomes CheckpointError naming `label` and the file."""
     path = Path(path)
     handle, tmp_name = _temp_beside(path)
     try:
-        with os.fdopen(handle, "wb") as tmp:
-            torch.save(obj, tmp)
+        with os.fdopen(handle, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as tmp:
+            write(tmp)
             tmp.flush()
             os.fsync(tmp.fileno())
         os.replace(tmp_name, path)
@@ -65,31 +67,21 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
-        cause = _os_error_in(exc)  # torch's zip writer reports a failed write as RuntimeError at its finalisation
+        cause = _os_error_in(exc)
         if cause is not None:
-            raise CheckpointError(f"could not write checkpoint {str(path)!r}: {cause}; the previous file is "
-                                  f"intact") from exc
+            raise CheckpointError(f"could not write {label}{str(path)!r}: {cause.strerror or cause}; the previous "
+                                  f"file is intact") from exc
         raise
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save through a temp file + fsync + rename (`_write_atomically`); CheckpointError on a disk error."""
+    _write_atomically(path, "wb", lambda tmp: torch.save(obj, tmp), "checkpoint ")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file through a temp file + rename; on failure (disk full, read-only) the previous file is
-    intact and CheckpointError names the file and the OS error."""
-    path = Path(path)
-    handle, tmp_name = _temp_beside(path)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as tmp:
-            tmp.write(text)
-        os.replace(tmp_name, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"could not write {str(path)!r}: {exc.strerror or exc}; the previous file is "
-                                  f"intact") from exc
-        raise
+    """A text file through a temp file + fsync + rename (`_write_atomically`); CheckpointError on a disk error."""
+    _write_atomically(path, "w", lambda tmp: tmp.write(text), "")
 
 
 def backbone_record(arch: str, kwargs: dict, data_info: dict, backbone: nn.Module,

@@ -16,6 +16,7 @@ from ..data.loader import Batch
 from ..losses import InfoNCELoss, NTXentLoss
 from ..models.heads import mlp
 from .base import Progress
+from .collapse import EmbeddingStdWatch
 from .momentum import frozen_copy
 from .pretext import PretextConfig, PretextMethod
 from .registry import register
@@ -70,6 +71,33 @@ class ContrastiveMethod(PretextMethod):
     def contrast(self, x1: Tensor, x2: Tensor, progress: Progress) -> tuple[Tensor, Tensor]:
         """views (N, C, H, W) × 2 -> (contrastive loss, backbone features (2N, F) for the probe)."""
         raise NotImplementedError
+
+
+class ProjectedPairMethod(ContrastiveMethod):
+    """Two views → a 3-layer projector → `pair_loss(z1, z2)` (Barlow Twins, VICReg); the std of the projections is
+    watched for collapse (`<method>/embedding_std`, methods/collapse.py). Configs give proj_hidden_dim, proj_dim."""
+
+    def __init__(self, cfg, backbone: nn.Module, info) -> None:
+        super().__init__(cfg, backbone, info)
+        self.projector = mlp(backbone.num_features, cfg.proj_hidden_dim, cfg.proj_dim, layers=3)
+        self.watch = EmbeddingStdWatch(self.name)
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.probe, self.projector]
+
+    def pair_loss(self, z1: Tensor, z2: Tensor) -> Tensor:
+        """projections (N, D) of view 1 and view 2 -> scalar loss."""
+        raise NotImplementedError
+
+    def contrast(self, x1: Tensor, x2: Tensor, progress: Progress) -> tuple[Tensor, Tensor]:
+        """views (N, C, H, W) × 2 -> (pair loss, backbone features (2N, F))."""
+        features = self.backbone(torch.cat([x1, x2]))
+        z = self.projector(features)
+        self.watch.update(z)
+        return self.pair_loss(*z.chunk(2)), features
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return {**super().epoch_metrics(), **self.watch.epoch_metrics()}
 
 
 @register("simclr", SimCLRConfig)

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 from torch import Tensor, nn
 
 from ..config import ViewsConfig
 from ..losses import VICRegLoss
-from ..models.heads import mlp
-from .base import Progress
-from .collapse import EmbeddingStdWatch
-from .contrastive import ContrastiveMethod
+from .contrastive import ProjectedPairMethod
 from .pretext import PretextConfig
 from .registry import register
 
@@ -38,25 +34,12 @@ class VICRegConfig(PretextConfig):
 
 
 @register("vicreg", VICRegConfig)
-class VICReg(ContrastiveMethod):
+class VICReg(ProjectedPairMethod):
     """backbone → expander on both views → VICRegLoss(z1, z2) (variance/covariance over the global batch)."""
 
     def __init__(self, cfg, backbone: nn.Module, info) -> None:
         super().__init__(cfg, backbone, info)
-        self.projector = mlp(backbone.num_features, cfg.proj_hidden_dim, cfg.proj_dim, layers=3)
         self.loss_fn = VICRegLoss(cfg.sim_weight, cfg.var_weight, cfg.cov_weight, cfg.eps)
-        self.watch = EmbeddingStdWatch("vicreg")
 
-    def head_modules(self) -> list[nn.Module]:
-        return [self.probe, self.projector]
-
-    def contrast(self, x1: Tensor, x2: Tensor, progress: Progress) -> tuple[Tensor, Tensor]:
-        """views (N, C, H, W) × 2 -> (VICReg loss, backbone features (2N, F))."""
-        features = self.backbone(torch.cat([x1, x2]))
-        z = self.projector(features)
-        z1, z2 = z.chunk(2)
-        self.watch.update(z)
-        return self.loss_fn(z1, z2), features
-
-    def epoch_metrics(self) -> dict[str, float]:
-        return {**super().epoch_metrics(), **self.watch.epoch_metrics()}
+    def pair_loss(self, z1: Tensor, z2: Tensor) -> Tensor:
+        return self.loss_fn(z1, z2)
