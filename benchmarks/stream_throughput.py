@@ -2,11 +2,12 @@
 `ImageFolder` + lightly's documented transforms in a DataLoader with the same number of workers.
 
 - ours: `StreamLoader` workers decode each JPEG once at reduced resolution (PIL draft / DCT scaling), cut every
-  view's RandomResizedCrop box from the original geometry, flip, hand over uint8 views; the photometric
-  augmentation (colour jitter, grayscale, blur, solarize, normalisation) runs batched on the device with
-  `ssl_kit.data.augment`.
-- views: ours without the photometric step, i.e. the uint8 views the workers deliver; on a GPU the photometric
-  step is a few batched kernels, on this CPU it runs in the training process and competes with the workers.
+  view's RandomResizedCrop box from the original geometry, flip, and — what `data.photometric: auto` picks when
+  training on a CPU — run the photometric augmentation (colour jitter, grayscale, blur, solarize;
+  `ContrastiveView.photometric_uint8`) per micro-batch, handing over uint8 views; the training process normalises.
+- device: the same, but the photometric augmentation runs batched in the training process (`data.photometric:
+  device`, what a GPU run does; on this CPU it competes with the workers for the cores).
+- views: the uint8 views the workers deliver with no photometric step at all (an upper bound).
 - peer: `torchvision.datasets.ImageFolder(root, transform=lightly SimCLRTransform() / DINOTransform())`, a
   DataLoader with the same workers, `shuffle=True`; views arrive normalised float.
 
@@ -32,7 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CONTENDERS = ("ours-simclr", "peer-simclr", "ours-dino", "peer-dino", "views-simclr", "views-dino")
+CONTENDERS = ("ours-simclr", "peer-simclr", "device-simclr", "views-simclr",
+              "ours-dino", "peer-dino", "device-dino", "views-dino")
 
 
 def _sample_photos() -> list[np.ndarray]:
@@ -82,27 +84,21 @@ def make_folder(root: Path, count: int, workers: int = 2) -> Path:
     return root
 
 
-def _photometric(kind: str):
-    """Device augmentation of streamed uint8 views (crops and flips were done in the workers)."""
-    from ssl_kit.data.augment import (Normalize, color_jitter, random_blur, random_grayscale, random_solarize,
-                                      to_unit_float)
+def _views(kind: str):
+    """The methods' views with lightly's strengths: SimCLR 2 × (jitter 0.8 s=1, gray 0.2, blur 0.5); DINO globals
+    (blur 1.0 / 0.1 + solarize 0.2), 6 locals (blur 0.5), jitter s=0.5."""
+    from ssl_kit.data.augment import ContrastiveView, Normalize
 
     normalize = Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-
-    def view(x, strength, blur, solarize):
-        y = color_jitter(to_unit_float(x), strength, 0.8)
-        y = random_grayscale(y, 0.2)
-        y = random_blur(y, blur)
-        y = random_solarize(y, solarize)
-        return normalize(y)
-
     if kind == "simclr":
-        return lambda views: [view(v, 1.0, 0.5, 0.0) for v in views]
-    settings = [(0.5, 1.0, 0.0), (0.5, 0.1, 0.2)] + [(0.5, 0.5, 0.0)] * 6
-    return lambda views: [view(v, *s) for v, s in zip(views, settings)]
+        settings = [(1.0, 0.5, 0.0)] * 2
+    else:
+        settings = [(0.5, 1.0, 0.0), (0.5, 0.1, 0.2)] + [(0.5, 0.5, 0.0)] * 6
+    return [ContrastiveView(normalize, jitter_strength=s, blur_prob=b, solarize_prob=z) for s, b, z in settings]
 
 
-def run_ours(root: Path, kind: str, batch: int, batches: int, workers: int, augment: bool = True) -> float:
+def run_ours(root: Path, kind: str, batch: int, batches: int, workers: int, where: str = "workers") -> float:
+    """where: workers (photometric in the workers), device (in this process), none (uint8 views only)."""
     import torch
 
     from ssl_kit.data.crops import CropSpec
@@ -111,14 +107,21 @@ def run_ours(root: Path, kind: str, batch: int, batches: int, workers: int, augm
 
     torch.set_num_threads(1)
     index = build_index("images", str(root / "photos"))
-    views = ([CropSpec(224, (0.08, 1.0), count=2, flip=True)] if kind == "simclr" else
+    crops = ([CropSpec(224, (0.08, 1.0), count=2, flip=True)] if kind == "simclr" else
              [CropSpec(224, (0.4, 1.0), count=2, flip=True), CropSpec(96, (0.05, 0.4), count=6, flip=True)])
-    loader = StreamLoader(index, np.arange(len(index)), batch, 0, views, workers=workers, prefetch=2)
-    photometric = _photometric(kind) if augment else (lambda views: views)
-    photometric(loader.batch(0).views)
+    views = _views(kind)
+    photometric = [view.photometric_uint8 for view in views] if where == "workers" else None
+    loader = StreamLoader(index, np.arange(len(index)), batch, 0, crops, workers=workers, prefetch=2,
+                          photometric=photometric)
+
+    def deliver(b) -> None:
+        if where != "none":
+            [view(x, precropped=True, augmented=b.views_augmented) for view, x in zip(views, b.views)]
+
+    deliver(loader.batch(0))
     start = time.perf_counter()
     for step in range(1, batches + 1):
-        photometric(loader.batch(step).views)
+        deliver(loader.batch(step))
     return batch * batches / (time.perf_counter() - start)
 
 
@@ -153,7 +156,8 @@ def main() -> None:
     root = Path(args.folder)
     if args.contender:
         side, kind = args.contender.split("-")
-        fn = {"ours": run_ours, "peer": run_peer, "views": lambda *a: run_ours(*a, augment=False)}[side]
+        fn = {"ours": run_ours, "peer": run_peer, "device": lambda *a: run_ours(*a, where="device"),
+              "views": lambda *a: run_ours(*a, where="none")}[side]
         print(json.dumps({"images_per_s": fn(root, kind, args.batch_size, args.batches, args.workers)}))
         return
     make_folder(root, args.images)
@@ -169,11 +173,12 @@ def main() -> None:
     print("| workload | ssl_kit stream (img/s) | ImageFolder + lightly (img/s) | ratio |")
     print("|---|---:|---:|---:|")
     for kind, label in (("simclr", "SimCLR 2×224"), ("dino", "DINO 2×224 + 6×96")):
-        ours, peer = median[f"ours-{kind}"], median[f"peer-{kind}"]
-        views = median[f"views-{kind}"]
-        print(f"| {label} | {ours:.1f} | {peer:.1f} | {ours / peer:.2f}× |")
-        print(f"| {label}, uint8 views only (photometric left to a GPU) | {views:.1f} | {peer:.1f} | "
-              f"{views / peer:.2f}× |")
+        peer = median[f"peer-{kind}"]
+        for side, what in (("ours", "photometric in the workers (CPU default)"),
+                           ("device", "photometric in the training process (GPU default)"),
+                           ("views", "uint8 views only, no photometric")):
+            ours = median[f"{side}-{kind}"]
+            print(f"| {label}, {what} | {ours:.1f} | {peer:.1f} | {ours / peer:.2f}× |")
     print(f"({args.workers} workers, batch {args.batch_size}, {args.batches} timed batches × {args.rounds} rounds, "
           f"median; {len(list((root / 'photos').glob('*.jpg')))} JPEGs)")
 

@@ -60,6 +60,10 @@ class DataConfig(Strict):
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="stop when more of the images read are bad")
     workers: int = Field(2, ge=0, description="streamed: DataLoader worker processes (0: decode in the trainer)")
     prefetch: int = Field(2, ge=1, description="streamed: batches each worker prepares ahead")
+    photometric: Literal["auto", "device", "workers"] = Field(
+        "auto", description="streamed views (SimCLR, DINO, ...): where colour jitter, grayscale, blur and solarize run — "
+                            "device: batched on the training device; workers: per micro-batch in the DataLoader "
+                            "workers, handed over as uint8; auto: workers when training on the CPU, else device")
     stream_crop_scale: tuple[float, float] = Field(
         (0.2, 1.0), description="streamed, methods without views (supervised, FixMatch family, KD): area range of the "
                                 "random resized crop the workers cut at image_size before the device augmentation")

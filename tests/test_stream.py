@@ -268,3 +268,70 @@ def test_memory_does_not_grow_with_the_number_of_images(tmp_path):
     small, small_index = _stream_peak_rss(str(tmp_path / "small"), 2000, 40)
     large, large_index = _stream_peak_rss(str(tmp_path / "large"), 20000, 40)
     assert large - small <= (large_index - small_index) + 4 * 2 ** 20, (small, large, large_index)
+
+
+# ------------------------------------------------------------------------- photometric in the workers
+def _contrastive_views(n_views=3):
+    from ssl_kit.data.augment import ContrastiveView, Normalize
+
+    normalize = Normalize([0.5] * 3, [0.25] * 3)
+    return [ContrastiveView(normalize, jitter_strength=1.0, blur_prob=0.5, solarize_prob=0.2) for _ in range(n_views)]
+
+
+def test_worker_photometric_is_a_pure_function_of_the_key(tmp_path):
+    """Photometric augmentation in the workers: the same uint8 views for 0/1/2 workers, after a jump (resume) and
+    whatever the trainer's RNG did meanwhile; the trainer's RNG is not moved by it (workers=0 runs it in-process)."""
+    index = pool(tmp_path / "p", 40)
+    crops = [CropSpec(12, count=2, flip=True), CropSpec(6, scale=(0.05, 0.4))]
+    views = _contrastive_views()
+    photometric = [v.photometric_uint8 for v in views]
+    plain = StreamLoader(index, np.arange(40), 4, 7, crops, workers=0)
+    runs = {}
+    for w in (0, 1, 2):
+        torch.manual_seed(w)
+        runs[w] = batches(StreamLoader(index, np.arange(40), 4, 7, crops, workers=w, photometric=photometric), range(5))
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    in_process = StreamLoader(index, np.arange(40), 4, 7, crops, workers=0, photometric=photometric).batch(3)
+    assert torch.equal(torch.rand(3), before)  # the caller's RNG stream is untouched
+    same(in_process, runs[0][3])
+    for w in (1, 2):
+        for a, b in zip(runs[0], runs[w]):
+            same(a, b)
+    resumed = StreamLoader(index, np.arange(40), 4, 7, crops, workers=2, photometric=photometric)
+    for step in (4, 1):
+        same(resumed.batch(step), runs[0][step])
+    first, raw = runs[0][0], plain.batch(0)
+    assert first.views_augmented and not raw.views_augmented
+    assert [v.dtype for v in first.views] == [torch.uint8] * 3
+    assert torch.equal(first.y, raw.y) and torch.equal(first.x_index, raw.x_index)
+    assert not torch.equal(first.views[0], raw.views[0])  # jittered
+    assert not torch.equal(runs[0][1].views[0], runs[0][2].views[0])
+
+
+def test_worker_photometric_equals_the_device_ops_rounded_once(tmp_path):
+    """The workers apply exactly the device's photometric ops (seeded), rounded once to uint8; identity views leave
+    the crops as they are; the trainer then only normalises (ContrastiveView(..., augmented=True))."""
+    from ssl_kit.data.augment import ContrastiveView, Normalize
+    from ssl_kit.data.crops import view_rng
+    from ssl_kit.data.stream import PHOTOMETRIC_VIEW
+
+    index = pool(tmp_path / "p", 16)
+    crops = [CropSpec(10, count=2)]
+    views = _contrastive_views(2)
+    raw = StreamLoader(index, np.arange(16), 8, 5, crops, workers=0).batch(1)
+    got = StreamLoader(index, np.arange(16), 8, 5, crops, workers=0,
+                       photometric=[v.photometric_uint8 for v in views]).batch(1)
+    for v, view in enumerate(views):
+        torch.manual_seed(view_rng(5 * 2, 8, PHOTOMETRIC_VIEW + v).getrandbits(63))  # step 1 starts at position 8
+        expected = (view.photometric(raw.views[v].float() / 255) * 255).round().to(torch.uint8)
+        assert torch.equal(got.views[v], expected)
+        normalised = view(got.views[v], precropped=True, augmented=True)
+        assert torch.allclose(normalised, (got.views[v].float() / 255 - 0.5) / 0.25)
+    identity = ContrastiveView(Normalize([0.5] * 3, [0.25] * 3), jitter_prob=0.0, grayscale_prob=0.0)
+    same_crops = StreamLoader(index, np.arange(16), 8, 5, crops, workers=0,
+                              photometric=[identity.photometric_uint8] * 2).batch(1)
+    assert all(torch.equal(a, b) for a, b in zip(same_crops.views, raw.views))
+    with pytest.raises(DataError, match="photometric: 1 functions for 2 views"):
+        StreamLoader(index, np.arange(16), 8, 5, crops, workers=0, photometric=[identity.photometric_uint8])

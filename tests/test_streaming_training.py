@@ -115,9 +115,9 @@ def test_labels_csv_on_a_builtin_set_is_refused():
 # --------------------------------------------------------------------------------------- the loaders
 def _method(method: str, tmp_path: Path, **extra):
     root = class_folder(tmp_path / "f", per_class=10)
-    stage = tiny_stage("s", method, data={"dataset": "imagefolder", "root": str(root), "image_size": 16,
-                                          "storage": "stream", "workers": 0, "stream_crop_scale": [0.5, 1.0],
-                                          "hflip": True}, **extra)
+    data = {"dataset": "imagefolder", "root": str(root), "image_size": 16, "storage": "stream", "workers": 0,
+            "stream_crop_scale": [0.5, 1.0], "hflip": True, **extra.pop("data", {})}
+    stage = tiny_stage("s", method, data=data, **extra)
     cfg = validate_recipe({"seed": 0, "stages": [stage]}).stages[0]
     cls = build_method(method)
     data = prepare_data(cfg.data, 0, cls.wants_unlabeled(cfg))
@@ -253,3 +253,28 @@ def test_simclr_then_fixmatch_folder_recipe_end_to_end(tmp_path):
     split = json.loads((run_dir / "splits" / "fixmatch.json").read_text())
     assert len(split["labeled"]) == 20 and len(split["unlabeled"]) == 76
     assert summary["linear_probe/train_size"] == 20  # the labeled images of the training split, from the CSV
+
+
+@pytest.mark.parametrize("mode, in_workers", [("auto", True), ("workers", True), ("device", False)])
+def test_cpu_training_runs_the_photometric_part_in_the_workers(tmp_path, mode, in_workers):
+    """data.photometric: auto on the CPU (and workers) hands over augmented uint8 views, so training only normalises
+    them; device leaves the photometric part to the training process. Both train."""
+    method, data, cfg = _method("simclr", tmp_path, data={"photometric": mode})
+    loader = build_loader(method, data, cfg, 0, 0, 1, torch.device("cpu"))
+    batch = loader.batch(0)
+    assert batch.views_augmented is in_workers
+    views = method.augment_views(batch)
+    if in_workers:
+        normalize = method.view1.normalize
+        assert all(torch.allclose(v, normalize(x)) for v, x in zip(views, batch.views))
+    assert torch.isfinite(method.training_step(batch, method_progress())["loss"])
+
+
+def test_photometric_auto_leaves_the_device_path_on_an_accelerator(tmp_path):
+    from ssl_kit.engine.loading import worker_photometric
+
+    method, _, _ = _method("simclr", tmp_path)
+    assert worker_photometric(method, "auto", torch.device("cuda")) is None
+    assert len(worker_photometric(method, "auto", torch.device("cpu"))) == 2
+    fixmatch, _, _ = _method("fixmatch", tmp_path / "f", mu=2, train={"batch_size": 4})
+    assert worker_photometric(fixmatch, "workers", torch.device("cpu")) is None  # no views: weak/strong on device

@@ -25,6 +25,7 @@ class Batch:
     u_image_index: Optional[Tensor] = None  # int64 (μB,) indices of the unlabeled images in the training set
     views: Optional[list[Tensor]] = None  # streamed: uint8 (B, C, S_v, S_v) per view, cut in workers; x = views[0]
     u_views: Optional[list[Tensor]] = None  # streamed: the unlabeled views (e.g. FixMatch weak, strong); u = u_views[0]
+    views_augmented: bool = False  # streamed: the workers already ran each view's photometric augmentation
 
 
 class IndexStream:

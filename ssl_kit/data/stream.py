@@ -1,5 +1,7 @@
 """Streamed batches: DataLoader workers decode files of a `FileIndex` and cut every view; uint8 views go to the
-device, where the photometric augmentation runs batched.
+device, where the photometric augmentation runs batched — or, training on a CPU, the workers run it too, per
+micro-batch (`photometric`), seeded by (seed, the micro-batch's first position, view) so it stays a pure function
+of the key.
 
 `StreamLoader` has `DeviceLoader`'s interface (`steps_per_epoch`, `mu`, `unlabeled_stream`,
 `batch(step, micro, micro_count) -> Batch`), so the trainer can use either. Which images a batch holds is the
@@ -14,7 +16,7 @@ Nothing decoded is cached: memory is the index plus the batches in flight (worke
 from __future__ import annotations
 
 import warnings
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ from .sources import FileIndex
 
 SUBSTITUTE_TRIES = 8
 MIN_READS_FOR_FRACTION = 1000
+PHOTOMETRIC_VIEW = 2_000_000  # view_rng's view numbers of the workers' photometric draws (crops: < 1M)
 
 
 def read_views(index: FileIndex, image: int, views: list[CropSpec], seed: int, position: int,
@@ -64,8 +67,9 @@ class _Plan:
 
     def __init__(self, index: FileIndex, labeled: np.ndarray, unlabeled: Optional[np.ndarray], batch_size: int,
                  mu: int, seed: int, views: list[CropSpec], u_views: list[CropSpec], channels: int, rank: int,
-                 world_size: int) -> None:
+                 world_size: int, photometric: Optional[list[Callable[[Tensor], Tensor]]] = None) -> None:
         self.index, self.labeled, self.unlabeled = index, labeled, unlabeled
+        self.photometric = photometric
         self.batch_size, self.mu, self.seed, self.channels = batch_size, mu, seed, channels
         self.views, self.u_views, self.rank, self.world_size = views, u_views, rank, world_size
         self.labeled_stream = IndexStream(len(labeled), seed, 0)
@@ -88,15 +92,27 @@ class _Plan:
                 out[v].numpy()[row] = array
         return out, used, slots
 
+    def _augment(self, views: list[Tensor], first_position: int) -> list[Tensor]:
+        """Each view's photometric augmentation (uint8 (B, C, S_v, S_v) -> same) under torch's RNG seeded by
+        (seed, first stream position of this rank's micro-batch, view); the caller's RNG state is left untouched."""
+        out = []
+        for v, (augment, x) in enumerate(zip(self.photometric, views)):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(view_rng(self.seed * 2, first_position, PHOTOMETRIC_VIEW + v).getrandbits(63))
+                out.append(augment(x))
+        return out
+
     def build(self, step: int, micro: int, micro_count: int) -> dict:
         size = self.batch_size // micro_count
         start = step * self.batch_size + micro * size
         bad: list[tuple[str, str]] = []
-        views, used, _ = self._stream(self.labeled_stream, self.labeled, self._rank_slice(start, size), self.views,
-                                      self.seed * 2, bad)
+        positions = self._rank_slice(start, size)
+        views, used, _ = self._stream(self.labeled_stream, self.labeled, positions, self.views, self.seed * 2, bad)
+        if self.photometric is not None:
+            views = self._augment(views, positions.start)
         labels = torch.from_numpy(self.index.labels)
         item = {"views": views, "x_index": used, "y": labels[used.clamp_min(0)], "bad": bad,
-                "count": len(views[0]), "key": (step, micro, micro_count)}
+                "count": len(views[0]), "key": (step, micro, micro_count), "augmented": self.photometric is not None}
         if self.unlabeled_stream is not None:
             u_views, u_used, slots = self._stream(self.unlabeled_stream, self.unlabeled,
                                                   self._rank_slice(self.mu * start, self.mu * size), self.u_views,
@@ -195,13 +211,15 @@ class StreamLoader:
     labeled / unlabeled: positions in the index (int64 arrays). views: the labeled stream's CropSpecs (expanded in
     order: Batch.views[v] is uint8 (B, C, S_v, S_v), Batch.x = views[0]); u_views: the unlabeled stream's
     (Batch.u_views, Batch.u = u_views[0]), e.g. FixMatch [weak, strong] from one decode. Labels come from
-    index.labels. workers=0 decodes in the calling process.
+    index.labels. workers=0 decodes in the calling process. photometric: one uint8 -> uint8 function per expanded
+    labeled view (e.g. `ContrastiveView.photometric_uint8`) that the workers apply; Batch.views_augmented says so.
     """
 
     def __init__(self, index: FileIndex, labeled, batch_size: int, seed: int, views: list[CropSpec],
                  channels: int = 3, unlabeled=None, mu: int = 0, u_views: Optional[list[CropSpec]] = None,
                  rank: int = 0, world_size: int = 1, workers: int = 2, prefetch: int = 2, device="cpu",
-                 bad_images: str = "skip", max_bad_fraction: float = 0.01) -> None:
+                 bad_images: str = "skip", max_bad_fraction: float = 0.01,
+                 photometric: Optional[list[Callable[[Tensor], Tensor]]] = None) -> None:
         if batch_size % world_size:
             raise DataError(f"batch_size {batch_size} is not divisible by the world size {world_size}")
         if channels not in (1, 3):
@@ -209,8 +227,11 @@ class StreamLoader:
         labeled = np.asarray(labeled, dtype=np.int64)
         unlabeled = None if unlabeled is None else np.asarray(unlabeled, dtype=np.int64)
         u_specs = expand_views(u_views or views)
-        self.plan = _Plan(index, labeled, unlabeled, batch_size, mu, seed, expand_views(views), u_specs, channels,
-                          rank, world_size)
+        views = expand_views(views)
+        if photometric is not None and len(photometric) != len(views):
+            raise DataError(f"photometric: {len(photometric)} functions for {len(views)} views")
+        self.plan = _Plan(index, labeled, unlabeled, batch_size, mu, seed, views, u_specs, channels, rank,
+                          world_size, photometric)
         self.batch_size, self.mu, self.device = batch_size, mu, torch.device(device)
         self.labeled_stream, self.unlabeled_stream = self.plan.labeled_stream, self.plan.unlabeled_stream
         main = len(unlabeled) // (mu * batch_size) if self.unlabeled_stream else len(labeled) // batch_size
@@ -244,7 +265,8 @@ class StreamLoader:
         self.bad.record(item["bad"], item["count"])
         move = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
         views = [move(v) for v in item["views"]]
-        batch = Batch(views[0], move(item["y"]), x_index=move(item["x_index"]), views=views)
+        batch = Batch(views[0], move(item["y"]), x_index=move(item["x_index"]), views=views,
+                      views_augmented=item["augmented"])
         if "u_views" in item:
             batch.u_views = [move(v) for v in item["u_views"]]
             batch.u, batch.u_y = batch.u_views[0], move(item["u_y"])

@@ -14,6 +14,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..data.augment import ContrastiveView
 from ..data.crops import CropSpec
 from ..data.loader import DeviceLoader
 from ..data.pipeline import PreparedData
@@ -30,6 +31,19 @@ def stream_views(method: Method, image_size: int) -> tuple[list[CropSpec], Optio
         return [view.crop_spec(image_size) for view in views], None
     base = method.stream_crop(image_size)
     return [base], [base]
+
+
+def worker_photometric(method: Method, mode: str, device: torch.device) -> Optional[list]:
+    """The per-view photometric functions the streaming workers run (`data.photometric`), or None when the device
+    runs them: `workers` always, `auto` when training on the CPU (there the batched ops would run in the training
+    process after the workers; in the workers they run in parallel with it). Only for views that are
+    ContrastiveViews (methods without views make their weak/strong views on the device)."""
+    views = method.view_list()
+    if mode == "device" or (mode == "auto" and device.type != "cpu") or not views:
+        return None
+    if not all(isinstance(view, ContrastiveView) for view in views):
+        return None
+    return [view.photometric_uint8 for view in views]
 
 
 def build_loader(method: Method, data: PreparedData, cfg, seed: int, rank: int, world: int,
@@ -49,7 +63,8 @@ def build_loader(method: Method, data: PreparedData, cfg, seed: int, rank: int, 
                         channels=data.train.channels,
                         unlabeled=None if unlabeled is None else positions[unlabeled.numpy()], mu=mu,
                         u_views=u_views, rank=rank, world_size=world, workers=dc.workers, prefetch=dc.prefetch,
-                        device=device, bad_images=dc.bad_images, max_bad_fraction=dc.max_bad_fraction)
+                        device=device, bad_images=dc.bad_images, max_bad_fraction=dc.max_bad_fraction,
+                        photometric=worker_photometric(method, dc.photometric, device))
 
 
 def bad_image_log(loader: Loader) -> Optional[BadImageLog]:

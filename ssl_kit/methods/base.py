@@ -77,7 +77,8 @@ class Method(nn.Module):
             if len(batch.views) != len(views):
                 raise ValueError(f"{type(self).__name__}: the loader cut {len(batch.views)} views, the method "
                                  f"declares {len(views)}")
-            return [view(x, precropped=True) for view, x in zip(views, batch.views)]
+            augmented = batch.views_augmented
+            return [view(x, precropped=True, augmented=augmented) for view, x in zip(views, batch.views)]
         return [view(batch.x) for view in views]
 
     @classmethod
