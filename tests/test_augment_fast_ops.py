@@ -42,7 +42,8 @@ def test_separable_gaussian_blur_equals_kornia(kernel):
     x = images(size=32)
     sigmas = torch.linspace(0.1, 2.0, x.shape[0])
     expected = kornia.filters.gaussian_blur2d(x, (kernel, kernel), torch.stack([sigmas, sigmas], 1))
-    assert torch.allclose(A.gaussian_blur(x, kernel, sigmas), expected, atol=1e-6)
+    for grouped_conv in (None, True, False):  # the CPU's per-tap sums and the accelerators' grouped convolutions
+        assert torch.allclose(A.gaussian_blur(x, kernel, sigmas, grouped_conv), expected, atol=1e-6)
 
 
 def test_ops_on_selected_rows_equal_computing_every_row_then_choosing():

@@ -315,7 +315,7 @@ def test_worker_photometric_equals_the_device_ops_rounded_once(tmp_path):
     the crops as they are; the trainer then only normalises (ContrastiveView(..., augmented=True))."""
     from ssl_kit.data.augment import ContrastiveView, Normalize
     from ssl_kit.data.crops import view_rng
-    from ssl_kit.data.stream import PHOTOMETRIC_VIEW
+    from ssl_kit.data.stream import PHOTOMETRIC_CHUNK, PHOTOMETRIC_VIEW
 
     index = pool(tmp_path / "p", 16)
     crops = [CropSpec(10, count=2)]
@@ -325,7 +325,8 @@ def test_worker_photometric_equals_the_device_ops_rounded_once(tmp_path):
                        photometric=[v.photometric_uint8 for v in views]).batch(1)
     for v, view in enumerate(views):
         torch.manual_seed(view_rng(5 * 2, 8, PHOTOMETRIC_VIEW + v).getrandbits(63))  # step 1 starts at position 8
-        expected = (view.photometric(raw.views[v].float() / 255) * 255).round().to(torch.uint8)
+        expected = torch.cat([(view.photometric(chunk.float() / 255) * 255).round().to(torch.uint8)
+                              for chunk in raw.views[v].split(PHOTOMETRIC_CHUNK)])  # 8 images: 2 chunks
         assert torch.equal(got.views[v], expected)
         normalised = view(got.views[v], precropped=True, augmented=True)
         assert torch.allclose(normalised, (got.views[v].float() / 255 - 0.5) / 0.25)
