@@ -21,19 +21,28 @@ from torch import nn
 def deterministic_views(setattr_: Callable = setattr) -> None:
     """Make the per-sample randomness of every method a function of the image alone, however a global batch is split
     over ranks: on-device augmentation draws its random numbers per rank, so a single process drawing for the whole
-    batch cannot draw what each rank drew. Contrastive/DINO views become a resize, FixMatch's strong view a
-    horizontal mirror, the masked methods' crop the identity and MAE/SimMIM's mask one fixed random pattern.
-    BatchNorm-free projector MLPs too (torch's SyncBatchNorm is GPU-only, so per-rank BN statistics would differ
-    from one process's on the CPU)."""
+    batch cannot draw what each rank drew. Contrastive/DINO/SwAV views (global and local crops) become a resize,
+    mirrored too for a view with solarize_prob > 0 (the second view when a recipe sets views.solarize_prob, so that
+    the two views differ and invariance terms are not trivially zero),
+    FixMatch's strong view a horizontal mirror, the masked methods' crop the identity, MAE/SimMIM's mask one fixed
+    random pattern and iBOT's masks one fixed random pattern of masked patches (per-image ratio and mask_prob are
+    drawn per rank otherwise).
+    Every projector/predictor MLP built by `ssl_kit.models.heads.mlp` becomes BatchNorm-free (Linear-ReLU, last
+    Linear; no output BN): SimCLR, Barlow Twins, VICReg (contrastive.py), BYOL, SimSiam, NNCLR, SupCon, SwAV. Each
+    method module imported `mlp` by name, so every loaded `ssl_kit.*` module holding the original is patched. BN
+    normalises over the rank's batch, and torch's SyncBatchNorm is GPU-only, so on the CPU per-rank BN statistics
+    differ from one process's by design; the comparison is of the methods' own gathering, not of BN."""
+    import ssl_kit.methods  # noqa: F401  (every method module loaded, so each one's `mlp` can be patched)
     from ssl_kit.data import augment
-    from ssl_kit.methods import contrastive, masked
+    from ssl_kit.methods import ibot, masked
+    from ssl_kit.models import heads
     from ssl_kit.models.masking import random_masking
 
     def contrastive_view(self, x):
         y = augment.to_unit_float(x)
         if self.out_size is not None:
             y = F.interpolate(y, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
-        return self.normalize(y)
+        return self.normalize(y.flip(-1) if self.solarize_prob > 0 else y)
 
     def strong_view(self, x):
         return self.normalize(augment.to_unit_float(x).flip(-1))
@@ -44,6 +53,9 @@ def deterministic_views(setattr_: Callable = setattr) -> None:
         keep, mask, restore = random_masking(1, grid * grid, ratio, device)
         torch.set_rng_state(state)
         return keep.expand(n, -1), mask.expand(n, -1), restore.expand(n, -1)
+
+    def fixed_ibot_masks(n, grid, ratio, prob, kind, device=None):
+        return fixed_mask(kind, n, grid, sum(ratio) / 2, device)[1].contiguous()
 
     def bn_free_mlp(in_dim, hidden, out_dim, layers=2, last_bn=False):
         modules, dim = [], in_dim
@@ -56,7 +68,11 @@ def deterministic_views(setattr_: Callable = setattr) -> None:
     setattr_(augment.StrongView, "forward", strong_view)
     setattr_(masked, "random_resized_crop", lambda x, scale, hflip=True, out_size=None: x)
     setattr_(masked, "make_mask", fixed_mask)
-    setattr_(contrastive, "mlp", bn_free_mlp)
+    setattr_(ibot, "ibot_masks", fixed_ibot_masks)
+    original_mlp = heads.mlp
+    for name, module in list(sys.modules.items()):
+        if name.startswith("ssl_kit.") and getattr(module, "mlp", None) is original_mlp:
+            setattr_(module, "mlp", bn_free_mlp)
 
 
 def exit_rank1_at_step(step: int) -> None:

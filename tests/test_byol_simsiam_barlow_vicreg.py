@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ssl_kit.config import validate_recipe
 from ssl_kit.data.pipeline import DataInfo
+from ssl_kit.engine.checkpoint import safe_load
 from ssl_kit.errors import ConfigError
 from ssl_kit.losses import barlow_twins_loss, byol_loss, vicreg_loss
 from ssl_kit.methods import build_method
@@ -20,6 +21,7 @@ from ssl_kit.methods.collapse import EmbeddingStdWatch
 from ssl_kit.models.cnn import SmallCNN
 from ssl_kit.runner import run_recipe
 from tests.conftest import tiny_stage
+from tests.test_engine import Crash, step_losses
 
 INFO = DataInfo(10, [str(i) for i in range(10)], 1, 16, [0.5], [0.25], "digits")
 METHODS = ["byol", "simsiam", "barlow_twins", "vicreg"]
@@ -125,6 +127,66 @@ def test_simsiam_stops_the_gradient_at_the_projections():
     assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(ours, through))
 
 
+def simsiam_recipe(fixed: bool = True, warmup_epochs: float = 0, **train):
+    """Tiny SimSiam on digits: 4 SGD steps (lr 0.05, batch 16) on a cosine schedule with the given warmup."""
+    stage = tiny_stage("p", "simsiam", **SMALL["simsiam"], fixed_predictor_lr=fixed,
+                       schedule={"name": "cosine", "warmup_epochs": warmup_epochs},
+                       train={"steps": 4, "batch_size": 16, **train})
+    return validate_recipe({"seed": 0, "stages": [stage]})
+
+
+def group_lrs(run_dir) -> dict[str, float]:
+    """name -> lr of every optimizer param group in the run's last checkpoint."""
+    state = safe_load(run_dir / "checkpoints" / "last.pt")
+    return {g["name"]: g["lr"] for g in state["optimizer"]["param_groups"]}
+
+
+def test_simsiam_predictor_is_its_own_fixed_lr_group_only_when_asked():
+    method = build("simsiam")
+    groups = {g.name: g for g in method.parameter_groups()}
+    assert set(groups) == {"backbone", "projector", "probe", "predictor"}
+    assert groups["predictor"].fixed_lr and not any(groups[n].fixed_lr for n in ("backbone", "projector", "probe"))
+    predictor = {id(p) for p in method.predictor.parameters()}
+    assert {id(p) for p in groups["predictor"].params} == predictor
+    assert not predictor & {id(p) for p in groups["projector"].params}
+    off = {g.name: g for g in build("simsiam", fixed_predictor_lr=False).parameter_groups()}
+    assert set(off) == {"backbone", "projector", "probe"} and not any(g.fixed_lr for g in off.values())
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_simsiam_predictor_lr_stays_at_base_while_the_backbone_decays(tmp_path, fixed):
+    run_dir, _ = run_recipe(simsiam_recipe(fixed), tmp_path / "run")
+    lrs = group_lrs(run_dir)
+    decayed = 0.05 * 0.5 * (1 + math.cos(math.pi * 3 / 4))  # the lr of the last step (3 of 4): 0.0073223
+    assert lrs["backbone"] == pytest.approx(decayed, rel=1e-9) and lrs["projector"] == pytest.approx(decayed)
+    if fixed:
+        assert lrs["predictor"] == lrs["predictor/no_decay"] == 0.05
+    else:
+        assert not any(name.startswith("predictor") for name in lrs)
+
+
+def test_simsiam_resume_inside_warmup_reproduces_the_uninterrupted_run(tmp_path):
+    """Warmup then cosine (the predictor skips both); checkpoint at step 2, crash at 3, resume: same losses, lrs."""
+    recipe = simsiam_recipe(warmup_epochs=0.05, steps=6, checkpoint_every_steps=2)
+
+    def crash_at_3(step):
+        if step == 3:
+            raise Crash()
+
+    reference, _ = run_recipe(recipe, tmp_path / "a")
+    with pytest.raises(Crash):
+        run_recipe(recipe, tmp_path / "b", step_callback=crash_at_3)
+    assert safe_load(tmp_path / "b" / "checkpoints" / "last.pt")["step"] == 2
+    resumed, _ = run_recipe(recipe, tmp_path / "b", resume=True)
+    assert step_losses(resumed) == step_losses(reference)
+    for run_dir in (reference, resumed):  # backbone lr: 4 warmup steps (0.05 epochs), then cosine over 2
+        logged = [r["lr"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                  if r.get("kind") == "step"]
+        assert logged == pytest.approx([0.0, 0.0125, 0.025, 0.0375, 0.05, 0.025])
+    lrs = group_lrs(reference)
+    assert group_lrs(resumed) == lrs and lrs["predictor"] == 0.05 and lrs["backbone"] < 0.05
+
+
 @pytest.mark.parametrize("method", ["barlow_twins", "vicreg"])
 def test_barlow_and_vicreg_apply_the_library_loss_to_their_projections(method):
     model = build(method)
@@ -187,6 +249,7 @@ def test_method_epoch_metrics_carry_the_embedding_std():
     ("byol", "momentum", 1.5, r"stages\[p\]\.momentum: .*less than or equal to 1"),
     ("byol", "pred_hidden_dim", 0, r"stages\[p\]\.pred_hidden_dim: .*greater than or equal to 1"),
     ("simsiam", "temperature", 0.1, r"stages\[p\]\.temperature: Extra inputs are not permitted"),
+    ("simsiam", "fixed_predictor_lr", "sometimes", r"stages\[p\]\.fixed_predictor_lr: .*valid boolean"),
     ("barlow_twins", "lambda_offdiag", -1.0, r"stages\[p\]\.lambda_offdiag: .*greater than or equal to 0"),
     ("barlow_twins", "scale_loss", 0.0, r"stages\[p\]\.scale_loss: .*greater than 0"),
     ("vicreg", "var_weight", "much", r"stages\[p\]\.var_weight: .*number"),

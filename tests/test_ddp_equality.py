@@ -5,13 +5,25 @@ the mean loss over its half; DDP averages the two ranks' gradients, which is the
 images — what one process computes on the same B images — provided that
   * each rank's loss sees what one process sees: SimCLR's negatives are gathered from every rank (gather_with_grad),
     MoCo v2's queue is filled with every rank's keys (same set of keys; the queue order differs, which the loss does
-    not see), DINO's centre is the mean over all ranks, FixMatch and MAE losses are per-sample means;
+    not see), DINO's centre is the mean over all ranks, FixMatch and MAE losses are per-sample means; Barlow Twins
+    all-reduces its batch statistics and cross-correlation, VICReg gathers the projections for variance and
+    covariance, SwAV all-reduces Sinkhorn's sums over samples (each rank's queue included), NNCLR fills its support
+    set with every rank's embeddings and gathers the keys, SupCon gathers views and labels (positives across ranks),
+    iBOT all-reduces its [CLS] and patch centres; BYOL's and SimSiam's losses are per-sample means;
   * the randomness does not depend on how the batch is split: on-device augmentation draws per rank, so the runs use
-    `tests/ddp_worker.py::deterministic_views` (views, strong views, crops and MAE masks become fixed functions of
-    the image, MLP projectors BN-free) and BatchNorm-free backbones (small_cnn with norm none; torch's SyncBatchNorm
-    is GPU-only, and per-rank BN statistics differ from one process's by design).
+    `tests/ddp_worker.py::deterministic_views` (views, strong views, crops and MAE/iBOT masks become fixed functions
+    of the image, every projector/predictor MLP BN-free) and BatchNorm-free backbones (small_cnn with GroupNorm,
+    which normalises each sample alone, and a ViT; torch's SyncBatchNorm is GPU-only, and per-rank BN statistics
+    differ from one process's by design).
 Then the per-step losses (rank-averaged, as metrics.jsonl logs them) and the final weights agree up to float
 summation order: rel 1e-4 on losses, 2e-5 absolute on weights after 3 SGD/AdamW steps.
+
+The inputs must not be degenerate or the comparison proves nothing: random ReLU CNN features of digits are nearly
+collinear (mean pairwise cosine ≈ 0.99 for small_cnn; with norm none their batch spread is ~1e-4), which pins NT-Xent,
+SupCon and NNCLR at ln(#negatives) and Barlow Twins at D whatever the gathering does. Hence GroupNorm in the CNN, the
+ViT (cosine ≈ 0.88) for the self-supervised stages, two views that differ (view 2 mirrored) and AdamW for iBOT (SGD
+at lr 0.05 collapses its teacher's outputs within a step). Checked by hand: dropping any one of the gathers listed
+above (Barlow, VICReg, Sinkhorn, NNCLR keys or support set, SupCon, iBOT patch or [CLS] centre) fails this test.
 """
 from __future__ import annotations
 
@@ -33,7 +45,7 @@ from tests.ddp_worker import deterministic_views
 from tests.test_distributed import free_port
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-CNN = {"name": "small_cnn", "kwargs": {"width": 4, "norm": "none"}}
+CNN = {"name": "small_cnn", "kwargs": {"width": 4, "norm": "group"}}
 VIT = {"name": "vit_tiny", "kwargs": {"patch_size": 4, "dim": 16, "depth": 1, "heads": 2}}
 
 
@@ -46,6 +58,36 @@ def _stage(name, method, **extra):
 def equality_stages() -> list[dict]:
     """One tiny stage per method (3 steps, global batch 16), and SimCLR again with gradient accumulation."""
     contrastive = {"proj_dim": 8, "proj_hidden_dim": 16, "temperature": 0.2}
+    return [*core_stages(contrastive), *self_supervised_stages(contrastive)]
+
+
+def self_supervised_stages(contrastive: dict) -> list[dict]:
+    """BYOL, SimSiam, Barlow Twins, VICReg, SwAV, NNCLR, SupCon, iBOT: what each gathers over ranks is exercised —
+    Barlow's all-reduced cross-correlation and VICReg's gathered variance/covariance, SwAV's Sinkhorn sums with a
+    per-rank queue that is full and used from step 1 (16 rows in all: 8 per rank), NNCLR's support set (32 rows,
+    overwritten by gathered embeddings) and gathered keys, SupCon's gathered views and labels, iBOT's [CLS] and
+    patch centres (and its mask token under the fixed mask); BYOL's and SimSiam's losses are per-sample means."""
+    two_views = {"backbone": VIT, "views": {"solarize_prob": 0.5}}  # under deterministic_views: view 2 mirrored
+    projected = {**two_views, "proj_dim": 8, "proj_hidden_dim": 16}
+    predicted = {**projected, "pred_hidden_dim": 16}
+    contrastive = {**contrastive, **two_views}
+    return [
+        _stage("byol", "byol", momentum=0.9, **predicted),
+        _stage("simsiam", "simsiam", **predicted),
+        _stage("barlow_twins", "barlow_twins", **projected),
+        _stage("vicreg", "vicreg", **projected),
+        _stage("swav", "swav", n_prototypes=16, local_crops=2, local_crop_size=0.5, queue_length=16,
+               queue_start_epochs=0, freeze_prototypes_epochs=0.01, **contrastive),  # prototypes frozen at step 0
+        _stage("nnclr", "nnclr", support_set_size=32, pred_hidden_dim=16, **contrastive),
+        _stage("supcon", "supcon", **contrastive),
+        _stage("ibot", "ibot", backbone=VIT, out_dim=16, patch_out_dim=16, head_hidden_dim=16, bottleneck_dim=8,
+               local_crops=2, local_crop_size=0.5, freeze_last_layer_epochs=0.01, center_momentum=0.5,
+               optimizer={"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}),
+    ]
+
+
+def core_stages(contrastive: dict) -> list[dict]:
+    """SimCLR, MoCo v2, FixMatch, DINO, MAE, and SimCLR with gradient accumulation."""
     return [
         _stage("simclr", "simclr", **contrastive),
         _stage("mocov2", "mocov2", queue_size=64, momentum=0.9, **contrastive),

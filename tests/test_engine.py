@@ -88,6 +88,23 @@ def test_other_schedules():
     assert cosine_ramp(0.996, 1.0, 100, 100) == pytest.approx(1.0)
 
 
+def test_fixed_lr_group_keeps_its_base_lr_through_warmup_and_cosine():
+    backbone, predictor = nn.Linear(4, 4), nn.Linear(4, 4)
+    optimizer = build_optimizer([ParamGroup("backbone", list(backbone.parameters()), 0.5),
+                                 ParamGroup("predictor", list(predictor.parameters()), 0.5, fixed_lr=True)],
+                                OptimizerConfig(name="sgd", lr=0.2, weight_decay=1e-4), batch_size=256)
+    assert {g["name"]: g["fixed_lr"] for g in optimizer.param_groups} == {
+        "backbone": False, "backbone/no_decay": False, "predictor": True, "predictor/no_decay": True}
+    schedule = LrSchedule(ScheduleConfig(name="cosine", warmup_epochs=1), total_steps=110, steps_per_epoch=10)
+    # backbone base lr 0.1: warmup 0 → 0.05 at step 5; cosine over steps 10..110: 0.05 at 60, 0.1·(1 − √½)/2 at 85
+    expected = {0: 0.0, 5: 0.05, 60: 0.05, 85: 0.05 * (1 - math.sqrt(0.5))}
+    for step, backbone_lr in expected.items():
+        schedule.apply(optimizer.param_groups, step)
+        lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+        assert lrs["backbone"] == lrs["backbone/no_decay"] == pytest.approx(backbone_lr, abs=1e-12), step
+        assert lrs["predictor"] == lrs["predictor/no_decay"] == 0.1, step  # 0.2 × lr_scale 0.5, untouched
+
+
 def test_plateau_reduces_after_patience():
     schedule = LrSchedule(ScheduleConfig(name="plateau", plateau_patience=1, gamma=0.5), 100, 10)
     for loss in (1.0, 0.9, 0.95, 0.95):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -14,14 +15,14 @@ def split_decay(group: ParamGroup, exclude_norm_and_bias: bool) -> list[ParamGro
     get no weight decay. Shape, not name matching, decides."""
     params = [p for p in group.params if p.requires_grad]
     if not exclude_norm_and_bias:
-        return [ParamGroup(group.name, params, group.lr_scale, group.weight_decay, group.extra)]
+        return [replace(group, params=params)]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
     out = []
     if decay:
-        out.append(ParamGroup(group.name, decay, group.lr_scale, group.weight_decay, group.extra))
+        out.append(replace(group, params=decay))
     if no_decay:
-        out.append(ParamGroup(f"{group.name}/no_decay", no_decay, group.lr_scale, False, group.extra))
+        out.append(replace(group, name=f"{group.name}/no_decay", params=no_decay, weight_decay=False))
     return out
 
 
@@ -84,14 +85,16 @@ def lr_scaling_message(cfg: OptimizerConfig, batch_size: int) -> str:
 
 
 def build_optimizer(groups: list[ParamGroup], cfg: OptimizerConfig, batch_size: int) -> torch.optim.Optimizer:
-    """torch optimizer whose param groups carry 'base_lr' (lr × lr_scale) and 'name' for the scheduler/logging."""
+    """torch optimizer whose param groups carry 'base_lr' (lr × lr_scale), 'fixed_lr' (the schedule leaves the group
+    at base_lr) and 'name' for the scheduler/logging."""
     lr = scaled_lr(cfg, batch_size)
     torch_groups = []
     for group in (g for raw in groups for g in split_decay(raw, cfg.exclude_norm_and_bias)):
         if not group.params:
             continue
         entry = {"params": group.params, "name": group.name, "base_lr": lr * group.lr_scale,
-                 "lr": lr * group.lr_scale, "weight_decay": cfg.weight_decay if group.weight_decay else 0.0}
+                 "lr": lr * group.lr_scale, "weight_decay": cfg.weight_decay if group.weight_decay else 0.0,
+                 "fixed_lr": group.fixed_lr}
         if cfg.name == "lars":
             entry["lars"] = group.weight_decay  # no adaptation for biases and norm parameters either
         entry.update(group.extra)

@@ -1,5 +1,6 @@
 """Per-iteration learning-rate factors: linear warmup, then cosine / FixMatch cosine / step / multistep /
-exponential / constant; and a plateau scheduler driven by a monitored metric."""
+exponential / constant; and a plateau scheduler driven by a monitored metric. Param groups marked 'fixed_lr' keep
+their base lr (`LrSchedule.apply`)."""
 from __future__ import annotations
 
 import math
@@ -38,6 +39,13 @@ class LrSchedule:
         if cfg.name == "plateau":
             return self.plateau_scale
         return 1.0
+
+    def apply(self, param_groups: list[dict], step: int) -> None:
+        """Set each torch param group's lr to base_lr × factor(step), or to base_lr when its 'fixed_lr' is set
+        (no warmup either: the group trains at its base lr from step 0, as SimSiam's predictor)."""
+        factor = self.factor(step)
+        for group in param_groups:
+            group["lr"] = group["base_lr"] * (1.0 if group.get("fixed_lr", False) else factor)
 
     # plateau: reduce by gamma after `patience` epochs without improvement of the monitored metric (lower = better
     # for names ending in 'loss', else higher = better)

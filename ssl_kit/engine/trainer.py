@@ -196,9 +196,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- loop
     def _set_lr(self) -> float:
-        factor = self.schedule.factor(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
+        self.schedule.apply(self.optimizer.param_groups, self.step)
         return self.optimizer.param_groups[0]["lr"]
 
     def _progress(self) -> Progress:

@@ -1,21 +1,31 @@
-"""How a method declares its trainable parameters to the engine: named groups with an lr scale and whether weight
-decay applies; the ViT layer-wise lr decay used for fine-tuning (MAE, BEiT protocol)."""
+"""How a method declares its trainable parameters to the engine: named groups with an lr scale, whether weight
+decay applies and whether the lr schedule applies; the ViT layer-wise lr decay used for fine-tuning (MAE, BEiT
+protocol)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
 
 @dataclass
 class ParamGroup:
-    """A named set of parameters trained at lr × lr_scale."""
+    """A named set of parameters trained at lr × lr_scale, times the schedule's factor unless `fixed_lr`: then at
+    lr × lr_scale on every step, warmup included (SimSiam's predictor; solo-learn's `static_lr`)."""
 
     name: str
     params: list[nn.Parameter]
     lr_scale: float = 1.0
     weight_decay: bool = True
     extra: dict = field(default_factory=dict)
+    fixed_lr: bool = False
+
+
+def split_off(groups: list[ParamGroup], new: ParamGroup) -> list[ParamGroup]:
+    """Move new.params out of the groups holding them into `new` (appended last); groups left empty are dropped."""
+    moved = {id(p) for p in new.params}
+    kept = [replace(g, params=[p for p in g.params if id(p) not in moved]) for g in groups]
+    return [g for g in kept if g.params] + [new]
 
 
 def vit_layer_id(name: str, depth: int) -> int:

@@ -5,7 +5,9 @@ without which the method collapses):
     loss = ½·D(p1, sg(z2)) + ½·D(p2, sg(z1)),  D(p, z) = −cos(p, z)  ∈ [−1, 1]
 
 computed from `symmetric_byol_loss` (2 − 2·cos) as (that − 2) / 2, so values and gradients are the paper's.
-The paper also keeps the predictor's lr fixed (no cosine decay); here it follows the schedule like every head.
+As in the paper (§4.2: a predictor lr without decay works slightly better) the predictor trains at the constant base lr
+(`fixed_predictor_lr`, default on: its own param group with ParamGroup.fixed_lr, so neither warmup nor cosine decay
+touches it) while backbone and projector follow the schedule; off, the predictor follows the schedule too.
 
 Collapse is watched as the paper does: the std of the normalised projections (`simsiam/embedding_std`, ≈ 1/√D
 healthy, 0 collapsed) is logged per epoch with a one-time warning (methods/collapse.py)."""
@@ -23,6 +25,7 @@ from ..models.heads import mlp
 from .base import Progress
 from .collapse import EmbeddingStdWatch
 from .contrastive import ContrastiveMethod
+from .param_groups import ParamGroup, split_off
 from .pretext import PretextConfig
 from .registry import register
 
@@ -34,6 +37,9 @@ class SimSiamConfig(PretextConfig):
     proj_hidden_dim: int = Field(2048, ge=1, description="projector hidden width (paper: 2048)")
     proj_dim: int = Field(2048, ge=1, description="projection dimension D (paper: 2048)")
     pred_hidden_dim: int = Field(512, ge=1, description="predictor bottleneck width (paper: 512)")
+    fixed_predictor_lr: bool = Field(True, description="the predictor keeps the base lr (× lr scaling) on every step, "
+                                                       "no warmup or decay, as the paper; false: it follows the "
+                                                       "schedule like the projector")
     views: ViewsConfig = Field(default_factory=ViewsConfig)
 
 
@@ -54,6 +60,13 @@ class SimSiam(ContrastiveMethod):
 
     def head_modules(self) -> list[nn.Module]:
         return [self.probe, self.projector, self.predictor]
+
+    def parameter_groups(self) -> list[ParamGroup]:
+        """Backbone, projector, probe; with fixed_predictor_lr the predictor in its own fixed-lr group."""
+        groups = super().parameter_groups()
+        if not self.cfg.fixed_predictor_lr:
+            return groups
+        return split_off(groups, ParamGroup("predictor", list(self.predictor.parameters()), fixed_lr=True))
 
     def contrast(self, x1: Tensor, x2: Tensor, progress: Progress) -> tuple[Tensor, Tensor]:
         """views (N, C, H, W) × 2 -> (SimSiam loss, backbone features (2N, F))."""
