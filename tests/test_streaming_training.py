@@ -278,3 +278,44 @@ def test_photometric_auto_leaves_the_device_path_on_an_accelerator(tmp_path):
     assert len(worker_photometric(method, "auto", torch.device("cpu"))) == 2
     fixmatch, _, _ = _method("fixmatch", tmp_path / "f", mu=2, train={"batch_size": 4})
     assert worker_photometric(fixmatch, "workers", torch.device("cpu")) is None  # no views: weak/strong on device
+
+
+def _bad_files_worker(rank: int, world: int, port: int, root: str, run_dir: str) -> None:
+    import os
+
+    import torch.distributed as torch_dist
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "SSL_KIT_CACHE": f"{run_dir}-cache{rank}"})
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    stage = tiny_stage("s", "simclr", temperature=0.5, proj_hidden_dim=32, proj_dim=16,
+                       data={"dataset": "imagefolder", "root": root, "image_size": 16, "storage": "stream",
+                             "workers": 0, "max_bad_fraction": 0.3},
+                       train={"steps": 10, "batch_size": 8, "log_every": 5})
+    try:
+        run_recipe(validate_recipe({"seed": 0, "name": "b", "stages": [stage]}), Path(run_dir))
+    finally:
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_bad_files_of_every_rank_are_counted_and_listed_under_ddp(tmp_path):
+    """2 gloo ranks read disjoint shares: data/bad_images counts the distinct bad files of both ranks, and
+    bad_images.txt (written by rank 0) lists them all, not rank 0's share alone."""
+    import torch.multiprocessing as mp
+
+    from tests.test_distributed import free_port
+
+    root = class_folder(tmp_path / "f", per_class=24)
+    broken = [root / "red" / f"{i:03d}.jpg" for i in range(0, 24, 4)] + [root / "green" / f"{i:03d}.jpg"
+                                                                         for i in range(0, 24, 4)]
+    for path in broken:
+        path.write_bytes(b"not an image")
+    mp.spawn(_bad_files_worker, args=(2, free_port(), str(root), str(tmp_path / "run")), nprocs=2, join=True)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    listed = {line.split("\t")[0] for line in (tmp_path / "run" / "bad_images.txt").read_text().splitlines()}
+    final = [r["data/bad_images"] for r in records if r["kind"] == "step"][-1]
+    assert listed <= {str(p) for p in broken} and final == len(listed)
+    assert len(listed) > 8  # more than one rank's share of the 12 broken files (train split: ~80% of them)

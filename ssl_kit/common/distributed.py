@@ -41,6 +41,15 @@ def all_reduce_sum(value: Tensor) -> Tensor:
     return value
 
 
+def gather_objects(obj) -> list:
+    """Every rank's picklable `obj`, in rank order ([obj] in a single process)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:

@@ -175,6 +175,8 @@ class BadImageLog:
         self.policy, self.max_fraction, self.dataset_size = policy, max_fraction, dataset_size
         self.files: dict[str, str] = {}
         self.reads = self.bad_reads = 0
+        self.all_files: dict[str, str] = {}  # under DDP: every rank's bad files as of the last `merge`
+        self._sent = 0  # how many of self.files the other ranks have been sent
 
     @property
     def count(self) -> int:
@@ -201,9 +203,25 @@ class BadImageLog:
             raise DataError(f"{self.count} bad image files ({self.bad_reads} of {self.reads} reads) exceed "
                             f"data.max_bad_fraction={self.max_fraction} of {self.dataset_size} images; first: {listed}")
 
+    def unsent(self) -> list[tuple[str, str]]:
+        """The bad files met since the last call (what this rank has not yet told the others)."""
+        new = list(self.files.items())[self._sent:]
+        self._sent = len(self.files)
+        return new
+
+    def merge(self, per_rank: list[list[tuple[str, str]]]) -> None:
+        """Add what every rank met since the last merge (`unsent()` of each rank) to `all_files`."""
+        for files in per_rank:
+            self.all_files.update(files)
+
+    @property
+    def total_count(self) -> int:
+        """Distinct bad files met by any rank as of the last merge (this rank's alone in a single process)."""
+        return len({**self.all_files, **self.files})
+
     def lines(self) -> list[str]:
-        """'path<TAB>reason' per bad file, for bad_images.txt."""
-        return [f"{name}\t{reason}" for name, reason in self.files.items()]
+        """'path<TAB>reason' per bad file met by any rank as of the last merge, for bad_images.txt."""
+        return [f"{name}\t{reason}" for name, reason in {**self.all_files, **self.files}.items()]
 
 
 class StreamLoader:

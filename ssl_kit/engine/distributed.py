@@ -28,12 +28,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..common.distributed import (all_reduce_mean, all_reduce_sum, gather_no_grad, gather_with_grad, is_distributed,
-                                  is_main, rank, world_size)
+from ..common.distributed import (all_reduce_mean, all_reduce_sum, gather_no_grad, gather_objects, gather_with_grad,
+                                  is_distributed, is_main, rank, world_size)
 from ..methods import build_method
 
 __all__ = ["init_from_env", "wrap_ddp", "find_unused_parameters", "step_seed", "broadcast_object", "restart_count",
-           "launched_distributed", "all_reduce_mean", "all_reduce_sum", "gather_no_grad", "gather_with_grad",
+           "launched_distributed", "all_reduce_mean", "all_reduce_sum", "gather_no_grad", "gather_objects",
+           "gather_with_grad",
            "is_distributed", "is_main", "rank", "world_size"]
 
 # How long a collective may wait for the slowest rank (e.g. ranks waiting while rank 0 evaluates a stage).

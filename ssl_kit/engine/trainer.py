@@ -141,7 +141,8 @@ class Trainer:
         if self.bad_log is None:
             return None
         return {"files": [[n, r] for n, r in self.bad_log.files.items()], "reads": self.bad_log.reads,
-                "bad_reads": self.bad_log.bad_reads}
+                "bad_reads": self.bad_log.bad_reads,
+                "all_files": [[n, r] for n, r in self.bad_log.all_files.items()]}
 
     def save_checkpoint(self) -> None:
         """checkpoints/last.pt (atomically); with train.keep_last = N > 1 also step-<step>.pt, oldest removed."""
@@ -180,6 +181,7 @@ class Trainer:
             saved = state["bad_images"]
             self.bad_log.files = {name: reason for name, reason in saved["files"]}
             self.bad_log.reads, self.bad_log.bad_reads = int(saved["reads"]), int(saved["bad_reads"])
+            self.bad_log.all_files = {name: reason for name, reason in saved.get("all_files", [])}
         self._epoch_losses = [torch.tensor(v, device=self.device) for v in state.get("epoch_losses", [])]
 
     def try_resume(self) -> bool:
@@ -291,8 +293,12 @@ class Trainer:
                 self.loader.close()
 
     def _data_metrics(self) -> dict:
-        """Streamed data: data/bad_images, the distinct bad files met so far (this rank's share under DDP)."""
-        return {"data/bad_images": self.bad_log.count} if self.bad_log is not None else {}
+        """Streamed data: data/bad_images, the distinct bad files met so far by every rank (a collective under DDP:
+        each rank sends the names it met since the last call, so bad_images.txt lists every rank's files)."""
+        if self.bad_log is None:
+            return {}
+        self.bad_log.merge(dist.gather_objects(self.bad_log.unsent()))
+        return {"data/bad_images": self.bad_log.total_count}
 
     def _write_bad_images(self) -> None:
         """bad_images.txt in the run dir: 'path<TAB>reason' per bad file met by the stream (also when a run stops
