@@ -122,7 +122,7 @@ def test_adamatch_interpolates_labeled_logits_and_thresholds_relative_to_them(mo
     import ssl_kit.methods.adamatch as module
 
     torch.manual_seed(0)
-    method = adamatch(ema_p=0.0)
+    method = adamatch(ema_p=0.0, labeled_strong=False)  # the weak-only source loss (USB's AdaMatch)
     calls = []
 
     def record(joint, separate, generator=None):
@@ -149,6 +149,71 @@ def test_adamatch_interpolates_labeled_logits_and_thresholds_relative_to_them(mo
     calls.clear()
     adamatch(logit_interpolation=False).training_step(batch, Progress(0, 10, 0, 10))
     assert calls == []
+
+
+def record_strong_views(method) -> list:
+    """Keep every strong view (N, C, H, W) method.strong_view makes, in call order (a forward hook)."""
+    made = []
+    method.strong_view.register_forward_hook(lambda module, inputs, output: made.append(output.detach().clone()))
+    return made
+
+
+def test_adamatch_loss_is_ce_weak_plus_ce_strong_on_labeled_plus_the_unlabeled_term():
+    """A per-sample net (no batch norm), no interpolation, ema_p 0, no warm-up: the loss recomputed by hand."""
+    torch.manual_seed(0)
+    cfg = config(tiny_stage("a", "adamatch", data=FIXED_VIEWS, mu=2, ema_p=0.0, logit_interpolation=False,
+                            unsup_warmup=0.0, lambda_u=1.5, threshold=1.0))
+    method = AdaMatch(cfg, SmallCNN(1, width=4, norm="none"), INFO, num_unlabeled=16)
+    strong = record_strong_views(method)
+    batch = semi_batch()
+    out = method.training_step(batch, Progress(0, 10, 0, 10))
+    x_strong, u_strong = strong  # the labeled images' strong view is made first
+    with torch.no_grad():
+        x_weak, u_weak = method.weak_view(batch.x), method.weak_view(batch.u)
+        logits_xw, logits_xs = method.net(x_weak), method.net(x_strong)
+        logits_uw, logits_us = method.net(u_weak), method.net(u_strong)
+        ce_weak, ce_strong = F.cross_entropy(logits_xw, batch.y), F.cross_entropy(logits_xs, batch.y)
+        p_x, p_u = torch.softmax(logits_xw, 1), torch.softmax(logits_uw, 1)
+        aligned = p_u * p_x.mean(0) / p_u.mean(0)
+        aligned = aligned / aligned.sum(1, keepdim=True)
+        cut = 1.0 * p_x.max(1).values.mean()
+        mask = (aligned.max(1).values >= cut).float()
+        per_sample = F.cross_entropy(logits_us, aligned.argmax(1), reduction="none")
+        unlabeled = (per_sample * mask).sum() / len(mask)
+    assert 0 < mask.sum() < len(mask)  # the threshold separates some samples: the mask matters
+    assert out["supervised_loss"].item() == pytest.approx((ce_weak + ce_strong).item(), rel=1e-5)
+    assert out["unsupervised_loss"].item() == pytest.approx(unlabeled.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx((ce_weak + ce_strong + 1.5 * unlabeled).item(), rel=1e-5)
+    assert method.policy.thresholds()[0].item() == pytest.approx(cut.item(), rel=1e-5)  # weak view only
+
+
+def test_adamatch_interpolates_both_labeled_views_with_a_labeled_only_pass(monkeypatch):
+    import ssl_kit.methods.adamatch as module
+
+    torch.manual_seed(0)
+    method = adamatch(ema_p=0.0)  # labeled_strong by default; SmallCNN with batch norm
+    strong = record_strong_views(method)
+    calls = []
+
+    def record(joint, separate, generator=None):
+        calls.append((joint.detach().clone(), separate.detach().clone(), module_rli(joint, separate, generator)))
+        return calls[-1][2]
+
+    module_rli = module.random_logit_interpolation
+    monkeypatch.setattr(module, "random_logit_interpolation", record)
+    batch = semi_batch()
+    out = method.training_step(batch, Progress(0, 10, 0, 10))
+    (joint, separate, mixed), = calls
+    n = batch.y.shape[0]
+    assert joint.shape == separate.shape == (2 * n, 10)
+    with torch.no_grad():  # the labeled-only pass sees the weak and the strong labeled views together
+        expected = method.net(torch.cat([method.weak_view(batch.x), strong[0]]))
+    assert torch.allclose(separate, expected, atol=1e-5)
+    ce = F.cross_entropy(mixed[:n], batch.y) + F.cross_entropy(mixed[n:], batch.y)
+    assert out["supervised_loss"].item() == pytest.approx(ce.item(), rel=1e-5)
+    weak_probs = torch.softmax(mixed[:n].detach(), dim=1)
+    assert method.policy.thresholds()[0].item() == pytest.approx(0.9 * weak_probs.max(1).values.mean().item(), rel=1e-5)
+    assert torch.allclose(method.alignment.p_target, weak_probs.mean(0), atol=1e-6)
 
 
 def test_adamatch_unlabeled_weight_warms_up_along_half_a_cosine():
