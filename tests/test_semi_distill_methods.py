@@ -62,8 +62,9 @@ def simmatch(**overrides):
 
 
 def test_simmatch_bank_is_updated_with_the_labeled_batch_embeddings():
+    """ema_bank 0 without the teacher: the student's joint-pass embeddings overwrite their slots (the old update)."""
     torch.manual_seed(0)
-    method = simmatch()
+    method = simmatch(ema_bank=0.0, bank_teacher=False)
     batch = semi_batch()
     before = method.bank.clone()
     assert method.bank_labels.tolist() == [(3 * i) % 10 for i in range(8)]
@@ -77,6 +78,69 @@ def test_simmatch_bank_is_updated_with_the_labeled_batch_embeddings():
     assert method.bank_labels[slots].tolist() == batch.y[:4].tolist()
     untouched = [2, 4, 5, 6]
     assert torch.equal(method.bank[untouched], before[untouched])
+
+
+def perturbed_student(method) -> None:
+    """Move the student's backbone and projector away from the teacher (a copy of them at construction)."""
+    with torch.no_grad():
+        for p in [*method.net.backbone.parameters(), *method.projector.parameters()]:
+            p.add_(0.2 * torch.randn_like(p))
+
+
+LABELED_STEP_INDEX, LABELED_STEP_SLOTS = torch.tensor([3, 9, 0, 21]), [1, 3, 0, 7]  # slot = index / 3
+
+
+def labeled_step(method, batch) -> None:
+    """One training step whose labeled images (batch.x[:4]) sit in bank slots LABELED_STEP_SLOTS."""
+    method.training_step(Batch(batch.x[:4], batch.y[:4], batch.u[:8], batch.u_y[:8], batch.u_index[:8],
+                               x_index=LABELED_STEP_INDEX), Progress(0, 10, 0, 10))
+
+
+@pytest.mark.parametrize("ema_bank", [0.7, 0.0])
+def test_simmatch_bank_moves_towards_the_teachers_labeled_embeddings(ema_bank):
+    """USB's update: slot ← normalise(ema_bank · slot + (1 − ema_bank) · teacher embedding of the weak view); slots
+    outside the batch keep their rows; ema_bank 0 overwrites."""
+    torch.manual_seed(0)
+    method = simmatch(ema_bank=ema_bank)
+    perturbed_student(method)
+    batch, before = semi_batch(), method.bank.clone()
+    labeled_step(method, batch)
+    with torch.no_grad():
+        weak = method.weak_view(batch.x[:4])
+        teacher = method.teacher_projector(method.teacher_backbone(weak))
+        teacher = teacher / teacher.norm(dim=1, keepdim=True)
+        student = method.embed(method.net.backbone(weak))
+    slots = LABELED_STEP_SLOTS
+    mixed = ema_bank * before[slots] + (1 - ema_bank) * teacher
+    expected = mixed / mixed.norm(dim=1, keepdim=True)
+    assert torch.allclose(method.bank[slots], expected, atol=1e-5)
+    assert not torch.allclose(teacher, student, atol=1e-3)  # the teacher, not the student, fed the bank
+    assert torch.allclose(method.bank.norm(dim=1), torch.ones(8), atol=1e-5)
+    assert method.bank_labels[slots].tolist() == batch.y[:4].tolist()
+    untouched = [2, 4, 5, 6]
+    assert torch.equal(method.bank[untouched], before[untouched])
+
+
+def test_simmatch_teacher_follows_the_student_by_ema_and_stays_in_eval_mode():
+    torch.manual_seed(0)
+    method = simmatch(train={"ema_decay": 0.9})
+    teacher = method.teacher_backbone.features[0].weight.clone()
+    perturbed_student(method)
+    student = method.net.backbone.features[0].weight.detach().clone()
+    method.train()
+    assert method.net.training and not method.teacher_backbone.training and not method.teacher_projector.training
+    method.after_optimizer_step(Progress(0, 10, 0, 10))
+    assert torch.allclose(method.teacher_backbone.features[0].weight, 0.9 * teacher + 0.1 * student, atol=1e-6)
+    no_decay = simmatch()  # train.ema_decay unset: the teacher takes the student's current weights
+    perturbed_student(no_decay)
+    no_decay.after_optimizer_step(Progress(0, 10, 0, 10))
+    assert torch.equal(no_decay.teacher_projector[0].weight, no_decay.projector[0].weight)
+    assert not hasattr(simmatch(bank_teacher=False), "teacher_backbone")
+
+
+def test_simmatch_bank_config_errors():
+    with pytest.raises(ConfigError, match=r"stages\[s\].ema_bank"):
+        config(tiny_stage("s", "simmatch", ema_bank=1.5))
 
 
 def test_simmatch_pseudo_labels_come_from_the_unfolded_bank():

@@ -8,9 +8,10 @@ adaptation"), complete: FixMatch's weak/strong consistency plus the pieces the p
   (1 − λ) ⊙ (labeled-only pass) with λ ~ U(0, 1) per element, so batch norm sees both domains without the labeled
   loss depending on which;
 - distribution alignment: the unlabeled weak predictions are rescaled by (labeled mean / unlabeled mean) class
-  probabilities (labeled: the weak view's; an EMA of both, USB's `ema_p`; `ema_p: 0` uses this batch's means, as the paper does);
-- the relative threshold: τ × the mean confidence on the labeled batch's weak view (a swappable policy of thresholds.py,
-  `threshold_policy.policy: relative` by default);
+  probabilities (labeled: the weak view's; an EMA of both, USB's `ema_p`; `ema_p: 0` uses this batch's means, as
+  the paper does);
+- the relative threshold: τ × the mean confidence on the labeled batch's weak view (a swappable policy of
+  thresholds.py, `threshold_policy.policy: relative` by default);
 
 and the paper's cosine warm-up of the unlabeled weight (½ − ½cos, reaching λ_u half-way through training)."""
 from __future__ import annotations
