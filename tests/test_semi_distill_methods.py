@@ -62,8 +62,9 @@ def simmatch(**overrides):
 
 
 def test_simmatch_bank_is_updated_with_the_labeled_batch_embeddings():
+    """ema_bank 0 without the teacher: the student's joint-pass embeddings overwrite their slots (the old update)."""
     torch.manual_seed(0)
-    method = simmatch()
+    method = simmatch(ema_bank=0.0, bank_teacher=False)
     batch = semi_batch()
     before = method.bank.clone()
     assert method.bank_labels.tolist() == [(3 * i) % 10 for i in range(8)]
@@ -77,6 +78,69 @@ def test_simmatch_bank_is_updated_with_the_labeled_batch_embeddings():
     assert method.bank_labels[slots].tolist() == batch.y[:4].tolist()
     untouched = [2, 4, 5, 6]
     assert torch.equal(method.bank[untouched], before[untouched])
+
+
+def perturbed_student(method) -> None:
+    """Move the student's backbone and projector away from the teacher (a copy of them at construction)."""
+    with torch.no_grad():
+        for p in [*method.net.backbone.parameters(), *method.projector.parameters()]:
+            p.add_(0.2 * torch.randn_like(p))
+
+
+LABELED_STEP_INDEX, LABELED_STEP_SLOTS = torch.tensor([3, 9, 0, 21]), [1, 3, 0, 7]  # slot = index / 3
+
+
+def labeled_step(method, batch) -> None:
+    """One training step whose labeled images (batch.x[:4]) sit in bank slots LABELED_STEP_SLOTS."""
+    method.training_step(Batch(batch.x[:4], batch.y[:4], batch.u[:8], batch.u_y[:8], batch.u_index[:8],
+                               x_index=LABELED_STEP_INDEX), Progress(0, 10, 0, 10))
+
+
+@pytest.mark.parametrize("ema_bank", [0.7, 0.0])
+def test_simmatch_bank_moves_towards_the_teachers_labeled_embeddings(ema_bank):
+    """USB's update: slot ← normalise(ema_bank · slot + (1 − ema_bank) · teacher embedding of the weak view); slots
+    outside the batch keep their rows; ema_bank 0 overwrites."""
+    torch.manual_seed(0)
+    method = simmatch(ema_bank=ema_bank)
+    perturbed_student(method)
+    batch, before = semi_batch(), method.bank.clone()
+    labeled_step(method, batch)
+    with torch.no_grad():
+        weak = method.weak_view(batch.x[:4])
+        teacher = method.teacher_projector(method.teacher_backbone(weak))
+        teacher = teacher / teacher.norm(dim=1, keepdim=True)
+        student = method.embed(method.net.backbone(weak))
+    slots = LABELED_STEP_SLOTS
+    mixed = ema_bank * before[slots] + (1 - ema_bank) * teacher
+    expected = mixed / mixed.norm(dim=1, keepdim=True)
+    assert torch.allclose(method.bank[slots], expected, atol=1e-5)
+    assert not torch.allclose(teacher, student, atol=1e-3)  # the teacher, not the student, fed the bank
+    assert torch.allclose(method.bank.norm(dim=1), torch.ones(8), atol=1e-5)
+    assert method.bank_labels[slots].tolist() == batch.y[:4].tolist()
+    untouched = [2, 4, 5, 6]
+    assert torch.equal(method.bank[untouched], before[untouched])
+
+
+def test_simmatch_teacher_follows_the_student_by_ema_and_stays_in_eval_mode():
+    torch.manual_seed(0)
+    method = simmatch(train={"ema_decay": 0.9})
+    teacher = method.teacher_backbone.features[0].weight.clone()
+    perturbed_student(method)
+    student = method.net.backbone.features[0].weight.detach().clone()
+    method.train()
+    assert method.net.training and not method.teacher_backbone.training and not method.teacher_projector.training
+    method.after_optimizer_step(Progress(0, 10, 0, 10))
+    assert torch.allclose(method.teacher_backbone.features[0].weight, 0.9 * teacher + 0.1 * student, atol=1e-6)
+    no_decay = simmatch()  # train.ema_decay unset: the teacher takes the student's current weights
+    perturbed_student(no_decay)
+    no_decay.after_optimizer_step(Progress(0, 10, 0, 10))
+    assert torch.equal(no_decay.teacher_projector[0].weight, no_decay.projector[0].weight)
+    assert not hasattr(simmatch(bank_teacher=False), "teacher_backbone")
+
+
+def test_simmatch_bank_config_errors():
+    with pytest.raises(ConfigError, match=r"stages\[s\].ema_bank"):
+        config(tiny_stage("s", "simmatch", ema_bank=1.5))
 
 
 def test_simmatch_pseudo_labels_come_from_the_unfolded_bank():
@@ -122,7 +186,7 @@ def test_adamatch_interpolates_labeled_logits_and_thresholds_relative_to_them(mo
     import ssl_kit.methods.adamatch as module
 
     torch.manual_seed(0)
-    method = adamatch(ema_p=0.0)
+    method = adamatch(ema_p=0.0, labeled_strong=False)  # the weak-only source loss (USB's AdaMatch)
     calls = []
 
     def record(joint, separate, generator=None):
@@ -149,6 +213,71 @@ def test_adamatch_interpolates_labeled_logits_and_thresholds_relative_to_them(mo
     calls.clear()
     adamatch(logit_interpolation=False).training_step(batch, Progress(0, 10, 0, 10))
     assert calls == []
+
+
+def record_strong_views(method) -> list:
+    """Keep every strong view (N, C, H, W) method.strong_view makes, in call order (a forward hook)."""
+    made = []
+    method.strong_view.register_forward_hook(lambda module, inputs, output: made.append(output.detach().clone()))
+    return made
+
+
+def test_adamatch_loss_is_ce_weak_plus_ce_strong_on_labeled_plus_the_unlabeled_term():
+    """A per-sample net (no batch norm), no interpolation, ema_p 0, no warm-up: the loss recomputed by hand."""
+    torch.manual_seed(0)
+    cfg = config(tiny_stage("a", "adamatch", data=FIXED_VIEWS, mu=2, ema_p=0.0, logit_interpolation=False,
+                            unsup_warmup=0.0, lambda_u=1.5, threshold=1.0))
+    method = AdaMatch(cfg, SmallCNN(1, width=4, norm="none"), INFO, num_unlabeled=16)
+    strong = record_strong_views(method)
+    batch = semi_batch()
+    out = method.training_step(batch, Progress(0, 10, 0, 10))
+    x_strong, u_strong = strong  # the labeled images' strong view is made first
+    with torch.no_grad():
+        x_weak, u_weak = method.weak_view(batch.x), method.weak_view(batch.u)
+        logits_xw, logits_xs = method.net(x_weak), method.net(x_strong)
+        logits_uw, logits_us = method.net(u_weak), method.net(u_strong)
+        ce_weak, ce_strong = F.cross_entropy(logits_xw, batch.y), F.cross_entropy(logits_xs, batch.y)
+        p_x, p_u = torch.softmax(logits_xw, 1), torch.softmax(logits_uw, 1)
+        aligned = p_u * p_x.mean(0) / p_u.mean(0)
+        aligned = aligned / aligned.sum(1, keepdim=True)
+        cut = 1.0 * p_x.max(1).values.mean()
+        mask = (aligned.max(1).values >= cut).float()
+        per_sample = F.cross_entropy(logits_us, aligned.argmax(1), reduction="none")
+        unlabeled = (per_sample * mask).sum() / len(mask)
+    assert 0 < mask.sum() < len(mask)  # the threshold separates some samples: the mask matters
+    assert out["supervised_loss"].item() == pytest.approx((ce_weak + ce_strong).item(), rel=1e-5)
+    assert out["unsupervised_loss"].item() == pytest.approx(unlabeled.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx((ce_weak + ce_strong + 1.5 * unlabeled).item(), rel=1e-5)
+    assert method.policy.thresholds()[0].item() == pytest.approx(cut.item(), rel=1e-5)  # weak view only
+
+
+def test_adamatch_interpolates_both_labeled_views_with_a_labeled_only_pass(monkeypatch):
+    import ssl_kit.methods.adamatch as module
+
+    torch.manual_seed(0)
+    method = adamatch(ema_p=0.0)  # labeled_strong by default; SmallCNN with batch norm
+    strong = record_strong_views(method)
+    calls = []
+
+    def record(joint, separate, generator=None):
+        calls.append((joint.detach().clone(), separate.detach().clone(), module_rli(joint, separate, generator)))
+        return calls[-1][2]
+
+    module_rli = module.random_logit_interpolation
+    monkeypatch.setattr(module, "random_logit_interpolation", record)
+    batch = semi_batch()
+    out = method.training_step(batch, Progress(0, 10, 0, 10))
+    (joint, separate, mixed), = calls
+    n = batch.y.shape[0]
+    assert joint.shape == separate.shape == (2 * n, 10)
+    with torch.no_grad():  # the labeled-only pass sees the weak and the strong labeled views together
+        expected = method.net(torch.cat([method.weak_view(batch.x), strong[0]]))
+    assert torch.allclose(separate, expected, atol=1e-5)
+    ce = F.cross_entropy(mixed[:n], batch.y) + F.cross_entropy(mixed[n:], batch.y)
+    assert out["supervised_loss"].item() == pytest.approx(ce.item(), rel=1e-5)
+    weak_probs = torch.softmax(mixed[:n].detach(), dim=1)
+    assert method.policy.thresholds()[0].item() == pytest.approx(0.9 * weak_probs.max(1).values.mean().item(), rel=1e-5)
+    assert torch.allclose(method.alignment.p_target, weak_probs.mean(0), atol=1e-6)
 
 
 def test_adamatch_unlabeled_weight_warms_up_along_half_a_cosine():

@@ -1,12 +1,17 @@
 """AdaMatch (Berthelot et al. 2022, "AdaMatch: a unified approach to semi-supervised learning and domain
-adaptation"), complete: FixMatch's weak/strong consistency plus the three pieces the paper adds —
+adaptation"), complete: FixMatch's weak/strong consistency plus the pieces the paper adds —
 
-- random logit interpolation: the labeled logits are λ ⊙ (labeled+unlabeled pass) + (1 − λ) ⊙ (labeled-only pass)
-  with λ ~ U(0, 1) per element, so batch norm sees both domains without the labeled loss depending on which;
+- the labeled (source) batch is augmented weakly and strongly, and the supervised loss is the paper's Algorithm 1
+  source loss, CE(y, z_weak) + CE(y, z_strong), each cross-entropy averaged over the batch (`labeled_strong`;
+  false: CE(y, z_weak) alone, as USB's AdaMatch);
+- random logit interpolation: the labeled logits (of both labeled views) are λ ⊙ (labeled+unlabeled pass) +
+  (1 − λ) ⊙ (labeled-only pass) with λ ~ U(0, 1) per element, so batch norm sees both domains without the labeled
+  loss depending on which;
 - distribution alignment: the unlabeled weak predictions are rescaled by (labeled mean / unlabeled mean) class
-  probabilities (an EMA of both, USB's `ema_p`; `ema_p: 0` uses this batch's means, as the paper does);
-- the relative threshold: τ × the mean confidence on the labeled batch (a swappable policy of thresholds.py,
-  `threshold_policy.policy: relative` by default);
+  probabilities (labeled: the weak view's; an EMA of both, USB's `ema_p`; `ema_p: 0` uses this batch's means, as
+  the paper does);
+- the relative threshold: τ × the mean confidence on the labeled batch's weak view (a swappable policy of
+  thresholds.py, `threshold_policy.policy: relative` by default);
 
 and the paper's cosine warm-up of the unlabeled weight (½ − ½cos, reaching λ_u half-way through training)."""
 from __future__ import annotations
@@ -33,6 +38,9 @@ class AdaMatchConfig(SemiSupervisedConfig):
     threshold: float = Field(0.9, ge=0, le=1, description="τ: the cut-off is τ × mean max prob on the labeled batch "
                                                           "(USB p_cutoff; the paper's τ 0.9)")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of the pseudo-labels (USB T)")
+    labeled_strong: bool = Field(True, description="also train on a strong view of the labeled batch: supervised "
+                                                   "loss CE(weak) + CE(strong), the paper's Algorithm 1; false: "
+                                                   "CE(weak) only (USB's AdaMatch)")
     hard_label: bool = Field(True, description="arg-max pseudo-labels (USB hard_label); false: soft targets")
     dist_align: bool = Field(True, description="align unlabeled predictions to the labeled class distribution "
                                                "(USB dist_align)")
@@ -55,8 +63,9 @@ class AdaMatchConfig(SemiSupervisedConfig):
 
 @register("adamatch", AdaMatchConfig)
 class AdaMatch(SemiSupervisedMethod):
-    """AdaMatch: FixMatch with random logit interpolation, distribution alignment to the labeled predictions and a
-    threshold relative to the labeled confidence."""
+    """AdaMatch: FixMatch whose labeled batch is seen weakly and strongly (source loss CE(weak) + CE(strong)), with
+    random logit interpolation of the labeled logits, distribution alignment to the labeled weak predictions and a
+    threshold relative to the labeled weak confidence."""
 
     def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0) -> None:
         super().__init__(cfg, backbone, info, num_unlabeled)
@@ -68,12 +77,27 @@ class AdaMatch(SemiSupervisedMethod):
     def threshold_metrics(self) -> dict:
         return {"pseudo/thresholds": [round(float(t), 4) for t in self.policy.thresholds()]}
 
+    def labeled_views(self, images: Tensor) -> Tensor:
+        """uint8 labeled images (N, C, H, W) -> their views stacked (V·N, C, H, W): weak, then strong when
+        labeled_strong (V = 2), else weak only (V = 1)."""
+        views = [self.weak_view(images)]
+        if self.cfg.labeled_strong:
+            views.append(self.strong_view(images))
+        return torch.cat(views)
+
     def labeled_logits(self, x: Tensor, logits_joint: Tensor) -> Tensor:
-        """The labeled logits (N, K) the supervised loss and the relative threshold use: with logit interpolation,
-        λ ⊙ joint + (1 − λ) ⊙ (a pass over the labeled images alone), λ ~ U(0, 1) per element; else the joint ones."""
+        """The labeled logits (V·N, K) of the labeled views x (V·N, C, H, W) that the supervised loss and the relative
+        threshold use: with logit interpolation, λ ⊙ joint + (1 − λ) ⊙ (a pass over the labeled views alone),
+        λ ~ U(0, 1) per element; else the joint ones."""
         if not self.cfg.logit_interpolation:
             return logits_joint.float()
         return random_logit_interpolation(logits_joint, self.net(x))
+
+    @staticmethod
+    def source_loss(logits_x: Tensor, labels: Tensor) -> Tensor:
+        """Σ over the labeled views of the batch-mean cross-entropy: logits_x (V·N, K) view-major, labels (N,)
+        -> scalar (CE(weak) + CE(strong) for V = 2)."""
+        return sum(F.cross_entropy(view, labels) for view in logits_x.split(labels.shape[0]))
 
     def unsup_weight(self, progress: Progress) -> float:
         """λ_u × ½ − ½cos(π · min(step / (unsup_warmup · total), 1))."""
@@ -81,14 +105,14 @@ class AdaMatch(SemiSupervisedMethod):
 
     def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         cfg = self.cfg
-        x, u_weak, u_strong = self.weak_view(batch.x), self.weak_view(batch.u), self.strong_view(batch.u)
+        x, u_weak, u_strong = self.labeled_views(batch.x), self.weak_view(batch.u), self.strong_view(batch.u)
         n = x.shape[0]
         logits = self.net(torch.cat([x, u_weak, u_strong]))  # one pass: BN sees both sets, as in the paper
         logits_w, logits_s = logits[n:].chunk(2)
         logits_x = self.labeled_logits(x, logits[:n])
-        supervised = F.cross_entropy(logits_x, batch.y)
-        with torch.no_grad():
-            labeled_probs = torch.softmax(logits_x.detach() / cfg.temperature, dim=1)
+        supervised = self.source_loss(logits_x, batch.y)
+        with torch.no_grad():  # threshold and alignment follow the labeled weak view (the first N rows)
+            labeled_probs = torch.softmax(logits_x[:batch.y.shape[0]].detach() / cfg.temperature, dim=1)
             self.policy.observe_labeled(labeled_probs)
             probs = torch.softmax(logits_w.detach().float() / cfg.temperature, dim=1)
             if self.alignment is not None:

@@ -5,8 +5,12 @@ labeled embeddings (a projection head's L2-normalised output).
 Each step: the weak view's class prediction (distribution-aligned over the last `da_len` batches) and its
 similarity to the bank are propagated into each other (unfolding: class -> instance pseudo-label q̂; aggregation:
 instance -> class pseudo-label p̂, `simmatch_unfold_aggregate`); the strong view is trained towards p̂ where the
-threshold policy is confident (λ_u) and its bank similarities towards q̂ (`simmatch_in_loss`, λ_in); then the
-labeled batch's embeddings replace their slots in the bank (one slot per labeled image)."""
+threshold policy is confident (λ_u) and its bank similarities towards q̂ (`simmatch_in_loss`, λ_in); then the bank
+slots of the labeled batch (one slot per labeled image) move towards the labeled weak view's embeddings, as USB's
+SimMatch with its EMA teacher: slot ← normalise(ema_bank · slot + (1 − ema_bank) · embedding), the embeddings those
+of a teacher (backbone + projector averaged with momentum train.ema_decay after every step, run in eval mode;
+`bank_teacher`). `ema_bank: 0, bank_teacher: false` overwrites the slots with the student's embeddings of the joint
+pass (this module's behaviour before the teacher)."""
 from __future__ import annotations
 
 from typing import Literal, Optional
@@ -22,6 +26,7 @@ from ..data.augment import StrongView
 from ..data.loader import Batch
 from ..losses import consistency_loss, simmatch_in_loss, simmatch_unfold_aggregate
 from .base import Progress
+from .momentum import frozen_copy, update_momentum_pairs
 from .registry import register
 from .semi import SemiSupervisedConfig, SemiSupervisedMethod
 from .thresholds import ThresholdConfig, build_policy
@@ -38,6 +43,13 @@ class SimMatchConfig(SemiSupervisedConfig):
                                                                 "similarity (USB smoothing_alpha)")
     da_len: int = Field(32, ge=0, description="distribution alignment to uniform over the mean prediction of the "
                                               "last da_len batches (USB da_len); 0 = off")
+    ema_bank: float = Field(0.7, ge=0, le=1, description="bank momentum: slot ← normalise(ema_bank · slot + "
+                                                         "(1 − ema_bank) · labeled embedding) (USB ema_bank); "
+                                                         "0: overwrite")
+    bank_teacher: bool = Field(True, description="the bank's labeled embeddings come from an EMA teacher (backbone "
+                                                 "+ projector, momentum train.ema_decay, none: the current weights; "
+                                                 "eval mode), as USB; false: the student's embeddings of the joint "
+                                                 "training pass")
     threshold_policy: ThresholdConfig = Field(default_factory=ThresholdConfig)
     strong: StrongAugConfig = Field(default_factory=StrongAugConfig)
 
@@ -82,6 +94,9 @@ class SimMatch(SemiSupervisedMethod):
         features = backbone.num_features
         self.projector = nn.Sequential(nn.Linear(features, features), nn.ReLU(inplace=True),
                                        nn.Linear(features, cfg.proj_size))  # USB's SimMatch_Net.mlp_proj
+        if cfg.bank_teacher:
+            self.teacher_backbone = frozen_copy(backbone).eval()
+            self.teacher_projector = frozen_copy(self.projector).eval()
         slots = len(labeled_index)
         self.register_buffer("bank", F.normalize(torch.randn(slots, cfg.proj_size), dim=1))  # (M, D)
         self.register_buffer("bank_labels", labeled_labels.long().clone())  # (M,)
@@ -92,21 +107,47 @@ class SimMatch(SemiSupervisedMethod):
     def threshold_metrics(self) -> dict:
         return {"pseudo/thresholds": [round(float(t), 4) for t in self.policy.thresholds()]}
 
-    def embed(self, features: Tensor) -> Tensor:
-        """backbone features (N, F) -> L2-normalised embeddings (N, proj_size)."""
-        return F.normalize(self.projector(features).float(), dim=1)
+    def train(self, mode: bool = True) -> "SimMatch":
+        super().train(mode)
+        if self.cfg.bank_teacher:  # the teacher always runs in eval mode (BN running statistics)
+            self.teacher_backbone.eval()
+            self.teacher_projector.eval()
+        return self
+
+    def after_optimizer_step(self, progress: Progress) -> None:
+        """The teacher follows the student: teacher ← m · teacher + (1 − m) · student, m = train.ema_decay
+        (constant, like the evaluated EMA; none: m = 0), BN statistics copied."""
+        super().after_optimizer_step(progress)
+        if self.cfg.bank_teacher:
+            pairs = [(self.net.backbone, self.teacher_backbone), (self.projector, self.teacher_projector)]
+            update_momentum_pairs(pairs, self.cfg.train.ema_decay or 0.0)
+
+    def embed(self, features: Tensor, projector: Optional[nn.Module] = None) -> Tensor:
+        """backbone features (N, F) -> L2-normalised embeddings (N, proj_size) (projector: the student's default)."""
+        projector = self.projector if projector is None else projector
+        return F.normalize(projector(features).float(), dim=1)
+
+    @torch.no_grad()
+    def bank_embeddings(self, x_weak: Tensor, student: Tensor) -> Tensor:
+        """The labeled embeddings (N, D) the bank moves towards: the teacher's of the weak view x_weak (N, C, H, W)
+        with bank_teacher, else `student` (N, D), the student's from the joint pass."""
+        if not self.cfg.bank_teacher:
+            return student.detach()
+        return self.embed(self.teacher_backbone(x_weak), self.teacher_projector)
 
     @torch.no_grad()
     def update_bank(self, embeddings: Tensor, labels: Tensor, index: Tensor) -> None:
-        """Write the labeled batch's embeddings (N, D) and labels (N,) into the slots of their training-set
-        indices (N,) (gathered over ranks)."""
+        """Move the slots of the labeled batch's training-set indices (N,) towards its embeddings (N, D):
+        slot ← normalise(ema_bank · slot + (1 − ema_bank) · embedding) (ema_bank 0: the embedding), and set their
+        labels (N,) (all gathered over ranks)."""
         embeddings, labels = dist.gather_no_grad(embeddings.float()), dist.gather_no_grad(labels)
         index = dist.gather_no_grad(index)
         known = (index >= 0) & (index < self.slot_of.shape[0])  # streamed batches mark unreadable images with −1
         slots = torch.full_like(index, -1)
         slots[known] = self.slot_of[index[known]]
         keep = slots >= 0
-        self.bank[slots[keep]] = embeddings[keep]
+        rows, momentum = slots[keep], self.cfg.ema_bank
+        self.bank[rows] = F.normalize(momentum * self.bank[rows] + (1 - momentum) * embeddings[keep], dim=1)
         self.bank_labels[slots[keep]] = labels[keep]
 
     def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
@@ -134,7 +175,7 @@ class SimMatch(SemiSupervisedMethod):
         unsupervised = consistency_loss(logits_s, class_targets, weights)
         instance = simmatch_in_loss(embeddings_s, bank, instance_targets, cfg.temperature)
         loss = supervised + cfg.lambda_u * unsupervised + cfg.lambda_in * instance
-        self.update_bank(embeddings[:n].detach(), batch.y, batch.x_index)
+        self.update_bank(self.bank_embeddings(x, embeddings[:n]), batch.y, batch.x_index)
         out = {"supervised_loss": supervised.detach(), "unsupervised_loss": unsupervised.detach(),
                "instance_loss": instance.detach(), "mask_rate": (weights > 0.5).float().mean()}
         return self.with_policy_loss(self.policy, loss, out, logits_s, weights)
