@@ -22,6 +22,7 @@ from ssl_kit.data.stream import StreamLoader
 from ssl_kit.engine.loading import build_loader, stream_views
 from ssl_kit.errors import DataError
 from ssl_kit.eval.features import FeatureExtractor
+from ssl_kit.eval.mapped import is_mapped
 from ssl_kit.methods import build_method
 from ssl_kit.models.registry import build_backbone
 from ssl_kit.runner import run_recipe
@@ -219,7 +220,8 @@ def test_streamed_features_match_the_eval_transform_and_are_cached_on_disk(tmp_p
     assert extractor.streams(spec) and not extractor.streams(f"imagefolder:{root}")  # small: memory by default
     features = extractor.dataset_features(spec)
     train_x, train_y, classes = features["train"]
-    assert train_x.dtype == torch.float32 and tuple(train_x.shape) == (10, backbone.num_features)
+    # the float16 cache itself, memory-mapped (mapped.py), not an in-memory float32 copy
+    assert train_x.dtype == torch.float16 and is_mapped(train_x) and tuple(train_x.shape) == (10, backbone.num_features)
     cached = sorted((tmp_path / "cache" / "features").glob("*.f16.npy"))
     assert len(cached) == 2 and np.load(cached[0]).dtype == np.float16
     # the same numbers as decoding with the eval transform by hand (up to float16 rounding)
@@ -227,7 +229,7 @@ def test_streamed_features_match_the_eval_transform_and_are_cached_on_disk(tmp_p
     index = data.train.index
     crops = torch.from_numpy(np.stack([decode_eval(index.read(p), index.path(p), 16) for p in data.train.positions]))
     expected = extractor.features(ImageSet(crops, data.train.labels, classes))
-    assert torch.allclose(train_x, expected, rtol=2e-3, atol=2e-3)
+    assert torch.allclose(train_x.float(), expected, rtol=2e-3, atol=2e-3)
     assert torch.equal(train_y, data.train.labels)
     again = FeatureExtractor(backbone, "cpu", workers=0)
     assert torch.equal(again.dataset_features(spec)["train"][0], train_x) and again.forward_passes == 0

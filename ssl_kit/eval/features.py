@@ -6,7 +6,7 @@ backbone's size, or any of them with the spec option `storage=stream`) are never
 workers decode them with the evaluation transform (shorter side -> size/0.875, centre crop), and the features go
 to an on-disk float16 cache under `$SSL_KIT_CACHE/features` (default ~/.cache/ssl_kit/features), keyed by the
 backbone's weights, the spec, the split and the transform, so linear-probe, knn and transfer on the same
-checkpoint embed each image once.
+checkpoint embed each image once. The cache is handed to them memory-mapped (mapped.py), never as N × F float32.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from ..data.stream import BadImageLog
 from ..engine.checkpoint import load_backbone
 from ..errors import DataError, TrainingError
 from ..models.external import is_torchvision_reference, torchvision_backbone
+from .mapped import open_mapped
 
 STREAM_BUDGET_GB = 4.0
 EVAL_RESIZE_RATIO = 0.875
@@ -160,8 +161,9 @@ class FeatureExtractor:
                               self.info["channels"], STREAM_BUDGET_GB) == "stream"
 
     def file_features(self, images: FileSet, spec: str, split: str) -> tuple[Tensor, Tensor]:
-        """Features (N, F) float32 and labels (N,) of a streamed split, from the on-disk float16 cache or computed
-        in batches and written to it (unreadable files are left out with a warning, labels stay aligned)."""
+        """Features (N, F) and labels (N,) of a streamed split: the on-disk float16 cache, memory-mapped (see
+        mapped.py), computed in batches and written first if absent (unreadable files are left out with a warning,
+        labels stay aligned)."""
         if self._weights is None:
             self._weights = weights_digest(self.backbone)
         size, channels = self.info["image_size"], self.info["channels"]
@@ -170,7 +172,7 @@ class FeatureExtractor:
         folder = feature_cache_dir()
         feats_path, labels_path = folder / f"{key}.f16.npy", folder / f"{key}.labels.npy"
         if feats_path.is_file() and labels_path.is_file():
-            return torch.from_numpy(np.load(feats_path).astype(np.float32)), torch.from_numpy(np.load(labels_path))
+            return open_mapped(feats_path), torch.from_numpy(np.load(labels_path))
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{key}.{os.getpid()}.tmp.npy"
         bad = BadImageLog("skip", 1.0, max(1, len(images)))
@@ -192,15 +194,15 @@ class FeatureExtractor:
         if store is None:
             raise DataError(f"{images.name}: no image could be decoded")
         store.flush()
-        kept = np.asarray(store[:rows])
-        del store
         np.save(labels_path, torch.cat(labels).numpy())
         if rows == len(images):
+            del store
             os.replace(tmp, feats_path)
         else:
-            np.save(feats_path, kept)
+            np.save(feats_path, store[:rows])
+            del store
             tmp.unlink()
-        return torch.from_numpy(kept.astype(np.float32)), torch.cat(labels)
+        return open_mapped(feats_path), torch.cat(labels)
 
     def _streamed_features(self, spec: str) -> dict[str, tuple[Tensor, Tensor, list[str]]]:
         parsed = parse_spec(spec)

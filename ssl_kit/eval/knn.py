@@ -1,4 +1,8 @@
-"""Weighted kNN on L2-normalised features with faiss: cosine similarity, votes exp(sim / T) per class."""
+"""Weighted kNN on L2-normalised features with faiss: cosine similarity, votes exp(sim / T) per class.
+
+A memory-mapped bank or query set (a streamed split's float16 cache, see mapped.py) is searched exactly in chunks:
+for each chunk of queries, every chunk of the bank in turn is read as float32 and searched, and each query keeps the
+top k of all chunks seen so far, so one bank chunk and one query chunk are in float32 at a time."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..common.metrics import classification_metrics
+from .mapped import chunk_rows, is_mapped, read_block, row_chunks
 
 
 def _faiss_index(bank: np.ndarray, ivf: bool, use_gpu: bool):
@@ -29,11 +34,11 @@ def _faiss_index(bank: np.ndarray, ivf: bool, use_gpu: bool):
 def knn_search(bank: Tensor, queries: Tensor, k: int, ivf: bool = False, use_gpu: bool = True,
                chunk: int = 8192) -> tuple[Tensor, Tensor]:
     """Top-k cosine neighbours. bank (M, F), queries (N, F) -> similarities (N, k), indices (N, k)."""
-    bank_np = F.normalize(bank.float(), dim=1).numpy().astype(np.float32)
+    bank_np = F.normalize(bank.float(), dim=1).numpy().astype(np.float32, copy=False)
     index = _faiss_index(np.ascontiguousarray(bank_np), ivf, use_gpu)
     k = min(k, bank.shape[0])
     sims, ids = [], []
-    normalised = F.normalize(queries.float(), dim=1).numpy().astype(np.float32)
+    normalised = F.normalize(queries.float(), dim=1).numpy().astype(np.float32, copy=False)
     for start in range(0, normalised.shape[0], chunk):
         s, i = index.search(np.ascontiguousarray(normalised[start:start + chunk]), k)
         sims.append(torch.from_numpy(s))
@@ -55,6 +60,35 @@ def torch_knn_search(bank: Tensor, queries: Tensor, k: int, chunk: int = 1024) -
     return torch.cat(sims), torch.cat(ids)
 
 
+def merge_topk(best: tuple[Tensor, Tensor] | None, found: tuple[Tensor, Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """The k largest of two (similarities (N, a), indices (N, a)) and (N, b) candidate lists, sorted descending;
+    `best` None starts the list with `found`."""
+    if best is None:
+        return found
+    sims, ids = torch.cat([best[0], found[0]], dim=1), torch.cat([best[1], found[1]], dim=1)
+    top = torch.topk(sims, min(k, sims.shape[1]), dim=1)
+    return top.values, ids.gather(1, top.indices)
+
+
+def chunked_knn_search(bank: Tensor, queries: Tensor, k: int, rows: int | None = None,
+                       use_gpu: bool = True) -> tuple[Tensor, Tensor]:
+    """Exact top-k cosine neighbours as knn_search, reading `rows` (default chunk_rows) bank and query rows at a
+    time, so either may be a memory-mapped cache. bank (M, F), queries (N, F) -> similarities (N, k), indices
+    (N, k) into the bank."""
+    rows = max(rows or chunk_rows(bank.shape[1]), k)
+    k = min(k, bank.shape[0])
+    sims, ids = [], []
+    for query_chunk in row_chunks(queries, size=rows):
+        best = None
+        for start in range(0, bank.shape[0], rows):
+            found_sims, found_ids = knn_search(read_block(bank, start, start + rows), query_chunk, k,
+                                               use_gpu=use_gpu)
+            best = merge_topk(best, (found_sims, found_ids + start), k)
+        sims.append(best[0])
+        ids.append(best[1])
+    return torch.cat(sims), torch.cat(ids)
+
+
 def knn_scores(similarities: Tensor, neighbour_labels: Tensor, num_classes: int, temperature: float) -> Tensor:
     """Class scores (N, K) = Σ over neighbours of exp(sim / T) added to each neighbour's class.
     similarities, neighbour_labels: (N, k)."""
@@ -65,8 +99,12 @@ def knn_scores(similarities: Tensor, neighbour_labels: Tensor, num_classes: int,
 
 def knn_classify(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
                  num_classes: int, k: int = 20, temperature: float = 0.07, ivf: bool = False) -> dict:
-    """Weighted kNN accuracy of test features against the training bank."""
-    sims, ids = knn_search(train_features, test_features, k, ivf)
+    """Weighted kNN accuracy of test features (N, F) against the training bank (M, F); labels (N,), (M,). A
+    memory-mapped bank or test set is searched exactly in chunks (chunked_knn_search; `ivf` does not apply)."""
+    if is_mapped(train_features) or is_mapped(test_features):
+        sims, ids = chunked_knn_search(train_features, test_features, k)
+    else:
+        sims, ids = knn_search(train_features, test_features, k, ivf)
     scores = knn_scores(sims, train_labels[ids], num_classes, temperature)
     result = classification_metrics(scores, test_labels, num_classes)
     result["k"] = int(ids.shape[1])

@@ -1,6 +1,14 @@
 """Linear probe on cached features: BatchNorm without affine (as a fixed standardisation with the training
 statistics, which is what BN(affine=False) computes in eval mode) + Linear, trained with SGD + cosine schedule.
-Learning rate and weight decay are chosen on a validation split carved from the training set, never on test."""
+Learning rate and weight decay are chosen on a validation split carved from the training set, never on test.
+
+Features memory-mapped from a streamed split's float16 cache (see mapped.py) are never materialised: the
+standardisation is accumulated chunk by chunk in float64, every epoch reads its minibatches from the file a window
+of rows at a time, and the validation split and the scoring read their rows the same way. The shuffle is the same
+global permutation as in memory (each window of it is read in ascending row order, then put back in permutation
+order), not a shuffle of blocks: image files are indexed class by class, so blocks of neighbouring rows would give
+single-class minibatches. The batches are therefore exactly the in-memory ones; only the float64 statistics differ
+from the float32 ones in the last bits."""
 from __future__ import annotations
 
 import itertools
@@ -15,6 +23,7 @@ from ..common.metrics import classification_metrics
 from ..data.builtin import stratified_holdout
 from ..data.splits import labeled_indices
 from ..errors import DataError
+from .mapped import chunk_rows, column_stats, gather, is_mapped, row_chunks
 
 LR_GRID = (0.3, 0.1, 0.03)
 WD_GRID = (0.0, 1e-4, 1e-3)
@@ -27,9 +36,18 @@ class LinearModel:
     weight: Tensor  # (K, F)
     bias: Tensor  # (K,)
 
-    def logits(self, features: Tensor) -> Tensor:
-        """features (N, F) -> logits (N, K)."""
-        return ((features - self.mean) / self.std) @ self.weight.T + self.bias
+    def logits(self, features: Tensor, rows: Optional[Tensor] = None) -> Tensor:
+        """features (N, F) -> logits (N, K), or of features[rows] only -> (len(rows), K); a mapped cache is read
+        chunk by chunk (each freshly read chunk standardised in place)."""
+        if is_mapped(features):
+            return torch.cat([self._logits(chunk.sub_(self.mean).div_(self.std))
+                              for chunk in row_chunks(features, rows)])
+        features = features if rows is None else features[rows]
+        return self._logits((features - self.mean) / self.std)
+
+    def _logits(self, standardised: Tensor) -> Tensor:
+        """standardised features (N, F) -> logits (N, K)."""
+        return standardised @ self.weight.T + self.bias
 
 
 def probe_batch_size(n: int) -> int:
@@ -60,9 +78,23 @@ class GridSGD:
     def epoch(self, x: Tensor, labels: Tensor, batch_size: int, generator: torch.Generator) -> None:
         """One pass over standardised features x (N, F), labels (N,) in a random order."""
         order = torch.randperm(x.shape[0], generator=generator)
-        shuffled_x, shuffled_y = x[order], labels[order]  # one gather per epoch; batches are contiguous views
+        self._batches(x[order], labels[order], batch_size)  # one gather per epoch; batches are contiguous views
+
+    def mapped_epoch(self, features: Tensor, rows: Tensor, labels: Tensor, standardise: Callable[[Tensor], Tensor],
+                     batch_size: int, generator: torch.Generator) -> None:
+        """The same pass as `epoch` (same permutation, same minibatches) over features[rows] of a mapped cache
+        (N, F), labels (len(rows),) aligned with rows: a window of whole minibatches (about chunk_rows rows) is
+        read and standardised at a time."""
+        order = torch.randperm(len(rows), generator=generator)
+        window = batch_size * max(1, chunk_rows(features.shape[1]) // batch_size)
+        for start in range(0, len(rows), window):
+            picked = order[start:start + window]
+            self._batches(standardise(gather(features, rows[picked])), labels[picked], batch_size)
+
+    def _batches(self, x: Tensor, labels: Tensor, batch_size: int) -> None:
+        """One update per consecutive minibatch of x (n, F), labels (n,)."""
         for start in range(0, x.shape[0], batch_size):
-            self._update(shuffled_x[start:start + batch_size], shuffled_y[start:start + batch_size])
+            self._update(x[start:start + batch_size], labels[start:start + batch_size])
 
     def _update(self, xb: Tensor, yb: Tensor) -> None:
         groups, k, n = self.groups, self.num_classes, yb.numel()
@@ -84,17 +116,30 @@ class GridSGD:
         return [LinearModel(mean, std, self.weight[g].clone(), self.bias[g, 0].clone()) for g in range(self.groups)]
 
 
-def standardisation(features: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-feature mean and std (N, F) -> (F,), (F,): what BatchNorm without affine computes."""
+def standardisation(features: Tensor, rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Per-feature mean and std (N, F) -> (F,), (F,): what BatchNorm without affine computes. On a mapped cache,
+    of features[rows] (all rows when None), accumulated in float64 chunks."""
+    if is_mapped(features):
+        mean, std = column_stats(features, rows)
+        return mean, std.clamp_min(1e-6)
+    features = features if rows is None else features[rows]
     return features.mean(0), features.std(0, unbiased=False).clamp_min(1e-6)
 
 
 def fit_linear_grid(features: Tensor, labels: Tensor, num_classes: int, configs: list[tuple[float, float]],
                     epochs: int = 100, batch_size: int | None = None, seed: int = 0,
-                    reextract: Optional[Callable[[int], Tensor]] = None) -> list[LinearModel]:
-    """One linear model per (lr, weight_decay) in `configs` on features (N, F), labels (N,) (see GridSGD).
+                    reextract: Optional[Callable[[int], Tensor]] = None,
+                    rows: Optional[Tensor] = None) -> list[LinearModel]:
+    """One linear model per (lr, weight_decay) in `configs` on features (N, F), labels (N,) (see GridSGD), or on
+    features[rows], labels[rows] only. A mapped cache is fitted without materialising it (see the module docstring).
     With `reextract(epoch) -> (N, F)` (the ImageNet protocol: features of freshly augmented training images in the
     same image order), epochs after the first train on those instead; the standardisation stays the first's."""
+    if is_mapped(features):
+        if reextract is not None:
+            raise DataError("linear probe: augmented re-extraction needs the training images in memory")
+        return _fit_mapped(features, labels, num_classes, configs, epochs, batch_size, seed, rows)
+    if rows is not None:
+        features, labels = features[rows], labels[rows]
     if features.shape[0] == 0:
         raise DataError("linear probe: no training features")
     features = features.float()
@@ -107,6 +152,23 @@ def fit_linear_grid(features: Tensor, labels: Tensor, num_classes: int, configs:
         if reextract is not None and epoch > 0:
             x = (reextract(epoch).float() - mean) / std
         trainer.epoch(x, labels, batch_size, generator)
+    return trainer.models(mean, std)
+
+
+def _fit_mapped(features: Tensor, labels: Tensor, num_classes: int, configs: list[tuple[float, float]], epochs: int,
+                batch_size: int | None, seed: int, rows: Optional[Tensor]) -> list[LinearModel]:
+    """fit_linear_grid on features[rows] of a mapped cache (N, F): statistics in float64 chunks, minibatches read
+    from the file every epoch. Same permutation, minibatches and schedule as the in-memory fit."""
+    rows = torch.arange(features.shape[0]) if rows is None else rows
+    if len(rows) == 0:
+        raise DataError("linear probe: no training features")
+    batch_size = batch_size or probe_batch_size(len(rows))
+    mean, std = standardisation(features, rows)
+    trainer = GridSGD(configs, num_classes, features.shape[1], epochs * math.ceil(len(rows) / batch_size))
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        # in place on the freshly read window: the same float32 (x - mean) / std as in memory, no second copy
+        trainer.mapped_epoch(features, rows, labels[rows], lambda x: x.sub_(mean).div_(std), batch_size, generator)
     return trainer.models(mean, std)
 
 
@@ -124,10 +186,10 @@ def select_hyperparameters(features: Tensor, labels: Tensor, num_classes: int, e
     """Grid over LR_GRID × WD_GRID scored by validation top-1. -> {'lr', 'weight_decay', 'val_top1'}."""
     train_index, val_index = validation_split(labels, seed=seed)
     configs = list(itertools.product(LR_GRID, WD_GRID))
-    models = fit_linear_grid(features[train_index], labels[train_index], num_classes, configs, epochs, seed=seed)
+    models = fit_linear_grid(features, labels, num_classes, configs, epochs, seed=seed, rows=train_index)
     best = None
     for (lr, wd), model in zip(configs, models):
-        accuracy = (model.logits(features[val_index]).argmax(1) == labels[val_index]).float().mean().item()
+        accuracy = (model.logits(features, val_index).argmax(1) == labels[val_index]).float().mean().item()
         if best is None or accuracy > best["val_top1"]:
             best = {"lr": lr, "weight_decay": wd, "val_top1": accuracy}
     return best
@@ -147,7 +209,7 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
     index = torch.arange(train_features.shape[0])
     if labels_per_class is not None:
         index = few_shot_index(train_labels, labels_per_class, seed)
-        train_features, train_labels = train_features[index], train_labels[index]
+        train_features, train_labels = gather(train_features, index), train_labels[index]  # few: in memory
     chosen = select_hyperparameters(train_features, train_labels, num_classes, epochs, seed) if sweep \
         else {"lr": 0.1, "weight_decay": 0.0}
     if augmented is None:

@@ -50,7 +50,7 @@ def tsne_picture(extractor: FeatureExtractor, specs: Sequence[str], out: Path, p
     for index, spec in enumerate(specs):
         x, y, classes = extractor.dataset_features(spec)["test"]
         chosen = torch.randperm(x.shape[0], generator=generator)[:per_domain]
-        features.append(x[chosen])
+        features.append(x[chosen].float())  # a few rows, also of a mapped float16 cache
         labels += y[chosen].tolist()
         domains += [index] * len(chosen)
     points = plots.tsne_embedding(torch.cat(features).numpy(), seed)
