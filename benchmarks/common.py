@@ -41,6 +41,12 @@ def engine_vs_bare(trainer, bare_model: torch.nn.Module, x, y, steps: int, round
     (default x): the floor of methods that need a momentum encoder or an EMA teacher."""
     import torch.nn.functional as F
 
+    from ssl_kit.engine.trainer import uses_channels_last
+
+    if uses_channels_last(trainer.cfg.train.channels_last, trainer.device):  # the engine's memory layout, same floor
+        bare_model = bare_model.to(memory_format=torch.channels_last)
+        if key_encoder is not None:
+            key_encoder = key_encoder.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(bare_model.parameters(), lr=0.01, momentum=0.9)
     pairs = list(zip(x, y)) if isinstance(x, (list, tuple)) else [(x, y)]
 

@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--labels", type=int, nargs="+", default=[4, 10])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--policies", nargs="+", default=["fixed", "flexmatch", "freematch", "softmatch"],
+    parser.add_argument("--policies", nargs="*", default=["fixed", "flexmatch", "freematch", "softmatch"],
                         help="FixMatch threshold policies (a method name here runs that method)")
     parser.add_argument("--methods", nargs="+", default=list(METHOD_KEYS), help="other methods beside FixMatch")
     parser.add_argument("--steps", type=int, default=1000)

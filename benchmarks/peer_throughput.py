@@ -8,7 +8,9 @@
   ssl_kit FixMatch engine step.
 
 Same backbone, batch, views, optimizer (SGD momentum) and augmentation strength on both sides; images per second
-and the ratio to a bare forward/backward of the backbone on the same number of images. Each contender runs alone in
+and the ratio to a bare forward/backward of the backbone on the same number of images. Memory layout: each side as
+its library runs it by default — the ssl_kit engine trains convolutions channels-last on the CPU
+(`train.channels_last`), the peers and the bare step in PyTorch's default layout. Each contender runs alone in
 a fresh process (DataLoader workers must not prefetch while another contender is timed, nor steal its cores);
 rounds alternate between contenders so that machine drift hits all alike. Peak memory: that process's peak RSS and
 its largest DataLoader worker's.

@@ -84,12 +84,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     _write_atomically(path, "w", lambda tmp: tmp.write(text), "")
 
 
+def _portable(state: dict) -> dict:
+    """CPU tensors in the default (contiguous) memory layout, whatever layout training used (channels_last)."""
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
 def backbone_record(arch: str, kwargs: dict, data_info: dict, backbone: nn.Module,
                     head: Optional[nn.Linear] = None) -> dict:
     record = {"format": BACKBONE_FORMAT, "version": 1, "arch": arch, "kwargs": dict(kwargs), "data": dict(data_info),
-              "state_dict": {k: v.detach().cpu() for k, v in backbone.state_dict().items()}}
+              "state_dict": _portable(backbone.state_dict())}
     if head is not None:
-        record["head"] = {"state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
+        record["head"] = {"state_dict": _portable(head.state_dict()),
                           "num_classes": head.out_features}
     return record
 

@@ -70,6 +70,12 @@ class RunContext:
     extra_meta: dict = field(default_factory=dict)
 
 
+def uses_channels_last(setting: Optional[bool], device: torch.device) -> bool:
+    """train.channels_last: the setting, or for None whether the device is the CPU (where oneDNN's NHWC convolutions
+    are faster; not measured on GPUs here, so CUDA keeps the default layout unless asked)."""
+    return device.type == "cpu" if setting is None else setting
+
+
 class Trainer:
     """Trains `method` on `data` per the stage config; checkpoint at ctx.run_dir/checkpoints/last.pt."""
 
@@ -91,6 +97,8 @@ class Trainer:
                                     f"backbone.sync_bn=false")
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         self.method = method.to(self.device)
+        if uses_channels_last(cfg.train.channels_last, self.device):
+            self.method.to(memory_format=torch.channels_last)  # 4-D weights only; saved records are contiguous
 
         tc = cfg.train
         if tc.batch_size % (tc.accumulate * self.world):

@@ -234,7 +234,7 @@ def write_export(record: dict, target: str, out_dir: str | Path, tolerance: floa
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
     try:
-        save_file(state, str(staging / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(staging / "model.safetensors"))
         difference = verify_export(config, staging / "model.safetensors", _reference(record), tolerance)
         config["sha256"] = sha256_file(staging / "model.safetensors")
         config["verified_max_abs_diff"] = difference
