@@ -235,3 +235,29 @@ def test_embedding_std_watch_reports_the_std_and_warns_once_on_collapse():
         warnings.simplefilter("error")
         monitor.epoch_metrics()  # only once
     assert monitor.epoch_metrics() == {}
+
+
+def test_ibot_student_patch_head_runs_on_masked_tokens_only_with_the_full_heads_loss_and_gradients():
+    """masked_patch_logits: the patch loss and the head's gradients equal those of the head applied to every token
+    (the loss reads masked positions only); the head sees exactly the masked tokens."""
+    from ssl_kit.losses import ibot_patch_loss
+    from ssl_kit.methods.dino import DINOHead
+    from ssl_kit.methods.ibot import masked_patch_logits
+
+    torch.manual_seed(0)
+    head = DINOHead(8, 16, 12, 4, norm_last_layer=False)
+    tokens, teacher = torch.randn(3, 5, 8), torch.randn(3, 5, 16)
+    mask = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 0]])
+    center = torch.randn(16)
+    seen = []
+    handle = head.mlp.register_forward_hook(lambda module, inputs, out: seen.append(inputs[0].shape[0]))
+    partial = ibot_patch_loss(masked_patch_logits(head, tokens, mask), teacher, mask, center)
+    partial.backward()
+    partial_grads = [p.grad.clone() for p in head.parameters()]
+    head.zero_grad()
+    full = ibot_patch_loss(head(tokens).float(), teacher, mask, center)
+    full.backward()
+    handle.remove()
+    assert seen[0] == int(mask.sum()) == 6
+    assert torch.allclose(partial, full, atol=1e-6)
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(partial_grads, head.parameters()))

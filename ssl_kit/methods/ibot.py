@@ -72,6 +72,17 @@ def ibot_masks(n: int, grid: int, ratio: tuple[float, float], prob: float, kind:
     return (rank < counts[:, None]).float().to(device)
 
 
+def masked_patch_logits(head: nn.Module, tokens: Tensor, mask: Tensor) -> Tensor:
+    """The student's patch logits (M, L, K) at the masked positions of mask (M, L), 0 elsewhere: the head (row-wise,
+    no batch statistics) runs on the masked tokens (M, L, D) only, since the patch loss reads no other position —
+    the same loss and gradients as the head on every token, at the masked fraction of its cost."""
+    rows = mask > 0
+    picked = head(tokens[rows]).float()  # (masked tokens, K)
+    out = picked.new_zeros(*mask.shape, picked.shape[-1])
+    out[rows] = picked
+    return out
+
+
 @register("ibot", IBOTConfig)
 class IBOT(DINO):
     """DINO on a ViT (teacher = EMA of student backbone + heads) with a mask token and a patch objective."""
@@ -142,7 +153,7 @@ class IBOT(DINO):
             teacher_patch = teacher_patch_head(teacher_tokens[:, 1:]).float()
         student_tokens = self.backbone.encode(self.masked_tokens(globals_, mask))
         student_logits = list(self.head_net(student_tokens[:, 0]).float().chunk(2))
-        student_patch = patch_head(student_tokens[:, 1:]).float()
+        student_patch = masked_patch_logits(patch_head, student_tokens[:, 1:], mask)
         if cfg.local_crops:
             local_cls = self.backbone.encode(self.backbone.embed(torch.cat(views[2:])))[:, 0]
             student_logits += list(self.head_net(local_cls).float().chunk(cfg.local_crops))
