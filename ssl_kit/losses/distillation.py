@@ -75,12 +75,13 @@ def ibot_patch_loss(student_patch_logits: Tensor, teacher_patch_logits: Tensor, 
         raise ValueError(f"mask must be (N, L) = {(n, length)}, got {tuple(mask.shape)}")
     if center.numel() != k:
         raise ValueError(f"center must have {k} entries, got shape {tuple(center.shape)}")
-    center = center.detach().float().view(1, 1, k)
-    teacher_probs = F.softmax((teacher_patch_logits.detach().float() - center) / teacher_temp, dim=-1)
-    student_logp = F.log_softmax(student_patch_logits.float() / student_temp, dim=-1)
-    per_patch = -(teacher_probs * student_logp).sum(dim=-1)  # (N, L)
+    center = center.detach().float().view(1, k)
     weight = mask.detach().float()
-    per_image = (per_patch * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
+    image, patch = weight.nonzero(as_tuple=True)  # only masked patches enter the loss: softmax over those alone
+    teacher_probs = F.softmax((teacher_patch_logits.detach()[image, patch].float() - center) / teacher_temp, dim=-1)
+    student_logp = F.log_softmax(student_patch_logits[image, patch].float() / student_temp, dim=-1)
+    per_patch = -(teacher_probs * student_logp).sum(dim=-1) * weight[image, patch]  # (masked patches,)
+    per_image = per_patch.new_zeros(n).index_add(0, image, per_patch) / weight.sum(dim=1).clamp(min=1.0)
     return per_image.mean()
 
 
