@@ -1,5 +1,6 @@
 """Crop boxes, reduced-resolution decode, bad files and the StreamLoader (determinism across workers, resume,
 rank slicing), on files the tests write."""
+import functools
 import io
 import math
 import os
@@ -311,8 +312,9 @@ def test_worker_photometric_is_a_pure_function_of_the_key(tmp_path):
 
 
 def test_worker_photometric_equals_the_device_ops_rounded_once(tmp_path):
-    """The workers apply exactly the device's photometric ops (seeded), rounded once to uint8; identity views leave
-    the crops as they are; the trainer then only normalises (ContrastiveView(..., augmented=True))."""
+    """The workers apply the device's photometric ops (seeded), rounded once to uint8 — exactly with the torch
+    backend, within one level with OpenCV (what CPU workers use); identity views leave the crops as they are; the
+    trainer then only normalises (ContrastiveView(..., augmented=True))."""
     from ssl_kit.data.augment import ContrastiveView, Normalize
     from ssl_kit.data.crops import view_rng
     from ssl_kit.data.stream import PHOTOMETRIC_CHUNK, PHOTOMETRIC_VIEW
@@ -322,12 +324,15 @@ def test_worker_photometric_equals_the_device_ops_rounded_once(tmp_path):
     views = _contrastive_views(2)
     raw = StreamLoader(index, np.arange(16), 8, 5, crops, workers=0).batch(1)
     got = StreamLoader(index, np.arange(16), 8, 5, crops, workers=0,
-                       photometric=[v.photometric_uint8 for v in views]).batch(1)
+                       photometric=[functools.partial(v.photometric_uint8, backend="torch") for v in views]).batch(1)
+    opencv = StreamLoader(index, np.arange(16), 8, 5, crops, workers=0,
+                          photometric=[v.photometric_uint8 for v in views]).batch(1)
     for v, view in enumerate(views):
         torch.manual_seed(view_rng(5 * 2, 8, PHOTOMETRIC_VIEW + v).getrandbits(63))  # step 1 starts at position 8
         expected = torch.cat([(view.photometric(chunk.float() / 255) * 255).round().to(torch.uint8)
                               for chunk in raw.views[v].split(PHOTOMETRIC_CHUNK)])  # 8 images: 2 chunks
         assert torch.equal(got.views[v], expected)
+        assert (opencv.views[v].int() - expected.int()).abs().max() <= 1
         normalised = view(got.views[v], precropped=True, augmented=True)
         assert torch.allclose(normalised, (got.views[v].float() / 255 - 0.5) / 0.25)
     identity = ContrastiveView(Normalize([0.5] * 3, [0.25] * 3), jitter_prob=0.0, grayscale_prob=0.0)
