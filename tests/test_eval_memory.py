@@ -124,6 +124,31 @@ def test_knn_classify_on_mapped_splits_equals_in_memory(tmp_path, monkeypatch):
     assert ours == reference
 
 
+def test_tally_over_chunks_equals_the_whole_and_hand_computed_values():
+    from ssl_kit.common.metrics import ClassificationTally, classification_metrics
+
+    logits = torch.tensor([[3.0, 1, 0], [0, 2, 1], [0, 1, 2], [2, 0, 1], [0, 0.5, 1]])
+    labels = torch.tensor([0, 2, 2, 1, 1])  # predictions 0, 1, 2, 0, 2: right on rows 0 and 2
+    whole = classification_metrics(logits, labels, 3)
+    assert whole["top1"] == pytest.approx(2 / 5) and whole["top5"] == 1.0
+    assert whole["per_class"] == [1.0, 0.0, 0.5] and whole["balanced_accuracy"] == pytest.approx(0.5)
+    assert whole["confusion"] == [[1, 0, 0], [1, 0, 1], [0, 1, 1]]
+    tally = ClassificationTally(3)
+    for rows in (slice(0, 2), slice(2, 3), slice(3, 5)):
+        tally.add(logits[rows], labels[rows])
+    assert tally.result() == whole
+
+
+def test_knn_scores_tallied_in_chunks_equal_one_block(monkeypatch):
+    import ssl_kit.eval.knn as knn
+
+    x, y = class_sorted_set()
+    xt, yt = class_sorted_set(n_per_class=40, seed=1)
+    reference = knn_classify(x, y, xt, yt, 5, k=7)
+    monkeypatch.setattr(knn, "SCORE_CHUNK", 17)  # 200 test rows: 12 chunks, the last one short
+    assert knn_classify(x, y, xt, yt, 5, k=7) == reference
+
+
 # ------------------------------------------------------------------------------------------ measured memory
 ROWS, DIM, TEST_ROWS = 200_000, 256, 10_000
 FLOAT32_MB = ROWS * DIM * 4 / 2 ** 20  # 195 MiB: what the in-memory path holds at least once, before any copy

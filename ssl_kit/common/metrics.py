@@ -7,25 +7,49 @@ import torch
 from torch import Tensor, nn
 
 
+class ClassificationTally:
+    """Top-1/top-5 counts and the K×K confusion matrix (rows = true class) accumulated over chunks of
+    (logits (n, K), labels (n,)), so a test set's N×K logits never need to be held at once."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.long)
+        self.correct = self.top5_correct = self.count = 0
+
+    def add(self, logits: Tensor, labels: Tensor) -> None:
+        labels = labels.cpu()
+        logits = logits.float().cpu()
+        predictions = logits.argmax(1)
+        k = min(5, logits.shape[1])
+        self.top5_correct += int((logits.topk(k, dim=1).indices == labels.unsqueeze(1)).any(1).sum())
+        self.correct += int((predictions == labels).sum())
+        self.count += int(labels.shape[0])
+        self.confusion += torch.bincount(labels * self.num_classes + predictions, minlength=self.num_classes ** 2)
+
+    def result(self) -> dict:
+        """top1, top5 (fractions), balanced accuracy, per-class accuracy (None for absent classes), confusion."""
+        k = self.num_classes
+        confusion = self.confusion.view(k, k)
+        support = confusion.sum(1)
+        per_class = torch.where(support > 0, confusion.diag().float() / support.clamp_min(1),
+                                torch.full_like(support, float("nan"), dtype=torch.float))
+        present = support > 0
+        total = max(self.count, 1)
+        return {
+            "top1": self.correct / total,
+            "top5": self.top5_correct / total,
+            "balanced_accuracy": per_class[present].mean().item(),
+            "per_class": [round(v, 6) if v == v else None for v in per_class.tolist()],
+            "confusion": confusion.tolist(),
+        }
+
+
 def classification_metrics(logits: Tensor, labels: Tensor, num_classes: int) -> dict:
     """logits (N, K), labels (N,) -> top1, top5 (fractions), balanced accuracy, per-class accuracy, confusion (K×K,
     rows = true class)."""
-    labels = labels.cpu()
-    logits = logits.float().cpu()
-    predictions = logits.argmax(1)
-    k = min(5, logits.shape[1])
-    top5 = (logits.topk(k, dim=1).indices == labels.unsqueeze(1)).any(1).float().mean().item()
-    confusion = torch.bincount(labels * num_classes + predictions, minlength=num_classes ** 2).view(num_classes, num_classes)
-    support = confusion.sum(1)
-    per_class = torch.where(support > 0, confusion.diag().float() / support.clamp_min(1), torch.full_like(support, float("nan"), dtype=torch.float))
-    present = support > 0
-    return {
-        "top1": (predictions == labels).float().mean().item(),
-        "top5": top5,
-        "balanced_accuracy": per_class[present].mean().item(),
-        "per_class": [round(v, 6) if v == v else None for v in per_class.tolist()],
-        "confusion": confusion.tolist(),
-    }
+    tally = ClassificationTally(num_classes)
+    tally.add(logits, labels)
+    return tally.result()
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..common.device import autocast_context, resolve_device  # noqa: F401  (resolve_device: public here too)
-from ..common.metrics import classification_metrics, predict
+from ..common.metrics import ClassificationTally, classification_metrics, predict
 from ..data.fileset import FileSet, image_batches
 from ..data.pipeline import PreparedData
 from ..errors import CheckpointError, TrainingError, TrainingInterrupted
@@ -398,10 +398,7 @@ class Trainer:
             logits = predict(model, test.images, self.method.normalize, self.device)
             return classification_metrics(logits, test.labels, test.num_classes)
         dc = self.cfg.data
-        outputs, labels = [], []
+        tally = ClassificationTally(test.num_classes)  # a streamed test set: its N × K logits are never held
         for images, y in image_batches(test, dc.image_size, test.channels, 256, dc.workers, dc.eval_resize_ratio):
-            outputs.append(predict(model, images, self.method.normalize, self.device))
-            labels.append(y)
-        if not outputs:
-            return {}
-        return classification_metrics(torch.cat(outputs), torch.cat(labels), test.num_classes)
+            tally.add(predict(model, images, self.method.normalize, self.device), y)
+        return tally.result() if tally.count else {}

@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..common.metrics import classification_metrics
+from ..common.metrics import ClassificationTally
 from .mapped import chunk_rows, is_mapped, read_block, row_chunks
+
+SCORE_CHUNK = 65_536  # test rows scored at a time: 65,536 × K float32 class scores (250 MiB at K = 1,000)
 
 
 def _faiss_index(bank: np.ndarray, ivf: bool, use_gpu: bool):
@@ -105,7 +107,10 @@ def knn_classify(train_features: Tensor, train_labels: Tensor, test_features: Te
         sims, ids = chunked_knn_search(train_features, test_features, k)
     else:
         sims, ids = knn_search(train_features, test_features, k, ivf)
-    scores = knn_scores(sims, train_labels[ids], num_classes, temperature)
-    result = classification_metrics(scores, test_labels, num_classes)
+    tally = ClassificationTally(num_classes)  # class scores chunk by chunk: N × K of them are never held
+    for start in range(0, ids.shape[0], SCORE_CHUNK):
+        rows = slice(start, start + SCORE_CHUNK)
+        tally.add(knn_scores(sims[rows], train_labels[ids[rows]], num_classes, temperature), test_labels[rows])
+    result = tally.result()
     result["k"] = int(ids.shape[1])
     return result

@@ -14,12 +14,12 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
 
-from ..common.metrics import classification_metrics
+from ..common.metrics import ClassificationTally
 from ..data.builtin import stratified_holdout
 from ..data.splits import labeled_indices
 from ..errors import DataError
@@ -37,13 +37,28 @@ class LinearModel:
     bias: Tensor  # (K,)
 
     def logits(self, features: Tensor, rows: Optional[Tensor] = None) -> Tensor:
-        """features (N, F) -> logits (N, K), or of features[rows] only -> (len(rows), K); a mapped cache is read
-        chunk by chunk (each freshly read chunk standardised in place)."""
+        """features (N, F) -> logits (N, K), or of features[rows] only -> (len(rows), K)."""
+        return torch.cat(list(self.logit_chunks(features, rows)))
+
+    def logit_chunks(self, features: Tensor, rows: Optional[Tensor] = None) -> Iterator[Tensor]:
+        """logits of features (N, F) (or features[rows]) in order: one (N, K) block for features in memory, chunks
+        of chunk_rows for a mapped cache (each freshly read chunk standardised in place)."""
         if is_mapped(features):
-            return torch.cat([self._logits(chunk.sub_(self.mean).div_(self.std))
-                              for chunk in row_chunks(features, rows)])
+            for chunk in row_chunks(features, rows):
+                yield self._logits(chunk.sub_(self.mean).div_(self.std))
+            return
         features = features if rows is None else features[rows]
-        return self._logits((features - self.mean) / self.std)
+        yield self._logits((features - self.mean) / self.std)
+
+    def metrics(self, features: Tensor, labels: Tensor, num_classes: int, rows: Optional[Tensor] = None) -> dict:
+        """classification_metrics of features[rows] (all when None) against labels (N,), tallied chunk by chunk:
+        a mapped test set's N × K logits are never held at once."""
+        labels = labels if rows is None else labels[rows]
+        tally, start = ClassificationTally(num_classes), 0
+        for logits in self.logit_chunks(features, rows):
+            tally.add(logits, labels[start:start + logits.shape[0]])
+            start += logits.shape[0]
+        return tally.result()
 
     def _logits(self, standardised: Tensor) -> Tensor:
         """standardised features (N, F) -> logits (N, K)."""
@@ -189,7 +204,7 @@ def select_hyperparameters(features: Tensor, labels: Tensor, num_classes: int, e
     models = fit_linear_grid(features, labels, num_classes, configs, epochs, seed=seed, rows=train_index)
     best = None
     for (lr, wd), model in zip(configs, models):
-        accuracy = (model.logits(features, val_index).argmax(1) == labels[val_index]).float().mean().item()
+        accuracy = model.metrics(features, labels, num_classes, val_index)["top1"]
         if best is None or accuracy > best["val_top1"]:
             best = {"lr": lr, "weight_decay": wd, "val_top1": accuracy}
     return best
@@ -219,7 +234,7 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
         config = [(chosen["lr"], chosen["weight_decay"])]
         model = fit_linear_grid(augmented(0, index), train_labels, num_classes, config, epochs, seed=seed,
                                 reextract=lambda epoch: augmented(epoch, index))[0]
-    result = classification_metrics(model.logits(test_features), test_labels, num_classes)
+    result = model.metrics(test_features, test_labels, num_classes)
     result.update({"chosen_lr": chosen["lr"], "chosen_weight_decay": chosen["weight_decay"],
                    "train_size": int(train_features.shape[0])})
     if "val_top1" in chosen:

@@ -22,7 +22,7 @@ from .adaptation import ADAPT_METHODS, TrainRecipe, adapt_batchnorm, fixmatch_ad
 from .corruptions import SEVERITIES, corrupt
 from .features import FeatureExtractor
 from .linear_probe import linear_probe
-from ..common.metrics import classification_metrics, predict
+from ..common.metrics import predict
 
 
 def scalars(metrics: dict) -> dict:
@@ -63,7 +63,7 @@ def transfer_eval(extractor: FeatureExtractor, source: str, targets: Sequence[st
               "source": {"spec": source, **scalars(fitted)}, "targets": {}}
 
     def score(features: Tensor, labels: Tensor) -> dict:
-        metrics = scalars(classification_metrics(model.logits(features), labels, len(classes)))
+        metrics = scalars(model.metrics(features, labels, len(classes)))
         metrics["gap"] = result["source"]["top1"] - metrics["top1"]
         return metrics
 
@@ -106,7 +106,7 @@ def _adabn_top1(extractor: FeatureExtractor, target: str, model, num_classes: in
     splits = extractor.dataset_splits(target)
     adapted = adapt_batchnorm(extractor.backbone, splits["train"].images, extractor.normalize, extractor.device)
     features = predict(adapted, splits["test"].images, extractor.normalize, extractor.device)
-    return classification_metrics(model.logits(features), splits["test"].labels, num_classes)["top1"]
+    return model.metrics(features, splits["test"].labels, num_classes)["top1"]
 
 
 def lodo_rows(lodo: dict) -> list[tuple[str, dict]]:
