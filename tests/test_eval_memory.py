@@ -149,6 +149,22 @@ def test_knn_scores_tallied_in_chunks_equal_one_block(monkeypatch):
     assert knn_classify(x, y, xt, yt, 5, k=7) == reference
 
 
+def test_pooling_mapped_domains_writes_a_mapped_cache_and_leaves_no_file(tmp_path, monkeypatch):
+    """Leave-one-domain-out pools the other domains' features: mapped parts -> a mapped float16 cache whose rows
+    are the parts' rows in order (the file already unlinked); in-memory parts -> torch.cat, as before."""
+    from ssl_kit.eval.mapped import concat_features
+
+    monkeypatch.setenv(CHUNK_ROWS_ENV, "7")
+    a, b = class_sorted_set(n_per_class=11, dim=6)[0], class_sorted_set(n_per_class=5, dim=6, seed=3)[0]
+    pooled = concat_features([cached(tmp_path / "a.npy", a), b], tmp_path / "pool")
+    assert is_mapped(pooled) and pooled.dtype == torch.float16 and pooled.shape == (80, 6)
+    assert torch.equal(pooled.float(), torch.cat([a, b.half().float()]))
+    assert list((tmp_path / "pool").iterdir()) == []
+    assert torch.equal(concat_features([a, b], tmp_path / "pool"), torch.cat([a, b]))
+    with pytest.raises(DataError, match=r"different widths \[3, 6\]"):
+        concat_features([cached(tmp_path / "c.npy", a[:, :3]), b], tmp_path / "pool")
+
+
 # ------------------------------------------------------------------------------------------ measured memory
 ROWS, DIM, TEST_ROWS = 200_000, 256, 10_000
 FLOAT32_MB = ROWS * DIM * 4 / 2 ** 20  # 195 MiB: what the in-memory path holds at least once, before any copy

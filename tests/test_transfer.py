@@ -66,6 +66,27 @@ def test_leave_one_domain_out_bookkeeping():
         leave_one_domain_out(FakeExtractor(domains), ["d0", "d1"])
 
 
+def test_leave_one_domain_out_on_mapped_domains_equals_in_memory(tmp_path, monkeypatch):
+    """Streamed domains arrive as memory-mapped float16 caches: the pooled training set is written to the cache
+    folder and read mapped (nothing left behind), with the same table as the same features in memory."""
+    import numpy as np
+
+    from ssl_kit.eval.mapped import open_mapped
+
+    monkeypatch.setenv("SSL_KIT_CACHE", str(tmp_path / "cache"))
+    memory, mapped = {}, {}
+    for name, (shift, seed, n) in {"d0": (0.0, 1, 10), "d1": (0.5, 2, 20), "d2": (1.0, 3, 30)}.items():
+        domain = _domain(shift, seed, n=n)
+        memory[name], mapped[name] = {}, {}
+        for split, (x, y, classes) in domain.items():
+            np.save(tmp_path / f"{name}-{split}.npy", x.numpy().astype(np.float16))
+            memory[name][split] = (x.half().float(), y, classes)
+            mapped[name][split] = (open_mapped(tmp_path / f"{name}-{split}.npy"), y, classes)
+    expected = leave_one_domain_out(FakeExtractor(memory), ["d0", "d1", "d2"], epochs=10)
+    assert leave_one_domain_out(FakeExtractor(mapped), ["d0", "d1", "d2"], epochs=10) == expected
+    assert [p.name for p in (tmp_path / "cache").rglob("*.npy")] == []
+
+
 def test_corruptions_are_deterministic_shaped_and_graded():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(40, 216, (6, 1, 16, 16), generator=g, dtype=torch.uint8)

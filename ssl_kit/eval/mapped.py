@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -135,3 +136,29 @@ def _moments(chunk: Tensor) -> tuple[int, Tensor, Tensor]:
     chunk = chunk.double()
     chunk_mean = chunk.mean(0)
     return chunk.shape[0], chunk_mean, chunk.sub_(chunk_mean).pow_(2).sum(0)  # in place: one float64 copy
+
+
+def concat_features(parts: list[Tensor], folder: str | Path) -> Tensor:
+    """Rows of `parts` (each (N_i, F)) one after the other -> (ΣN_i, F). In memory: torch.cat, as before. When any
+    part is a mapped cache: a new float16 cache written chunk by chunk to an unnamed file in `folder` and opened
+    mapped (the file is unlinked at once and its space freed with the last reference), so pooling large streamed
+    domains holds no more than a chunk."""
+    if not any(is_mapped(part) for part in parts):
+        return torch.cat(parts)
+    dims = {int(part.shape[1]) for part in parts}
+    if len(dims) != 1:
+        raise DataError(f"cannot pool features of different widths {sorted(dims)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(suffix=".pooled.f16.npy", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+                      "shape": (sum(int(part.shape[0]) for part in parts), dims.pop())}
+            np.lib.format.write_array_header_2_0(out, header)
+            for part in parts:
+                for chunk in row_chunks(part):
+                    out.write(chunk.numpy().astype(np.float16).tobytes())
+        return open_mapped(name)
+    finally:
+        os.unlink(name)

@@ -20,8 +20,9 @@ from ..data.imageset import ImageSet
 from ..errors import DataError
 from .adaptation import ADAPT_METHODS, TrainRecipe, adapt_batchnorm, fixmatch_adaptation
 from .corruptions import SEVERITIES, corrupt
-from .features import FeatureExtractor
+from .features import FeatureExtractor, feature_cache_dir
 from .linear_probe import linear_probe
+from .mapped import concat_features
 from ..common.metrics import predict
 
 
@@ -128,7 +129,8 @@ def leave_one_domain_out(extractor: FeatureExtractor, domains: Sequence[str], ep
     table = {}
     for held in domains:
         others = [features[d]["train"] for d in domains if d != held]
-        pooled = (torch.cat([o[0] for o in others]), torch.cat([o[1] for o in others]), reference)
+        pooled = (concat_features([o[0] for o in others], feature_cache_dir()), torch.cat([o[1] for o in others]),
+                  reference)  # streamed domains: pooled on disk, never in memory
         fitted = scalars(_probe(pooled, features[held]["test"], epochs, seed, sweep))
         oracle = _probe(features[held]["train"], features[held]["test"], epochs, seed, sweep)["top1"]
         table[held] = {"top1": fitted["top1"], "balanced_accuracy": fitted["balanced_accuracy"],
