@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from ssl_kit.cli import main
-from ssl_kit.data.sources import apply_labels_csv, build_index, choose_storage
+from ssl_kit.data.sources import apply_labels_csv, build_index, choose_storage, join_indexes
 from ssl_kit.errors import DataError
 
 
@@ -109,6 +109,36 @@ def test_webdataset_shards_with_and_without_cls(tmp_path):
     assert len(build_index("webdataset", str(tmp_path / "s-*.tar"))) == 4
     with pytest.raises(DataError, match="shard files missing"):
         build_index("webdataset", str(tmp_path / "s-{000..002}.tar"))
+
+
+def test_join_indexes_of_folders_shards_and_unlabeled_trees(tmp_path):
+    """Another domain appended to a source: positions continue, files under another root read by absolute path,
+    shards listed one after the other, labels kept, 'train' extended; mixed kinds and other classes refused."""
+    first = build_index("imagefolder", str(folder(tmp_path / "a", per_class=2, split="train")))
+    folder(tmp_path / "a", classes=("cat",), per_class=1, split="test")
+    first = build_index("imagefolder", str(tmp_path / "a"))
+    second = build_index("imagefolder", str(folder(tmp_path / "b", per_class=3)))
+    joined = join_indexes(first, second)
+    assert len(joined) == 5 + 6 and joined.classes == ["cat", "dog"]
+    assert joined.labels.tolist() == first.labels.tolist() + second.labels.tolist()
+    assert joined.split("train").tolist() == [0, 1, 2, 3] + list(range(5, 11))
+    assert joined.split("test").tolist() == first.split("test").tolist()
+    assert all(joined.read(i) == first.read(i) and joined.path(i) == first.path(i) for i in range(5))
+    assert all(joined.read(5 + i) == second.read(i) and joined.path(5 + i) == second.path(i) for i in range(6))
+    for i in range(6):
+        jpeg(tmp_path / "u" / f"{i}.jpg", seed=10 + i)
+    unlabeled = join_indexes(first, build_index("images", str(tmp_path / "u")))
+    assert unlabeled.labels[5:].tolist() == [-1] * 6 and unlabeled.read(5) == (tmp_path / "u/0.jpg").read_bytes()
+    with pytest.raises(DataError, match=r"classes \['bird'\].*same classes"):
+        join_indexes(first, build_index("imagefolder", str(folder(tmp_path / "c", classes=("bird",)))))
+    write_shard(tmp_path / "s-000.tar", [("k0.jpg", jpeg_bytes(seed=0)), ("k0.cls", b"1")])
+    write_shard(tmp_path / "t-000.tar", [("m0.jpg", jpeg_bytes(seed=5)), ("m1.jpg", jpeg_bytes(seed=6))])
+    shards = join_indexes(build_index("webdataset", str(tmp_path / "s-000.tar")),
+                          build_index("webdataset", str(tmp_path / "t-000.tar")))
+    assert len(shards) == 3 and shards.read(2) == jpeg_bytes(seed=6) and shards.name(1) == "t-000.tar/m0.jpg"
+    assert shards.labels.tolist() == [1, -1, -1]  # labels of the first, the other unlabeled
+    with pytest.raises(DataError, match="one is tar shards, the other files"):
+        join_indexes(first, build_index("webdataset", str(tmp_path / "t-000.tar")))
 
 
 def test_index_cache_hit_and_miss(tmp_path, monkeypatch):

@@ -108,6 +108,29 @@ def test_labels_csv_labeled_subset_plus_unlabeled_rest(tmp_path):
     assert f",labels={csv}" in data.info.dataset
 
 
+def test_streamed_set_with_a_streamed_unlabeled_domain(tmp_path):
+    """data.unlabeled_dataset on a streamed labeled set: the other domain's images are appended to the file index
+    as the unlabeled pool (its labels kept only for pseudo-label accuracy); nothing is decoded up front."""
+    root = class_folder(tmp_path / "src", per_class=10)
+    class_folder(tmp_path / "tgt", per_class=7)
+    cfg = data_cfg(root, storage="stream", unlabeled_dataset=f"imagefolder:{tmp_path / 'tgt'}")
+    data = prepare_data(cfg, 0, use_unlabeled=True)
+    assert isinstance(data.train, FileSet) and len(data.train) == 16 + 14
+    assert data.unlabeled.tolist() == list(range(16, 30)) and len(data.labeled) == 16
+    index = data.train.index
+    assert all(index.path(p).startswith(str(tmp_path / "tgt")) for p in data.train.positions[16:])
+    assert data.train.labels[16:].tolist() == [0] * 7 + [1] * 7  # green, red: the target's own labels
+    assert len(data.test) == 4  # the source's holdout, untouched
+    unlabeled_tree_with_csv(tmp_path / "pool", count=9)
+    pool = prepare_data(data_cfg(root, storage="stream", unlabeled_dataset=f"images:{tmp_path / 'pool'}"), 0, True)
+    assert len(pool.unlabeled) == 9 and bool((pool.train.labels[16:] == -1).all())
+    with pytest.raises(DataError, match="a streamed labeled set takes a streamed unlabeled set"):
+        prepare_data(data_cfg(root, storage="stream", unlabeled_dataset="digits"), 0, True)
+    class_folder(tmp_path / "other", per_class=2, classes=("cyan", "pink"))
+    with pytest.raises(DataError, match="unlabeled_dataset.*same classes"):
+        prepare_data(data_cfg(root, storage="stream", unlabeled_dataset=f"imagefolder:{tmp_path / 'other'}"), 0, True)
+
+
 def test_labels_csv_on_a_builtin_set_is_refused():
     with pytest.raises(DataError, match="data.labels 'x.csv'.*'digits' has its own labels"):
         prepare_data(DataConfig(dataset="digits", labels="x.csv"), 0, False)
@@ -185,6 +208,20 @@ def test_bad_file_is_substituted_counted_and_listed(tmp_path):
     assert counts == sorted(counts) and counts[-1] == 1
     assert (run_dir / "bad_images.txt").read_text().startswith(f"{broken}\t")
     assert sum(str(broken) in str(w.message) for w in caught) == 1  # one warning per file
+
+
+def test_fixmatch_adapts_to_a_streamed_unlabeled_domain(tmp_path):
+    """A FixMatch stage on a streamed source with another folder as data.unlabeled_dataset trains from both and
+    measures pseudo-label accuracy on the other domain's (hidden) labels."""
+    root = class_folder(tmp_path / "src", per_class=12)
+    class_folder(tmp_path / "tgt", per_class=12)
+    run_dir, summary = _folder_run(tmp_path, root, "fixmatch", mu=2,
+                                   data={"unlabeled_dataset": f"imagefolder:{tmp_path / 'tgt'}"})
+    assert "s/test/top1" in summary
+    split = json.loads((run_dir / "splits" / "s.json").read_text())
+    assert len(split["unlabeled"]) == 24 and min(split["unlabeled"]) == 20  # after the 20 source training images
+    quality = summary["s/sweep/quality@0.5"]  # pseudo-label accuracy, scored on the target's hidden labels
+    assert 0.0 <= quality <= 1.0
 
 
 def test_too_many_bad_files_stop_the_run_naming_them(tmp_path):

@@ -14,7 +14,7 @@ from .builtin import stratified_holdout
 from .fileset import FileSet, Images, image_batches
 from .imageset import ImageSet
 from .inspect import load_in_memory
-from .sources import STREAMED_SOURCES, FileIndex, apply_labels_csv, build_index, choose_storage
+from .sources import STREAMED_SOURCES, FileIndex, apply_labels_csv, build_index, choose_storage, join_indexes
 from .specs import DatasetSpec, load_splits, parse_spec
 from .splits import labeled_indices, unlabeled_indices
 
@@ -95,6 +95,24 @@ def _append_unlabeled_domain(train: ImageSet, spec: str, image_size: int) -> tup
         raise DataError(f"data.unlabeled_dataset {spec!r} has classes {other['train'].classes[:10]}, the labeled "
                         f"dataset {train.name!r} has {train.classes[:10]}: adaptation needs the same classes")
     return _append(train, other["train"])
+
+
+def _append_streamed_domain(train: FileSet, cfg: DataConfig) -> tuple[FileSet, torch.Tensor]:
+    """A streamed training set + the training images of data.unlabeled_dataset (a streamed source) as the unlabeled
+    pool, joined into one file index (join_indexes) -> (joined FileSet, its rows of the appended images)."""
+    spec = parse_spec(cfg.unlabeled_dataset)
+    if not is_streamed_source(spec):
+        raise DataError(f"data.unlabeled_dataset {cfg.unlabeled_dataset!r}: a streamed labeled set takes a streamed "
+                        f"unlabeled set (imagefolder:, images:, filelist:, webdataset:); or set data.storage=memory")
+    other = open_index(spec, workers=max(2, cfg.workers))
+    try:
+        joined = join_indexes(train.index, other)
+    except DataError as exc:
+        raise DataError(f"data.unlabeled_dataset {cfg.unlabeled_dataset!r}: {exc}") from None
+    appended = other.split("train") + len(train.index)
+    positions = np.concatenate([train.positions, appended])
+    rows = torch.arange(len(train), len(positions))
+    return FileSet(joined, positions, train.name, train.channels), rows
 
 
 def is_streamed_source(spec: str | DatasetSpec) -> bool:
@@ -207,9 +225,9 @@ def prepare_data(cfg: DataConfig, seed: int, use_unlabeled: bool, label_free: bo
     unlabeled = None
     if use_unlabeled and cfg.unlabeled_dataset:
         if isinstance(train, FileSet):
-            raise DataError(f"data.unlabeled_dataset {cfg.unlabeled_dataset!r} needs the labeled set in memory; "
-                            f"set data.storage=memory or put the unlabeled images in the streamed source itself")
-        train, unlabeled = _append_unlabeled_domain(train, cfg.unlabeled_dataset, cfg.image_size)
+            train, unlabeled = _append_streamed_domain(train, cfg)
+        else:
+            train, unlabeled = _append_unlabeled_domain(train, cfg.unlabeled_dataset, cfg.image_size)
     elif use_unlabeled:
         unlabeled = unlabeled_indices(len(train), labeled, cfg.include_labeled_in_unlabeled)
         if extra_unlabeled is not None:  # e.g. STL-10's 100k unlabeled images

@@ -122,6 +122,41 @@ class FileIndex:
                          self.splits, self.shards, self.shard, self.offset, self.length, self.skipped)
 
 
+def _names_blob(index: FileIndex, absolute: bool) -> tuple[np.ndarray, np.ndarray]:
+    """index's name blob and offsets; with `absolute`, file names rebuilt as absolute paths (root joined)."""
+    if not absolute:
+        return index.blob, index.offsets
+    return _pack([os.path.join(index.root, index.name(i)) for i in range(len(index))])
+
+
+def join_indexes(first: FileIndex, second: FileIndex) -> FileIndex:
+    """first's images, then second's (positions len(first) + i), as one index: another domain's images appended as
+    an unlabeled pool. Labels: first's; second's must use the same class names (they are kept for measuring
+    pseudo-label accuracy) or be unlabeled. Splits: first's, with second's 'train' split added to 'train'. Files
+    under different roots get absolute names; tar shards are listed one after the other. Files and shards cannot
+    be joined."""
+    if bool(first.shards) != bool(second.shards):
+        raise DataError(f"cannot join {first.source} and {second.source}: one is tar shards, the other files")
+    if second.classes and second.classes != first.classes:
+        raise DataError(f"{second.source} has classes {second.classes[:10]}, {first.source} has "
+                        f"{first.classes[:10]}: an appended domain needs the same classes (or none)")
+    absolute = not first.shards and first.root != second.root
+    blobs = [_names_blob(first, absolute), _names_blob(second, absolute)]
+    blob = np.concatenate([blobs[0][0], blobs[1][0]])
+    offsets = np.concatenate([blobs[0][1], blobs[1][1][1:] + len(blobs[0][0])])
+    splits = dict(first.splits)
+    splits["train"] = np.concatenate([first.split("train"), second.split("train") + len(first)])
+    tar = {}
+    if first.shards:
+        tar = dict(shards=first.shards + second.shards,
+                   shard=np.concatenate([first.shard, second.shard + len(first.shards)]),
+                   offset=np.concatenate([first.offset, second.offset]),
+                   length=np.concatenate([first.length, second.length]))
+    return FileIndex(f"{first.source}+{second.source}", "" if absolute else first.root, blob, offsets,
+                     np.concatenate([first.labels, second.labels]), list(first.classes), splits,
+                     skipped=first.skipped + second.skipped, **tar)
+
+
 # ------------------------------------------------------------------------------------------- scanning
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
