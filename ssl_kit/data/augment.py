@@ -197,7 +197,7 @@ def random_grayscale(x: Tensor, prob: float) -> Tensor:
     return apply_grayscale(x, draw_rows(x.shape[0], x.shape[1], prob, x.device))
 
 
-def _gaussian_taps(kernel: int, sigmas: Tensor, dtype) -> Tensor:
+def gaussian_taps(kernel: int, sigmas: Tensor, dtype) -> Tensor:
     """Normalised 1-D Gaussian weights (N, kernel) centred on the middle tap, one row per sigma (N,)."""
     taps = torch.arange(kernel, device=sigmas.device, dtype=dtype) - kernel // 2
     weights = torch.exp(-taps.square() / (2 * sigmas.to(dtype).view(-1, 1).square()))
@@ -211,7 +211,7 @@ def gaussian_blur(x: Tensor, kernel: int, sigmas: Tensor, grouped_conv: Optional
     grouped_conv: force one or the other (None: by device)."""
     n, c, h, w = x.shape
     radius = kernel // 2
-    weights = _gaussian_taps(kernel, sigmas, x.dtype)  # (N, kernel)
+    weights = gaussian_taps(kernel, sigmas, x.dtype)  # (N, kernel)
     padded = F.pad(x, (radius, radius, radius, radius), mode="reflect")
     if x.device.type != "cpu" if grouped_conv is None else grouped_conv:
         per_channel = weights.repeat_interleave(c, 0)  # (N·C, kernel)
@@ -345,9 +345,9 @@ class ContrastiveView(torch.nn.Module):
     def photometric_uint8(self, x: Tensor, backend: str = "auto") -> Tensor:
         """What a streaming worker hands over when it runs the photometric part (`data.photometric: workers`):
         uint8 (N, C, S, S) crops -> uint8 (N, C, S, S), rounded once to the nearest level. backend `opencv`: the
-        same ops with the same random numbers, image by image with OpenCV's float32 kernels (4-6× less CPU than
-        the batched torch ops; equal before rounding within 1e-5); `torch`: the batched ops; `auto`: OpenCV for CPU
-        tensors."""
+        same ops with the same random numbers, image by image with OpenCV's float32 kernels (6-7× less CPU than
+        the batched torch ops; equal before rounding within 1e-4); `torch`: the batched ops; `auto`: OpenCV for CPU
+        tensors. (photometric_cv builds on this module, hence the import inside.)"""
         if backend == "opencv" or (backend == "auto" and x.device.type == "cpu"):
             from .photometric_cv import photometric_uint8_cv
             return photometric_uint8_cv(x, self.draw_photometric(x.shape[0], x.shape[1], x.shape[-1]))

@@ -3,7 +3,8 @@ DataLoader workers run when the training device is the CPU (`data.photometric: w
 
 The ops and their random numbers are those of `augment.py` (a `PhotometricDraw`); only the arithmetic differs:
 OpenCV's vectorised single-image kernels (HSV conversion, separable filter, luma) instead of torch's batched
-elementwise passes — equal before rounding within 1e-5, 4-6× less CPU at 224 px (benchmarks/photometric_cost.py).
+elementwise passes — equal before rounding within 1e-4 (the blur cuts its taps at ±⌈4σ⌉), 6-7× less CPU at 224 px
+(benchmarks/photometric_cost.py).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .augment import PhotometricDraw, _gaussian_taps
+from .augment import PhotometricDraw, gaussian_taps
 
 cv2.setNumThreads(1)  # workers are the parallelism; OpenCV's own threads would oversubscribe the cores
 
@@ -66,7 +67,7 @@ def _blur_taps(draw: PhotometricDraw) -> list[np.ndarray] | None:
     equal to the full kernel of augment.gaussian_blur within 1e-4, far below a uint8 level."""
     if draw.blur is None:
         return None
-    full = _gaussian_taps(draw.blur.kernel, draw.blur.sigma.double(), torch.float64)  # (N, kernel)
+    full = gaussian_taps(draw.blur.kernel, draw.blur.sigma.double(), torch.float64)  # (N, kernel)
     radius = draw.blur.kernel // 2
     taps = []
     for weights, sigma in zip(full, draw.blur.sigma.tolist()):
