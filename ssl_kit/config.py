@@ -41,7 +41,8 @@ class DataConfig(Strict):
     test: Optional[str] = Field(None, description="spec of the test set; default: the dataset's own test split")
     unlabeled_dataset: Optional[str] = Field(
         None, description="spec whose training images (labels hidden) are the unlabeled pool instead of this "
-                          "dataset's own images: domain adaptation, e.g. labeled digits + unlabeled digits-rotated:45")
+                          "dataset's own images: domain adaptation, e.g. labeled digits + unlabeled digits-rotated:45; "
+                          "it has this dataset's classes or none (images:ROOT)")
     image_size: int = Field(32, ge=4, le=1024)
     channels: Optional[Literal[1, 3]] = Field(None, description="convert images to this many channels")
     labels_per_class: Optional[int] = Field(None, ge=1, description="None: every training image is labeled")

@@ -162,6 +162,11 @@ def test_unlabeled_dataset_is_the_other_domains_training_images(tmp_path):
             Image.new("L", (10, 10), color=40 * i).save(tmp_path / name / f"{i}.png")
     with pytest.raises(DataError, match="same classes"):
         prepare_data(DataConfig(dataset="digits", image_size=8, unlabeled_dataset=f"imagefolder:{tmp_path}"), 0, True)
+    pool = prepare_data(DataConfig(dataset="digits", image_size=8, labels_per_class=2,
+                                   unlabeled_dataset=f"images:{tmp_path}"), 0, True)  # no classes: a plain pool
+    pool_train = len(load_splits(f"images:{tmp_path}")["train"])  # its training split, as for any other domain
+    assert pool.unlabeled.tolist() == list(range(source_train, source_train + pool_train)) and pool_train >= 5
+    assert bool((pool.train.labels[pool.unlabeled] == -1).all()) and pool.train.classes == data.train.classes
 
 
 def test_torchvision_backbone_with_local_weights(tmp_path):

@@ -89,9 +89,10 @@ def _append(train: ImageSet, extra: ImageSet) -> tuple[ImageSet, torch.Tensor]:
 
 def _append_unlabeled_domain(train: ImageSet, spec: str, image_size: int) -> tuple[ImageSet, torch.Tensor]:
     """Another domain's training images as the unlabeled pool (domain adaptation). Its labels stay hidden from
-    training and serve only to measure pseudo-label accuracy, so its classes must be the labeled set's."""
+    training and serve only to measure pseudo-label accuracy, so its classes must be the labeled set's, or it has
+    none (an unlabeled `images:` tree or file list)."""
     other = load_converted(spec, image_size, train.channels)
-    if other["train"].classes != train.classes:
+    if other["train"].classes and other["train"].classes != train.classes:
         raise DataError(f"data.unlabeled_dataset {spec!r} has classes {other['train'].classes[:10]}, the labeled "
                         f"dataset {train.name!r} has {train.classes[:10]}: adaptation needs the same classes")
     return _append(train, other["train"])
