@@ -140,6 +140,12 @@ class ScheduleConfig(Strict):
     plateau_metric: str = "train/loss"
 
 
+def _channels_last_field():
+    """train.channels_last of training and evaluation stages (one definition for both)."""
+    return Field(None, description="train convolutions in the channels-last (NHWC) memory layout; None: on when "
+                                   "training on the CPU (1.06-1.5× faster steps for our CNNs there), off on CUDA")
+
+
 class TrainConfig(Strict):
     epochs: Optional[float] = Field(10, gt=0)
     steps: Optional[int] = Field(None, ge=1, description="overrides epochs")
@@ -151,9 +157,7 @@ class TrainConfig(Strict):
     ema_decay: Optional[float] = Field(None, gt=0, lt=1)
     head_init: Literal["default", "trunc_normal", "kaiming", "xavier"] = "default"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    channels_last: Optional[bool] = Field(
-        None, description="train convolutions in the channels-last (NHWC) memory layout; None: on when training on "
-                          "the CPU (1.06-1.5× faster steps for our CNNs there), off on CUDA")
+    channels_last: Optional[bool] = _channels_last_field()
     log_every: int = Field(10, ge=1)
     eval_every_epochs: int = Field(1, ge=0, description="0: only at the end")
     checkpoint_every_steps: int = Field(200, ge=1)
@@ -216,9 +220,7 @@ class EvalStageBase(Strict):
     data: Optional[str] = Field(None, description="dataset spec; default: the source stage's dataset")
     image_size: Optional[int] = Field(None, ge=4, le=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    channels_last: Optional[bool] = Field(
-        None, description="train convolutions in the channels-last (NHWC) memory layout; None: on when training on "
-                          "the CPU (1.06-1.5× faster steps for our CNNs there), off on CUDA")
+    channels_last: Optional[bool] = _channels_last_field()
 
     def stage_references(self) -> dict[str, Optional[str]]:
         return {"backbone": self.from_stage}

@@ -26,11 +26,6 @@ def _uniform(n: int, low: float, high: float, device) -> Tensor:
     return torch.rand(n, device=device) * (high - low) + low
 
 
-def _per_sample(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
-    """Pick `new` where mask (N,) is true, else `old`."""
-    return torch.where(mask.view(-1, 1, 1, 1), new, old)
-
-
 def _warp(x: Tensor, matrix: Tensor, padding: str, out_size: int | None = None) -> Tensor:
     """Sample x (N, C, H, W) through per-sample affine maps matrix (N, 2, 3) in normalised coordinates.
     -> (N, C, out_size, out_size), or x's size when out_size is None."""

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -14,7 +15,8 @@ from .builtin import stratified_holdout
 from .fileset import FileSet, Images, image_batches
 from .imageset import ImageSet
 from .inspect import load_in_memory
-from .sources import STREAMED_SOURCES, FileIndex, apply_labels_csv, build_index, choose_storage, join_indexes
+from .sources import (STREAMED_SOURCES, FileIndex, apply_labels_csv, build_index, check_appended_classes,
+                      choose_storage, join_indexes)
 from .specs import DatasetSpec, load_splits, parse_spec
 from .splits import labeled_indices, unlabeled_indices
 
@@ -87,15 +89,23 @@ def _append(train: ImageSet, extra: ImageSet) -> tuple[ImageSet, torch.Tensor]:
     return joined, torch.arange(offset, len(joined))
 
 
+@contextmanager
+def _naming_unlabeled_dataset(spec: str) -> Iterator[None]:
+    """A DataError raised inside starts with the key and value it is about: data.unlabeled_dataset 'SPEC': ..."""
+    try:
+        yield
+    except DataError as exc:
+        raise DataError(f"data.unlabeled_dataset {spec!r}: {exc}") from None
+
+
 def _append_unlabeled_domain(train: ImageSet, spec: str, image_size: int) -> tuple[ImageSet, torch.Tensor]:
     """Another domain's training images as the unlabeled pool (domain adaptation). Its labels stay hidden from
     training and serve only to measure pseudo-label accuracy, so its classes must be the labeled set's, or it has
     none (an unlabeled `images:` tree or file list)."""
-    other = load_converted(spec, image_size, train.channels)
-    if other["train"].classes and other["train"].classes != train.classes:
-        raise DataError(f"data.unlabeled_dataset {spec!r} has classes {other['train'].classes[:10]}, the labeled "
-                        f"dataset {train.name!r} has {train.classes[:10]}: adaptation needs the same classes")
-    return _append(train, other["train"])
+    other = load_converted(spec, image_size, train.channels)["train"]
+    with _naming_unlabeled_dataset(spec):
+        check_appended_classes(other.name or spec, other.classes, train.name or "the labeled dataset", train.classes)
+    return _append(train, other)
 
 
 def _append_streamed_domain(train: FileSet, cfg: DataConfig) -> tuple[FileSet, torch.Tensor]:
@@ -106,10 +116,8 @@ def _append_streamed_domain(train: FileSet, cfg: DataConfig) -> tuple[FileSet, t
         raise DataError(f"data.unlabeled_dataset {cfg.unlabeled_dataset!r}: a streamed labeled set takes a streamed "
                         f"unlabeled set (imagefolder:, images:, filelist:, webdataset:); or set data.storage=memory")
     other = open_index(spec, workers=max(2, cfg.workers))
-    try:
+    with _naming_unlabeled_dataset(cfg.unlabeled_dataset):
         joined = join_indexes(train.index, other)
-    except DataError as exc:
-        raise DataError(f"data.unlabeled_dataset {cfg.unlabeled_dataset!r}: {exc}") from None
     appended = other.split("train") + len(train.index)
     positions = np.concatenate([train.positions, appended])
     rows = torch.arange(len(train), len(positions))

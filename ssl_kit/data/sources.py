@@ -129,6 +129,14 @@ def _names_blob(index: FileIndex, absolute: bool) -> tuple[np.ndarray, np.ndarra
     return _pack([os.path.join(index.root, index.name(i)) for i in range(len(index))])
 
 
+def check_appended_classes(name: str, classes: list[str], onto: str, onto_classes: list[str]) -> None:
+    """Images of `name` appended to `onto` as an unlabeled pool keep their labels only to score pseudo-labels, so
+    their classes must be onto's, or they have none (an unlabeled tree or list)."""
+    if classes and classes != onto_classes:
+        raise DataError(f"{name} has classes {classes[:10]}, {onto} has {onto_classes[:10]}: an appended domain "
+                        f"needs the same classes (or none)")
+
+
 def join_indexes(first: FileIndex, second: FileIndex) -> FileIndex:
     """first's images, then second's (positions len(first) + i), as one index: another domain's images appended as
     an unlabeled pool. Labels: first's; second's must use the same class names (they are kept for measuring
@@ -137,13 +145,12 @@ def join_indexes(first: FileIndex, second: FileIndex) -> FileIndex:
     be joined."""
     if bool(first.shards) != bool(second.shards):
         raise DataError(f"cannot join {first.source} and {second.source}: one is tar shards, the other files")
-    if second.classes and second.classes != first.classes:
-        raise DataError(f"{second.source} has classes {second.classes[:10]}, {first.source} has "
-                        f"{first.classes[:10]}: an appended domain needs the same classes (or none)")
+    check_appended_classes(second.source, second.classes, first.source, first.classes)
     absolute = not first.shards and first.root != second.root
-    blobs = [_names_blob(first, absolute), _names_blob(second, absolute)]
-    blob = np.concatenate([blobs[0][0], blobs[1][0]])
-    offsets = np.concatenate([blobs[0][1], blobs[1][1][1:] + len(blobs[0][0])])
+    (first_blob, first_offsets), (second_blob, second_offsets) = (_names_blob(first, absolute),
+                                                                  _names_blob(second, absolute))
+    blob = np.concatenate([first_blob, second_blob])
+    offsets = np.concatenate([first_offsets, second_offsets[1:] + len(first_blob)])
     splits = dict(first.splits)
     splits["train"] = np.concatenate([first.split("train"), second.split("train") + len(first)])
     tar = {}

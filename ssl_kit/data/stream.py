@@ -214,14 +214,19 @@ class BadImageLog:
         for files in per_rank:
             self.all_files.update(files)
 
+    def _known(self) -> dict[str, str]:
+        """Bad files met by any rank as of the last merge, and by this rank since (this rank's alone in a single
+        process): path -> reason."""
+        return {**self.all_files, **self.files}
+
     @property
     def total_count(self) -> int:
-        """Distinct bad files met by any rank as of the last merge (this rank's alone in a single process)."""
-        return len({**self.all_files, **self.files})
+        """How many distinct bad files `_known` holds."""
+        return len(self._known())
 
     def lines(self) -> list[str]:
-        """'path<TAB>reason' per bad file met by any rank as of the last merge, for bad_images.txt."""
-        return [f"{name}\t{reason}" for name, reason in {**self.all_files, **self.files}.items()]
+        """'path<TAB>reason' per `_known` bad file, for bad_images.txt."""
+        return [f"{name}\t{reason}" for name, reason in self._known().items()]
 
 
 class StreamLoader:
