@@ -11,6 +11,8 @@ import tarfile
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
 from .errors import ConfigError
 
 RUN_FILES = ("config.yaml", "env.json", "metrics.jsonl", "summary.json", "report.md")
@@ -30,8 +32,6 @@ def find_run_dir(checkpoint: str | Path) -> Optional[Path]:
 
 def run_context(run_dir: Path) -> dict:
     """Recipe name, stage methods, dataset and final metrics of a run, for the model card."""
-    import yaml
-
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     summary = json.loads((run_dir / "summary.json").read_text())
     stages = config.get("stages", [])

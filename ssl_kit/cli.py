@@ -13,7 +13,26 @@ import tempfile
 import traceback
 from pathlib import Path
 
+import yaml
+
+from .bundle import compare_runs, extract_bundle, find_run_dir, run_context, write_bundle
+from .config import EVAL_STAGES, load_recipe, validate_recipe
+from .data.inspect import summarize
+from .data.sources import STREAMED_SOURCES, apply_labels_csv, build_index
+from .data.specs import load_splits, parse_spec
+from .data.stream import check_index
+from .engine.checkpoint import resolve_checkpoint
 from .errors import SslKitError, TrainingInterrupted, UsageError
+from .eval.corruptions import parse_corruptions
+from .eval.features import FeatureExtractor
+from .eval.model_info import model_info
+from .eval.report import format_headline, headline_rows
+from .eval.stages import knn_dataset, probe_dataset
+from .eval.transfer import leave_one_domain_out, lodo_rows, transfer_eval
+from .methods import build_method, method_options, registered_methods
+from .models.export import write_export
+from .models.external import is_torchvision_reference
+from .runner import finite_or_none, run_recipe
 
 RECIPE_DIRS = (Path(__file__).resolve().parents[1] / "recipes", Path.cwd() / "recipes")
 CHECKPOINT_HELP = ("backbone.pt, run directory, training checkpoint, torchvision:NAME / timm:NAME (with --weights), "
@@ -24,8 +43,6 @@ ARCH_HELP = ("architecture of a file that does not record it: timm:NAME | torchv
 
 
 def _emit(result: dict, as_json: bool) -> None:
-    from .runner import finite_or_none
-
     result = finite_or_none(result)
     if as_json:
         print(json.dumps(result, default=float, allow_nan=False))
@@ -58,11 +75,6 @@ def bundled_recipes() -> list[Path]:
 
 
 def cmd_run(args) -> int:
-    from .config import load_recipe
-    from .runner import run_recipe
-
-    from .eval.report import format_headline, headline_rows
-
     if args.from_bundle:
         return cmd_run_from_bundle(args)
     if args.recipe is None:
@@ -91,10 +103,6 @@ def cmd_run(args) -> int:
 
 def cmd_run_from_bundle(args) -> int:
     """Re-run a reproduction bundle's config and compare the summary and splits with the bundled ones."""
-    from .bundle import compare_runs, extract_bundle
-    from .config import load_recipe
-    from .runner import run_recipe
-
     if args.recipe is not None or args.resume:
         raise SslKitError("--from-bundle takes no RECIPE and no --resume (the bundle holds the resolved config)")
     bundled = extract_bundle(args.from_bundle, Path(tempfile.mkdtemp(prefix="ssl-kit-bundle-")))
@@ -112,10 +120,6 @@ def cmd_run_from_bundle(args) -> int:
 
 def cmd_export(args) -> int:
     """The backbone in timm / torchvision / safetensors layout, verified; --bundle adds the reproduction archive."""
-    from .bundle import find_run_dir, run_context, write_bundle
-    from .engine.checkpoint import resolve_checkpoint
-    from .models.export import write_export
-
     record = resolve_checkpoint(args.checkpoint)
     run_dir = find_run_dir(args.checkpoint.rsplit("@", 1)[0])
     if args.bundle and run_dir is None:
@@ -149,8 +153,6 @@ def _scalars(result: dict) -> dict:
 
 
 def cmd_linear_probe(args) -> int:
-    from .eval.stages import probe_dataset
-
     extractor = _extractor(args)
     result = probe_dataset(extractor, args.data, args.epochs, args.labels_per_class, args.seed, sweep=not args.no_sweep,
                            augment=args.augment)
@@ -159,24 +161,16 @@ def cmd_linear_probe(args) -> int:
 
 
 def cmd_knn(args) -> int:
-    from .eval.stages import knn_dataset
-
     extractor = _extractor(args)
     _emit(_scalars(knn_dataset(extractor, args.data, args.k, args.temperature, args.ivf)), args.json)
     return 0
 
 
 def _extractor(args):
-    from .eval.features import FeatureExtractor
-
     return FeatureExtractor.from_checkpoint(args.checkpoint, args.device, args.weights, args.image_size)
 
 
 def cmd_transfer(args) -> int:
-    from .eval.corruptions import parse_corruptions
-    from .eval.transfer import leave_one_domain_out, lodo_rows, transfer_eval
-    from .runner import run_recipe
-
     if not (args.source or args.domains):
         raise SslKitError("transfer needs --source (with --target and/or --corruptions) or --domains "
                           "(leave-one-domain-out)")
@@ -208,10 +202,6 @@ def cmd_transfer(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from .config import validate_recipe
-    from .models.external import is_torchvision_reference
-    from .runner import run_recipe
-
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"finetune --out {args.out!r} is a file, not a directory")
     if is_torchvision_reference(args.checkpoint):
@@ -227,8 +217,6 @@ def cmd_finetune(args) -> int:
     if args.image_size:
         stage["data"]["image_size"] = args.image_size
     else:
-        from .engine.checkpoint import resolve_checkpoint
-
         stage["data"]["image_size"] = resolve_checkpoint(args.checkpoint, "--checkpoint")["data"]["image_size"]
     recipe = validate_recipe({"seed": args.seed, "name": "finetune", "stages": [stage]}, "finetune arguments")
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ssl-kit-finetune-"))
@@ -240,8 +228,6 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_recipes(args) -> int:
-    import yaml
-
     for path in bundled_recipes():
         try:
             raw = yaml.safe_load(path.read_text()) or {}
@@ -255,10 +241,10 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    """The registered training methods (one file each under ssl_kit/methods/) and the evaluation stages."""
-    from .config import EVAL_STAGES
-    from .methods import registered_methods
-
+    """The registered training methods (one file each under ssl_kit/methods/) and the evaluation stages; with a
+    name, that method's own keys and the optimizer/schedule settings it trains with when the recipe is silent."""
+    if args.name:
+        return _describe_method(args.name, args.json)
     rows = {name: _first_line(cls.__doc__ or cls.config_class.__doc__) for name, cls in registered_methods().items()}
     rows.update({name: _first_line(schema.__doc__) + " (evaluation)" for name, schema in EVAL_STAGES.items()})
     if args.json:
@@ -269,6 +255,25 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def _describe_method(name: str, as_json: bool) -> int:
+    """Print method `name`: summary, its own keys with defaults, and its recommended settings with their source."""
+    config = build_method(name).config_class
+    described = {"method": name, "summary": _first_line(build_method(name).__doc__ or config.__doc__),
+                 "options": method_options(name), "recommended": config.recommended,
+                 "recommended_source": config.recommended_source}
+    if as_json:
+        print(json.dumps(described, default=str))
+        return 0
+    print(f"{name}: {described['summary']}\n\noptions (stage keys; default, description):")
+    for row in described["options"]:
+        print(f"  {row['key']:26s} {row['default']!s:18s} {row['description']}")
+    print("\nrecommended (filled in wherever the recipe is silent; keys the recipe gives win):")
+    for section, keys in config.recommended.items():
+        print(f"  {section}: " + ", ".join(f"{key}={value}" for key, value in keys.items()))
+    print(f"  source: {config.recommended_source}")
+    return 0
+
+
 def _first_line(text) -> str:
     """The first sentence of a docstring, on one line."""
     words = " ".join((text or "").split())
@@ -276,23 +281,13 @@ def _first_line(text) -> str:
 
 
 def cmd_info(args) -> int:
-    from .engine.checkpoint import resolve_checkpoint
-    from .eval.model_info import model_info
-
     _emit(model_info(resolve_checkpoint(args.checkpoint, "--checkpoint")), args.json)
     return 0
 
 
 def cmd_data(args) -> int:
-    from .data.inspect import summarize
-    from .data.sources import STREAMED_SOURCES, apply_labels_csv, build_index
-    from .data.specs import parse_spec
-    from .data.stream import check_index
-
     spec = parse_spec(args.spec)
     if spec.name not in STREAMED_SOURCES:
-        from .data.specs import load_splits
-
         splits = load_splits(spec)
         result = {"source": str(spec), "storage": "memory",
                   **{f"{name}_images": len(split) for name, split in splits.items()},
@@ -367,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     methods = sub.add_parser("methods", help="the training methods recipes can name (from the method registry)")
+    methods.add_argument("name", nargs="?", help="show this method's options and recommended settings")
     methods.add_argument("--json", action="store_true")
     methods.set_defaults(func=cmd_methods)
 

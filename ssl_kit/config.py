@@ -20,7 +20,7 @@ import functools
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -173,7 +173,19 @@ class TrainConfig(Strict):
         return self
 
 
+# The sections of a training stage whose keys a method may recommend (StageBase.recommended).
+RECOMMENDABLE = ("optimizer", "schedule", "train")
+
+
 class StageBase(Strict):
+    """A training stage. Each method's config subclasses it and states, in `recommended`, the optimizer, schedule and
+    training settings of its paper or reference implementation (`recommended_source` says which): they fill every
+    key of those sections the recipe leaves out, so `method: vicreg` alone trains as VICReg does. Keys the recipe
+    gives always win; the resolved values are in the run's config.yaml."""
+
+    recommended: ClassVar[dict[str, dict[str, Any]]] = {}
+    recommended_source: ClassVar[str] = ""
+
     name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$")
     data: DataConfig = Field(default_factory=DataConfig)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
@@ -181,6 +193,25 @@ class StageBase(Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_recommended(cls, raw: Any) -> Any:
+        """Put the method's recommended optimizer / schedule / train keys wherever the recipe is silent.
+
+        A section whose `name` the recipe sets to another optimizer or schedule than the recommended one takes
+        nothing from the recommendation: an lr tuned for LARS says nothing about SGD."""
+        if not isinstance(raw, dict) or not cls.recommended:
+            return raw
+        filled = dict(raw)
+        for section, keys in cls.recommended.items():
+            given = filled.get(section)
+            if given is None:
+                given = {}
+            if not isinstance(given, dict) or given.get("name", keys.get("name")) != keys.get("name"):
+                continue
+            filled[section] = {**keys, **given}
+        return filled
 
     def stage_references(self) -> dict[str, Optional[str]]:
         """{what: earlier stage name} this stage reads: its backbone (from_stage); methods add theirs."""

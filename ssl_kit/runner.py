@@ -14,18 +14,24 @@ TORCHELASTIC_RESTART_COUNT > 0) the run continues from checkpoints/last.pt witho
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
+import platform
+import random
 import re
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
+from ._version import __version__
 from .config import EVAL_METHODS, Recipe, StageBase, load_yaml, recipe_to_yaml, validate_recipe
 from .config_diff import format_differences, is_harmless, recipe_differences
 from .data.pipeline import DataInfo, prepare_data
@@ -36,8 +42,11 @@ from .engine.loggers import JsonlLogger, WandbLogger, truncate_metrics
 from .engine.run_lock import LOCK_NAME, RunLock
 from .engine.trainer import RunContext, Trainer, resolve_device
 from .errors import CheckpointError, ConfigError
+from .eval.report import write_report
+from .eval.stages import run_eval_stage
 from .methods import build_method
 from .models.bounds import check_architecture
+from .models.heads import Classifier
 from .models.registry import build_backbone
 
 
@@ -57,10 +66,6 @@ def log(message: str) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -89,12 +94,6 @@ def prepare_run_dir(out: Path, resume: bool) -> None:
 def write_env(run_dir: Path) -> None:
     """env.json: ssl_kit version and git commit (when run from a checkout), library versions, device, world size
     and the command line, so a run's numbers can be traced to what produced them."""
-    import importlib.metadata
-    import platform
-    import subprocess
-
-    from . import __version__
-
     versions = {}
     for package in ("torch", "torchvision", "kornia", "timm", "safetensors", "numpy"):
         try:
@@ -330,8 +329,6 @@ class RecipeRunner:
                 if wandb is not None:
                     wandb.log({f"{stage.name}/{k}": v for k, v in results.items() if isinstance(v, (int, float))})
             if self.is_main:
-                from .eval.report import write_report
-
                 write_report(run_dir, self.recipe, self.summary)
                 if wandb is not None and (run_dir / "backbone.pt").is_file():
                     wandb.log_artifact(run_dir / "backbone.pt", f"{run_dir.name}-backbone")
@@ -386,8 +383,6 @@ class RecipeRunner:
     def _save_stage_outputs(self, stage: StageBase, trainer: Trainer, evaluated, results: dict, meta: dict) -> None:
         """backbone.pt holds the network whose test metrics are reported: the evaluated classifier (the EMA copy
         when the method evaluates it), else the method's backbone and head."""
-        from .models.heads import Classifier
-
         stage_dir = self.run_dir / "stages" / stage.name
         stage_dir.mkdir(parents=True, exist_ok=True)
         if isinstance(evaluated, Classifier):
@@ -409,8 +404,6 @@ class RecipeRunner:
         return dist.broadcast_object(results)
 
     def _evaluate(self, stage) -> dict:
-        from .eval.stages import run_eval_stage
-
         if stage.checkpoint:
             source = stage.checkpoint
         elif stage.from_stage:

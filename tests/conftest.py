@@ -14,7 +14,7 @@ def tiny_stage(name="supervised", method="supervised", **overrides):
         "name": name, "method": method,
         "data": {"dataset": "digits", "image_size": 16},
         "backbone": {"name": "small_cnn", "kwargs": {"width": 8}},
-        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+        "optimizer": {"name": "sgd", "lr": 0.05, "lr_scaling": "none", "momentum": 0.9, "weight_decay": 5e-4},
         "schedule": {"name": "cosine", "warmup_epochs": 0},
         "train": {"steps": 20, "batch_size": 32, "progress": False, "checkpoint_every_steps": 5,
                   "eval_every_epochs": 0, "log_every": 1},

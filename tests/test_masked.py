@@ -56,7 +56,8 @@ def test_layer_wise_decay_scales():
 
 def mim_stage(method, backbone, **extra):
     return tiny_stage("pretrain", method, backbone=backbone, data={"dataset": "digits", "image_size": 16},
-                      optimizer={"name": "adamw", "lr": 1e-3, "weight_decay": 0.05, "betas": [0.9, 0.95]},
+                      optimizer={"name": "adamw", "lr": 1e-3, "lr_scaling": "none", "weight_decay": 0.05,
+                                 "betas": [0.9, 0.95]},
                       train={"steps": 40, "batch_size": 64, "log_every": 5}, **extra)
 
 

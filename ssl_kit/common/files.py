@@ -4,6 +4,7 @@ holds. Every checkpoint, backbone and weights file ssl_kit reads goes through `s
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -32,8 +33,6 @@ def _unpickling_detail(exc: Exception) -> str:
 def _check_zip_sizes(path: Path, what: str) -> None:
     """A torch zip checkpoint stores its tensors uncompressed: refuse members declaring far more bytes than the file
     holds (a zip bomb would allocate them before any tensor is checked)."""
-    import zipfile
-
     if not zipfile.is_zipfile(path):
         return
     size = path.stat().st_size

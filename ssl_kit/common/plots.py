@@ -2,13 +2,23 @@
 confusion matrix, pseudo-label quantity and quality, reconstructions, t-SNE, per-domain bars."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+
+@functools.cache
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, imported by the first picture drawn: importing this module stays cheap,
+    so the layers above import it at module level."""
+    import matplotlib  # deferred: heavy optional import (matplotlib), only when a picture is drawn
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # deferred: heavy optional import (matplotlib), as above
+
+    return plt
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -27,7 +37,7 @@ def plot_training_curves(records: list[dict], out: Path) -> Path | None:
     steps = [r for r in records if r.get("kind") == "step" and isinstance(r.get("loss"), (int, float))]
     if not steps:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _pyplot().subplots(figsize=(6, 3.5))
     for stage in dict.fromkeys(r["stage"] for r in steps):
         points = [(r["step"], r["loss"]) for r in steps if r["stage"] == stage]
         ax.plot(*zip(*points), label=stage)
@@ -40,7 +50,7 @@ def plot_training_curves(records: list[dict], out: Path) -> Path | None:
 
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], title: str, out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    fig, ax = _pyplot().subplots(figsize=(4.5, 4))
     image = ax.imshow(confusion, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=90 if len(classes) > 10 else 0, fontsize=7)
     ax.set_yticks(range(len(classes)), classes, fontsize=7)
@@ -56,7 +66,7 @@ def plot_pseudo_labels(records: list[dict], stage: str, out: Path) -> Path | Non
     epochs = [r for r in records if r.get("stage") == stage and r.get("kind") == "epoch" and "pseudo/mask_rate" in r]
     if not epochs:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _pyplot().subplots(figsize=(6, 3.5))
     x = [r["epoch"] + 1 for r in epochs]
     ax.plot(x, [r["pseudo/mask_rate"] for r in epochs], marker="o", label="quantity: mask rate")
     ax.plot(x, [r["pseudo/accuracy"] if isinstance(r["pseudo/accuracy"], float) else float("nan") for r in epochs],
@@ -70,7 +80,7 @@ def plot_pseudo_labels(records: list[dict], stage: str, out: Path) -> Path | Non
 
 
 def plot_threshold_sweep(thresholds: list[float], quantity: list[float], quality: list[float], out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _pyplot().subplots(figsize=(6, 3.5))
     ax.plot(thresholds, quantity, marker="o", label="quantity: fraction above threshold")
     ax.plot(thresholds, quality, marker="s", label="quality: accuracy of those pseudo-labels")
     ax.set_xlabel("confidence threshold")
@@ -83,7 +93,7 @@ def plot_threshold_sweep(thresholds: list[float], quantity: list[float], quality
 def plot_reconstructions(rows: list, titles: list[str], out: Path) -> Path:
     """rows: tensors (N, C, H, W) in [0, 1], one figure row each (MAE: original, masked, reconstruction)."""
     n = rows[0].shape[0]
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.2 * n, 1.3 * len(rows)), squeeze=False)
+    fig, axes = _pyplot().subplots(len(rows), n, figsize=(1.2 * n, 1.3 * len(rows)), squeeze=False)
     for r, (images, title) in enumerate(zip(rows, titles)):
         for c in range(n):
             image = images[c].permute(1, 2, 0).numpy()
@@ -95,9 +105,9 @@ def plot_reconstructions(rows: list, titles: list[str], out: Path) -> Path:
 
 def tsne_embedding(features, seed: int = 0):
     """features (N, F) -> 2-D t-SNE coordinates (N, 2) (PCA to ≤ 50 dims first, as is usual)."""
-    import numpy as np
+    # deferred: heavy optional import (scikit-learn, ~1 s), only for t-SNE pictures
     from sklearn.decomposition import PCA
-    from sklearn.manifold import TSNE
+    from sklearn.manifold import TSNE  # deferred: as above
 
     x = np.asarray(features, dtype=np.float32)
     if x.shape[1] > 50 and x.shape[0] > 50:
@@ -111,7 +121,7 @@ def plot_tsne(points, labels: list[int], classes: list[str], out: Path, domains:
     """points (N, 2); labels (N,) class indices; optional domains (N,) indices into domain_names: a second panel
     coloured by domain."""
     panels = 2 if domains is not None else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.5), squeeze=False)
+    fig, axes = _pyplot().subplots(1, panels, figsize=(5 * panels, 4.5), squeeze=False)
     ax = axes[0][0]
     scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10" if len(classes) <= 10 else "tab20",
                          s=6, alpha=0.8)
@@ -136,7 +146,7 @@ def plot_domain_bars(rows: dict[str, dict[str, float]], out: Path, title: str = 
     domains = list(rows)
     series = list(dict.fromkeys(k for row in rows.values() for k in row))
     width = 0.8 / max(1, len(series))
-    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(domains) + 2), 3.8))
+    fig, ax = _pyplot().subplots(figsize=(max(5, 1.3 * len(domains) + 2), 3.8))
     for i, name in enumerate(series):
         xs = [d + (i - (len(series) - 1) / 2) * width for d in range(len(domains))]
         values = [rows[d].get(name, float("nan")) for d in domains]
@@ -154,5 +164,5 @@ def _save(fig, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return out

@@ -6,7 +6,7 @@ Ops return float images in [0, 1]; `Normalize` comes last.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import kornia
 import torch
@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..config import StrongAugConfig, ViewsConfig
 from .crops import CropSpec
+from .photometric_draws import BlurDraw, JitterDraw, PhotometricDraw, gaussian_taps
 
 
 def to_unit_float(x: Tensor) -> Tensor:
@@ -116,23 +117,6 @@ def _on_rows(x: Tensor, apply: Tensor, op) -> Tensor:
     return x.index_copy(0, rows, op(x.index_select(0, rows), rows))
 
 
-class JitterDraw(NamedTuple):
-    """Colour jitter's random numbers for N images: which jitter (bool (N,)) and their factors (N,); colour and hue
-    are None for 1-channel images."""
-    apply: Tensor
-    brightness: Tensor
-    contrast: Tensor
-    colour: Optional[Tensor]
-    hue: Optional[Tensor]
-
-
-class BlurDraw(NamedTuple):
-    """Gaussian blur's random numbers for N images: sigmas (N,), which blur (bool (N,)), the odd kernel size."""
-    sigma: Tensor
-    apply: Tensor
-    kernel: int
-
-
 def draw_color_jitter(n: int, channels: int, strength: float, prob: float, device=None) -> Optional[JitterDraw]:
     """SimCLR colour jitter's parameters: brightness/contrast/saturation in [1 − 0.8s, 1 + 0.8s], hue in ±0.2s,
     with prob. Drawn for every row, so the stream of random numbers does not depend on which rows jitter. None when
@@ -192,13 +176,6 @@ def random_grayscale(x: Tensor, prob: float) -> Tensor:
     return apply_grayscale(x, draw_rows(x.shape[0], x.shape[1], prob, x.device))
 
 
-def gaussian_taps(kernel: int, sigmas: Tensor, dtype) -> Tensor:
-    """Normalised 1-D Gaussian weights (N, kernel) centred on the middle tap, one row per sigma (N,)."""
-    taps = torch.arange(kernel, device=sigmas.device, dtype=dtype) - kernel // 2
-    weights = torch.exp(-taps.square() / (2 * sigmas.to(dtype).view(-1, 1).square()))
-    return weights / weights.sum(1, keepdim=True)
-
-
 def gaussian_blur(x: Tensor, kernel: int, sigmas: Tensor, grouped_conv: Optional[bool] = None) -> Tensor:
     """Separable Gaussian blur of x (N, C, H, W) with an odd `kernel` and per-sample sigmas (N,), reflect padding
     (kornia's gaussian_blur2d). On an accelerator one grouped vertical and one horizontal convolution; on the CPU,
@@ -255,16 +232,6 @@ def apply_solarize(x: Tensor, rows: Optional[Tensor], threshold: float = 0.5) ->
 
 def random_solarize(x: Tensor, prob: float, threshold: float = 0.5) -> Tensor:
     return apply_solarize(x, draw_rows(x.shape[0], 3, prob, x.device), threshold)
-
-
-class PhotometricDraw(NamedTuple):
-    """Every random number of one ContrastiveView's photometric part for N images, drawn in the order the ops run
-    (jitter, grayscale, blur, solarize), so the batched torch ops and the per-image OpenCV ops
-    (`photometric_cv`) apply the same augmentation."""
-    jitter: Optional[JitterDraw]
-    grayscale: Optional[Tensor]
-    blur: Optional[BlurDraw]
-    solarize: Optional[Tensor]
 
 
 class Normalize(torch.nn.Module):
@@ -342,8 +309,9 @@ class ContrastiveView(torch.nn.Module):
         uint8 (N, C, S, S) crops -> uint8 (N, C, S, S), rounded once to the nearest level. backend `opencv`: the
         same ops with the same random numbers, image by image with OpenCV's float32 kernels (6-7× less CPU than
         the batched torch ops; equal before rounding within 1e-4); `torch`: the batched ops; `auto`: OpenCV for CPU
-        tensors. (photometric_cv builds on this module, hence the import inside.)"""
+        tensors."""
         if backend == "opencv" or (backend == "auto" and x.device.type == "cpu"):
+            # deferred: heavy optional import (cv2; photometric_cv sets its threads), only where it runs
             from .photometric_cv import photometric_uint8_cv
             return photometric_uint8_cv(x, self.draw_photometric(x.shape[0], x.shape[1], x.shape[-1]))
         return self.photometric(to_unit_float(x)).mul_(255).round_().to(torch.uint8)

@@ -41,7 +41,7 @@ def _split(images: torch.Tensor, labels: np.ndarray, name: str, fraction: float,
 
 @functools.lru_cache(maxsize=4)
 def _digits_arrays() -> tuple[torch.Tensor, np.ndarray]:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # deferred: heavy optional import (scikit-learn, ~1 s), digits only
 
     bunch = load_digits()
     images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (1797, 1, 8, 8)
@@ -74,8 +74,9 @@ def load_rotated_digits(angle: float) -> dict[str, ImageSet]:
 
 def candidate_font_files() -> list[Path]:
     """TrueType fonts matplotlib ships plus the system's (Debian font packages), sorted for determinism."""
+    # deferred: heavy optional import (matplotlib), only to render digits-printed
     import matplotlib
-    from matplotlib import font_manager
+    from matplotlib import font_manager  # deferred: as above
 
     shipped = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
     paths = set(shipped.glob("*.ttf"))

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
+from ..limits import how_to_raise, limit
 from .decode import pil_pixel_limit
 from .imageset import ImageSet
 
@@ -40,8 +41,6 @@ IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f
 
 
 def _check_declared_bytes(declared: int, path: Path, what: str) -> None:
-    from ..limits import how_to_raise, limit
-
     if declared > limit("MAX_DATA_BYTES"):
         raise DataError(f"{what} {str(path)!r} declares {declared:,} bytes of data; {how_to_raise('MAX_DATA_BYTES')}")
 
@@ -126,8 +125,6 @@ class _CifarUnpickler(pickle.Unpickler):
 
 def _unpickle_cifar(path: Path):
     """The object in a CIFAR pickle (allow-listed classes only), the file first checked against MAX_DATA_BYTES."""
-    from ..limits import how_to_raise, limit
-
     size = path.stat().st_size
     if size > limit("MAX_DATA_BYTES"):
         raise DataError(f"CIFAR batch {str(path)!r} is {size:,} bytes; {how_to_raise('MAX_DATA_BYTES')}")
@@ -223,7 +220,7 @@ def load_cifar100(root: Path) -> dict[str, ImageSet]:
 def _svhn_declared(path: Path) -> None:
     """Check the shapes and classes the .mat header declares (scipy's whosmat reads headers only) before loadmat
     allocates anything: X uint8 (32, 32, 3, N), y (N, 1), N × 3072 within MAX_DATA_BYTES."""
-    from scipy.io import whosmat
+    from scipy.io import whosmat  # deferred: heavy optional import (scipy, ~0.15 s), only for SVHN's .mat files
 
     try:
         declared = {name: (tuple(shape), kind) for name, shape, kind in whosmat(path)}
@@ -257,7 +254,7 @@ def _svhn_labels(y: np.ndarray, path: Path) -> np.ndarray:
 
 
 def load_svhn(root: Path) -> dict[str, ImageSet]:
-    from scipy.io import loadmat
+    from scipy.io import loadmat  # deferred: heavy optional import (scipy, ~0.15 s), only for SVHN's .mat files
 
     _require_root(root, "svhn", ["train_32x32.mat", "test_32x32.mat"])
     out = {}
@@ -323,8 +320,6 @@ def load_stl10(root: Path) -> dict[str, ImageSet]:
 # --------------------------------------------------------------------------------- image folder
 def read_image(path: Path, size: int) -> np.ndarray:
     """Any PIL-readable file -> uint8 RGB (3, size, size). Raises DataError naming the file."""
-    from ..limits import how_to_raise, limit
-
     try:
         with pil_pixel_limit(), Image.open(path) as image:
             if image.width * image.height > limit("MAX_IMAGE_PIXELS"):  # header only: nothing decoded yet

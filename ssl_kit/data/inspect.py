@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from .builtin import stratified_holdout
 from .decode import BadImage, decode_resized, image_size
 from .imageset import ImageSet
 from .sources import FileIndex, choose_storage, decoded_bytes
@@ -92,8 +93,6 @@ def load_in_memory(index: FileIndex, positions: np.ndarray, size: int, name: str
 def holdout_positions(index: FileIndex, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, test) positions: the index's own val/test split when it has one, else a seeded holdout of
     `fraction` of the train split (stratified by label; unlabeled images form their own group)."""
-    from .builtin import stratified_holdout
-
     train = index.split("train")
     for held in ("test", "val"):
         if held in index.splits:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .augment import PhotometricDraw, gaussian_taps
+from .photometric_draws import PhotometricDraw, gaussian_taps
 
 cv2.setNumThreads(1)  # workers are the parallelism; OpenCV's own threads would oversubscribe the cores
 

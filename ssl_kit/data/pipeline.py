@@ -11,13 +11,11 @@ import torch
 
 from ..config import DataConfig
 from ..errors import DataError
-from .builtin import stratified_holdout
 from .fileset import FileSet, Images, image_batches
 from .imageset import ImageSet
 from .inspect import load_in_memory
-from .sources import (STREAMED_SOURCES, FileIndex, apply_labels_csv, build_index, check_appended_classes,
-                      choose_storage, join_indexes)
-from .specs import DatasetSpec, load_splits, parse_spec
+from .sources import STREAMED_SOURCES, check_appended_classes, choose_storage, join_indexes
+from .specs import DatasetSpec, load_splits, open_index, parse_spec, split_positions
 from .splits import labeled_indices, unlabeled_indices
 
 NORM_SAMPLE = 512  # images decoded for the normalisation statistics of a streamed set
@@ -128,31 +126,6 @@ def is_streamed_source(spec: str | DatasetSpec) -> bool:
     """imagefolder, images, filelist, webdataset: sources that can stream (see sources.py)."""
     parsed = parse_spec(spec) if isinstance(spec, str) else spec
     return parsed.name in STREAMED_SOURCES
-
-
-def open_index(spec: DatasetSpec, labels_csv: Optional[str] = None, workers: int = 8) -> FileIndex:
-    """The file index of a streamed spec, with the labels CSV (`labels_csv`, else the spec's `labels=` option)
-    applied."""
-    index = build_index(spec.name, spec.arg, workers=workers)
-    csv_path = labels_csv or spec.option("labels")
-    return apply_labels_csv(index, csv_path) if csv_path else index
-
-
-def split_positions(index: FileIndex, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) positions of a streamed source. The source's own test (else val) split when it has one;
-    else a seeded stratified holdout of `fraction` of the *labeled* images. Unlabeled images always stay in train
-    (they cannot be scored), and the test positions keep only labeled images."""
-    train = index.split("train")
-    for held in ("test", "val"):
-        if held in index.splits:
-            test = index.splits[held]
-            return train, test[index.labels[test] >= 0]
-    labeled = train[index.labels[train] >= 0]
-    if len(labeled) == 0:
-        return train, labeled
-    _, test_rows = stratified_holdout(index.labels[labeled], fraction, seed)
-    test = labeled[test_rows]
-    return np.setdiff1d(train, test, assume_unique=True), test
 
 
 def sample_stats(train: FileSet, size: int, resize_ratio: float, workers: int,

@@ -13,11 +13,17 @@ import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torchvision.datasets as tvd
 
 from ..errors import DataError
 from . import builtin, formats
 from .builtin import stratified_holdout
 from .imageset import ImageSet
+from .inspect import load_in_memory, streamed_splits
+from .sources import FileIndex, apply_labels_csv, build_index
 
 FASHION_MNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 NEEDS_ROOT = ("mnist", "cifar10", "cifar100", "svhn", "stl10", "imagefolder", "images", "filelist", "webdataset")
@@ -102,8 +108,6 @@ def parse_spec(spec: str) -> DatasetSpec:
 
 def _download(spec: DatasetSpec) -> None:
     """Only on explicit request (download=true): fetch the files with torchvision into the root."""
-    import torchvision.datasets as tvd
-
     root = Path(spec.arg)
     makers = {
         "mnist": lambda: [tvd.MNIST(root.parent, train=t, download=True) for t in (True, False)],
@@ -144,20 +148,39 @@ def _load_cached(spec: DatasetSpec, folder_size: int) -> dict[str, ImageSet]:
     if name == "stl10":
         return formats.load_stl10(Path(arg))
     if spec.option("labels"):  # a labels CSV over a streamed source: its labeled images, the test held out
-        from .inspect import load_in_memory
-        from .pipeline import open_index, split_positions
-
         index = open_index(spec)
         positions = split_positions(index, spec.option("test_fraction", 0.2), spec.option("seed", 0))
         return {split: load_in_memory(index, pos[index.labels[pos] >= 0], folder_size, f"{index.source}/{split}")[0]
                 for split, pos in zip(("train", "test"), positions)}
     if name in ("images", "filelist", "webdataset"):
-        from .inspect import streamed_splits
-        from .sources import build_index
-
         return streamed_splits(build_index(name, arg), folder_size, None, spec.option("test_fraction", 0.2),
                                spec.option("seed", 0))
     return _load_image_folder_splits(spec, folder_size)
+
+
+def open_index(spec: DatasetSpec, labels_csv: Optional[str] = None, workers: int = 8) -> FileIndex:
+    """The file index of a streamed spec, with the labels CSV (`labels_csv`, else the spec's `labels=` option)
+    applied."""
+    index = build_index(spec.name, spec.arg, workers=workers)
+    csv_path = labels_csv or spec.option("labels")
+    return apply_labels_csv(index, csv_path) if csv_path else index
+
+
+def split_positions(index: FileIndex, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) positions of a streamed source. The source's own test (else val) split when it has one;
+    else a seeded stratified holdout of `fraction` of the *labeled* images. Unlabeled images always stay in train
+    (they cannot be scored), and the test positions keep only labeled images."""
+    train = index.split("train")
+    for held in ("test", "val"):
+        if held in index.splits:
+            test = index.splits[held]
+            return train, test[index.labels[test] >= 0]
+    labeled = train[index.labels[train] >= 0]
+    if len(labeled) == 0:
+        return train, labeled
+    _, test_rows = stratified_holdout(index.labels[labeled], fraction, seed)
+    test = labeled[test_rows]
+    return np.setdiff1d(train, test, assume_unique=True), test
 
 
 def _load_image_folder_splits(spec: DatasetSpec, size: int) -> dict[str, ImageSet]:

@@ -19,8 +19,7 @@ from torch import nn
 from ..common.files import safe_load
 from ..errors import CheckpointError
 from ..models import foreign
-from ..models.bounds import check_arch_value
-from ..models.registry import build_from_record  # noqa: F401  (public here: records in, modules out)
+from ..models.bounds import build_from_record, check_arch_value  # noqa: F401  (build_from_record: public here)
 
 __all__ = ["atomic_save", "atomic_write_text", "safe_load", "backbone_record", "validate_record",
            "resolve_checkpoint", "build_from_record", "load_backbone", "BACKBONE_FORMAT", "CHECKPOINT_FORMAT"]
@@ -93,7 +92,7 @@ def backbone_record(arch: str, kwargs: dict, data_info: dict, backbone: nn.Modul
                     head: Optional[nn.Linear] = None) -> dict:
     record = {"format": BACKBONE_FORMAT, "version": 1, "arch": arch, "kwargs": dict(kwargs), "data": dict(data_info),
               "state_dict": _portable(backbone.state_dict())}
-    if head is not None:
+    if head is not None and head.out_features > 0:  # a label-free run (no classes) saves features only
         record["head"] = {"state_dict": _portable(head.state_dict()),
                           "num_classes": head.out_features}
     return record
@@ -122,6 +121,14 @@ def _check_state_dict(state: Any, where: str) -> None:
             raise CheckpointError(f"{where}: entry {str(key)[:80]!r} is a {type(value).__name__}, expected a tensor")
 
 
+def _is_zero_class_head(head: Any) -> bool:
+    """A head entry with no classes (num_classes 0, weight of shape (0, F)): what a label-free run wrote."""
+    if not isinstance(head, dict) or head.get("num_classes") != 0:
+        return False
+    weight = head.get("state_dict", {}).get("weight") if isinstance(head.get("state_dict"), dict) else None
+    return torch.is_tensor(weight) and weight.ndim == 2 and weight.shape[0] == 0
+
+
 def validate_record(record: dict, where: str) -> dict:
     """Check a backbone record's fields (types, bounds) before anything is built from it. -> record."""
     arch = _need(record, "arch", str, where)
@@ -146,6 +153,8 @@ def validate_record(record: dict, where: str) -> dict:
                 raise CheckpointError(f"{where}: data.{key} is {str(values)[:80]}, expected {channels} finite "
                                       f"number(s){' > 0' if key == 'std' else ''}")
     _check_state_dict(record.get("state_dict"), f"{where}: state_dict")
+    if _is_zero_class_head(record.get("head")):
+        del record["head"]  # written by label-free runs before 0.1.1: no classifier to keep
     if record.get("head") is not None:
         head = _need(record, "head", dict, where)
         _check_state_dict(head.get("state_dict"), f"{where}: head.state_dict")
@@ -191,7 +200,7 @@ def resolve_checkpoint(path: str | Path, what: str = "checkpoint", *, arch: Opti
                 raise CheckpointError(f"{where}: backbone metadata has no {key!r}")
         head_prefix = meta.get("head_prefix")
         head = _extract_prefixed(method, head_prefix) if isinstance(head_prefix, str) and head_prefix else {}
-        if torch.is_tensor(head.get("weight")) and head["weight"].ndim == 2:
+        if torch.is_tensor(head.get("weight")) and head["weight"].ndim == 2 and head["weight"].shape[0] > 0:
             record["head"] = {"state_dict": head, "num_classes": int(head["weight"].shape[0])}
         return validate_record(record, where)
     raise CheckpointError(

@@ -25,9 +25,9 @@ from ..common.metrics import predict
 from ..data.augment import Normalize, random_resized_crop, to_unit_float
 from ..data.fileset import FileSet, image_batches
 from ..data.imageset import ImageSet, convert_images
-from ..data.pipeline import is_streamed_source, load_converted, open_index, split_positions
+from ..data.pipeline import is_streamed_source, load_converted
 from ..data.sources import FileIndex, cache_dir, choose_storage
-from ..data.specs import parse_spec
+from ..data.specs import open_index, parse_spec, split_positions
 from ..data.stream import BadImageLog
 from ..engine.checkpoint import load_backbone
 from ..errors import DataError, TrainingError

@@ -17,7 +17,7 @@ SCORE_CHUNK = 65_536  # test rows scored at a time: 65,536 × K float32 class sc
 
 
 def _faiss_index(bank: np.ndarray, ivf: bool, use_gpu: bool):
-    import faiss
+    import faiss  # deferred: optional native library (faiss), loaded only when a kNN index is built
 
     dim = bank.shape[1]
     if ivf:

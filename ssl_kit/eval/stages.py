@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from ..common import plots
 from .features import FeatureExtractor
 from .knn import knn_classify
 from .linear_probe import linear_probe
@@ -42,8 +43,6 @@ def knn_dataset(extractor: FeatureExtractor, spec: str, k: int, temperature: flo
 def tsne_picture(extractor: FeatureExtractor, specs: Sequence[str], out: Path, per_domain: int = 300,
                  seed: int = 0) -> Path:
     """t-SNE of up to `per_domain` test images of each spec, coloured by class (and by domain when > 1 spec)."""
-    from ..common import plots
-
     generator = torch.Generator().manual_seed(seed)
     features, labels, domains = [], [], []
     classes: list[str] = []
@@ -88,8 +87,6 @@ def domain_bar_rows(full: dict) -> dict[str, dict[str, float]]:
 
 def _run_transfer(stage, extractor: FeatureExtractor, checkpoint, dataset: str, run_dir: Path, seed: int,
                   train) -> dict:
-    from ..common import plots
-
     out_dir = run_dir / "stages" / stage.name
     out_dir.mkdir(parents=True, exist_ok=True)
     full, lodo = {}, None

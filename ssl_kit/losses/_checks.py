@@ -41,8 +41,6 @@ def check_batch(name: str, x: Tensor, minimum: int) -> None:
 
 def full_precision(x: Tensor):
     """Context that turns autocast off on x's device: a loss's matmuls then run in its inputs' float32."""
-    import torch
-
     return torch.autocast(x.device.type, enabled=False)
 
 

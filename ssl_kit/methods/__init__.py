@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 
 from .base import Method, Progress
-from .registry import build_method, register, registered_methods
+from .registry import build_method, method_options, register, registered_methods
 
 _SUPPORT_MODULES = {"base", "registry", "pretext", "semi", "param_groups", "momentum", "thresholds"}
 
@@ -14,4 +14,4 @@ for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _SUPPORT_MODULES:
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["Method", "Progress", "build_method", "register", "registered_methods"]
+__all__ = ["Method", "Progress", "build_method", "method_options", "register", "registered_methods"]

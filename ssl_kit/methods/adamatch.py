@@ -29,12 +29,15 @@ from ..data.loader import Batch
 from ..losses import consistency_loss, cosine_rampup, random_logit_interpolation
 from .base import Progress
 from .registry import register
-from .semi import SemiSupervisedConfig, SemiSupervisedMethod
+from .semi import USB_SGD, SemiSupervisedConfig, SemiSupervisedMethod
 from .thresholds import DistributionAlignment, ThresholdConfig, build_policy
 
 
 class AdaMatchConfig(SemiSupervisedConfig):
     method: Literal["adamatch"]
+
+    recommended = USB_SGD
+    recommended_source = ("USB's AdaMatch config: SGD Nesterov momentum 0.9, lr 0.03 (no batch scaling), weight decay 5e-4, lr · cos(7πk/16K)")
     threshold: float = Field(0.9, ge=0, le=1, description="τ: the cut-off is τ × mean max prob on the labeled batch "
                                                           "(USB p_cutoff; the paper's τ 0.9)")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of the pseudo-labels (USB T)")

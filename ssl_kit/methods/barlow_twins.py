@@ -23,6 +23,9 @@ class BarlowTwinsConfig(PretextConfig):
     """Barlow Twins: 3-layer projector (Linear-BN-ReLU × 2, Linear), λ weighting the off-diagonal terms."""
 
     method: Literal["barlow_twins"]
+
+    recommended = {"optimizer": {"name": "lars", "lr": 0.2, "lr_scaling": "linear", "base_batch_size": 256, "weight_decay": 1.5e-6, "momentum": 0.9}, "schedule": {"name": "cosine", "warmup_epochs": 10}}
+    recommended_source = ("Barlow Twins (Zbontar et al. 2021, §B): LARS, lr 0.2 × batch/256 for the weights, weight decay 1.5e-6, 10 warm-up epochs, cosine decay")
     proj_hidden_dim: int = Field(2048, ge=1, description="projector hidden width (paper: 8192; solo-learn CIFAR 2048)")
     proj_dim: int = Field(2048, ge=1, description="projection dimension D (paper: 8192; solo-learn CIFAR 2048)")
     lambda_offdiag: float = Field(5e-3, ge=0, description="λ: weight of the off-diagonal (redundancy) terms")

@@ -29,6 +29,9 @@ class BYOLConfig(PretextConfig):
     second view is solarized with views.solarize_prob)."""
 
     method: Literal["byol"]
+
+    recommended = {"optimizer": {"name": "lars", "lr": 0.2, "lr_scaling": "linear", "base_batch_size": 256, "weight_decay": 1.5e-6, "momentum": 0.9}, "schedule": {"name": "cosine", "warmup_epochs": 10}}
+    recommended_source = ("BYOL (Grill et al. 2020, §3.3): LARS, lr 0.2 × batch/256, weight decay 1.5e-6, 10 warm-up epochs, cosine decay")
     proj_hidden_dim: int = Field(4096, ge=1, description="projector hidden width (paper: 4096)")
     proj_dim: int = Field(256, ge=1, description="projection (and prediction) dimension D (paper: 256)")
     pred_hidden_dim: int = Field(4096, ge=1, description="predictor hidden width (paper: 4096)")

@@ -33,6 +33,9 @@ class ContrastiveConfig(PretextConfig):
 
 class SimCLRConfig(ContrastiveConfig):
     method: Literal["simclr"]
+
+    recommended = {"optimizer": {"name": "lars", "lr": 0.3, "lr_scaling": "linear", "base_batch_size": 256, "weight_decay": 1e-6, "momentum": 0.9}, "schedule": {"name": "cosine", "warmup_epochs": 10}}
+    recommended_source = ("SimCLR (Chen et al. 2020, appendix B.1): LARS, lr 0.3 × batch/256, weight decay 1e-6, 10 warm-up epochs, cosine decay")
     forward_views: Literal["joint", "separate"] = Field(
         "joint", description="joint: one backbone forward of the 2N views (BatchNorm statistics over both views, as "
                              "SimCLR's reference); separate: one forward per view of N (BN statistics per view, as "
@@ -41,12 +44,18 @@ class SimCLRConfig(ContrastiveConfig):
 
 class MoCoV2Config(ContrastiveConfig):
     method: Literal["mocov2"]
+
+    recommended = {"optimizer": {"name": "sgd", "lr": 0.03, "lr_scaling": "linear", "base_batch_size": 256, "weight_decay": 0.0001, "momentum": 0.9}, "schedule": {"name": "cosine", "warmup_epochs": 0}}
+    recommended_source = ("MoCo v2 (Chen et al. 2020) reference main_moco.py: SGD momentum 0.9, lr 0.03 at batch 256 (scaled linearly), weight decay 1e-4, cosine (--cos), no warm-up")
     queue_size: int = Field(4096, ge=0, description="negatives queue (0: in-batch negatives)")
     momentum: float = Field(0.99, ge=0, le=1, description="momentum encoder: base value of the cosine 0.99→1 schedule")
 
 
 class MoCoV3Config(ContrastiveConfig):
     method: Literal["mocov3"]
+
+    recommended = {"optimizer": {"name": "lars", "lr": 0.6, "lr_scaling": "linear", "base_batch_size": 256, "weight_decay": 1e-6, "momentum": 0.9}, "schedule": {"name": "cosine", "warmup_epochs": 10}}
+    recommended_source = ("MoCo v3 (Chen et al. 2021) reference main_moco.py for ResNets: LARS, lr 0.6 × batch/256, weight decay 1e-6, 10 warm-up epochs, cosine (its ViT setting is AdamW lr 1.5e-4 × batch/256, weight decay 0.1)")
     pred_hidden_dim: int = Field(512, ge=1, description="predictor hidden width")
     momentum: float = Field(0.99, ge=0, le=1, description="momentum encoder: base value of the cosine 0.99→1 schedule")
 

@@ -19,12 +19,15 @@ from ..data.loader import Batch
 from ..losses import consistency_loss, dash_threshold, dash_weak_loss
 from .base import Progress
 from .registry import register
-from .semi import SemiSupervisedConfig, SemiSupervisedMethod
+from .semi import USB_SGD, SemiSupervisedConfig, SemiSupervisedMethod
 from .thresholds import ThresholdPolicy
 
 
 class DashConfig(SemiSupervisedConfig):
     method: Literal["dash"]
+
+    recommended = USB_SGD
+    recommended_source = ("USB's Dash config: SGD Nesterov momentum 0.9, lr 0.03 (no batch scaling), weight decay 5e-4, lr · cos(7πk/16K)")
     temperature: float = Field(0.5, gt=0, description="soft pseudo-label softmax(weak / T) (USB T)")
     gamma: float = Field(1.27, ge=1, description="ρ shrinks by this factor per stage (USB gamma)")
     c: float = Field(1.0001, gt=0, description="ρ_t = max(rho_min, c · gamma^−stage · ρ̂) (USB C)")

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..losses import dkd_loss
 from .base import Progress
-from .kd import KDConfig, KnowledgeDistillation
+from .kd import KD_SGD, KDConfig, KnowledgeDistillation
 from .registry import register
 
 
@@ -24,6 +24,9 @@ class DKDConfig(KDConfig):
     """DKD: ce_weight · CE + warm-up · (alpha · TCKD + beta · NCKD) · T²."""
 
     method: Literal["dkd"]
+
+    recommended = KD_SGD
+    recommended_source = ("DKD (Zhao et al. 2022, mdistiller CIFAR-100 configs): SGD momentum 0.9, lr 0.05, weight decay 5e-4, lr × 0.1 at epochs 150/180/210 of 240")
     alpha: float = Field(1.0, ge=0, description="weight of the target-class term TCKD (mdistiller ALPHA)")
     beta: float = Field(8.0, ge=0, description="weight of the non-target-class term NCKD (mdistiller BETA)")
     ce_weight: float = Field(1.0, ge=0, description="weight of cross-entropy on the labels (mdistiller CE_WEIGHT)")

@@ -16,12 +16,15 @@ from ..data.loader import Batch
 from ..losses import consistency_loss
 from .base import Progress
 from .registry import register
-from .semi import SemiSupervisedConfig, SemiSupervisedMethod
+from .semi import USB_SGD, SemiSupervisedConfig, SemiSupervisedMethod
 from .thresholds import DistributionAlignment, ThresholdConfig, build_policy
 
 
 class FixMatchConfig(SemiSupervisedConfig):
     method: Literal["fixmatch"]
+
+    recommended = USB_SGD
+    recommended_source = ("FixMatch (Sohn et al. 2020, §4): SGD Nesterov momentum 0.9, lr 0.03 (no batch scaling), weight decay 5e-4, lr · cos(7πk/16K)")
     threshold: float = Field(0.95, ge=0, le=1)
     temperature: float = Field(1.0, gt=0, description="sharpening of the pseudo-label softmax")
     threshold_policy: ThresholdConfig = Field(default_factory=ThresholdConfig)

@@ -22,7 +22,7 @@ from ..data.augment import Normalize, random_translate_flip, to_unit_float
 from ..data.loader import Batch
 from ..errors import ConfigError
 from ..losses import hint_loss, kd_loss, multi_teacher_kd_loss
-from ..models.registry import build_from_record
+from ..models.bounds import build_from_record
 from .base import ClassifierMethod, Progress
 from .hint import FeatureTap, HintConfig, Regressor, find_layer, probe_shape
 from .registry import register
@@ -39,12 +39,21 @@ class WeightedTeacherConfig(TeacherConfig):
     weight: float = Field(1.0, ge=0, description="share of this teacher in the soft target (weights normalised)")
 
 
+# RepDistiller's CIFAR-100 schedule (SGD 0.9, lr 0.05, weight decay 5e-4, × 0.1 at epochs 150/180/210 of 240), which
+# DKD's mdistiller keeps: the `recommended` setting of kd and dkd.
+KD_SGD = {"optimizer": {"name": "sgd", "lr": 0.05, "lr_scaling": "none", "weight_decay": 5e-4, "momentum": 0.9},
+          "schedule": {"name": "multistep", "milestones": [0.625, 0.75, 0.875], "gamma": 0.1, "warmup_epochs": 0}}
+
+
 class KDConfig(StageBase):
     """Hinton knowledge distillation: loss = alpha · KD(student ‖ teacher, T) + (1 − alpha) · CE(student, labels).
     alpha weighs the soft-target term (the convention of Hinton et al. and torchdistill; RepDistiller's 'alpha' is
     the CE weight instead)."""
 
     method: Literal["kd"]
+
+    recommended = KD_SGD
+    recommended_source = ("RepDistiller (Tian et al. 2020, train_student.py): SGD momentum 0.9, lr 0.05, weight decay 5e-4, lr × 0.1 at epochs 150/180/210 of 240")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     teachers: list[WeightedTeacherConfig] = Field(
         default_factory=list, description="several teachers (instead of `teacher`): weighted mean of soft targets")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from ..common.plots import plot_reconstructions
 from ..data.augment import random_resized_crop, to_unit_float
 from ..data.crops import CropSpec
 from ..data.fileset import image_batches
@@ -42,6 +43,9 @@ class MAEConfig(MaskedConfig):
     """MAE: ViT encoder on the visible patches, light decoder with mask tokens, (norm-)pixel targets."""
 
     method: Literal["mae"]
+
+    recommended = {"optimizer": {"name": "adamw", "lr": 0.00015, "lr_scaling": "linear", "base_batch_size": 256, "weight_decay": 0.05, "betas": [0.9, 0.95]}, "schedule": {"name": "cosine", "warmup_epochs": 40}}
+    recommended_source = ("MAE (He et al. 2022, appendix A.1): AdamW β=(0.9, 0.95), base lr 1.5e-4 × batch/256, weight decay 0.05, 40 warm-up epochs, cosine")
     norm_pix: bool = Field(True, description="per-patch normalised pixel targets")
     decoder_dim: int = Field(128, ge=4)
     decoder_depth: int = Field(2, ge=1)
@@ -52,6 +56,9 @@ class SimMIMConfig(MaskedConfig):
     """SimMIM: mask token in the input (ViT tokens or ResNet pixels), linear head, L1 on masked pixels."""
 
     method: Literal["simmim"]
+
+    recommended = {"optimizer": {"name": "adamw", "lr": 0.0008, "lr_scaling": "linear", "base_batch_size": 512, "weight_decay": 0.05, "betas": [0.9, 0.999]}, "schedule": {"name": "cosine", "warmup_epochs": 10}, "train": {"clip_grad_norm": 5.0}}
+    recommended_source = ("SimMIM (Xie et al. 2022, appendix): AdamW, lr 8e-4 × batch/512, weight decay 0.05, 10 warm-up epochs, cosine, gradient clipping at norm 5.0")
     mask_patch_size: Optional[int] = Field(None, ge=1, description="mask unit in pixels (default: the ViT patch "
                                                                      "size / the ResNet's output stride)")
 
@@ -129,8 +136,6 @@ class MAE(_MaskedMethod):
         return masked_input, pasted, mask
 
     def final_report(self, model: nn.Module, data, out_dir) -> dict[str, float]:
-        from ..common.plots import plot_reconstructions
-
         device = next(self.parameters()).device
         source = data.test if len(data.test) else data.train  # an unlabeled folder has no test images
         info = self.info

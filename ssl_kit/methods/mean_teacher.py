@@ -16,11 +16,14 @@ from ..losses import linear_rampup, mean_teacher_loss, sigmoid_rampup
 from .base import Progress
 from .momentum import frozen_copy, update_momentum_pairs
 from .registry import register
-from .semi import SemiSupervisedConfig, SemiSupervisedMethod
+from .semi import USB_SGD, SemiSupervisedConfig, SemiSupervisedMethod
 
 
 class MeanTeacherConfig(SemiSupervisedConfig):
     method: Literal["mean_teacher"]
+
+    recommended = USB_SGD
+    recommended_source = ("USB's Mean Teacher config: SGD Nesterov momentum 0.9, lr 0.03 (no batch scaling), weight decay 5e-4, lr · cos(7πk/16K)")
     mu: int = Field(1, ge=1, description="unlabeled batch = mu × labeled batch (USB uratio 1)")
     lambda_u: float = Field(50.0, ge=0, description="weight of the consistency loss (USB ulb_loss_ratio 50)")
     ema_m: float = Field(0.999, ge=0, lt=1, description="teacher = EMA of the student with this decay (USB ema_m)")

@@ -18,11 +18,14 @@ from ..data.loader import Batch
 from ..losses import linear_rampup, mixmatch_loss, mixmatch_targets, mixup
 from .base import Progress
 from .registry import register
-from .semi import SemiSupervisedConfig, SemiSupervisedMethod
+from .semi import USB_SGD, SemiSupervisedConfig, SemiSupervisedMethod
 
 
 class MixMatchConfig(SemiSupervisedConfig):
     method: Literal["mixmatch"]
+
+    recommended = USB_SGD
+    recommended_source = ("USB's MixMatch config (the paper used Adam lr 0.002; USB trains every algorithm with this SGD): SGD Nesterov momentum 0.9, lr 0.03 (no batch scaling), weight decay 5e-4, lr · cos(7πk/16K)")
     mu: int = Field(1, ge=1, description="unlabeled batch = mu × labeled batch (USB uratio 1)")
     lambda_u: float = Field(100.0, ge=0, description="weight of the squared-error term (USB ulb_loss_ratio; its "
                                                      "CIFAR-10 configs use 75)")

@@ -21,6 +21,9 @@ class NNCLRConfig(ContrastiveConfig):
     """NNCLR with the paper's defaults (τ 0.1, support set 98304, projector 2048 → 256, predictor hidden 4096)."""
 
     method: Literal["nnclr"]
+
+    recommended = {"optimizer": {"name": "lars", "lr": 0.3, "lr_scaling": "linear", "base_batch_size": 256, "weight_decay": 1e-6, "momentum": 0.9}, "schedule": {"name": "cosine", "warmup_epochs": 10}}
+    recommended_source = ("NNCLR (Dwibedi et al. 2021) trains as SimCLR does: LARS, lr 0.3 × batch/256, weight decay 1e-6, 10 warm-up epochs, cosine")
     temperature: float = Field(0.1, gt=0, description="softmax temperature of the nearest-neighbour InfoNCE")
     proj_hidden_dim: int = Field(2048, ge=1)
     proj_dim: int = Field(256, ge=1)

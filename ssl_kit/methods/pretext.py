@@ -86,11 +86,13 @@ class PretextMethod(Method):
         probe = self.probe_loss(features, labels)
         return {"loss": loss + probe, name: loss.detach(), "probe_loss": probe.detach()}
 
-    def classifier(self, ema: Optional[nn.Module] = None) -> nn.Module:
-        return ProbedClassifier(self.get_backbone(), self.probe)
+    def classifier(self, ema: Optional[nn.Module] = None) -> Optional[nn.Module]:
+        """backbone + online probe; None on a label-free source (no classes: nothing to classify)."""
+        return ProbedClassifier(self.get_backbone(), self.probe) if self.probe.out_features else None
 
-    def head(self) -> nn.Linear:
-        return self.probe
+    def head(self) -> Optional[nn.Linear]:
+        """The online probe, saved in backbone.pt; None when the data has no classes (features only)."""
+        return self.probe if self.probe.out_features else None
 
     def epoch_metrics(self) -> dict[str, float]:
         seen = float(self._probe_seen)

@@ -15,12 +15,15 @@ from ..losses import consistency_loss, linear_rampup
 from .base import Progress
 from .pseudo_gate import PseudoLabelGate
 from .registry import register
-from .semi import SemiSupervisedConfig, SemiSupervisedMethod
+from .semi import USB_SGD, SemiSupervisedConfig, SemiSupervisedMethod
 from .thresholds import ThresholdConfig
 
 
 class PseudoLabelConfig(SemiSupervisedConfig):
     method: Literal["pseudo_label"]
+
+    recommended = USB_SGD
+    recommended_source = ("USB's Pseudo-Label config: SGD Nesterov momentum 0.9, lr 0.03 (no batch scaling), weight decay 5e-4, lr · cos(7πk/16K)")
     mu: int = Field(1, ge=1, description="unlabeled batch = mu × labeled batch (USB uratio 1)")
     threshold: float = Field(0.95, ge=0, le=1, description="confidence for a pseudo-label (USB p_cutoff)")
     unsup_warmup: float = Field(0.4, ge=0, le=1, description="fraction of the steps over which the unlabeled weight "

@@ -11,8 +11,17 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..common.metrics import predict
+from ..common.plots import plot_threshold_sweep
 from ..config import StageBase
+from ..data.fileset import image_batches
 from .base import ClassifierMethod
+
+
+# USB's training setting for every algorithm of this family (FixMatch §4: SGD Nesterov 0.9, lr 0.03, weight decay
+# 5e-4, lr · cos(7πk/16K), batch 64 labeled + μ·64 unlabeled, no batch scaling): each method's `recommended`.
+USB_SGD = {"optimizer": {"name": "sgd", "lr": 0.03, "lr_scaling": "none", "weight_decay": 5e-4, "momentum": 0.9,
+                         "nesterov": True},
+           "schedule": {"name": "fixmatch_cosine", "warmup_epochs": 0}}
 
 
 class SemiSupervisedConfig(StageBase):
@@ -100,9 +109,6 @@ class SemiSupervisedMethod(ClassifierMethod):
         """Threshold sweep on the unlabeled set (streamed: SWEEP_LIMIT images spread over it, decoded with the
         evaluation transform) with the trained model: for each threshold, the fraction of images whose confidence
         passes it (quantity) and the accuracy of their pseudo-labels (quality)."""
-        from ..common.plots import plot_threshold_sweep
-        from ..data.fileset import image_batches
-
         rows = data.unlabeled
         if data.streamed and len(rows) > self.SWEEP_LIMIT:  # evenly spread, so no class or folder dominates
             rows = rows[torch.linspace(0, len(rows) - 1, self.SWEEP_LIMIT).round().long()]

@@ -28,12 +28,15 @@ from ..losses import consistency_loss, simmatch_in_loss, simmatch_unfold_aggrega
 from .base import Progress
 from .momentum import frozen_copy, update_momentum_pairs
 from .registry import register
-from .semi import SemiSupervisedConfig, SemiSupervisedMethod
+from .semi import USB_SGD, SemiSupervisedConfig, SemiSupervisedMethod
 from .thresholds import ThresholdConfig, build_policy
 
 
 class SimMatchConfig(SemiSupervisedConfig):
     method: Literal["simmatch"]
+
+    recommended = USB_SGD
+    recommended_source = ("SimMatch (Zheng et al. 2022) / USB config: SGD Nesterov momentum 0.9, lr 0.03 (no batch scaling), weight decay 5e-4, lr · cos(7πk/16K)")
     threshold: float = Field(0.95, ge=0, le=1, description="confidence cut-off of the class pseudo-label (USB "
                                                            "p_cutoff)")
     temperature: float = Field(0.1, gt=0, description="temperature of the bank similarities (USB T)")

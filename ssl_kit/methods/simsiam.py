@@ -34,6 +34,9 @@ class SimSiamConfig(PretextConfig):
     """SimSiam: 3-layer projector with BN on every layer (output BN without affine), 2-layer bottleneck predictor."""
 
     method: Literal["simsiam"]
+
+    recommended = {"optimizer": {"name": "sgd", "lr": 0.05, "lr_scaling": "linear", "base_batch_size": 256, "weight_decay": 0.0001, "momentum": 0.9}, "schedule": {"name": "cosine", "warmup_epochs": 0}}
+    recommended_source = ("SimSiam (Chen & He 2021, §4): SGD momentum 0.9, lr 0.05 × batch/256, weight decay 1e-4, cosine decay, no warm-up")
     proj_hidden_dim: int = Field(2048, ge=1, description="projector hidden width (paper: 2048)")
     proj_dim: int = Field(2048, ge=1, description="projection dimension D (paper: 2048)")
     pred_hidden_dim: int = Field(512, ge=1, description="predictor bottleneck width (paper: 512)")

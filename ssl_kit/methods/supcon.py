@@ -22,6 +22,9 @@ class SupConConfig(ContrastiveConfig):
     """SupCon with the paper's defaults (τ 0.1, projector 2048 → 128); trains on the labeled images."""
 
     method: Literal["supcon"]
+
+    recommended = {"optimizer": {"name": "sgd", "lr": 0.5, "lr_scaling": "linear", "base_batch_size": 1024, "weight_decay": 0.0001, "momentum": 0.9}, "schedule": {"name": "cosine", "warmup_epochs": 10, "warmup_start": 0.1}}
+    recommended_source = ("SupCon reference (HobbitLong/SupContrast, main_supcon.py): SGD momentum 0.9, lr 0.5 at batch 1024 (scaled linearly), weight decay 1e-4, 10 warm-up epochs from lr/10, cosine")
     temperature: float = Field(0.1, gt=0, description="softmax temperature of the supervised contrastive loss")
     proj_hidden_dim: int = Field(2048, ge=1)
     proj_dim: int = Field(128, ge=1)

@@ -19,6 +19,9 @@ class SupervisedConfig(StageBase):
     """Labels only; also the fine-tuning stage (init.from_stage / init.checkpoint)."""
 
     method: Literal["supervised"]
+
+    recommended = {"optimizer": {"name": "sgd", "lr": 0.1, "lr_scaling": "linear", "base_batch_size": 256, "weight_decay": 0.0005, "momentum": 0.9}, "schedule": {"name": "cosine", "warmup_epochs": 0}}
+    recommended_source = ("the supervised ResNet baseline (Goyal et al. 2017 linear scaling): SGD momentum 0.9, lr 0.1 × batch/256, weight decay 5e-4 (the CIFAR ResNet value), cosine decay")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     mixup_alpha: float = Field(0.0, ge=0, description="mixup Beta(α, α); 0 = off")
     cutmix_alpha: float = Field(0.0, ge=0, description="CutMix Beta(α, α); 0 = off (with both, each batch picks one)")

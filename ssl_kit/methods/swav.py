@@ -38,6 +38,9 @@ class SwAVConfig(ContrastiveConfig):
     `views` gives the global crops (crop_scale, colour); the local crops reuse its colour strengths."""
 
     method: Literal["swav"]
+
+    recommended = {"optimizer": {"name": "lars", "lr": 0.3, "lr_scaling": "linear", "base_batch_size": 256, "weight_decay": 1e-6, "momentum": 0.9}, "schedule": {"name": "cosine", "warmup_epochs": 10, "min_lr_ratio": 0.001}}
+    recommended_source = ("SwAV (Caron et al. 2020, §A): LARS, lr 4.8 at batch 4096 (0.3 × batch/256), final lr 1/1000 of it, weight decay 1e-6, 10 warm-up epochs, cosine")
     temperature: float = Field(0.1, gt=0, description="softmax temperature τ of the predicted assignments")
     n_prototypes: int = Field(3000, ge=2, description="prototypes K (the paper's 3000)")
     sinkhorn_iterations: int = Field(3, ge=1, description="Sinkhorn-Knopp iterations")

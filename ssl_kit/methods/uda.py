@@ -19,12 +19,15 @@ from ..losses import consistency_loss, sharpen, tsa_mask, tsa_threshold
 from .base import Progress
 from .pseudo_gate import PseudoLabelGate
 from .registry import register
-from .semi import SemiSupervisedConfig, SemiSupervisedMethod
+from .semi import USB_SGD, SemiSupervisedConfig, SemiSupervisedMethod
 from .thresholds import ThresholdConfig
 
 
 class UDAConfig(SemiSupervisedConfig):
     method: Literal["uda"]
+
+    recommended = USB_SGD
+    recommended_source = ("USB's UDA config: SGD Nesterov momentum 0.9, lr 0.03 (no batch scaling), weight decay 5e-4, lr · cos(7πk/16K)")
     threshold: float = Field(0.8, ge=0, le=1, description="confidence mask on the weak prediction (USB p_cutoff)")
     temperature: float = Field(0.4, gt=0, description="sharpening of the weak-view target (USB T)")
     tsa_schedule: Literal["none", "linear", "exp", "log"] = Field(

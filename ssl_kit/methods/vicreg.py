@@ -24,6 +24,9 @@ class VICRegConfig(PretextConfig):
     """VICReg: 3-layer expander (Linear-BN-ReLU × 2, Linear) and the three loss weights."""
 
     method: Literal["vicreg"]
+
+    recommended = {"optimizer": {"name": "lars", "lr": 0.2, "lr_scaling": "linear", "base_batch_size": 256, "weight_decay": 1e-6, "momentum": 0.9}, "schedule": {"name": "cosine", "warmup_epochs": 10}}
+    recommended_source = ("VICReg (Bardes et al. 2022, appendix C): LARS, base lr 0.2 × batch/256, weight decay 1e-6, 10 warm-up epochs, cosine decay")
     proj_hidden_dim: int = Field(2048, ge=1, description="expander hidden width (paper: 8192; solo-learn CIFAR 2048)")
     proj_dim: int = Field(2048, ge=1, description="embedding dimension D (paper: 8192; solo-learn CIFAR 2048)")
     sim_weight: float = Field(25.0, ge=0, description="λ: weight of the invariance (MSE) term")

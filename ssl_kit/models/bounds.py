@@ -1,16 +1,19 @@
 """Bounds on architectures described by untrusted metadata (a checkpoint's arch/kwargs, a recipe's backbone.kwargs):
 settings within MAX_ARCH_INT and finite, and a network measured on the meta device (shapes only, no memory) against
-MAX_PARAMS and the weights actually present — before anything is allocated."""
+MAX_PARAMS and the weights actually present — before anything is allocated. `build_from_record` rebuilds a record's
+backbone (registry.py) only after those checks."""
 from __future__ import annotations
 
 import math
 from typing import Any, Optional
 
 import torch
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import CheckpointError
 from ..limits import how_to_raise, limit
+from .registry import build_backbone
 
 
 def check_arch_value(value: Any, where: str) -> None:
@@ -51,8 +54,6 @@ def check_architecture(arch: str, kwargs: dict, channels: int, image_size: int, 
                        state_dict: Optional[dict] = None) -> None:
     """Build the network on the meta device (no memory) and check its size against MAX_PARAMS and, when given,
     `state_dict`'s names and shapes against it: a crafted checkpoint cannot make us allocate a giant network."""
-    from .registry import build_backbone  # registry builds real networks and calls this first
-
     for key, value in kwargs.items():
         check_arch_value(value, f"{where}: kwargs.{key}")
     with torch.random.fork_rng(devices=[]), _LargeOnMeta():  # measuring must not move the global RNG
@@ -76,3 +77,20 @@ def check_architecture(arch: str, kwargs: dict, channels: int, image_size: int, 
     if any(problems):
         raise CheckpointError(f"{where}: weights do not fit backbone {arch!r} {kwargs}: "
                               f"{'; '.join(p for p in problems if p)}")
+
+
+def build_from_record(record: dict) -> nn.Module:
+    """Rebuild the backbone of a record, load its weights; attaches .data_info and .arch. The architecture is
+    checked against MAX_PARAMS and the weights present before the network is allocated (check_architecture)."""
+    info = record["data"]
+    check_architecture(record["arch"], record["kwargs"], info["channels"], info["image_size"],
+                       f"checkpoint of {record['arch']!r}", record["state_dict"])
+    backbone = build_backbone(record["arch"], info["channels"], info["image_size"], record["kwargs"])
+    try:
+        backbone.load_state_dict(record["state_dict"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"weights do not fit backbone {record['arch']!r} {record['kwargs']}: {first}") from None
+    backbone.data_info = info
+    backbone.arch = record["arch"]
+    return backbone

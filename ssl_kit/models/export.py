@@ -24,9 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
+from .foreign import read_safetensors
+from .model_card import model_card
+from .registry import build_backbone
 
 TARGETS = ("torchvision", "timm", "safetensors")
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -45,8 +50,6 @@ def _refuse(arch: str, target: str, why: str) -> CheckpointError:
 def _our_vit_to_timm(record: dict) -> tuple[dict, dict]:
     """Our VisionTransformer -> timm VisionTransformer kwargs and keys (qkv/proj under attn., mlp.0/2 -> fc1/fc2,
     the fixed sin-cos table stored as timm's pos_embed)."""
-    from .registry import build_backbone
-
     info = record["data"]
     vit = build_backbone(record["arch"], info["channels"], info["image_size"], record["kwargs"])
     heads = vit.blocks[0].heads
@@ -69,7 +72,7 @@ def _our_vit_to_timm(record: dict) -> tuple[dict, dict]:
 def _to_timm(record: dict) -> tuple[dict, dict]:
     arch, kwargs, info = record["arch"], dict(record["kwargs"]), record["data"]
     if arch.startswith("timm:"):
-        import timm
+        import timm  # deferred: heavy optional import (timm, ~2 s), only for timm exports
 
         name = arch[len("timm:"):]
         cfg = timm.models.get_pretrained_cfg(name)
@@ -99,8 +102,6 @@ def _conv_spec(conv: nn.Conv2d) -> dict[str, Any]:
 
 
 def _to_torchvision(record: dict) -> tuple[dict, dict]:
-    from .registry import build_backbone
-
     arch, kwargs, info = record["arch"], dict(record["kwargs"]), record["data"]
     if arch in RESNETS:
         backbone = build_backbone(arch, info["channels"], info["image_size"], kwargs)
@@ -157,19 +158,15 @@ def build_exported(config: dict) -> nn.Module:
     with config['replace'] applied / ssl_kit build_backbone. -> images (N, C, H, W) -> features (N, F)."""
     library, name, kwargs = config["library"], config["model"], dict(config["kwargs"])
     if library == "timm":
-        import timm
+        import timm  # deferred: heavy optional import (timm, ~2 s), only for timm exports
 
         return timm.create_model(name, pretrained=False, **kwargs)
     if library == "torchvision":
-        import torchvision
-
         model = torchvision.models.get_model(name, weights=None, **kwargs)
         for path, spec in config.get("replace", {}).items():
             _replace_module(model, path, spec)
         return model
     if library == "ssl_kit":
-        from .registry import build_backbone
-
         channels, size, _ = config["input_size"]
         return build_backbone(name, channels, size, kwargs)
     raise CheckpointError(f"config.json: unknown library {library!r} (expected timm, torchvision or ssl_kit)")
@@ -181,8 +178,6 @@ def verify_export(config: dict, weights: str | Path, reference: nn.Module, toler
     """Load `weights` strictly into build_exported(config), compare its outputs with `reference` (our backbone) on
     seeded random input (batch, *config['input_size']) in eval mode. -> max |difference|; CheckpointError naming
     the keys when the load fails, or the difference when it exceeds `tolerance`."""
-    from .foreign import read_safetensors
-
     target = build_exported(config).eval()
     try:
         target.load_state_dict(read_safetensors(weights), strict=True)
@@ -212,8 +207,6 @@ def sha256_file(path: str | Path) -> str:
 
 def _reference(record: dict) -> nn.Module:
     """Our backbone of the record with its weights (eval mode): what the export must reproduce."""
-    from .registry import build_backbone
-
     info = record["data"]
     backbone = build_backbone(record["arch"], info["channels"], info["image_size"], record["kwargs"])
     backbone.load_state_dict(record["state_dict"])
@@ -225,10 +218,6 @@ def write_export(record: dict, target: str, out_dir: str | Path, tolerance: floa
     """Write model.safetensors + config.json + README.md (model card) into `out_dir`, verified before anything
     lands there (a refused export leaves no files). `context` (method, recipe, data, metrics of the run) goes into
     the card. -> {"out": dir, "max_abs_diff": float, "sha256": str, "library": str, "model": str}."""
-    from safetensors.torch import save_file
-
-    from .model_card import model_card
-
     config, state = export_layout(record, target)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -251,8 +240,6 @@ def write_export(record: dict, target: str, out_dir: str | Path, tolerance: floa
 def load_exported(out_dir: str | Path) -> nn.Module:
     """An export folder -> the target library's model with the weights loaded strictly (eval mode). The file's
     sha256 must match config.json's: a corrupted or swapped model.safetensors is refused."""
-    from .foreign import read_safetensors
-
     out_dir = Path(out_dir)
     config_path, weights = out_dir / "config.json", out_dir / "model.safetensors"
     for path in (config_path, weights):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import torchvision.models as tv_models
 from torch import nn
 
 from ..common.files import safe_load
@@ -38,8 +39,6 @@ def _unwrap_state(state: dict, path: str) -> dict:
 
 def torchvision_backbone(reference: str, weights: Optional[str], image_size: Optional[int] = None) -> nn.Module:
     """'torchvision:NAME' + a local weights file (or 'random') -> feature extractor with .data_info and .arch."""
-    import torchvision.models as tv_models
-
     name = reference[len(PREFIX):]
     known = tv_models.list_models(module=tv_models)
     if name not in known:

@@ -28,9 +28,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
+from .registry import BACKBONES, build_backbone
+from .torchvision_backbone import list_torchvision_models
 
 LAYOUTS = ("mae", "dino", "dino-student", "mocov3", "solo-learn", "lightly", "state-dict")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -41,8 +45,6 @@ ARCH_HELP = "--arch timm:NAME | torchvision:NAME | <ssl_kit backbone name> (in a
 # ----------------------------------------------------------------------------------------------- references
 def is_arch(text: str) -> bool:
     """'timm:NAME', 'torchvision:NAME' or one of our registered names (kwargs after a comma allowed)."""
-    from .registry import BACKBONES
-
     base = text.split(",", 1)[0]
     return base.startswith(("timm:", "torchvision:")) or base in BACKBONES
 
@@ -78,9 +80,6 @@ def parse_arch(arch: str) -> tuple[str, dict[str, Any]]:
 
 def read_safetensors(path: str | Path) -> dict[str, Tensor]:
     """A .safetensors file -> state dict (the format holds tensors only: nothing can run on load)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -173,7 +172,7 @@ def infer_data_info(arch: str, state: dict, image_size: Optional[int]) -> dict:
     channels = int(first.shape[1]) if first is not None else 3
     mean, std, size = IMAGENET_MEAN, IMAGENET_STD, 224 if ":" in arch else 32
     if arch.startswith("timm:"):
-        import timm
+        import timm  # deferred: heavy optional import (timm, ~2 s), only for timm:NAME architectures
 
         cfg = timm.models.get_pretrained_cfg(arch[len("timm:"):])
         if cfg is not None:
@@ -242,8 +241,6 @@ def fit_state(backbone: nn.Module, state: dict[str, Tensor], source: str) -> tup
 
 def _file_arch(data: dict) -> Optional[str]:
     """An architecture the file records: MoCo v3 / DINO 'arch' naming a torchvision model."""
-    from .torchvision_backbone import list_torchvision_models
-
     arch = data.get("arch")
     return f"torchvision:{arch}" if isinstance(arch, str) and arch in list_torchvision_models() else None
 
@@ -252,8 +249,6 @@ def foreign_record(data: dict, path: str, layout: Optional[str] = None, arch: Op
                    image_size: Optional[int] = None) -> dict:
     """A loaded foreign checkpoint -> the fields of an ssl_kit backbone record (arch, kwargs, data, state_dict; see
     engine/checkpoint.py) whose state dict fits the architecture exactly, and 'source': file, layout, dropped keys."""
-    from .registry import build_backbone
-
     detected = layout is None
     layout = layout or detect_layout(data)
     state, dropped = layout_state(data, layout)

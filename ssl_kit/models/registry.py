@@ -6,8 +6,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
-from .bounds import check_architecture
+from ..errors import ConfigError
 from .cnn import SmallCNN
 from .resnet import ResNetBackbone, WideResNet
 from .timm_backbone import PREFIX as TIMM_PREFIX, timm_backbone
@@ -46,20 +45,3 @@ def build_backbone(name: str, in_channels: int, image_size: int, kwargs: dict[st
         raise ConfigError(f"backbone {name!r}: bad kwargs {kwargs}: {exc}") from None
     except ValueError as exc:
         raise ConfigError(f"backbone {name!r}: {exc}") from None
-
-
-def build_from_record(record: dict) -> nn.Module:
-    """Rebuild the backbone of a record, load its weights; attaches .data_info and .arch. The architecture is
-    checked against MAX_PARAMS and the weights present before the network is allocated (models/bounds.py)."""
-    info = record["data"]
-    check_architecture(record["arch"], record["kwargs"], info["channels"], info["image_size"],
-                       f"checkpoint of {record['arch']!r}", record["state_dict"])
-    backbone = build_backbone(record["arch"], info["channels"], info["image_size"], record["kwargs"])
-    try:
-        backbone.load_state_dict(record["state_dict"])
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise CheckpointError(f"weights do not fit backbone {record['arch']!r} {record['kwargs']}: {first}") from None
-    backbone.data_info = info
-    backbone.arch = record["arch"]
-    return backbone

@@ -24,7 +24,7 @@ PREFIX = "timm:"
 
 def create_timm_model(name: str, in_channels: int, image_size: int, kwargs: dict[str, Any]) -> nn.Module:
     """timm.create_model(name, pretrained=False, num_classes=0, in_chans, [img_size], **kwargs) with clear errors."""
-    import timm
+    import timm  # deferred: heavy optional import (timm, ~2 s), only for timm:NAME backbones
 
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
@@ -89,7 +89,7 @@ class TimmViT(VisionTransformer):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """images (N, C, H, W) -> patch tokens + position embedding (N, L, D); other grids than the trained one get
         the position table resampled (timm's resample_abs_pos_embed)."""
-        from timm.layers import resample_abs_pos_embed
+        from timm.layers import resample_abs_pos_embed  # deferred: heavy optional import (timm)
 
         tokens = self.patch_embed(x)
         if tokens.ndim == 4:  # dynamic_img_size: NHWC
@@ -135,6 +135,7 @@ def _check_plain_vit(model: nn.Module) -> None:
 
 def timm_backbone(name: str, in_channels: int, image_size: int, kwargs: dict[str, Any] | None = None) -> nn.Module:
     """'NAME' (without the 'timm:' prefix) -> TimmViT for plain timm ViTs, else TimmBackbone."""
+    # deferred: heavy optional import (timm, ~2 s), only for timm:NAME backbones
     from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
     model = create_timm_model(name, in_channels, image_size, dict(kwargs or {}))

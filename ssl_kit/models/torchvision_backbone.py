@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torchvision.models as tv_models
 from torch import nn
 
 from ..errors import ConfigError
@@ -51,15 +52,11 @@ def set_in_channels(model: nn.Module, in_channels: int) -> str:
 
 
 def list_torchvision_models() -> list[str]:
-    import torchvision.models as tv_models
-
     return tv_models.list_models(module=tv_models)
 
 
 def create_torchvision_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
     """torchvision.models.get_model(name, weights=None, **kwargs) with the classifier still in place."""
-    import torchvision.models as tv_models
-
     known = list_torchvision_models()
     if name not in known:
         close = [k for k in known if name.split("_")[0] in k][:8]
