@@ -43,7 +43,8 @@ def plot_training_curves(records: list[dict], out: Path) -> Path | None:
         ax.plot(*zip(*points), label=stage)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    ax.set_yscale("log")
+    if all(r["loss"] > 0 for r in steps):  # SimSiam/BYOL-style losses are negative: linear axis then
+        ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, out)

@@ -204,6 +204,10 @@ def prepare_data(cfg: DataConfig, seed: int, use_unlabeled: bool, label_free: bo
     else:
         labeled = labeled_indices(train.labels, cfg.labels_per_class, cfg.split_seed if cfg.split_seed is not None
                                   else seed, train.classes)
+    if not label_free and len(labeled) == 0:
+        raise DataError(f"data.dataset {spec!r} has no labeled training images, and this stage's method learns from "
+                        "labels: give data.labels (a CSV of path,label rows naming some of the files), use a "
+                        "class-folder source (imagefolder:ROOT), or train a label-free method (`ssl-kit methods`)")
     unlabeled = None
     if use_unlabeled and cfg.unlabeled_dataset:
         if isinstance(train, FileSet):

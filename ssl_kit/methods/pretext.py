@@ -3,6 +3,7 @@ features, trained beside the pretext loss with its own learning rate and no weig
 users watch pretraining progress. The probe is also the classifier the test evaluation runs."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -37,6 +38,15 @@ class ProbedClassifier(nn.Module):
         return self.probe(self.backbone(x))
 
 
+def online_probe(features: int, classes: int) -> nn.Linear:
+    """Linear F -> K; with no classes (a label-free source) an empty (0, F) layer that is never called or saved."""
+    if classes:
+        return nn.Linear(features, classes)
+    with warnings.catch_warnings():  # torch warns that initialising a zero-element tensor does nothing: we know
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        return nn.Linear(features, 0)
+
+
 class PretextMethod(Method):
     """Holds `backbone` and `probe`; every other trainable parameter forms the 'projector' group (pretext heads)."""
 
@@ -46,7 +56,7 @@ class PretextMethod(Method):
     def __init__(self, cfg, backbone: nn.Module, info) -> None:
         super().__init__(cfg, info)
         self.backbone = backbone
-        self.probe = nn.Linear(backbone.num_features, info.num_classes)
+        self.probe = online_probe(backbone.num_features, info.num_classes)
         self.register_buffer("_probe_correct", torch.zeros(()), persistent=False)
         self.register_buffer("_probe_seen", torch.zeros(()), persistent=False)
 
