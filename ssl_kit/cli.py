@@ -24,7 +24,7 @@ from .data.stream import check_index
 from .engine.checkpoint import resolve_checkpoint
 from .errors import SslKitError, TrainingInterrupted, UsageError
 from .eval.corruptions import parse_corruptions
-from .eval.features import FeatureExtractor
+from .eval.features import DEFAULT_MEMORY_BUDGET_GB, FeatureExtractor
 from .eval.model_info import model_info
 from .eval.report import format_headline, headline_rows
 from .eval.stages import knn_dataset, probe_dataset
@@ -167,7 +167,8 @@ def cmd_knn(args) -> int:
 
 
 def _extractor(args):
-    return FeatureExtractor.from_checkpoint(args.checkpoint, args.device, args.weights, args.image_size)
+    return FeatureExtractor.from_checkpoint(args.checkpoint, args.device, args.weights, args.image_size,
+                                            args.budget_gb)
 
 
 def cmd_transfer(args) -> int:
@@ -342,6 +343,7 @@ POSITIVE = bounded(int, 1, 10**6)
 EPOCHS = bounded(int, 1, 100_000)
 IMAGE_SIZE = bounded(int, 4, 1024)
 SEED = bounded(int, 0, 2**63 - 1)
+BUDGET_GB = bounded(float, 0, 1e6, low_open=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -377,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--weights", help="local weights file for --checkpoint torchvision:NAME / timm:NAME "
                                              "('random': an untrained torchvision network)")
             p.add_argument("--image-size", type=IMAGE_SIZE, help="resize images to this size (default: the backbone's)")
+            p.add_argument("--budget-gb", type=BUDGET_GB, default=DEFAULT_MEMORY_BUDGET_GB,
+                           help="data.memory_budget_gb: a streamed source decoding to more is embedded from files in "
+                                "workers, its features cached on disk")
         p.add_argument("--seed", type=SEED, default=0)
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
         p.set_defaults(func=func)
@@ -443,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--image-size", type=int, default=224, help="size for the in-memory byte count")
     data.add_argument("--channels", type=int, default=3, choices=[1, 3])
     data.add_argument("--storage", default="auto", choices=["auto", "memory", "stream"])
-    data.add_argument("--budget-gb", type=float, default=4.0, help="data.memory_budget_gb for storage auto")
+    data.add_argument("--budget-gb", type=BUDGET_GB, default=DEFAULT_MEMORY_BUDGET_GB,
+                      help="data.memory_budget_gb for storage auto")
     data.add_argument("--workers", type=int, default=2)
     data.add_argument("--json", action="store_true")
     data.set_defaults(func=cmd_data)

@@ -250,6 +250,9 @@ class EvalStageBase(Strict):
     checkpoint: Optional[str] = None
     data: Optional[str] = Field(None, description="dataset spec; default: the source stage's dataset")
     image_size: Optional[int] = Field(None, ge=4, le=1024)
+    memory_budget_gb: Optional[float] = Field(
+        None, gt=0, description="storage auto: embed a streamed evaluation set from files in workers when decoding it "
+                                "would take more; default: data.memory_budget_gb of the stage that trained the backbone")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     channels_last: Optional[bool] = _channels_last_field()
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ._version import __version__
-from .config import EVAL_METHODS, Recipe, StageBase, load_yaml, recipe_to_yaml, validate_recipe
+from .config import EVAL_METHODS, DataConfig, Recipe, StageBase, load_yaml, recipe_to_yaml, validate_recipe
 from .config_diff import format_differences, is_harmless, recipe_differences
 from .data.pipeline import DataInfo, prepare_data
 from .engine import distributed as dist
@@ -404,12 +404,13 @@ class RecipeRunner:
         return dist.broadcast_object(results)
 
     def _evaluate(self, stage) -> dict:
+        trained_by = None  # the training stage of this recipe whose backbone is evaluated
         if stage.checkpoint:
             source = stage.checkpoint
         elif stage.from_stage:
-            source = self.backbones[stage.from_stage]
+            source, trained_by = self.backbones[stage.from_stage], stage.from_stage
         elif self.backbones:
-            source = list(self.backbones.values())[-1]
+            trained_by, source = list(self.backbones.items())[-1]
         else:
             raise ConfigError(f"stages[{stage.name}]: no backbone to evaluate: give checkpoint or from_stage, or put "
                               f"a training stage before it")
@@ -418,7 +419,14 @@ class RecipeRunner:
             dataset = resolve_checkpoint(source, f"stages[{stage.name}].checkpoint")["data"].get("dataset")
             if not isinstance(dataset, str):
                 raise ConfigError(f"stages[{stage.name}]: the checkpoint records no dataset; set data: SPEC")
+        if stage.memory_budget_gb is None:  # evaluate with the data settings the backbone's stage trained with
+            budget = self._stage(trained_by).data.memory_budget_gb if trained_by else DataConfig().memory_budget_gb
+            stage = stage.model_copy(update={"memory_budget_gb": budget})
         return run_eval_stage(stage, source, dataset, self.run_dir, self.recipe.seed, train=run_recipe)
+
+    def _stage(self, name: str):
+        """The recipe's stage called `name`."""
+        return next(stage for stage in self.recipe.stages if stage.name == name)
 
 
 def run_recipe(recipe: Recipe, out: Optional[Path] = None, resume: bool = False,

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .builtin import stratified_holdout
 from .decode import BadImage, decode_resized, image_size
+from .holdout import split_positions
 from .imageset import ImageSet
 from .sources import FileIndex, choose_storage, decoded_bytes
 
@@ -72,7 +72,11 @@ def summarize(index: FileIndex, image_size: int = 224, channels: int = 3, storag
 def load_in_memory(index: FileIndex, positions: np.ndarray, size: int, name: str,
                    channels: int = 3) -> tuple[ImageSet, list[tuple[str, str]]]:
     """The in-memory path for a small streamed source: every image squashed to size×size (as
-    `formats.load_image_folder` does) -> (ImageSet, bad files left out as (path, reason))."""
+    `formats.load_image_folder` does) -> (ImageSet of uint8 (N, channels, size, size), bad files left out as
+    (path, reason)). No positions give an empty ImageSet (a test split of a source without labels)."""
+    if len(positions) == 0:
+        empty = torch.empty((0, channels, size, size), dtype=torch.uint8)
+        return ImageSet(empty, torch.empty(0, dtype=torch.long), index.classes, name), []
     images, labels, bad = [], [], []
     for i in np.asarray(positions, dtype=np.int64).tolist():
         try:
@@ -90,21 +94,12 @@ def load_in_memory(index: FileIndex, positions: np.ndarray, size: int, name: str
                     name), bad
 
 
-def holdout_positions(index: FileIndex, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) positions: the index's own val/test split when it has one, else a seeded holdout of
-    `fraction` of the train split (stratified by label; unlabeled images form their own group)."""
-    train = index.split("train")
-    for held in ("test", "val"):
-        if held in index.splits:
-            return train, index.splits[held]
-    train_rows, test_rows = stratified_holdout(index.labels[train], fraction, seed)
-    return train[train_rows], train[test_rows]
-
-
 def streamed_splits(index: FileIndex, size: int, channels: Optional[int], fraction: float = 0.2,
                     seed: int = 0) -> dict[str, ImageSet]:
-    """{'train', 'test'} ImageSets of a streamed source decoded in memory (storage: memory)."""
-    train, test = holdout_positions(index, fraction, seed)
+    """{'train', 'test'} ImageSets of a streamed source decoded in memory (storage: memory), split by the one
+    holdout policy (holdout.split_positions): the test split holds labeled images only, and is empty for a source
+    without labels."""
+    train, test = split_positions(index, fraction, seed)
     out = {}
     for split, positions in (("train", train), ("test", test)):
         out[split], _ = load_in_memory(index, positions, size, f"{index.source}/{split}", channels or 3)

@@ -15,7 +15,8 @@ from .fileset import FileSet, Images, image_batches
 from .imageset import ImageSet
 from .inspect import load_in_memory
 from .sources import STREAMED_SOURCES, check_appended_classes, choose_storage, join_indexes
-from .specs import DatasetSpec, load_splits, open_index, parse_spec, split_positions
+from .holdout import split_positions
+from .specs import DatasetSpec, load_splits, open_index, parse_spec
 from .splits import labeled_indices, unlabeled_indices
 
 NORM_SAMPLE = 512  # images decoded for the normalisation statistics of a streamed set
@@ -32,13 +33,10 @@ class DataInfo:
     mean: list[float]
     std: list[float]
     dataset: str
+    eval_resize_ratio: float = DataConfig.model_fields["eval_resize_ratio"].default  # evaluation transform
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "DataInfo":
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -156,11 +154,7 @@ def _streamed_splits(cfg: DataConfig, spec: DatasetSpec, seed: int) -> tuple[Ima
         return (FileSet(index, train_pos, f"{index.source}/train", channels),
                 FileSet(index, test_pos, f"{index.source}/test", channels), recorded)
     train, _ = load_in_memory(index, train_pos, cfg.image_size, f"{index.source}/train", channels)
-    if len(test_pos):
-        test, _ = load_in_memory(index, test_pos, cfg.image_size, f"{index.source}/test", channels)
-    else:
-        test = ImageSet(torch.empty((0, channels, cfg.image_size, cfg.image_size), dtype=torch.uint8),
-                        torch.empty(0, dtype=torch.long), index.classes, f"{index.source}/test")
+    test, _ = load_in_memory(index, test_pos, cfg.image_size, f"{index.source}/test", channels)
     return train, test, recorded
 
 
@@ -226,5 +220,6 @@ def prepare_data(cfg: DataConfig, seed: int, use_unlabeled: bool, label_free: bo
             mean, std = channel_stats(train.images)
     else:
         mean, std = [0.0] * train.channels, [1.0] * train.channels
-    info = DataInfo(train.num_classes, list(train.classes), train.channels, cfg.image_size, mean, std, spec)
+    info = DataInfo(train.num_classes, list(train.classes), train.channels, cfg.image_size, mean, std, spec,
+                    cfg.eval_resize_ratio)
     return PreparedData(train, test, labeled, unlabeled, info)

@@ -22,6 +22,7 @@ from ..errors import DataError
 from . import builtin, formats
 from .builtin import stratified_holdout
 from .imageset import ImageSet
+from .holdout import split_positions
 from .inspect import load_in_memory, streamed_splits
 from .sources import FileIndex, apply_labels_csv, build_index
 
@@ -166,23 +167,6 @@ def open_index(spec: DatasetSpec, labels_csv: Optional[str] = None, workers: int
     return apply_labels_csv(index, csv_path) if csv_path else index
 
 
-def split_positions(index: FileIndex, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) positions of a streamed source. The source's own test (else val) split when it has one;
-    else a seeded stratified holdout of `fraction` of the *labeled* images. Unlabeled images always stay in train
-    (they cannot be scored), and the test positions keep only labeled images."""
-    train = index.split("train")
-    for held in ("test", "val"):
-        if held in index.splits:
-            test = index.splits[held]
-            return train, test[index.labels[test] >= 0]
-    labeled = train[index.labels[train] >= 0]
-    if len(labeled) == 0:
-        return train, labeled
-    _, test_rows = stratified_holdout(index.labels[labeled], fraction, seed)
-    test = labeled[test_rows]
-    return np.setdiff1d(train, test, assume_unique=True), test
-
-
 def _load_image_folder_splits(spec: DatasetSpec, size: int) -> dict[str, ImageSet]:
     """root/train/<class> and root/test/<class> when present; else one folder split 80/20 by seed."""
     root = Path(spec.arg)
@@ -199,10 +183,12 @@ def _load_image_folder_splits(spec: DatasetSpec, size: int) -> dict[str, ImageSe
 
 
 def load_splits(spec: str | DatasetSpec, folder_size: int = 64) -> dict[str, ImageSet]:
-    """All splits of a dataset at its native size: {'train', 'test'[, 'unlabeled']}."""
+    """All splits of a dataset at its native size: {'train', 'test'[, 'unlabeled']}. The test split of a source
+    without labels (an `images:` tree) is empty: nothing in it could be scored."""
     parsed = parse_spec(spec) if isinstance(spec, str) else spec
     splits = _load_cached(parsed, folder_size)
+    unlabeled_source = not bool((splits["train"].labels >= 0).any())
     for split_name, split in splits.items():
-        if len(split) == 0:
+        if len(split) == 0 and not (split_name == "test" and unlabeled_source):
             raise DataError(f"dataset {str(parsed)!r}: split {split_name!r} is empty")
     return splits

@@ -152,6 +152,9 @@ def validate_record(record: dict, where: str) -> dict:
                     or key == "std" and not all(v > 0 for v in values)):
                 raise CheckpointError(f"{where}: data.{key} is {str(values)[:80]}, expected {channels} finite "
                                       f"number(s){' > 0' if key == 'std' else ''}")
+    ratio = data.get("eval_resize_ratio", 1.0)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise CheckpointError(f"{where}: data.eval_resize_ratio is {str(ratio)[:80]}, expected a number in (0, 1]")
     _check_state_dict(record.get("state_dict"), f"{where}: state_dict")
     if _is_zero_class_head(record.get("head")):
         del record["head"]  # written by label-free runs before 0.1.1: no classifier to keep

@@ -1,9 +1,10 @@
 """Frozen-backbone features for any dataset: images are converted to the size, channels and normalisation the
 backbone was trained with (recorded in backbone.pt), then embedded once and cached.
 
-Large streamed sources (imagefolder, images, filelist, webdataset above `STREAM_BUDGET_GB` decoded at the
-backbone's size, or any of them with the spec option `storage=stream`) are never decoded into memory: DataLoader
-workers decode them with the evaluation transform (shorter side -> size/0.875, centre crop), and the features go
+Large streamed sources (imagefolder, images, filelist, webdataset above the memory budget decoded at the backbone's
+size: the recipe's data.memory_budget_gb, `--budget-gb` on the command line; or any of them with the spec option
+`storage=stream`) are never decoded into memory: DataLoader workers decode them with the evaluation transform the
+backbone was trained with (shorter side -> size/data.eval_resize_ratio, centre crop), and the features go
 to an on-disk float16 cache under `$SSL_KIT_CACHE/features` (default ~/.cache/ssl_kit/features), keyed by the
 backbone's weights, the spec, the split and the transform, so linear-probe, knn and transfer on the same
 checkpoint embed each image once. The cache is handed to them memory-mapped (mapped.py), never as N × F float32.
@@ -21,21 +22,23 @@ import torch
 from torch import Tensor, nn
 
 from ..common.device import resolve_device
+from ..config import DataConfig
 from ..common.metrics import predict
 from ..data.augment import Normalize, random_resized_crop, to_unit_float
 from ..data.fileset import FileSet, image_batches
 from ..data.imageset import ImageSet, convert_images
 from ..data.pipeline import is_streamed_source, load_converted
 from ..data.sources import FileIndex, cache_dir, choose_storage
-from ..data.specs import open_index, parse_spec, split_positions
+from ..data.holdout import split_positions
+from ..data.specs import open_index, parse_spec
 from ..data.stream import BadImageLog
 from ..engine.checkpoint import load_backbone
 from ..errors import DataError, TrainingError
 from ..models.external import is_torchvision_reference, torchvision_backbone
 from .mapped import open_mapped
 
-STREAM_BUDGET_GB = 4.0
-EVAL_RESIZE_RATIO = 0.875
+DEFAULT_MEMORY_BUDGET_GB = DataConfig.model_fields["memory_budget_gb"].default
+DEFAULT_EVAL_RESIZE_RATIO = DataConfig.model_fields["eval_resize_ratio"].default  # backbones written before 0.1.1
 
 
 def feature_cache_dir() -> Path:
@@ -77,6 +80,13 @@ def load_eval_backbone(path: str | Path, weights: Optional[str] = None, image_si
     return backbone
 
 
+def require_labeled(spec: str, split: str, labeled: int) -> None:
+    """A probe or kNN fits on the labeled training images and scores the labeled test images: none is an error."""
+    if labeled == 0:
+        raise DataError(f"dataset {spec!r}: split {split!r} has no labeled images to fit or score (give labels with "
+                        f"',labels=labels.csv' or use a labeled source)")
+
+
 def check_finite_features(feats: Tensor, name: str) -> None:
     """Features (N, F) with NaN/inf would give a meaningless accuracy: a clear error instead, naming the images."""
     bad = (~torch.isfinite(feats)).any(dim=1)
@@ -89,13 +99,16 @@ class FeatureExtractor:
     """Embeds ImageSets with a frozen backbone in eval mode; results are cached per (dataset name, split).
     `forward_passes` counts the images actually sent through the backbone."""
 
-    def __init__(self, backbone: nn.Module, device: str = "auto", batch_size: int = 512, workers: int = 2) -> None:
+    def __init__(self, backbone: nn.Module, device: str = "auto", batch_size: int = 512, workers: int = 2,
+                 memory_budget_gb: float = DEFAULT_MEMORY_BUDGET_GB) -> None:
         self.device = resolve_device(device)
         self.backbone = backbone.to(self.device).eval()
         info = backbone.data_info
         self.info = info
         self.normalize = Normalize(info["mean"], info["std"]).to(self.device)
         self.batch_size, self.workers = batch_size, workers
+        self.memory_budget_gb = memory_budget_gb
+        self.resize_ratio = float(info.get("eval_resize_ratio", DEFAULT_EVAL_RESIZE_RATIO))
         self._weights: Optional[str] = None
         self._cache: dict[str, Tensor] = {}
         self._splits: dict[str, dict[str, ImageSet]] = {}
@@ -103,10 +116,12 @@ class FeatureExtractor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", weights: Optional[str] = None,
-                        image_size: Optional[int] = None) -> "FeatureExtractor":
+                        image_size: Optional[int] = None,
+                        memory_budget_gb: float = DEFAULT_MEMORY_BUDGET_GB) -> "FeatureExtractor":
         """An ssl_kit backbone.pt / run dir / training checkpoint, or 'torchvision:NAME' with local `weights`.
-        `image_size` overrides the input size the backbone was trained at (images are resized to it)."""
-        return cls(load_eval_backbone(path, weights, image_size), device)
+        `image_size` overrides the input size the backbone was trained at (images are resized to it);
+        `memory_budget_gb`: streamed sources decoding to more are embedded from files (storage auto)."""
+        return cls(load_eval_backbone(path, weights, image_size), device, memory_budget_gb=memory_budget_gb)
 
     def features(self, images: ImageSet, key: Optional[str] = None) -> Tensor:
         """uint8 images of any size/channels -> float32 features (N, F) on the CPU (cached under `key`)."""
@@ -158,7 +173,7 @@ class FeatureExtractor:
             return False
         index = open_index(parsed)
         return choose_storage(parsed.option("storage", "auto"), len(index), self.info["image_size"],
-                              self.info["channels"], STREAM_BUDGET_GB) == "stream"
+                              self.info["channels"], self.memory_budget_gb) == "stream"
 
     def file_features(self, images: FileSet, spec: str, split: str) -> tuple[Tensor, Tensor]:
         """Features (N, F) and labels (N,) of a streamed split: the on-disk float16 cache, memory-mapped (see
@@ -167,7 +182,7 @@ class FeatureExtractor:
         if self._weights is None:
             self._weights = weights_digest(self.backbone)
         size, channels = self.info["image_size"], self.info["channels"]
-        key = hashlib.sha256(f"{self._weights}|{spec}|{split}|{size}|{channels}|{EVAL_RESIZE_RATIO}|"
+        key = hashlib.sha256(f"{self._weights}|{spec}|{split}|{size}|{channels}|{self.resize_ratio}|"
                              f"{_index_digest(images.index, images.positions)}".encode()).hexdigest()[:32]
         folder = feature_cache_dir()
         feats_path, labels_path = folder / f"{key}.f16.npy", folder / f"{key}.labels.npy"
@@ -179,7 +194,8 @@ class FeatureExtractor:
         store, labels, rows = None, [], 0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # one summary warning below instead of one per file
-            for x, y in image_batches(images, size, channels, self.batch_size, self.workers, EVAL_RESIZE_RATIO, bad):
+            for x, y in image_batches(images, size, channels, self.batch_size, self.workers, self.resize_ratio,
+                                          bad):
                 feats = predict(self.backbone, x, self.normalize, self.device, self.batch_size)
                 if store is None:
                     store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
@@ -211,9 +227,7 @@ class FeatureExtractor:
         out = {}
         for split, positions in (("train", train), ("test", test)):
             positions = positions[index.labels[positions] >= 0]  # unlabeled images cannot be fitted nor scored
-            if len(positions) == 0:
-                raise DataError(f"dataset {spec!r}: split {split!r} has no labeled images (give labels with "
-                                f"',labels=labels.csv' or use a labeled source)")
+            require_labeled(spec, split, len(positions))
             key = f"{spec}|{split}"
             if key not in self._cache:
                 images = FileSet(index, positions, f"{index.source}/{split}", self.info["channels"])
@@ -222,11 +236,18 @@ class FeatureExtractor:
         return out
 
     def dataset_features(self, spec: str) -> dict[str, tuple[Tensor, Tensor, list[str]]]:
-        """{split: (features (N, F), labels (N,), classes)} for every split of a dataset spec; large streamed
-        sources are embedded from files with the on-disk cache."""
+        """{'train', 'test': (features (N, F), labels (N,), classes)} of the labeled images of a dataset spec's
+        train and test splits (one holdout policy: holdout.split_positions); large streamed sources are embedded
+        from files with the on-disk cache."""
         if self.streams(spec):
             return self._streamed_features(spec)
         out = {}
-        for split, images in self.dataset_splits(spec).items():
-            out[split] = (self.features(images, key=f"{spec}|{split}"), images.labels, images.classes)
+        splits = self.dataset_splits(spec)
+        for split in ("train", "test"):
+            images = splits[split]
+            labeled = images.labels >= 0  # unlabeled images (a partly labeled source) cannot be fitted nor scored
+            require_labeled(spec, split, int(labeled.sum()))
+            feats = self.features(images, key=f"{spec}|{split}")
+            out[split] = (feats, images.labels, images.classes) if bool(labeled.all()) else \
+                (feats[labeled], images.labels[labeled], images.classes)
         return out

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 from ..common import plots
-from .features import FeatureExtractor
+from .features import DEFAULT_MEMORY_BUDGET_GB, FeatureExtractor
 from .knn import knn_classify
 from .linear_probe import linear_probe
 from .transfer import leave_one_domain_out, lodo_rows, scalars, transfer_eval
@@ -24,6 +24,7 @@ def probe_dataset(extractor: FeatureExtractor, spec: str, epochs: int, labels_pe
     augmented = None
     if augment:
         train_images = extractor.dataset_splits(spec)["train"]
+        train_images = train_images.subset((train_images.labels >= 0).nonzero().squeeze(1))  # the rows of train_x
         augmented = lambda epoch, index: extractor.augmented_features(  # noqa: E731
             train_images.subset(index), seed=seed * 100003 + epoch)
     result = linear_probe(train_x, train_y, test_x, test_y, len(classes), epochs, sweep, labels_per_class, seed,
@@ -116,7 +117,8 @@ def _run_transfer(stage, extractor: FeatureExtractor, checkpoint, dataset: str, 
 def run_eval_stage(stage, checkpoint, dataset: str, run_dir: Path, seed: int, train=None) -> dict:
     """Run a linear_probe / knn / transfer stage on `checkpoint`. `train`: the runner's run_recipe (for transfer's
     FixMatch adaptation). -> flat scalar metrics."""
-    extractor = FeatureExtractor.from_checkpoint(checkpoint, stage.device, image_size=stage.image_size)
+    extractor = FeatureExtractor.from_checkpoint(checkpoint, stage.device, image_size=stage.image_size,
+                                                 memory_budget_gb=stage.memory_budget_gb or DEFAULT_MEMORY_BUDGET_GB)
     if stage.method == "transfer":
         return _run_transfer(stage, extractor, checkpoint, dataset, run_dir, seed, train)
     if stage.method == "linear_probe":
