@@ -18,7 +18,8 @@ import yaml
 from .bundle import compare_runs, extract_bundle, find_run_dir, run_context, write_bundle
 from .config import EVAL_STAGES, load_recipe, validate_recipe
 from .data.inspect import summarize
-from .data.sources import STREAMED_SOURCES, apply_labels_csv, build_index
+from .data.pipeline import is_streamed_source
+from .data.sources import apply_labels_csv, build_index
 from .data.specs import load_splits, parse_spec
 from .data.stream import check_index
 from .engine.checkpoint import resolve_checkpoint
@@ -288,7 +289,7 @@ def cmd_info(args) -> int:
 
 def cmd_data(args) -> int:
     spec = parse_spec(args.spec)
-    if spec.name not in STREAMED_SOURCES:
+    if not is_streamed_source(spec):
         splits = load_splits(spec)
         result = {"source": str(spec), "storage": "memory",
                   **{f"{name}_images": len(split) for name, split in splits.items()},

@@ -160,11 +160,13 @@ def test_image_folder_mixed_modes_and_sizes(tmp_path):
     assert splits["train"].images.shape[1:] == (3, 16, 16)
 
 
-def test_image_folder_corrupt_file_is_named(tmp_path):
+def test_image_folder_corrupt_file_is_named_and_left_out(tmp_path):
+    """In memory as when training: one bad file is left out with a warning naming it, the run goes on."""
     make_image_folder(tmp_path / "imgs", modes=("RGB",))
     (tmp_path / "imgs" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    with pytest.raises(DataError, match=r"broken\.png.*cannot be read"):
-        load_splits(f"imagefolder:{tmp_path / 'imgs'}", folder_size=17)
+    with pytest.warns(UserWarning, match=r"left out bad image .*broken\.png: not a readable image"):
+        splits = load_splits(f"imagefolder:{tmp_path / 'imgs'}", folder_size=17)
+    assert len(splits["train"]) + len(splits["test"]) == 8
 
 
 def test_image_folder_empty_class(tmp_path):

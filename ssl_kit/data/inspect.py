@@ -6,14 +6,12 @@ seconds on a million files once the index is cached.
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import numpy as np
 import torch
 
 from ..errors import DataError
 from .decode import BadImage, decode_resized, image_size
-from .holdout import split_positions
 from .imageset import ImageSet
 from .sources import FileIndex, choose_storage, decoded_bytes
 
@@ -92,15 +90,3 @@ def load_in_memory(index: FileIndex, positions: np.ndarray, size: int, name: str
         raise DataError(f"{name}: none of the {len(positions)} images could be decoded")
     return ImageSet(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.long), index.classes,
                     name), bad
-
-
-def streamed_splits(index: FileIndex, size: int, channels: Optional[int], fraction: float = 0.2,
-                    seed: int = 0) -> dict[str, ImageSet]:
-    """{'train', 'test'} ImageSets of a streamed source decoded in memory (storage: memory), split by the one
-    holdout policy (holdout.split_positions): the test split holds labeled images only, and is empty for a source
-    without labels."""
-    train, test = split_positions(index, fraction, seed)
-    out = {}
-    for split, positions in (("train", train), ("test", test)):
-        out[split], _ = load_in_memory(index, positions, size, f"{index.source}/{split}", channels or 3)
-    return out

@@ -14,7 +14,8 @@ from ..errors import DataError
 from .fileset import FileSet, Images, image_batches
 from .imageset import ImageSet
 from .inspect import load_in_memory
-from .sources import STREAMED_SOURCES, check_appended_classes, choose_storage, join_indexes
+from .kinds import dataset_kind
+from .sources import check_appended_classes, choose_storage, join_indexes
 from .holdout import split_positions
 from .specs import DatasetSpec, load_splits, open_index, parse_spec
 from .splits import labeled_indices, unlabeled_indices
@@ -121,9 +122,9 @@ def _append_streamed_domain(train: FileSet, cfg: DataConfig) -> tuple[FileSet, t
 
 
 def is_streamed_source(spec: str | DatasetSpec) -> bool:
-    """imagefolder, images, filelist, webdataset: sources that can stream (see sources.py)."""
+    """A file-indexed kind (imagefolder, images, filelist, webdataset, ...: see kinds.py) that can stream."""
     parsed = parse_spec(spec) if isinstance(spec, str) else spec
-    return parsed.name in STREAMED_SOURCES
+    return dataset_kind(parsed.name).streams
 
 
 def sample_stats(train: FileSet, size: int, resize_ratio: float, workers: int,

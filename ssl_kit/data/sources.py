@@ -34,16 +34,16 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 from braceexpand import braceexpand
 
 from ..errors import DataError
+from .kinds import dataset_kind, streamed_kinds
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-STREAMED_SOURCES = ("imagefolder", "images", "filelist", "webdataset")
 SPLIT_FOLDERS = ("train", "val", "test")
 CACHE_VERSION = 1
 
@@ -248,6 +248,7 @@ def _folder_index(source: str, root: str, workers: int) -> tuple[dict, dict[str,
             if not classes:
                 raise DataError(f"{source}: {top!r} has no class sub-folders with images "
                                 f"(expected {top}/<class>/<image>; use images:{root} for an unlabeled tree)")
+            _refuse_empty_classes(source, top, classes)
         unknown = sorted(set(by_class) - set(classes))
         if unknown:
             raise DataError(f"{source}: split {split!r} has classes {unknown[:10]} that the train split lacks")
@@ -257,6 +258,16 @@ def _folder_index(source: str, root: str, workers: int) -> tuple[dict, dict[str,
                 labels.append(label)
                 split_of.append(split)
     return {"names": names, "labels": labels, "classes": classes, "split_of": split_of}, mtimes, skipped
+
+
+def _refuse_empty_classes(source: str, top: str, classes: list[str]) -> None:
+    """A class folder without images would silently shift every later class number: an error, as in
+    torchvision's ImageFolder (hidden folders such as .cache are not classes)."""
+    with os.scandir(top) as entries:
+        folders = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    empty = [name for name in folders if name not in classes]
+    if empty:
+        raise DataError(f"{source}: class folders without images in {top!r}: {empty[:10]}")
 
 
 def _images_index(source: str, root: str, workers: int) -> tuple[dict, dict[str, int], list[tuple[str, str]]]:
@@ -444,37 +455,67 @@ def _assemble(source: str, root: str, built: dict, skipped: list[tuple[str, str]
                      splits, skipped=skipped, **tar)
 
 
+class IndexBuild(NamedTuple):
+    """What a kind's index builder found: the table (names, labels, classes, split_of[, shards, shard, offset,
+    length]), the folder relative names resolve against, the paths whose mtimes validate the cached index, and the
+    files left out as (path, reason)."""
+
+    table: dict
+    root: str
+    stamped: list[str]
+    skipped: list[tuple[str, str]]
+
+
+def _existing_folder(source: str, location: str) -> str:
+    if not os.path.isdir(location):
+        raise DataError(f"{source}: root folder {location!r} does not exist")
+    return os.path.realpath(location)
+
+
+def index_imagefolder(source: str, location: str, arg: str, workers: int) -> IndexBuild:
+    """imagefolder:ROOT -> ROOT/<class>/**/<image>, split folders ROOT/train|val|test when present."""
+    root = _existing_folder(source, location)
+    table, mtimes, skipped = _folder_index(source, root, workers)
+    return IndexBuild(table, root, sorted(mtimes), skipped)
+
+
+def index_images(source: str, location: str, arg: str, workers: int) -> IndexBuild:
+    """images:ROOT -> every image under ROOT, unlabeled."""
+    root = _existing_folder(source, location)
+    table, mtimes, skipped = _images_index(source, root, workers)
+    return IndexBuild(table, root, sorted(mtimes), skipped)
+
+
+def index_filelist(source: str, location: str, arg: str, workers: int) -> IndexBuild:
+    """filelist:FILE -> its `path[,label]` rows."""
+    if not os.path.isfile(location):
+        raise DataError(f"{source}: file list {location!r} does not exist")
+    return IndexBuild(_filelist_index(source, location), os.path.dirname(location), [location], [])
+
+
+def index_webdataset(source: str, location: str, arg: str, workers: int) -> IndexBuild:
+    """webdataset:PATTERN -> the image members of the tar shards (random access by offset)."""
+    table = _webdataset_index(source, arg, workers)
+    return IndexBuild(table, "", table["shards"], table["skipped"])
+
+
 def build_index(kind: str, arg: str, workers: int = 8, use_cache: bool = True) -> FileIndex:
-    """The index of `kind:arg` (kind one of STREAMED_SOURCES), from the cache when nothing changed."""
-    if kind not in STREAMED_SOURCES:
-        raise DataError(f"{kind!r} is not a streamed source (streamed: {', '.join(STREAMED_SOURCES)})")
+    """The index of `kind:arg` (a file-indexed kind, see kinds.py), from the cache when nothing changed."""
+    builder = dataset_kind(kind).index
+    if builder is None:
+        raise DataError(f"{kind!r} is not a streamed source (streamed: {', '.join(streamed_kinds())})")
     location = os.path.abspath(os.path.expanduser(arg))
     source = f"{kind}:{location}"
-    if kind in ("imagefolder", "images") and not os.path.isdir(location):
-        raise DataError(f"{source}: root folder {location!r} does not exist")
-    if kind == "filelist" and not os.path.isfile(location):
-        raise DataError(f"{source}: file list {location!r} does not exist")
     if use_cache:
         cached = _load_cache(source)
         if cached is not None:
             return cached
-    skipped: list[tuple[str, str]] = []
-    if kind == "imagefolder":
-        built, mtimes, skipped = _folder_index(source, os.path.realpath(location), workers)
-        root, stamped = os.path.realpath(location), sorted(mtimes)
-    elif kind == "images":
-        built, mtimes, skipped = _images_index(source, os.path.realpath(location), workers)
-        root, stamped = os.path.realpath(location), sorted(mtimes)
-    elif kind == "filelist":
-        built, root, stamped = _filelist_index(source, location), os.path.dirname(location), [location]
-    else:
-        built = _webdataset_index(source, arg, workers)
-        root, stamped, skipped = "", built["shards"], built["skipped"]
-    for path, reason in skipped[:20]:
+    built = builder(source, location, arg, workers)
+    for path, reason in built.skipped[:20]:
         warnings.warn(f"{source}: skipped {path}: {reason}")
-    index = _assemble(source, root, built, skipped)
+    index = _assemble(source, built.root, built.table, built.skipped)
     if use_cache:
-        _save_cache(index, stamped)
+        _save_cache(index, built.stamped)
     return index
 
 

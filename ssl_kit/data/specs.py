@@ -1,11 +1,7 @@
-"""Dataset spec strings: `NAME`, `NAME:ROOT` or `NAME:ARG`, plus `,key=value` options.
-
-    digits                      scikit-learn digits (builtin)
-    digits-printed[,per_font=N] digits rendered from fonts (builtin)
-    digits-rotated:ANGLE        digits rotated by ANGLE degrees (builtin)
-    fashion-mnist[:ROOT]        IDX files (default root /usr/share/datasets/fashion-mnist)
-    mnist:ROOT  cifar10:ROOT  cifar100:ROOT  svhn:ROOT  stl10:ROOT  imagefolder:ROOT
-    images:ROOT  filelist:FILE  webdataset:PATTERN   streamed sources (see sources.py)
+"""Dataset spec strings: `NAME`, `NAME:ROOT` or `NAME:ARG`, plus `,key=value` options; NAME is a registered
+dataset kind (kinds.py; every kind is registered in catalog.py). Parsing checks the argument and
+the options against what the kind declares; loading asks the kind, and a file-indexed kind loads into memory
+through its index with the one holdout policy (holdout.py), as training does.
 """
 from __future__ import annotations
 
@@ -15,20 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-import torchvision.datasets as tvd
-
 from ..errors import DataError
-from . import builtin, formats
-from .builtin import stratified_holdout
-from .imageset import ImageSet
 from .holdout import split_positions
-from .inspect import load_in_memory, streamed_splits
+from .imageset import ImageSet
+from .inspect import load_in_memory
+from .kinds import dataset_kind
 from .sources import FileIndex, apply_labels_csv, build_index
 
-FASHION_MNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
-NEEDS_ROOT = ("mnist", "cifar10", "cifar100", "svhn", "stl10", "imagefolder", "images", "filelist", "webdataset")
-KNOWN = ("digits", "digits-printed", "digits-rotated", "fashion-mnist") + NEEDS_ROOT
 OPTIONS = {"download": bool, "per_font": int, "test_fraction": float, "seed": int, "labels": str, "storage": str}
 OPTION_RANGES = {"per_font": (1, 1000), "test_fraction": (0.01, 0.99), "seed": (0, 2**63 - 1)}  # inclusive
 STORAGES = ("auto", "memory", "stream")
@@ -75,6 +64,18 @@ def _parse_option(spec: str, item: str) -> tuple[str, object]:
     return key, parsed
 
 
+def _check_angle(spec: str, arg: Optional[str]) -> None:
+    if arg is None:
+        raise DataError(f"dataset spec {spec!r}: give the angle in degrees, e.g. 'digits-rotated:45'")
+    try:
+        angle = float(arg)
+    except ValueError:
+        raise DataError(f"dataset spec {spec!r}: angle {arg!r} is not a number") from None
+    if not (math.isfinite(angle) and ANGLE_RANGE[0] <= angle <= ANGLE_RANGE[1]):
+        raise DataError(f"dataset spec {spec!r}: angle {arg} must be finite and within "
+                        f"[{ANGLE_RANGE[0]:g}, {ANGLE_RANGE[1]:g}] degrees")
+
+
 def parse_spec(spec: str) -> DatasetSpec:
     """'cifar10:/data,download=true' -> DatasetSpec('cifar10', '/data', (('download', True),))."""
     if not isinstance(spec, str) or not spec.strip():
@@ -82,81 +83,41 @@ def parse_spec(spec: str) -> DatasetSpec:
     head, *option_items = spec.strip().split(",")
     name, _, arg = head.partition(":")
     name = name.strip().lower()
-    if name not in KNOWN:
-        raise DataError(f"unknown dataset {name!r} in spec {spec!r} (known: {', '.join(KNOWN)})")
+    kind = dataset_kind(name, spec)
     arg = arg.strip() or None
-    if name in NEEDS_ROOT and arg is None:
+    if kind.argument == "root" and arg is None:
         raise DataError(f"dataset spec {spec!r}: {name} needs a root folder, e.g. '{name}:/path/to/{name}'")
-    if name == "digits-rotated":
-        if arg is None:
-            raise DataError(f"dataset spec {spec!r}: give the angle in degrees, e.g. 'digits-rotated:45'")
-        try:
-            angle = float(arg)
-        except ValueError:
-            raise DataError(f"dataset spec {spec!r}: angle {arg!r} is not a number") from None
-        if not (math.isfinite(angle) and ANGLE_RANGE[0] <= angle <= ANGLE_RANGE[1]):
-            raise DataError(f"dataset spec {spec!r}: angle {arg} must be finite and within "
-                            f"[{ANGLE_RANGE[0]:g}, {ANGLE_RANGE[1]:g}] degrees")
-    if name in ("digits", "digits-printed") and arg is not None:
+    if kind.argument == "angle":
+        _check_angle(spec, arg)
+    if kind.argument == "none" and arg is not None:
         raise DataError(f"dataset spec {spec!r}: {name} is builtin and takes no root or argument")
     options = tuple(_parse_option(spec, item) for item in option_items if item.strip())
-    file_options = [key for key, _ in options if key in ("labels", "storage")]
-    if name not in ("imagefolder", "images", "filelist", "webdataset") and file_options:
-        raise DataError(f"dataset spec {spec!r}: labels= and storage= are options of imagefolder, images, filelist "
-                        f"and webdataset")
+    for key, _ in options:
+        if key not in kind.accepted_options():
+            raise DataError(f"dataset spec {spec!r}: {key}= is not an option of {name} (its options: "
+                            f"{', '.join(kind.accepted_options())})")
     return DatasetSpec(name, arg, options)
-
-
-def _download(spec: DatasetSpec) -> None:
-    """Only on explicit request (download=true): fetch the files with torchvision into the root."""
-    root = Path(spec.arg)
-    makers = {
-        "mnist": lambda: [tvd.MNIST(root.parent, train=t, download=True) for t in (True, False)],
-        "cifar10": lambda: tvd.CIFAR10(root, download=True),
-        "cifar100": lambda: tvd.CIFAR100(root, download=True),
-        "svhn": lambda: [tvd.SVHN(root, split=s, download=True) for s in ("train", "test")],
-        "stl10": lambda: tvd.STL10(root, split="train", download=True),
-    }
-    if spec.name not in makers:
-        raise DataError(f"dataset {spec.name!r} cannot be downloaded; place the files under {str(root)!r}")
-    makers[spec.name]()
 
 
 @functools.lru_cache(maxsize=16)
 def _load_cached(spec: DatasetSpec, folder_size: int) -> dict[str, ImageSet]:
-    name, arg = spec.name, spec.arg
-    if spec.option("download", False):
-        _download(spec)
-    if name == "digits":
-        return builtin.load_digits_dataset()
-    if name == "digits-printed":
-        return builtin.load_printed_digits(per_font=spec.option("per_font", 20), seed=spec.option("seed", 0))
-    if name == "digits-rotated":
-        return builtin.load_rotated_digits(float(arg))
-    if name == "fashion-mnist":
-        return formats.load_idx_dataset(Path(arg or FASHION_MNIST_DEFAULT_ROOT), "fashion-mnist", formats.FASHION_CLASSES)
-    if name == "mnist":
-        root = Path(arg)
-        if (root / "MNIST" / "raw").is_dir():
-            root = root / "MNIST" / "raw"
-        return formats.load_idx_dataset(root, "mnist", [str(i) for i in range(10)])
-    if name == "cifar10":
-        return formats.load_cifar10(Path(arg))
-    if name == "cifar100":
-        return formats.load_cifar100(Path(arg))
-    if name == "svhn":
-        return formats.load_svhn(Path(arg))
-    if name == "stl10":
-        return formats.load_stl10(Path(arg))
-    if spec.option("labels"):  # a labels CSV over a streamed source: its labeled images, the test held out
-        index = open_index(spec)
-        positions = split_positions(index, spec.option("test_fraction", 0.2), spec.option("seed", 0))
-        return {split: load_in_memory(index, pos[index.labels[pos] >= 0], folder_size, f"{index.source}/{split}")[0]
-                for split, pos in zip(("train", "test"), positions)}
-    if name in ("images", "filelist", "webdataset"):
-        return streamed_splits(build_index(name, arg), folder_size, None, spec.option("test_fraction", 0.2),
-                               spec.option("seed", 0))
-    return _load_image_folder_splits(spec, folder_size)
+    kind = dataset_kind(spec.name)
+    if spec.option("download", False):  # only on explicit request: torchvision fetches the files into the root
+        kind.download(Path(spec.arg))
+    if kind.streams:
+        return _indexed_splits(spec, folder_size)
+    return kind.load(spec, folder_size)
+
+
+def _indexed_splits(spec: DatasetSpec, size: int) -> dict[str, ImageSet]:
+    """{'train', 'test'} of a file-indexed source decoded in memory (squashed to size), split as training splits
+    it (holdout.split_positions); with a labels CSV (`labels=`), its labeled images only."""
+    index = open_index(spec)
+    train, test = split_positions(index, spec.option("test_fraction", 0.2), spec.option("seed", 0))
+    if spec.option("labels"):
+        train = train[index.labels[train] >= 0]
+    return {split: load_in_memory(index, positions, size, f"{index.source}/{split}")[0]
+            for split, positions in (("train", train), ("test", test))}
 
 
 def open_index(spec: DatasetSpec, labels_csv: Optional[str] = None, workers: int = 8) -> FileIndex:
@@ -165,21 +126,6 @@ def open_index(spec: DatasetSpec, labels_csv: Optional[str] = None, workers: int
     index = build_index(spec.name, spec.arg, workers=workers)
     csv_path = labels_csv or spec.option("labels")
     return apply_labels_csv(index, csv_path) if csv_path else index
-
-
-def _load_image_folder_splits(spec: DatasetSpec, size: int) -> dict[str, ImageSet]:
-    """root/train/<class> and root/test/<class> when present; else one folder split 80/20 by seed."""
-    root = Path(spec.arg)
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        train = formats.load_image_folder(root / "train", size, f"imagefolder:{root}/train")
-        test = formats.load_image_folder(root / "test", size, f"imagefolder:{root}/test")
-        if train.classes != test.classes:
-            raise DataError(f"imagefolder {str(root)!r}: train classes {train.classes} differ from test {test.classes}")
-        return {"train": train, "test": test}
-    full = formats.load_image_folder(root, size, f"imagefolder:{root}")
-    train_index, test_index = stratified_holdout(full.labels.numpy(), spec.option("test_fraction", 0.2),
-                                                 spec.option("seed", 0))
-    return {"train": full.subset(train_index, f"{full.name}/train"), "test": full.subset(test_index, f"{full.name}/test")}
 
 
 def load_splits(spec: str | DatasetSpec, folder_size: int = 64) -> dict[str, ImageSet]:
