@@ -38,7 +38,7 @@ def stage(model: str, dataset: str, epochs: float, batch: int, device: str) -> d
 
 def overhead(model: str, dataset: str, batch: int, device: str, steps: int, rounds: int) -> tuple[float, float]:
     cfg = validate_recipe({"seed": 0, "stages": [stage(model, dataset, 1, batch, device)]}).stages[0]
-    data = prepare_data(cfg.data, 0, use_unlabeled=False)
+    data = prepare_data(cfg.data, 0)
     torch.manual_seed(0)
     backbone = build_backbone(model, data.info.channels, 32, MODELS[model])
     method = Supervised(cfg, backbone, data.info)

@@ -87,7 +87,7 @@ def measure(method: str, model: str, batch: int, size: int, device: str, mu: int
     model = "vit_tiny" if method in VIT_METHODS + ("ibot",) else model
     cfg = validate_recipe({"seed": 0, "stages": [stage_for(method, model, batch, size, device, mu)]}).stages[0]
     cls = build_method(method)
-    data = prepare_data(cfg.data, 0, use_unlabeled=cls.wants_unlabeled(cfg))
+    data = prepare_data(cfg.data, 0, cls.data_needs(cfg))
     torch.manual_seed(0)
     kwargs = dict(cfg.backbone.kwargs)
     backbone = build_backbone(model, data.info.channels, size, kwargs)

@@ -34,7 +34,7 @@ def speed(device: str, size: int, batch: int, backbone: dict) -> list:
                      "optimizer": {"name": "adamw", "lr": 1e-4}, "train": {"steps": 1000, "batch_size": batch,
                                                                             "progress": False, "device": device}}
             cfg = validate_recipe({"seed": 0, "stages": [stage]}).stages[0]
-            data = prepare_data(cfg.data, 0, use_unlabeled=False)
+            data = prepare_data(cfg.data, 0)
             net = build_backbone(backbone["name"], data.info.channels, size, backbone["kwargs"])
             trainers[method] = Trainer(build_method(method)(cfg, net, data.info), data, cfg, RunContext(Path(tmp), 0), {})
 

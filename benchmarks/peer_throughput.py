@@ -68,7 +68,7 @@ def ssl_kit_stage(method: str, model: str, batch: int, mu: int) -> dict:
 def ssl_kit_step(method: str, model: str, batch: int, mu: int, tmp: str):
     cfg = validate_recipe({"seed": 0, "stages": [ssl_kit_stage(method, model, batch, mu)]}).stages[0]
     cls = build_method(method)
-    data = prepare_data(cfg.data, 0, use_unlabeled=cls.wants_unlabeled(cfg))
+    data = prepare_data(cfg.data, 0, cls.data_needs(cfg))
     torch.manual_seed(0)
     backbone = build_backbone(model, data.info.channels, SIZE, KWARGS[model])
     trainer = Trainer(cls(cfg, backbone, data.info, **cls.context_from(cfg, data, resolve_checkpoint)), data, cfg,

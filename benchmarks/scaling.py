@@ -77,7 +77,7 @@ def stage(method: str, backbone: str, batch: int, size: int, device: str) -> dic
 def measure(method: str, backbone: str, batch: int, size: int, device: str) -> tuple[float, float]:
     cfg = validate_recipe({"seed": 0, "stages": [stage(method, backbone, batch, size, device)]}).stages[0]
     cls = build_method(method)
-    data = prepare_data(cfg.data, 0, use_unlabeled=cls.wants_unlabeled(cfg))
+    data = prepare_data(cfg.data, 0, cls.data_needs(cfg))
     net = build_backbone(BACKBONES[backbone][0], data.info.channels, size, cfg.backbone.kwargs)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cls(cfg, net, data.info, **cls.context_from(cfg, data, resolve_checkpoint)), data, cfg,

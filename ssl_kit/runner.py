@@ -345,8 +345,7 @@ class RecipeRunner:
         if record is not None and data_cfg.channels is None:
             data_cfg = data_cfg.model_copy(update={"channels": record["data"]["channels"]})
         method_cls = build_method(stage.method)
-        data = prepare_data(data_cfg, self.recipe.seed, use_unlabeled=method_cls.wants_unlabeled(stage),
-                            label_free=method_cls.label_free)
+        data = prepare_data(data_cfg, self.recipe.seed, method_cls.data_needs(stage))
         self._save_split(stage.name, data)
         backbone, arch = self._build_backbone(stage, data.info, record)
         method = method_cls(stage, backbone, data.info, **method_cls.context_from(stage, data, self._load_record))

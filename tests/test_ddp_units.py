@@ -57,7 +57,7 @@ def one_rank_group():
 
 def _trainer(tmp_path, method, **extra):
     cfg = _stage_cfg(method, **extra)
-    data = prepare_data(cfg.data, 0, use_unlabeled=False)
+    data = prepare_data(cfg.data, 0)
     backbone = build_backbone(cfg.backbone.name, data.info.channels, data.info.image_size, cfg.backbone.kwargs)
     method_obj = build_method(method)(cfg, backbone, data.info)
     return Trainer(method_obj, data, cfg, RunContext(tmp_path, 0), {})

@@ -135,7 +135,7 @@ def test_momentum_pairs_are_updated_by_the_base_class_along_the_cosine_ramp():
     from ssl_kit.data.pipeline import prepare_data
     from ssl_kit.models.registry import build_backbone
 
-    data = prepare_data(cfg.data, 0, use_unlabeled=False)
+    data = prepare_data(cfg.data, 0)
     method = build_method("mocov2")(cfg, build_backbone("small_cnn", 1, 16, {"width": 4}), data.info)
     pairs = method.momentum_pairs()
     assert [type(o).__name__ for o, _ in pairs] and all(not p.requires_grad for _, t in pairs for p in t.parameters())
@@ -183,3 +183,25 @@ def test_consistency_loss_refuses_bad_shapes(targets, weights, message):
     with pytest.raises(ValueError, match=message):
         consistency_loss(torch.zeros(6, 4), targets, weights)
 
+
+
+def test_each_method_declares_what_it_draws_from_its_data_in_one_place():
+    """Method.data_needs: pretext methods learn without labels, the semi-supervised family draws μ× unlabeled images
+    (μ its own `mu`), KD only with use_unlabeled; prepare_data and the loaders read nothing else."""
+    from ssl_kit.config import validate_recipe
+    from ssl_kit.data.needs import DataNeeds
+    from tests.conftest import tiny_stage
+
+    def needs(method: str, **keys) -> DataNeeds:
+        stage = validate_recipe({"stages": [tiny_stage(method=method, **keys)]}).stages[0]
+        return registry.registered_methods()[method].data_needs(stage)
+
+    assert needs("supervised") == DataNeeds()
+    assert needs("simclr") == needs("dino") == needs("mae", backbone={"name": "vit_tiny"}) == DataNeeds(labels=False)
+    assert needs("fixmatch") == DataNeeds(unlabeled=True, unlabeled_ratio=7)
+    assert needs("fixmatch", mu=3) == DataNeeds(unlabeled=True, unlabeled_ratio=3)
+    assert needs("kd", teacher={"checkpoint": "t.pt"}) == DataNeeds()
+    assert needs("kd", teacher={"checkpoint": "t.pt"}, use_unlabeled=True, mu=2) == \
+        DataNeeds(unlabeled=True, unlabeled_ratio=2)
+    with pytest.raises(ValueError, match="unlabeled pool goes with a ratio"):
+        DataNeeds(unlabeled=True)

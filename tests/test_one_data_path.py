@@ -58,7 +58,7 @@ def test_training_and_every_evaluation_path_hold_out_the_same_images(tmp_path):
     assert not set(train_pos.tolist()) & set(test_pos.tolist())
 
     trained = prepare_data(DataConfig(dataset=spec, image_size=16, workers=0, storage="memory", normalize="none"),
-                           0, use_unlabeled=False)
+                           0)
     in_memory = load_splits(spec, folder_size=16)
     assert torch.equal(trained.test.images, in_memory["test"].images)
     assert torch.equal(trained.test.labels, in_memory["test"].labels)

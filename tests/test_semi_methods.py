@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import tiny_stage
 from ssl_kit.config import validate_recipe
 from ssl_kit.data.loader import Batch
+from ssl_kit.data.needs import DataNeeds
 from ssl_kit.data.pipeline import prepare_data
 from ssl_kit.errors import ConfigError
 from ssl_kit.losses import uda_loss
@@ -55,7 +56,7 @@ def _method(method: str, **overrides):
     stage = tiny_stage(method, method, **{**SEMI, **EXTRA[method], **overrides})
     cfg = validate_recipe({"seed": 0, "name": "t", "stages": [stage]}).stages[0]
     cls = build_method(method)
-    data = prepare_data(cfg.data, 0, use_unlabeled=True)
+    data = prepare_data(cfg.data, 0, DataNeeds(unlabeled=True, unlabeled_ratio=cfg.mu))
     torch.manual_seed(0)
     backbone = build_backbone("small_cnn", data.info.channels, 16, {"width": 8})
     return cls(cfg, backbone, data.info, **cls.context_from(cfg, data, None)), data

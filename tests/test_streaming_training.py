@@ -20,6 +20,7 @@ from ssl_kit.data.imageset import ImageSet
 from ssl_kit.data.pipeline import channel_stats, prepare_data
 from ssl_kit.data.stream import StreamLoader
 from ssl_kit.engine.loading import build_loader, stream_views
+from ssl_kit.data.needs import DataNeeds
 from ssl_kit.errors import DataError
 from ssl_kit.eval.features import FeatureExtractor
 from ssl_kit.eval.mapped import is_mapped
@@ -27,6 +28,8 @@ from ssl_kit.methods import build_method
 from ssl_kit.models.registry import build_backbone
 from ssl_kit.runner import run_recipe
 from tests.conftest import tiny_stage
+
+POOL = DataNeeds(unlabeled=True, unlabeled_ratio=7)  # what a FixMatch stage draws: labeled + 7× unlabeled
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -72,15 +75,15 @@ def data_cfg(root: Path, **kw) -> DataConfig:
 # ---------------------------------------------------------------------------------------- prepare_data
 def test_storage_auto_memory_stream(tmp_path):
     root = class_folder(tmp_path / "f", per_class=10)
-    streamed = prepare_data(data_cfg(root, storage="auto", memory_budget_gb=1e-6), 0, False)
+    streamed = prepare_data(data_cfg(root, storage="auto", memory_budget_gb=1e-6), 0)
     assert streamed.streamed and isinstance(streamed.train, FileSet) and not hasattr(streamed.train, "images")
     assert len(streamed.train) == 16 and len(streamed.test) == 4  # 20% stratified holdout: 2 per class
     assert streamed.info.dataset.endswith(",storage=stream")
-    in_memory = prepare_data(data_cfg(root, storage="auto"), 0, False)
+    in_memory = prepare_data(data_cfg(root, storage="auto"), 0)
     assert isinstance(in_memory.train, ImageSet) and tuple(in_memory.train.images.shape) == (16, 3, 16, 16)
-    forced = prepare_data(data_cfg(root, storage="memory", memory_budget_gb=1e-6), 0, False)
+    forced = prepare_data(data_cfg(root, storage="memory", memory_budget_gb=1e-6), 0)
     assert isinstance(forced.train, ImageSet)
-    assert prepare_data(data_cfg(root, storage="stream"), 0, False).streamed
+    assert prepare_data(data_cfg(root, storage="stream"), 0).streamed
     # the same images and labels on both paths
     assert torch.equal(streamed.train.labels, in_memory.train.labels)
     assert streamed.train.classes == in_memory.train.classes == ["green", "red"]
@@ -88,7 +91,7 @@ def test_storage_auto_memory_stream(tmp_path):
 
 def test_streamed_normalisation_stats_come_from_the_eval_crops(tmp_path):
     root = class_folder(tmp_path / "f", per_class=6)
-    data = prepare_data(data_cfg(root, storage="stream"), 0, False)
+    data = prepare_data(data_cfg(root, storage="stream"), 0)
     index = data.train.index
     crops = np.stack([decode_eval(index.read(p), index.path(p), 16, 3, 0.875) for p in data.train.positions])
     mean, std = channel_stats(torch.from_numpy(crops))
@@ -99,7 +102,7 @@ def test_labels_csv_labeled_subset_plus_unlabeled_rest(tmp_path):
     csv = unlabeled_tree_with_csv(tmp_path / "pool", count=60, labeled=20)
     cfg = DataConfig(dataset="images", root=str(tmp_path / "pool"), labels=str(csv), image_size=16, storage="stream",
                      workers=0)
-    data = prepare_data(cfg, 0, use_unlabeled=True)
+    data = prepare_data(cfg, 0, POOL)
     assert data.info.classes == ["green", "red"]
     assert len(data.test) == 4 and bool((data.test.labels >= 0).all())  # 20% of the labeled, unlabeled stay in train
     assert len(data.train) == 56 and len(data.labeled) == 16
@@ -114,7 +117,7 @@ def test_streamed_set_with_a_streamed_unlabeled_domain(tmp_path):
     root = class_folder(tmp_path / "src", per_class=10)
     class_folder(tmp_path / "tgt", per_class=7)
     cfg = data_cfg(root, storage="stream", unlabeled_dataset=f"imagefolder:{tmp_path / 'tgt'}")
-    data = prepare_data(cfg, 0, use_unlabeled=True)
+    data = prepare_data(cfg, 0, POOL)
     assert isinstance(data.train, FileSet) and len(data.train) == 16 + 14
     assert data.unlabeled.tolist() == list(range(16, 30)) and len(data.labeled) == 16
     index = data.train.index
@@ -122,18 +125,18 @@ def test_streamed_set_with_a_streamed_unlabeled_domain(tmp_path):
     assert data.train.labels[16:].tolist() == [0] * 7 + [1] * 7  # green, red: the target's own labels
     assert len(data.test) == 4  # the source's holdout, untouched
     unlabeled_tree_with_csv(tmp_path / "pool", count=9)
-    pool = prepare_data(data_cfg(root, storage="stream", unlabeled_dataset=f"images:{tmp_path / 'pool'}"), 0, True)
+    pool = prepare_data(data_cfg(root, storage="stream", unlabeled_dataset=f"images:{tmp_path / 'pool'}"), 0, POOL)
     assert len(pool.unlabeled) == 9 and bool((pool.train.labels[16:] == -1).all())
     with pytest.raises(DataError, match="a streamed labeled set takes a streamed unlabeled set"):
-        prepare_data(data_cfg(root, storage="stream", unlabeled_dataset="digits"), 0, True)
+        prepare_data(data_cfg(root, storage="stream", unlabeled_dataset="digits"), 0, POOL)
     class_folder(tmp_path / "other", per_class=2, classes=("cyan", "pink"))
     with pytest.raises(DataError, match="unlabeled_dataset.*same classes"):
-        prepare_data(data_cfg(root, storage="stream", unlabeled_dataset=f"imagefolder:{tmp_path / 'other'}"), 0, True)
+        prepare_data(data_cfg(root, storage="stream", unlabeled_dataset=f"imagefolder:{tmp_path / 'other'}"), 0, POOL)
 
 
 def test_labels_csv_on_a_builtin_set_is_refused():
     with pytest.raises(DataError, match="data.labels 'x.csv'.*'digits' has its own labels"):
-        prepare_data(DataConfig(dataset="digits", labels="x.csv"), 0, False)
+        prepare_data(DataConfig(dataset="digits", labels="x.csv"), 0)
 
 
 # --------------------------------------------------------------------------------------- the loaders
@@ -144,7 +147,7 @@ def _method(method: str, tmp_path: Path, **extra):
     stage = tiny_stage("s", method, data=data, **extra)
     cfg = validate_recipe({"seed": 0, "stages": [stage]}).stages[0]
     cls = build_method(method)
-    data = prepare_data(cfg.data, 0, cls.wants_unlabeled(cfg))
+    data = prepare_data(cfg.data, 0, cls.data_needs(cfg))
     backbone = build_backbone(cfg.backbone.name, 3, 16, cfg.backbone.kwargs)
     return cls(cfg, backbone, data.info, **cls.context_from(cfg, data, None)), data, cfg
 
@@ -262,7 +265,7 @@ def test_streamed_features_match_the_eval_transform_and_are_cached_on_disk(tmp_p
     cached = sorted((tmp_path / "cache" / "features").glob("*.f16.npy"))
     assert len(cached) == 2 and np.load(cached[0]).dtype == np.float16
     # the same numbers as decoding with the eval transform by hand (up to float16 rounding)
-    data = prepare_data(data_cfg(root, storage="stream", normalize="none"), 0, False)
+    data = prepare_data(data_cfg(root, storage="stream", normalize="none"), 0)
     index = data.train.index
     crops = torch.from_numpy(np.stack([decode_eval(index.read(p), index.path(p), 16) for p in data.train.positions]))
     expected = extractor.features(ImageSet(crops, data.train.labels, classes))

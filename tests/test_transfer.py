@@ -9,10 +9,13 @@ import torch
 from torch import nn
 
 from ssl_kit.data.augment import Normalize
+from ssl_kit.data.needs import DataNeeds
 from ssl_kit.errors import CheckpointError, DataError
 from ssl_kit.eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt, parse_corruptions
 from ssl_kit.eval.transfer import leave_one_domain_out, transfer_eval
 from tests.test_eval import clusters, run_cli
+
+POOL = DataNeeds(unlabeled=True, unlabeled_ratio=7)  # what a FixMatch stage draws: labeled + 7× unlabeled
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -150,7 +153,7 @@ def test_unlabeled_dataset_is_the_other_domains_training_images(tmp_path):
     from ssl_kit.data.specs import load_splits
 
     cfg = DataConfig(dataset="digits", image_size=8, labels_per_class=2, unlabeled_dataset="digits-rotated:90")
-    data = prepare_data(cfg, 0, use_unlabeled=True)
+    data = prepare_data(cfg, 0, POOL)
     source_train = len(load_splits("digits")["train"])
     assert len(data.labeled) == 20 and int(data.labeled.max()) < source_train
     assert data.unlabeled.tolist() == list(range(source_train, 2 * source_train))
@@ -161,9 +164,9 @@ def test_unlabeled_dataset_is_the_other_domains_training_images(tmp_path):
         for i in range(3):
             Image.new("L", (10, 10), color=40 * i).save(tmp_path / name / f"{i}.png")
     with pytest.raises(DataError, match="same classes"):
-        prepare_data(DataConfig(dataset="digits", image_size=8, unlabeled_dataset=f"imagefolder:{tmp_path}"), 0, True)
+        prepare_data(DataConfig(dataset="digits", image_size=8, unlabeled_dataset=f"imagefolder:{tmp_path}"), 0, POOL)
     pool = prepare_data(DataConfig(dataset="digits", image_size=8, labels_per_class=2,
-                                   unlabeled_dataset=f"images:{tmp_path}"), 0, True)  # no classes: a plain pool
+                                   unlabeled_dataset=f"images:{tmp_path}"), 0, POOL)  # no classes: a plain pool
     pool_train = len(load_splits(f"images:{tmp_path}")["train"])  # its training split, as for any other domain
     assert pool.unlabeled.tolist() == list(range(source_train, source_train + pool_train)) and pool_train >= 5
     assert bool((pool.train.labels[pool.unlabeled] == -1).all()) and pool.train.classes == data.train.classes

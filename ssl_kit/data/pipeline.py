@@ -15,6 +15,7 @@ from .fileset import FileSet, Images, image_batches
 from .imageset import ImageSet
 from .inspect import load_in_memory
 from .kinds import dataset_kind
+from .needs import DataNeeds
 from .sources import check_appended_classes, choose_storage, join_indexes
 from .holdout import split_positions
 from .specs import DatasetSpec, load_splits, open_index, parse_spec
@@ -170,11 +171,42 @@ def _test_set(cfg: DataConfig, train: Images) -> Images:
     return FileSet(index, positions, f"{index.source}/test", train.channels)
 
 
-def prepare_data(cfg: DataConfig, seed: int, use_unlabeled: bool, label_free: bool = False) -> PreparedData:
-    """Load and split a stage's data. Labeled: labels_per_class per class (all labeled images when None; every
-    training image, labeled or not, when `label_free`: a pretext method on a partly labeled folder).
+def _drawn_rows(cfg: DataConfig, seed: int, needs: DataNeeds, train: Images, extra_unlabeled: Optional[ImageSet],
+                spec: str) -> tuple[Images, torch.Tensor, Optional[torch.Tensor]]:
+    """The rows of `train` a method with these needs draws -> (train, with another domain or an extra unlabeled
+    split appended when the pool comes from there; labeled rows (L,); unlabeled rows (U,) or None)."""
+    if cfg.labels_per_class is None and not needs.labels:
+        labeled = torch.arange(len(train))
+    elif cfg.labels_per_class is None:
+        labeled = (train.labels >= 0).nonzero().squeeze(1)
+    else:
+        labeled = labeled_indices(train.labels, cfg.labels_per_class, cfg.split_seed if cfg.split_seed is not None
+                                  else seed, train.classes)
+    if needs.labels and len(labeled) == 0:
+        raise DataError(f"data.dataset {spec!r} has no labeled training images, and this stage's method learns from "
+                        "labels: give data.labels (a CSV of path,label rows naming some of the files), use a "
+                        "class-folder source (imagefolder:ROOT), or train a label-free method (`ssl-kit methods`)")
+    if not needs.unlabeled:
+        return train, labeled, None
+    if cfg.unlabeled_dataset:
+        if isinstance(train, FileSet):
+            train, unlabeled = _append_streamed_domain(train, cfg)
+        else:
+            train, unlabeled = _append_unlabeled_domain(train, cfg.unlabeled_dataset, cfg.image_size)
+        return train, labeled, unlabeled
+    unlabeled = unlabeled_indices(len(train), labeled, cfg.include_labeled_in_unlabeled)
+    if extra_unlabeled is not None:  # e.g. STL-10's 100k unlabeled images
+        train, extra_index = _append(train, extra_unlabeled)
+        unlabeled = torch.cat([unlabeled, extra_index])
+    return train, labeled, unlabeled
 
-    Streamed sources (imagefolder, images, filelist, webdataset) honour data.storage: `memory` decodes the set
+
+def prepare_data(cfg: DataConfig, seed: int, needs: DataNeeds = DataNeeds()) -> PreparedData:
+    """Load and split a stage's data for a method with these `needs`. Labeled: labels_per_class per class (all
+    labeled images when None; every training image, labeled or not, when the method learns without labels: a
+    pretext method on a partly labeled folder). Unlabeled: the pool, when the method draws one.
+
+    File-indexed sources (imagefolder, images, filelist, webdataset) honour data.storage: `memory` decodes the set
     (squashed to image_size) as today's in-memory path, `stream` keeps only positions into the file index, `auto`
     streams when the decoded set exceeds data.memory_budget_gb. Other sources are always in memory."""
     spec = cfg.spec()
@@ -192,28 +224,7 @@ def prepare_data(cfg: DataConfig, seed: int, use_unlabeled: bool, label_free: bo
         test = _test_set(cfg, train)
     if test.classes != train.classes:
         raise DataError(f"test set {cfg.test!r} has classes {test.classes[:10]}, training set {train.classes[:10]}")
-    if cfg.labels_per_class is None and label_free:
-        labeled = torch.arange(len(train))
-    elif cfg.labels_per_class is None:
-        labeled = (train.labels >= 0).nonzero().squeeze(1)
-    else:
-        labeled = labeled_indices(train.labels, cfg.labels_per_class, cfg.split_seed if cfg.split_seed is not None
-                                  else seed, train.classes)
-    if not label_free and len(labeled) == 0:
-        raise DataError(f"data.dataset {spec!r} has no labeled training images, and this stage's method learns from "
-                        "labels: give data.labels (a CSV of path,label rows naming some of the files), use a "
-                        "class-folder source (imagefolder:ROOT), or train a label-free method (`ssl-kit methods`)")
-    unlabeled = None
-    if use_unlabeled and cfg.unlabeled_dataset:
-        if isinstance(train, FileSet):
-            train, unlabeled = _append_streamed_domain(train, cfg)
-        else:
-            train, unlabeled = _append_unlabeled_domain(train, cfg.unlabeled_dataset, cfg.image_size)
-    elif use_unlabeled:
-        unlabeled = unlabeled_indices(len(train), labeled, cfg.include_labeled_in_unlabeled)
-        if extra_unlabeled is not None:  # e.g. STL-10's 100k unlabeled images
-            train, extra_index = _append(train, extra_unlabeled)
-            unlabeled = torch.cat([unlabeled, extra_index])
+    train, labeled, unlabeled = _drawn_rows(cfg, seed, needs, train, extra_unlabeled, spec)
     if cfg.normalize == "dataset":
         if isinstance(train, FileSet):
             mean, std = sample_stats(train, cfg.image_size, cfg.eval_resize_ratio, cfg.workers)

@@ -51,8 +51,9 @@ def build_loader(method: Method, data: PreparedData, cfg, seed: int, rank: int, 
     """The loader of a training stage: global batches of cfg.train.batch_size labeled (+ μ× unlabeled when the
     method uses them) images, this rank's share."""
     batch_size = cfg.train.batch_size
-    unlabeled = data.unlabeled if method.uses_unlabeled else None
-    mu = method.unlabeled_ratio()
+    needs = method.data_needs(cfg)
+    unlabeled = data.unlabeled if needs.unlabeled else None
+    mu = needs.unlabeled_ratio
     if not data.streamed:
         images = data.train.images.to(device)
         labels = data.train.labels.to(device)

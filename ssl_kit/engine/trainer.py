@@ -104,7 +104,7 @@ class Trainer:
         if tc.batch_size % (tc.accumulate * self.world):
             raise TrainingError(f"train.batch_size {tc.batch_size} must be divisible by accumulate × world size "
                                 f"({tc.accumulate} × {self.world})")
-        if tc.batch_size > len(data.labeled) and not method.uses_unlabeled:
+        if tc.batch_size > len(data.labeled) and not method.data_needs(cfg).unlabeled:
             raise TrainingError(f"train.batch_size {tc.batch_size} is larger than the {len(data.labeled)} training "
                                 f"images; lower it")
         self.loader = build_loader(method, data, cfg, ctx.seed, self.rank, self.world, self.device)

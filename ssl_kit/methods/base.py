@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..data.augment import Normalize, WeakView
 from ..data.crops import CropSpec
 from ..data.loader import Batch
+from ..data.needs import DataNeeds
 from ..data.pipeline import DataInfo
 from ..models.heads import Classifier
 from ..models.vit import VisionTransformer
@@ -40,8 +41,6 @@ class Method(nn.Module):
     """
 
     name: str = ""
-    uses_unlabeled = False
-    label_free = False  # True: the training loss needs no labels, so every training image (labeled or not) is drawn
     backbone_prefix = "backbone."
     head_prefix: Optional[str] = None
 
@@ -52,9 +51,10 @@ class Method(nn.Module):
         self.weak_view = WeakView(self.normalize, cfg.data.translate, cfg.data.hflip)
 
     @classmethod
-    def wants_unlabeled(cls, cfg) -> bool:
-        """Whether a stage with this config trains on unlabeled images too."""
-        return cls.uses_unlabeled
+    def data_needs(cls, cfg) -> DataNeeds:
+        """What a stage with this config draws from its data (labels or not, an unlabeled pool and its ratio μ):
+        the one declaration prepare_data, the trainer and the loaders read. Default: labeled batches only."""
+        return DataNeeds()
 
     @classmethod
     def context_from(cls, cfg, data, load_record) -> dict:
@@ -92,11 +92,6 @@ class Method(nn.Module):
         then made on the device from it). RandomResizedCrop over data.stream_crop_scale, no flip (the device's weak
         view flips)."""
         return CropSpec(image_size, tuple(self.cfg.data.stream_crop_scale))
-
-    def unlabeled_ratio(self) -> int:
-        """Unlabeled images per labeled image in a batch (FixMatch's μ; the stage config declares it); 0: the method
-        trains on labeled batches."""
-        return self.cfg.unlabeled_ratio()
 
     # -- what the engine asks of every method -------------------------------------------------------
     def get_backbone(self) -> nn.Module:

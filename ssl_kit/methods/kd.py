@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..common.metrics import predict
 from ..config import StageBase, Strict
+from ..data.needs import DataNeeds
 from ..data.augment import Normalize, random_translate_flip, to_unit_float
 from ..data.loader import Batch
 from ..errors import ConfigError
@@ -146,8 +147,10 @@ class Teacher(nn.Module):
 class KnowledgeDistillation(ClassifierMethod):
 
     @classmethod
-    def wants_unlabeled(cls, cfg) -> bool:
-        return cfg.use_unlabeled
+    def data_needs(cls, cfg) -> DataNeeds:
+        """Labeled batches; with use_unlabeled, μ× unlabeled images the teacher labels too."""
+        mu = cfg.unlabeled_ratio()
+        return DataNeeds(unlabeled=mu > 0, unlabeled_ratio=mu)
 
     @classmethod
     def context_from(cls, cfg, data, load_record: Callable[[str], dict]) -> dict:
@@ -171,7 +174,6 @@ class KnowledgeDistillation(ClassifierMethod):
             self.teachers.append(teacher)
         self.teacher_weights = cfg.teacher_weights()
         self._train_images = train_images
-        self.uses_unlabeled = cfg.use_unlabeled
         self.register_buffer("cached_logits", torch.empty(0), persistent=False)
         self.regressor: Optional[Regressor] = None
         if cfg.hint is not None:

@@ -12,6 +12,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..config import StageBase, Strict
+from ..data.needs import DataNeeds
 from .base import Method
 from .param_groups import ParamGroup
 
@@ -51,7 +52,10 @@ class PretextMethod(Method):
     """Holds `backbone` and `probe`; every other trainable parameter forms the 'projector' group (pretext heads)."""
 
     head_prefix = "probe."
-    label_free = True  # the pretext loss uses every image; the online probe learns from the labeled ones only
+    @classmethod
+    def data_needs(cls, cfg) -> DataNeeds:
+        """The pretext loss uses every image, labeled or not; the online probe learns from the labeled ones only."""
+        return DataNeeds(labels=False)
 
     def __init__(self, cfg, backbone: nn.Module, info) -> None:
         super().__init__(cfg, info)

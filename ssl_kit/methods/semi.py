@@ -14,6 +14,7 @@ from ..common.metrics import predict
 from ..common.plots import plot_threshold_sweep
 from ..config import StageBase
 from ..data.fileset import image_batches
+from ..data.needs import DataNeeds
 from .base import ClassifierMethod
 
 
@@ -40,7 +41,10 @@ class SemiSupervisedMethod(ClassifierMethod):
     for diagnostics only, positions `batch.u_index` for per-sample state). Subclasses call `track_pseudo_labels`
     in training_step; `threshold_metrics` adds a thresholding policy's state to the epoch log."""
 
-    uses_unlabeled = True
+    @classmethod
+    def data_needs(cls, cfg) -> DataNeeds:
+        """Labeled batches + μ× unlabeled images from the pool (cfg.mu)."""
+        return DataNeeds(unlabeled=True, unlabeled_ratio=cfg.unlabeled_ratio())
 
     @classmethod
     def context_from(cls, cfg, data, load_record) -> dict:
