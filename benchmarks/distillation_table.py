@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import run_stages, table  # noqa: E402
 from benchmarks.contrastive_table import evaluate, pretrain_stage  # noqa: E402
-from ssl_kit.config import load_yaml  # noqa: E402
+from ssl_kit.recipe_files import load_yaml  # noqa: E402
 from ssl_kit.engine.checkpoint import build_from_record  # noqa: E402
 from ssl_kit.eval.features import FeatureExtractor  # noqa: E402
 from ssl_kit.models.registry import build_backbone  # noqa: E402

@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 
 from .bundle import compare_runs, extract_bundle, find_run_dir, run_context, write_bundle
-from .config import EVAL_STAGES, load_recipe, validate_recipe
+from .config import EVAL_STAGES, validate_recipe
+from .recipe_files import load_recipe
 from .data.inspect import summarize
 from .data.pipeline import is_streamed_source
 from .data.sources import apply_labels_csv, build_index

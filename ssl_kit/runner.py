@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from ._version import __version__
-from .config import EVAL_METHODS, DataConfig, Recipe, StageBase, load_yaml, recipe_to_yaml, validate_recipe
+from .config import EVAL_METHODS, DataConfig, Recipe, StageBase, validate_recipe
+from .recipe_files import load_yaml, recipe_to_yaml
 from .config_diff import format_differences, is_harmless, recipe_differences
 from .data.pipeline import DataInfo, prepare_data
 from .engine import distributed as dist

@@ -1,6 +1,8 @@
 import pytest
 
-from ssl_kit.config import apply_overrides, load_recipe, parse_override, validate_recipe
+from ssl_kit.config import validate_recipe
+
+from ssl_kit.recipe_files import apply_overrides, load_recipe, parse_override
 from ssl_kit.errors import ConfigError
 from tests.conftest import tiny_stage
 

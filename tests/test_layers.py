@@ -3,7 +3,7 @@
 Everything here parses the sources with `ast`; nothing under ssl_kit/ is imported. Layers, highest first:
 
     cli > runner, bundle > eval > engine > methods > models, losses, data
-        > config, config_diff, common, errors, limits, _version
+        > recipe_files, config, config_diff, common, errors, limits, _version
 
 A module may import modules of its own layer or of lower layers, never of a higher one, and no set of modules
 may import each other in a cycle (within one layer too). ssl_kit/__init__.py is the package facade: it may import
@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("engine",),
     ("methods",),
     ("models", "losses", "data"),
-    ("config", "config_diff", "common", "errors", "limits", "_version"),
+    ("recipe_files", "config", "config_diff", "common", "errors", "limits", "_version"),
 ]
 # The facade ssl_kit/__init__.py: exempt from the layer rule as importer, off limits as importee.
 FACADE = PACKAGE

@@ -104,7 +104,7 @@ def test_mae_encoder_sees_only_visible_patches():
 
 @pytest.mark.slow
 def test_fine_tuned_mae_beats_the_same_vit_from_scratch(tmp_path):
-    from ssl_kit.config import load_yaml
+    from ssl_kit.recipe_files import load_yaml
     from ssl_kit.cli import find_recipe
 
     recipe = load_yaml(find_recipe("mae_digits"))

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from ssl_kit.cli import bundled_recipes, main
-from ssl_kit.config import EVAL_METHODS, load_recipe
+from ssl_kit.config import EVAL_METHODS
+from ssl_kit.recipe_files import load_recipe
 from ssl_kit.runner import run_recipe
 
 BUILTIN = ("digits", "digits-printed", "digits-rotated")

@@ -12,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ssl_kit.config import DataConfig, load_recipe, validate_recipe
+from ssl_kit.config import DataConfig, validate_recipe
+
+from ssl_kit.recipe_files import load_recipe
 from ssl_kit.data.crops import CropSpec
 from ssl_kit.data.decode import decode_eval
 from ssl_kit.data.fileset import FileSet

@@ -7,7 +7,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ssl_kit.config import load_recipe
+from ssl_kit.recipe_files import load_recipe
 from ssl_kit.data.specs import parse_spec
 from ssl_kit.errors import SslKitError
 

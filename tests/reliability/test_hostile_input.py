@@ -19,7 +19,8 @@ import torch
 import yaml
 
 from ssl_kit.cli import main
-from ssl_kit.config import apply_overrides, bounded_yaml, load_recipe, load_yaml, validate_recipe
+from ssl_kit.config import validate_recipe
+from ssl_kit.recipe_files import apply_overrides, bounded_yaml, load_recipe, load_yaml
 from ssl_kit.data import formats
 from ssl_kit.data.specs import parse_spec
 from ssl_kit.engine.checkpoint import build_from_record, resolve_checkpoint, safe_load
