@@ -12,12 +12,12 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
 from .bundle import compare_runs, extract_bundle, find_run_dir, run_context, write_bundle
 from .config import EVAL_STAGES, validate_recipe
-from .recipe_files import load_recipe
 from .data.inspect import summarize
 from .data.pipeline import is_streamed_source
 from .data.sources import apply_labels_csv, build_index
@@ -26,15 +26,15 @@ from .data.stream import check_index
 from .engine.checkpoint import resolve_checkpoint
 from .errors import SslKitError, TrainingInterrupted, UsageError
 from .eval.corruptions import parse_corruptions
-from .eval.features import DEFAULT_MEMORY_BUDGET_GB, FeatureExtractor
+from .eval.features import DEFAULT_MEMORY_BUDGET_GB
 from .eval.model_info import model_info
 from .eval.report import format_headline, headline_rows
-from .eval.stages import knn_dataset, probe_dataset
-from .eval.transfer import leave_one_domain_out, lodo_rows, transfer_eval
+from .eval.transfer import lodo_rows
 from .methods import build_method, method_options, registered_methods
 from .models.export import write_export
 from .models.external import is_torchvision_reference
-from .runner import finite_or_none, run_recipe
+from .recipe_files import load_recipe
+from .runner import evaluate, finite_or_none, run_recipe
 
 RECIPE_DIRS = (Path(__file__).resolve().parents[1] / "recipes", Path.cwd() / "recipes")
 CHECKPOINT_HELP = ("backbone.pt, run directory, training checkpoint, torchvision:NAME / timm:NAME (with --weights), "
@@ -154,23 +154,31 @@ def _scalars(result: dict) -> dict:
     return {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and not k.startswith("_")}
 
 
+def _eval_stage(args, method: str, data: Optional[str], **keys):
+    """The one-stage recipe an evaluation command stands for -> its validated stage (what `ssl-kit run` would run
+    for the same keys in a recipe)."""
+    stage = {"name": args.command.replace("-", "_"), "method": method, "checkpoint": args.checkpoint, "data": data,
+             "device": args.device, "weights": args.weights, "image_size": args.image_size,
+             "memory_budget_gb": args.budget_gb, **keys}
+    recipe = validate_recipe({"seed": args.seed, "stages": [stage]}, f"ssl-kit {args.command}")
+    return recipe.stages[0]
+
+
+def _evaluate(args, stage) -> dict:
+    return evaluate(stage, stage.checkpoint, stage.data, None, args.seed)
+
+
 def cmd_linear_probe(args) -> int:
-    extractor = _extractor(args)
-    result = probe_dataset(extractor, args.data, args.epochs, args.labels_per_class, args.seed, sweep=not args.no_sweep,
-                           augment=args.augment)
-    _emit(_scalars(result), args.json)
+    stage = _eval_stage(args, "linear_probe", args.data, labels_per_class=args.labels_per_class, epochs=args.epochs,
+                        sweep=not args.no_sweep, augment=args.augment)
+    _emit(_scalars(_evaluate(args, stage)), args.json)
     return 0
 
 
 def cmd_knn(args) -> int:
-    extractor = _extractor(args)
-    _emit(_scalars(knn_dataset(extractor, args.data, args.k, args.temperature, args.ivf)), args.json)
+    stage = _eval_stage(args, "knn", args.data, k=args.k, knn_temperature=args.temperature, ivf=args.ivf)
+    _emit(_scalars(_evaluate(args, stage)), args.json)
     return 0
-
-
-def _extractor(args):
-    return FeatureExtractor.from_checkpoint(args.checkpoint, args.device, args.weights, args.image_size,
-                                            args.budget_gb)
 
 
 def cmd_transfer(args) -> int:
@@ -180,16 +188,10 @@ def cmd_transfer(args) -> int:
     if args.source and not (args.target or args.corruptions):
         raise SslKitError("transfer --source needs at least one --target or --corruptions")
     corruptions = parse_corruptions(args.corruptions) if args.corruptions else []
-    extractor = _extractor(args)
-    result = {}
-    if args.source:
-        result = transfer_eval(extractor, args.source, args.target or [], args.epochs, args.seed,
-                               sweep=not args.no_sweep, adapt=args.adapt or [], corruptions=corruptions,
-                               severities=args.severities, checkpoint=args.checkpoint, adapt_steps=args.adapt_steps,
-                               train=run_recipe)
-    if args.domains:
-        result["leave_one_domain_out"] = leave_one_domain_out(extractor, args.domains, args.epochs, args.seed,
-                                                              sweep=not args.no_sweep)
+    stage = _eval_stage(args, "transfer", args.source, targets=args.target or [], corruptions=corruptions,
+                        severities=args.severities, adapt=args.adapt or [], adapt_steps=args.adapt_steps,
+                        domains=args.domains or [], epochs=args.epochs, sweep=not args.no_sweep, tsne=False)
+    result = _evaluate(args, stage)
     if args.json:
         _emit(result, True)
         return 0

@@ -250,6 +250,8 @@ class EvalStageBase(Strict):
     memory_budget_gb: Optional[float] = Field(
         None, gt=0, description="storage auto: embed a streamed evaluation set from files in workers when decoding it "
                                 "would take more; default: data.memory_budget_gb of the stage that trained the backbone")
+    weights: Optional[str] = Field(None, description="local weights file for checkpoint torchvision:NAME / timm:NAME "
+                                                     "('random': an untrained torchvision network)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     channels_last: Optional[bool] = _channels_last_field()
 
@@ -265,6 +267,11 @@ class LinearProbeStage(EvalStageBase):
     epochs: int = Field(100, ge=1)
     tsne: bool = Field(False, description="t-SNE picture of the test features coloured by class in plots/")
     augment: bool = Field(False, description="re-extract features of augmented training images every epoch")
+    sweep: Optional[bool] = Field(None, description="choose lr/wd on a validation split of the training features; "
+                                                    "default: yes, unless labels_per_class is 1")
+
+    def sweeps(self) -> bool:
+        return self.sweep if self.sweep is not None else self.labels_per_class is None or self.labels_per_class >= 2
 
 
 class KnnStage(EvalStageBase):
@@ -273,6 +280,7 @@ class KnnStage(EvalStageBase):
     method: Literal["knn"]
     k: int = Field(20, ge=1, le=10_000)
     knn_temperature: float = Field(0.07, gt=0, le=100, allow_inf_nan=False)
+    ivf: bool = Field(False, description="approximate faiss IVF index for large banks")
 
 
 class TransferStage(EvalStageBase):
@@ -289,6 +297,7 @@ class TransferStage(EvalStageBase):
     severities: list[Literal[1, 2, 3, 4, 5]] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
     domains: list[str] = Field(default_factory=list, description="leave-one-domain-out over these (≥ 3)")
     tsne: bool = Field(True, description="t-SNE picture of source and target features in plots/")
+    sweep: bool = Field(True, description="choose each probe's lr/wd on a validation split")
 
     @model_validator(mode="after")
     def _something_to_do(self) -> "TransferStage":

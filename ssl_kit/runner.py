@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -43,10 +44,12 @@ from .engine.loggers import JsonlLogger, WandbLogger, truncate_metrics
 from .engine.run_lock import LOCK_NAME, RunLock
 from .engine.trainer import RunContext, Trainer, resolve_device
 from .errors import CheckpointError, ConfigError
+from .eval.adaptation import adaptation_recipe, adaptation_scores
 from .eval.report import write_report
-from .eval.stages import run_eval_stage
+from .eval.stages import run_eval_stage, stage_metrics
 from .methods import build_method
 from .models.bounds import check_architecture
+from .models.external import is_torchvision_reference
 from .models.heads import Classifier
 from .models.registry import build_backbone
 
@@ -415,18 +418,47 @@ class RecipeRunner:
             raise ConfigError(f"stages[{stage.name}]: no backbone to evaluate: give checkpoint or from_stage, or put "
                               f"a training stage before it")
         dataset = stage.data
-        if dataset is None:
+        scores_a_dataset = stage.method != "transfer" or stage.targets or stage.corruptions  # not LODO alone
+        if dataset is None and scores_a_dataset:
             dataset = resolve_checkpoint(source, f"stages[{stage.name}].checkpoint")["data"].get("dataset")
             if not isinstance(dataset, str):
                 raise ConfigError(f"stages[{stage.name}]: the checkpoint records no dataset; set data: SPEC")
         if stage.memory_budget_gb is None:  # evaluate with the data settings the backbone's stage trained with
             budget = self._stage(trained_by).data.memory_budget_gb if trained_by else DataConfig().memory_budget_gb
             stage = stage.model_copy(update={"memory_budget_gb": budget})
-        return run_eval_stage(stage, source, dataset, self.run_dir, self.recipe.seed, train=run_recipe)
+        return stage_metrics(stage, evaluate(stage, source, dataset, self.run_dir, self.recipe.seed))
 
     def _stage(self, name: str):
         """The recipe's stage called `name`."""
         return next(stage for stage in self.recipe.stages if stage.name == name)
+
+
+def evaluate(stage, checkpoint, dataset: Optional[str], run_dir: Optional[Path], seed: int) -> dict:
+    """One validated evaluation stage (linear_probe, knn, transfer) on `checkpoint` -> its full result: what
+    `ssl-kit run` does for an evaluation stage, and what `ssl-kit linear-probe / knn / transfer` do with the
+    one-stage recipe they build, so a command and a recipe stage cannot disagree.
+
+    Transfer's FixMatch adaptation is training: its two stages (adaptation.adaptation_recipe) run first, as a
+    recipe of their own under run_dir/stages/<name>/adapt-<target> (a temporary folder without run_dir), and the
+    scoring reads their target test top-1. The evaluation code itself never trains."""
+    adapted = None
+    if stage.method == "transfer" and "fixmatch" in stage.adapt:
+        adapted = {target: _adapt(stage, checkpoint, dataset, target, run_dir, seed) for target in stage.targets}
+    return run_eval_stage(stage, checkpoint, dataset, run_dir, seed, adapted)
+
+
+def _adapt(stage, checkpoint, source: str, target: str, run_dir: Optional[Path], seed: int) -> dict:
+    """Train the FixMatch adaptation stages of `stage` to `target` -> their scores (adaptation_scores)."""
+    if is_torchvision_reference(checkpoint):
+        raise ConfigError(f"stages[{stage.name}]: fixmatch adaptation fine-tunes the backbone, so it needs an ssl_kit "
+                          f"checkpoint (backbone.pt, run dir or training checkpoint), got {str(checkpoint)!r}")
+    raw = adaptation_recipe(checkpoint, source, target, stage.adapt_steps, seed, stage.device)
+    recipe = validate_recipe(raw, f"fixmatch adaptation to {target!r}")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in target)
+    out = run_dir / "stages" / stage.name / f"adapt-{safe}" if run_dir is not None else \
+        Path(tempfile.mkdtemp(prefix="ssl-kit-adapt-"))
+    _, summary = run_recipe(recipe, out)
+    return adaptation_scores(summary)
 
 
 def run_recipe(recipe: Recipe, out: Optional[Path] = None, resume: bool = False,

@@ -12,7 +12,9 @@ from ssl_kit.data.augment import Normalize
 from ssl_kit.data.needs import DataNeeds
 from ssl_kit.errors import CheckpointError, DataError
 from ssl_kit.eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt, parse_corruptions
+from ssl_kit.eval.features import FeatureExtractor
 from ssl_kit.eval.transfer import leave_one_domain_out, transfer_eval
+from ssl_kit.models.registry import build_backbone
 from tests.test_eval import clusters, run_cli
 
 POOL = DataNeeds(unlabeled=True, unlabeled_ratio=7)  # what a FixMatch stage draws: labeled + 7× unlabeled
@@ -236,3 +238,43 @@ def test_transfer_stage_needs_something_to_do():
         validate_recipe({"stages": [{"name": "t", "method": "transfer", "checkpoint": "x"}]})
     with pytest.raises(ConfigError, match="unknown corruption"):
         validate_recipe({"stages": [{"name": "t", "method": "transfer", "checkpoint": "x", "corruptions": ["fog"]}]})
+
+
+def test_fixmatch_adaptation_is_training_stages_the_runner_runs_before_the_scoring(tmp_path, capsys):
+    """`adapt: fixmatch` in a recipe and `ssl-kit transfer --adapt fixmatch` take one path (runner.evaluate): the
+    two adaptation stages train as a recipe of their own, then the transfer stage scores; the evaluation code is
+    handed their scores and never trains."""
+    from ssl_kit.cli import main as cli_main
+    from ssl_kit.config import validate_recipe
+    from ssl_kit.runner import run_recipe
+    from tests.conftest import tiny_stage
+
+    target = "digits-rotated:30"
+    recipe = validate_recipe({"seed": 0, "name": "t", "stages": [
+        tiny_stage(train={"steps": 10}),
+        {"name": "transfer", "method": "transfer", "epochs": 5, "targets": [target], "adapt": ["fixmatch"],
+         "adapt_steps": 3, "tsne": False, "device": "cpu"}]})
+    run_dir, summary = run_recipe(recipe, tmp_path / "run")
+    for key in ("top1", "fixmatch_source_only_top1", "fixmatch_adapted_top1"):
+        assert 0 <= summary[f"transfer/{target}/{key}"] <= 1, key
+    adapt_dir = run_dir / "stages" / "transfer" / "adapt-digits-rotated_30"
+    adapt_summary = json.loads((adapt_dir / "summary.json").read_text())
+    assert adapt_summary["adapted/test/top1"] == summary[f"transfer/{target}/fixmatch_adapted_top1"]
+    assert adapt_summary["source_only/test/top1"] == summary[f"transfer/{target}/fixmatch_source_only_top1"]
+
+    capsys.readouterr()
+    assert cli_main(["transfer", "--checkpoint", str(run_dir / "stages" / "supervised" / "backbone.pt"), "--source",
+                     "digits", "--target", target, "--adapt", "fixmatch", "--adapt-steps", "3", "--epochs", "5",
+                     "--device", "cpu", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed["targets"][target]) >= {"top1", "gap", "fixmatch_source_only_top1", "fixmatch_adapted_top1"}
+    # the same stage on the same backbone and seed: the command and the recipe stage agree
+    assert printed["targets"][target]["top1"] == summary[f"transfer/{target}/top1"]
+
+
+def test_the_transfer_evaluation_itself_refuses_to_train(tmp_path):
+    backbone = build_backbone("small_cnn", 1, 16, {"width": 8}).eval()
+    backbone.data_info = {"image_size": 16, "channels": 1, "mean": [0.5], "std": [0.25]}
+    extractor = FeatureExtractor(backbone, "cpu")
+    with pytest.raises(DataError, match=r"fixmatch adaptation to \['digits-rotated:30'\] is training"):
+        transfer_eval(extractor, "digits", ["digits-rotated:30"], epochs=2, adapt=["fixmatch"])

@@ -5,19 +5,17 @@ plain transfer evaluation never does.
 - FixMatch-family adaptation (`adapt: fixmatch`), run as AdaMatch (Berthelot et al. 2022, methods/adamatch.py):
   labeled source + unlabeled target with the relative confidence threshold, distribution alignment to the source
   predictions and random logit interpolation of the source logits; compared with the same fine-tuning on the
-  source alone, both scored on the target's test split.
+  source alone, both scored on the target's test split. That is training: this module only writes its recipe
+  (adaptation_recipe); the runner trains it before the transfer stage scores, and evaluation never trains.
 """
 from __future__ import annotations
 
 import copy
-import tempfile
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..config import validate_recipe
 from ..data.augment import Normalize
 from ..engine.checkpoint import resolve_checkpoint
 from ..errors import DataError
@@ -45,17 +43,13 @@ def adapt_batchnorm(backbone: nn.Module, images: Tensor, normalize: Normalize, d
     return adapted.eval()
 
 
-TrainRecipe = Callable[..., tuple]  # (recipe, out dir) -> (run dir, summary): the runner's run_recipe
-
-
-def fixmatch_adaptation(checkpoint: str | Path, source: str, target: str, steps: int, seed: int,
-                        train: TrainRecipe, device: str = "auto", out_dir: Optional[Path] = None,
-                        threshold: float = 0.9) -> dict:
-    """Fine-tune the checkpoint's backbone with a new head on labeled `source` + unlabeled `target` images with
-    AdaMatch (relative threshold, distribution alignment to labeled predictions, random logit interpolation), and the same fine-tuning on the source
-    alone (no target image seen, so BatchNorm statistics stay the source's). `train(recipe, out_dir)` runs the two
-    stages (the runner's `run_recipe`: evaluation drives training without importing the runner).
-    -> {"source_only_top1", "adapted_top1": target test top-1 of each, "run_dir": where both runs are}."""
+def adaptation_recipe(checkpoint: str | Path, source: str, target: str, steps: int, seed: int,
+                      device: str = "auto", threshold: float = 0.9) -> dict:
+    """The training stages of FixMatch-family adaptation to `target`, as a recipe (a dict, validated by whoever runs
+    it): the checkpoint's backbone fine-tuned with a new head on labeled `source` + unlabeled `target` images with
+    AdaMatch (relative threshold, distribution alignment to labeled predictions, random logit interpolation), and
+    the same fine-tuning on the source alone (no target image seen, so BatchNorm statistics stay the source's).
+    Both score the target's test split (data.test). Evaluation builds this recipe; the runner trains it."""
     info = resolve_checkpoint(checkpoint)["data"]
     data = {"dataset": source, "test": target, "image_size": info["image_size"], "channels": info["channels"]}
     shared = {"init": {"checkpoint": str(checkpoint)},
@@ -66,9 +60,10 @@ def fixmatch_adaptation(checkpoint: str | Path, source: str, target: str, steps:
     source_only = {"name": "source_only", "method": "supervised", "data": data, **copy.deepcopy(shared)}
     adapted = {"name": "adapted", "method": "adamatch", "threshold": threshold, "mu": 3, "eval_ema": False,
                "data": {**data, "unlabeled_dataset": target}, **copy.deepcopy(shared)}
-    stages = [source_only, adapted]
-    recipe = validate_recipe({"seed": seed, "name": "adapt", "stages": stages}, f"fixmatch adaptation to {target!r}")
-    out = out_dir if out_dir is not None else Path(tempfile.mkdtemp(prefix="ssl-kit-adapt-"))
-    _, summary = train(recipe, out)
-    return {"source_only_top1": summary["source_only/test/top1"], "adapted_top1": summary["adapted/test/top1"],
-            "run_dir": str(out)}
+    return {"seed": seed, "name": "adapt", "stages": [source_only, adapted]}
+
+
+def adaptation_scores(summary: dict) -> dict:
+    """The summary of an adaptation_recipe run -> the target test top-1 of each of its stages."""
+    return {"fixmatch_source_only_top1": summary["source_only/test/top1"],
+            "fixmatch_adapted_top1": summary["adapted/test/top1"]}

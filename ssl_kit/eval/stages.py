@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -86,50 +86,66 @@ def domain_bar_rows(full: dict) -> dict[str, dict[str, float]]:
     return rows
 
 
-def _run_transfer(stage, extractor: FeatureExtractor, checkpoint, dataset: str, run_dir: Path, seed: int,
-                  train) -> dict:
-    out_dir = run_dir / "stages" / stage.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    full, lodo = {}, None
+def _transfer(stage, extractor: FeatureExtractor, dataset: Optional[str], run_dir: Optional[Path], seed: int,
+              adapted: Optional[dict[str, dict]]) -> dict:
+    """-> transfer.json's content, plus "leave_one_domain_out" when the stage names domains."""
+    result: dict = {}
     if stage.targets or stage.corruptions:
-        full = transfer_eval(extractor, dataset, stage.targets, stage.epochs, seed, adapt=stage.adapt,
-                             oracle=stage.oracle, corruptions=stage.corruptions, severities=stage.severities,
-                             checkpoint=str(checkpoint), adapt_steps=stage.adapt_steps, work_dir=out_dir,
-                             train=train)
-        (out_dir / "transfer.json").write_text(json.dumps(full, indent=2))
-        if stage.targets:
-            plots.plot_domain_bars(domain_bar_rows(full), run_dir / "plots" / f"domains_{stage.name}.png",
+        result = transfer_eval(extractor, dataset, stage.targets, stage.epochs, seed, stage.sweep, adapt=stage.adapt,
+                               oracle=stage.oracle, corruptions=stage.corruptions, severities=stage.severities,
+                               adapted=adapted)
+        if run_dir is not None and stage.targets:
+            plots.plot_domain_bars(domain_bar_rows(result), run_dir / "plots" / f"domains_{stage.name}.png",
                                    f"{stage.name}: top-1 per domain")
             if stage.tsne:
                 tsne_picture(extractor, [dataset, *stage.targets], run_dir / "plots" / f"tsne_{stage.name}.png",
                              seed=seed)
     if stage.domains:
-        lodo = leave_one_domain_out(extractor, stage.domains, stage.epochs, seed)
-        (out_dir / "leave_one_domain_out.json").write_text(json.dumps(lodo, indent=2))
-        if not stage.targets:
+        lodo = leave_one_domain_out(extractor, stage.domains, stage.epochs, seed, sweep=stage.sweep)
+        result["leave_one_domain_out"] = lodo
+        if run_dir is not None and not stage.targets:
             rows = {d: {"leave-one-out": r["top1"], "target oracle": r["oracle_top1"]}
                     for d, r in lodo["domains"].items()}
             plots.plot_domain_bars(rows, run_dir / "plots" / f"domains_{stage.name}.png",
                                    f"{stage.name}: leave-one-domain-out")
-    return flatten_transfer(full, lodo)
+    return result
 
 
-def run_eval_stage(stage, checkpoint, dataset: str, run_dir: Path, seed: int, train=None) -> dict:
-    """Run a linear_probe / knn / transfer stage on `checkpoint`. `train`: the runner's run_recipe (for transfer's
-    FixMatch adaptation). -> flat scalar metrics."""
-    extractor = FeatureExtractor.from_checkpoint(checkpoint, stage.device, image_size=stage.image_size,
-                                                 memory_budget_gb=stage.memory_budget_gb or DEFAULT_MEMORY_BUDGET_GB)
+def run_eval_stage(stage, checkpoint, dataset: Optional[str], run_dir: Optional[Path], seed: int,
+                   adapted: Optional[dict[str, dict]] = None) -> dict:
+    """Score `checkpoint` with a validated linear_probe / knn / transfer stage -> its full result (what the command
+    line prints with --json; `stage_metrics` flattens it for summary.json). With a `run_dir`, the result goes to
+    stages/<name>/ and its pictures to plots/. `adapted`: transfer's FixMatch adaptation scores, from the training
+    stages the runner ran first. Nothing here trains."""
+    extractor = FeatureExtractor.from_checkpoint(checkpoint, stage.device, stage.weights, stage.image_size,
+                                                 stage.memory_budget_gb or DEFAULT_MEMORY_BUDGET_GB)
     if stage.method == "transfer":
-        return _run_transfer(stage, extractor, checkpoint, dataset, run_dir, seed, train)
-    if stage.method == "linear_probe":
-        result = probe_dataset(extractor, dataset, stage.epochs, stage.labels_per_class, seed,
-                               sweep=stage.labels_per_class is None or stage.labels_per_class >= 2,
+        result = _transfer(stage, extractor, dataset, run_dir, seed, adapted)
+    elif stage.method == "linear_probe":
+        result = probe_dataset(extractor, dataset, stage.epochs, stage.labels_per_class, seed, sweep=stage.sweeps(),
                                augment=stage.augment)
-        if stage.tsne:
+        if stage.tsne and run_dir is not None:
             tsne_picture(extractor, [dataset], run_dir / "plots" / f"tsne_{stage.name}.png", seed=seed)
     else:
-        result = knn_dataset(extractor, dataset, stage.k, stage.knn_temperature)
-    out_dir = run_dir / "stages" / stage.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps({k: v for k, v in result.items()}, default=str))
+        result = knn_dataset(extractor, dataset, stage.k, stage.knn_temperature, stage.ivf)
+    if run_dir is not None:
+        out_dir = run_dir / "stages" / stage.name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if stage.method == "transfer":
+            if "source" in result:
+                full = {k: v for k, v in result.items() if k != "leave_one_domain_out"}
+                (out_dir / "transfer.json").write_text(json.dumps(full, indent=2))
+            if "leave_one_domain_out" in result:
+                (out_dir / "leave_one_domain_out.json").write_text(json.dumps(result["leave_one_domain_out"],
+                                                                              indent=2))
+        else:
+            (out_dir / "eval.json").write_text(json.dumps(result, default=str))
+    return result
+
+
+def stage_metrics(stage, result: dict) -> dict:
+    """A run_eval_stage result -> the flat scalars summary.json keeps under the stage's name."""
+    if stage.method == "transfer":
+        full = {k: v for k, v in result.items() if k != "leave_one_domain_out"}
+        return flatten_transfer(full, result.get("leave_one_domain_out"))
     return scalars(result)

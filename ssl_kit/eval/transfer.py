@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -18,7 +17,7 @@ from torch import Tensor
 
 from ..data.imageset import ImageSet
 from ..errors import DataError
-from .adaptation import ADAPT_METHODS, TrainRecipe, adapt_batchnorm, fixmatch_adaptation
+from .adaptation import ADAPT_METHODS, adapt_batchnorm
 from .corruptions import SEVERITIES, corrupt
 from .features import FeatureExtractor, feature_cache_dir
 from .linear_probe import linear_probe
@@ -45,17 +44,19 @@ def _probe(train: tuple, test: tuple, epochs: int, seed: int, sweep: bool) -> di
 def transfer_eval(extractor: FeatureExtractor, source: str, targets: Sequence[str] = (), epochs: int = 100,
                   seed: int = 0, sweep: bool = True, adapt: Sequence[str] = (), oracle: bool = True,
                   corruptions: Sequence[str] = (), severities: Sequence[int] = SEVERITIES,
-                  checkpoint: Optional[str] = None, adapt_steps: int = 300, work_dir: Optional[Path] = None,
-                  train: Optional[TrainRecipe] = None) -> dict:
-    """`train`: the runner's run_recipe, needed by `adapt=["fixmatch"]` (it fine-tunes).
+                  adapted: Optional[dict[str, dict]] = None) -> dict:
+    """`adapted`: {target: {"fixmatch_source_only_top1", "fixmatch_adapted_top1"}}, the scores of the adaptation
+    stages the runner trained first (adaptation.adaptation_recipe), needed by `adapt=["fixmatch"]`.
     -> {"protocol", "source": {"spec", "top1", ...}, "targets": {name: {"top1", "top5", "gap", ...}}}.
     Target entries may add "oracle_top1", "adabn_top1", "fixmatch_source_only_top1", "fixmatch_adapted_top1";
     corrupted targets are named "<source>+<corruption>@<severity>"."""
     unknown = [a for a in adapt if a not in ADAPT_METHODS]
     if unknown:
         raise DataError(f"unknown adaptation {unknown}; known: {', '.join(ADAPT_METHODS)}")
-    if "fixmatch" in adapt and (checkpoint is None or train is None):
-        raise DataError("fixmatch adaptation fine-tunes the backbone, so it needs an ssl_kit checkpoint path")
+    missing = [t for t in targets if "fixmatch" in adapt and t not in (adapted or {})]
+    if missing:
+        raise DataError(f"fixmatch adaptation to {missing} is training: its stages run before the scoring (ssl-kit "
+                        f"run / ssl-kit transfer train them) and their scores come in `adapted`")
     source_splits = extractor.dataset_features(source)
     fitted = _probe(source_splits["train"], source_splits["test"], epochs, seed, sweep)
     model = fitted.pop("_model")
@@ -77,11 +78,7 @@ def transfer_eval(extractor: FeatureExtractor, source: str, targets: Sequence[st
         if "adabn" in adapt:
             metrics["adabn_top1"] = _adabn_top1(extractor, target, model, len(classes))
         if "fixmatch" in adapt:
-            run_dir = None if work_dir is None else work_dir / f"adapt-{_safe_name(target)}"
-            adapted = fixmatch_adaptation(checkpoint, source, target, adapt_steps, seed, train, str(extractor.device),
-                                          run_dir)
-            metrics["fixmatch_source_only_top1"] = adapted["source_only_top1"]
-            metrics["fixmatch_adapted_top1"] = adapted["adapted_top1"]
+            metrics.update(adapted[target])
         result["targets"][target] = metrics
 
     if corruptions:
@@ -95,10 +92,6 @@ def transfer_eval(extractor: FeatureExtractor, source: str, targets: Sequence[st
             name: sum(result["targets"][f"{source}+{name}@{s}"]["top1"] for s in severities) / len(severities)
             for name in corruptions}
     return result
-
-
-def _safe_name(spec: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in spec)
 
 
 def _adabn_top1(extractor: FeatureExtractor, target: str, model, num_classes: int) -> float:
