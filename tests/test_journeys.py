@@ -258,11 +258,17 @@ def test_evaluation_commands_accept_what_training_wrote(backbone, request, label
 
 
 def test_a_vit_backbone_goes_through_info_knn_and_export(vit_backbone, capsys, tmp_path):
+    """MAE's ViT: the evaluation commands, and the export to its timm counterpart (verified against ours by the
+    command before anything is written)."""
     checkpoint = str(vit_backbone)
     assert ssl_kit_json(capsys, "info", "--checkpoint", checkpoint)["arch"] == "vit_tiny"
     assert 0 <= ssl_kit_json(capsys, "knn", "--checkpoint", checkpoint, "--data", "digits", "--k", "5")["top1"] <= 1
     ssl_kit_json(capsys, "export", "--checkpoint", checkpoint, "--to", "safetensors", "--out", str(tmp_path / "x"))
     assert (tmp_path / "x" / "model.safetensors").is_file()
+    ssl_kit_json(capsys, "export", "--checkpoint", checkpoint, "--to", "timm", "--out", str(tmp_path / "timm"))
+    config = json.loads((tmp_path / "timm" / "config.json").read_text())
+    assert config["library"] == "timm" and config["kwargs"]["embed_dim"] == 32
+    assert (tmp_path / "timm" / "model.safetensors").stat().st_size > 0
 
 
 def test_methods_command_shows_the_defaults_a_stage_trains_with(capsys):
