@@ -34,7 +34,8 @@ from .methods import build_method, method_options, registered_methods
 from .models.export import write_export
 from .models.external import is_torchvision_reference
 from .recipe_files import load_recipe
-from .runner import evaluate, finite_or_none, run_recipe
+from .run_dir import finite_or_none
+from .runner import evaluate, run_recipe
 
 RECIPE_DIRS = (Path(__file__).resolve().parents[1] / "recipes", Path.cwd() / "recipes")
 CHECKPOINT_HELP = ("backbone.pt, run directory, training checkpoint, torchvision:NAME / timm:NAME (with --weights), "

@@ -2,7 +2,7 @@
 
 Everything here parses the sources with `ast`; nothing under ssl_kit/ is imported. Layers, highest first:
 
-    cli > runner, bundle > eval > engine > methods > models, losses, data
+    cli > runner, run_dir, bundle > eval > engine > methods > models, losses, data
         > recipe_files, config, config_diff, common, errors, limits, _version
 
 A module may import modules of its own layer or of lower layers, never of a higher one, and no set of modules
@@ -27,7 +27,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / PACKAGE
 # it, so it sits with runner. _version.py holds __version__ (runner's env.json reads it without the facade).
 LAYERS: list[tuple[str, ...]] = [
     ("cli",),
-    ("runner", "bundle"),
+    ("runner", "run_dir", "bundle"),
     ("eval",),
     ("engine",),
     ("methods",),
