@@ -37,6 +37,8 @@ def main() -> None:
     from PIL import Image
 
     from ssl_kit.data import augment as A
+
+    from ssl_kit.data import views as V
     from ssl_kit.data import photometric_cv  # noqa: F401  (sets OpenCV to one thread before anything is timed)
 
     parser = argparse.ArgumentParser()
@@ -52,7 +54,7 @@ def main() -> None:
     def opencv(**view_kwargs):
         """One op of ContrastiveView.photometric_uint8's OpenCV backend (the others off) on a chunk of 4."""
         kwargs = dict(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0) | view_kwargs
-        view = A.ContrastiveView(A.Normalize([0.5] * 3, [0.5] * 3), **kwargs)
+        view = V.ContrastiveView(V.Normalize([0.5] * 3, [0.5] * 3), **kwargs)
         return lambda chunk: view.photometric_uint8(chunk, backend="opencv")
 
     ours = {
@@ -64,7 +66,7 @@ def main() -> None:
         "to float + round to uint8": per_image(lambda y: y.mul(255).round_().to(torch.uint8)),
         "SimCLR's whole photometric part": per_image(lambda y: simclr.photometric(y)),
     }
-    simclr = A.ContrastiveView(A.Normalize([0.5] * 3, [0.5] * 3), jitter_strength=1.0, blur_prob=0.5)
+    simclr = V.ContrastiveView(V.Normalize([0.5] * 3, [0.5] * 3), jitter_strength=1.0, blur_prob=0.5)
     ours_cv = {
         "colour jitter (p 0.8, s 1: brightness, contrast, saturation, hue)": opencv(jitter_prob=0.8,
                                                                                   jitter_strength=1.0),

@@ -87,7 +87,7 @@ def make_folder(root: Path, count: int, workers: int = 2) -> Path:
 def _views(kind: str):
     """The methods' views with lightly's strengths: SimCLR 2 × (jitter 0.8 s=1, gray 0.2, blur 0.5); DINO globals
     (blur 1.0 / 0.1 + solarize 0.2), 6 locals (blur 0.5), jitter s=0.5."""
-    from ssl_kit.data.augment import ContrastiveView, Normalize
+    from ssl_kit.data.views import ContrastiveView, Normalize
 
     normalize = Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     if kind == "simclr":

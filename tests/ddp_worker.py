@@ -33,7 +33,7 @@ def deterministic_views(setattr_: Callable = setattr) -> None:
     normalises over the rank's batch, and torch's SyncBatchNorm is GPU-only, so on the CPU per-rank BN statistics
     differ from one process's by design; the comparison is of the methods' own gathering, not of BN."""
     import ssl_kit.methods  # noqa: F401  (every method module loaded, so each one's `mlp` can be patched)
-    from ssl_kit.data import augment
+    from ssl_kit.data import augment, views
     from ssl_kit.methods import ibot, masked
     from ssl_kit.models import heads
     from ssl_kit.models.masking import random_masking
@@ -64,8 +64,8 @@ def deterministic_views(setattr_: Callable = setattr) -> None:
             dim = hidden
         return nn.Sequential(*modules, nn.Linear(dim, out_dim))
 
-    setattr_(augment.ContrastiveView, "forward", contrastive_view)
-    setattr_(augment.StrongView, "forward", strong_view)
+    setattr_(views.ContrastiveView, "forward", contrastive_view)
+    setattr_(views.StrongView, "forward", strong_view)
     setattr_(masked, "random_resized_crop", lambda x, scale, hflip=True, out_size=None: x)
     setattr_(masked, "make_mask", fixed_mask)
     setattr_(ibot, "ibot_masks", fixed_ibot_masks)

@@ -6,6 +6,9 @@ import torch
 from sklearn.datasets import load_sample_image
 
 from ssl_kit.data import augment as A
+from ssl_kit.data.photometric_draws import PhotometricDraw
+
+from ssl_kit.data import views as V
 from ssl_kit.data import photometric_cv as CV
 
 
@@ -23,18 +26,18 @@ def photos(n=8, size=96, seed=0) -> torch.Tensor:
     return out
 
 
-def view(**kwargs) -> A.ContrastiveView:
+def view(**kwargs) -> V.ContrastiveView:
     channels = kwargs.pop("channels", 3)
-    return A.ContrastiveView(A.Normalize([0.5] * channels, [0.25] * channels), **kwargs)
+    return V.ContrastiveView(V.Normalize([0.5] * channels, [0.25] * channels), **kwargs)
 
 
-def torch_float(x: torch.Tensor, draw: A.PhotometricDraw) -> torch.Tensor:
+def torch_float(x: torch.Tensor, draw: PhotometricDraw) -> torch.Tensor:
     y = A.apply_color_jitter(A.to_unit_float(x), draw.jitter)
     y = A.apply_grayscale(y, draw.grayscale)
     return A.apply_solarize(A.apply_blur(y, draw.blur), draw.solarize)
 
 
-def opencv_float(x: torch.Tensor, draw: A.PhotometricDraw) -> torch.Tensor:
+def opencv_float(x: torch.Tensor, draw: PhotometricDraw) -> torch.Tensor:
     taps = CV._blur_taps(draw)
     out = []
     for i in range(x.shape[0]):
@@ -67,14 +70,14 @@ def test_hue_shifts_of_either_sign_and_half_turns_match():
     x = photos(6)
     shifts = torch.tensor([-0.5, -0.2, -0.01, 0.0, 0.2, 0.5])
     ones = torch.ones(6)
-    draw = A.PhotometricDraw(A.JitterDraw(torch.ones(6, dtype=torch.bool), ones, ones, ones, shifts), None, None, None)
+    draw = PhotometricDraw(A.JitterDraw(torch.ones(6, dtype=torch.bool), ones, ones, ones, shifts), None, None, None)
     assert (opencv_float(x, draw) - torch_float(x, draw)).abs().max() < 1e-5
 
 
 def test_blur_taps_cut_at_four_sigma_stay_within_1e4_of_the_full_kernel():
     x = photos(4, size=224)
     sigmas = torch.tensor([0.1, 0.7, 1.6, 2.0])
-    draw = A.PhotometricDraw(None, None, A.BlurDraw(sigmas, torch.ones(4, dtype=torch.bool), 23), None)
+    draw = PhotometricDraw(None, None, A.BlurDraw(sigmas, torch.ones(4, dtype=torch.bool), 23), None)
     taps = CV._blur_taps(draw)
     assert [len(t) for t in taps] == [3, 7, 15, 17]  # ±⌈4σ⌉, never beyond the 23-tap kernel
     assert all(abs(float(t.sum()) - 1) < 1e-6 for t in taps)

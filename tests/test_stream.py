@@ -273,7 +273,7 @@ def test_memory_does_not_grow_with_the_number_of_images(tmp_path):
 
 # ------------------------------------------------------------------------- photometric in the workers
 def _contrastive_views(n_views=3):
-    from ssl_kit.data.augment import ContrastiveView, Normalize
+    from ssl_kit.data.views import ContrastiveView, Normalize
 
     normalize = Normalize([0.5] * 3, [0.25] * 3)
     return [ContrastiveView(normalize, jitter_strength=1.0, blur_prob=0.5, solarize_prob=0.2) for _ in range(n_views)]
@@ -315,7 +315,7 @@ def test_worker_photometric_equals_the_device_ops_rounded_once(tmp_path):
     """The workers apply the device's photometric ops (seeded), rounded once to uint8 — exactly with the torch
     backend, within one level with OpenCV (what CPU workers use); identity views leave the crops as they are; the
     trainer then only normalises (ContrastiveView(..., augmented=True))."""
-    from ssl_kit.data.augment import ContrastiveView, Normalize
+    from ssl_kit.data.views import ContrastiveView, Normalize
     from ssl_kit.data.crops import view_rng
     from ssl_kit.data.stream import PHOTOMETRIC_CHUNK, PHOTOMETRIC_VIEW
 

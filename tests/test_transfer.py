@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_kit.data.augment import Normalize
+from ssl_kit.data.views import Normalize
 from ssl_kit.data.needs import DataNeeds
 from ssl_kit.errors import CheckpointError, DataError
 from ssl_kit.eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt, parse_corruptions

@@ -14,7 +14,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..data.augment import ContrastiveView
+from ..data.views import ContrastiveView
 from ..data.crops import CropSpec
 from ..data.loader import DeviceLoader
 from ..data.pipeline import PreparedData

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..data.augment import Normalize
+from ..data.views import Normalize
 from ..engine.checkpoint import resolve_checkpoint
 from ..errors import DataError
 

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from ..common.device import resolve_device
 from ..config import DataConfig
 from ..common.metrics import predict
-from ..data.augment import Normalize, random_resized_crop, to_unit_float
+from ..data.augment import random_resized_crop, to_unit_float
+from ..data.views import Normalize
 from ..data.fileset import FileSet, image_batches
 from ..data.imageset import ImageSet, convert_images
 from ..data.pipeline import is_streamed_source, load_converted

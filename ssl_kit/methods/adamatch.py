@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ..config import StrongAugConfig
-from ..data.augment import StrongView
+from ..data.views import StrongView
 from ..data.loader import Batch
 from ..losses import consistency_loss, cosine_rampup, random_logit_interpolation
 from .base import Progress

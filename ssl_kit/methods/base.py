@@ -7,7 +7,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from ..data.augment import Normalize, WeakView
+from ..data.views import Normalize, WeakView
 from ..data.crops import CropSpec
 from ..data.loader import Batch
 from ..data.needs import DataNeeds

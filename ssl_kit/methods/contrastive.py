@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..common import distributed as dist
 from ..config import ViewsConfig
-from ..data.augment import ContrastiveView
+from ..data.views import ContrastiveView
 from ..data.loader import Batch
 from ..losses import InfoNCELoss, NTXentLoss
 from ..models.heads import mlp

@@ -14,7 +14,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..config import StrongAugConfig
-from ..data.augment import StrongView
+from ..data.views import StrongView
 from ..data.loader import Batch
 from ..losses import consistency_loss, dash_threshold, dash_weak_loss
 from .base import Progress

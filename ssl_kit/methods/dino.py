@@ -17,7 +17,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from ..common import distributed as dist
 from ..config import ViewsConfig
-from ..data.augment import ContrastiveView
+from ..data.views import ContrastiveView
 from ..data.loader import Batch
 from ..losses import dino_loss
 from .base import Progress

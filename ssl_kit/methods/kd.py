@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from ..common.metrics import predict
 from ..config import StageBase, Strict
 from ..data.needs import DataNeeds
-from ..data.augment import Normalize, random_translate_flip, to_unit_float
+from ..data.augment import random_translate_flip, to_unit_float
+from ..data.views import Normalize
 from ..data.loader import Batch
 from ..errors import ConfigError
 from ..losses import hint_loss, kd_loss, multi_teacher_kd_loss

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..common import distributed as dist
 from ..config import StrongAugConfig
-from ..data.augment import StrongView
+from ..data.views import StrongView
 from ..data.loader import Batch
 from ..losses import consistency_loss, simmatch_in_loss, simmatch_unfold_aggregate
 from .base import Progress

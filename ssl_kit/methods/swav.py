@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ..common import distributed as dist
-from ..data.augment import ContrastiveView
+from ..data.views import ContrastiveView
 from ..data.loader import Batch
 from ..losses import SwAVLoss
 from ..models.heads import mlp

@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..config import StrongAugConfig
-from ..data.augment import StrongView
+from ..data.views import StrongView
 from ..data.loader import Batch
 from ..losses import consistency_loss, sharpen, tsa_mask, tsa_threshold
 from .base import Progress
