@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .config import EVAL_METHODS, DataConfig, Recipe, StageBase, validate_recipe
+from .config import EVAL_METHODS, Recipe, StageBase, validate_recipe
 from .recipe_files import recipe_to_yaml
 from .data.pipeline import DataInfo, prepare_data
 from .engine import distributed as dist
@@ -259,9 +259,8 @@ class RecipeRunner:
             dataset = resolve_checkpoint(source, f"stages[{stage.name}].checkpoint")["data"].get("dataset")
             if not isinstance(dataset, str):
                 raise ConfigError(f"stages[{stage.name}]: the checkpoint records no dataset; set data: SPEC")
-        if stage.memory_budget_gb is None:  # evaluate with the data settings the backbone's stage trained with
-            budget = self._stage(trained_by).data.memory_budget_gb if trained_by else DataConfig().memory_budget_gb
-            stage = stage.model_copy(update={"memory_budget_gb": budget})
+        if stage.memory_budget_gb is None and trained_by:  # the data settings the backbone's stage trained with
+            stage = stage.model_copy(update={"memory_budget_gb": self._stage(trained_by).data.memory_budget_gb})
         return stage_metrics(stage, evaluate(stage, source, dataset, self.run_dir, self.recipe.seed))
 
     def _stage(self, name: str):

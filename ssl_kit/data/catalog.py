@@ -40,8 +40,7 @@ register_kind(DatasetKind("digits-rotated", "digits rotated by ANGLE degrees (bu
                           load=lambda spec, size: builtin.load_rotated_digits(float(spec.arg))))
 register_kind(DatasetKind("fashion-mnist", "Fashion-MNIST IDX files", "optional_root",
                           load=lambda spec, size: formats.load_idx_dataset(
-                              Path(spec.arg or FASHION_MNIST_DEFAULT_ROOT), "fashion-mnist", formats.FASHION_CLASSES),
-                          default_root=FASHION_MNIST_DEFAULT_ROOT))
+                              Path(spec.arg or FASHION_MNIST_DEFAULT_ROOT), "fashion-mnist", formats.FASHION_CLASSES)))
 register_kind(DatasetKind("mnist", "MNIST IDX files", load=_mnist,
                           download=lambda root: [tvd.MNIST(root.parent, train=t, download=True) for t in (True, False)]))
 register_kind(DatasetKind("cifar10", "CIFAR-10 python pickles", load=lambda spec, size: formats.load_cifar10(

@@ -38,7 +38,6 @@ class DatasetKind:
     index: Optional[Callable] = None
     download: Optional[Callable[[Path], None]] = None
     options: tuple[str, ...] = ()
-    default_root: Optional[str] = None
 
     @property
     def streams(self) -> bool:

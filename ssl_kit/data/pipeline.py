@@ -14,10 +14,10 @@ from ..errors import DataError
 from .fileset import FileSet, Images, image_batches
 from .imageset import ImageSet
 from .inspect import load_in_memory
+from .holdout import split_positions
 from .kinds import dataset_kind
 from .needs import DataNeeds
 from .sources import check_appended_classes, choose_storage, join_indexes
-from .holdout import split_positions
 from .specs import DatasetSpec, load_splits, open_index, parse_spec
 from .splits import labeled_indices, unlabeled_indices
 

@@ -132,12 +132,11 @@ def run_eval_stage(stage, checkpoint, dataset: Optional[str], run_dir: Optional[
         out_dir = run_dir / "stages" / stage.name
         out_dir.mkdir(parents=True, exist_ok=True)
         if stage.method == "transfer":
-            if "source" in result:
-                full = {k: v for k, v in result.items() if k != "leave_one_domain_out"}
+            full, lodo = _transfer_parts(result)
+            if full:
                 (out_dir / "transfer.json").write_text(json.dumps(full, indent=2))
-            if "leave_one_domain_out" in result:
-                (out_dir / "leave_one_domain_out.json").write_text(json.dumps(result["leave_one_domain_out"],
-                                                                              indent=2))
+            if lodo is not None:
+                (out_dir / "leave_one_domain_out.json").write_text(json.dumps(lodo, indent=2))
         else:
             (out_dir / "eval.json").write_text(json.dumps(result, default=str))
     return result
@@ -146,6 +145,11 @@ def run_eval_stage(stage, checkpoint, dataset: Optional[str], run_dir: Optional[
 def stage_metrics(stage, result: dict) -> dict:
     """A run_eval_stage result -> the flat scalars summary.json keeps under the stage's name."""
     if stage.method == "transfer":
-        full = {k: v for k, v in result.items() if k != "leave_one_domain_out"}
-        return flatten_transfer(full, result.get("leave_one_domain_out"))
+        return flatten_transfer(*_transfer_parts(result))
     return scalars(result)
+
+
+def _transfer_parts(result: dict) -> tuple[dict, Optional[dict]]:
+    """A transfer result -> (transfer.json's content, {} without targets or corruptions; the leave-one-domain-out
+    table or None)."""
+    return {k: v for k, v in result.items() if k != "leave_one_domain_out"}, result.get("leave_one_domain_out")
