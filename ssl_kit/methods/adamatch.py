@@ -21,19 +21,19 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..config import StrongAugConfig
-from ..data.views import StrongView
 from ..data.loader import Batch
 from ..losses import consistency_loss, cosine_rampup, random_logit_interpolation
 from .base import Progress
+from .pseudo_gate import PseudoLabelGate
 from .registry import register
-from .semi import USB_SGD, SemiSupervisedConfig, SemiSupervisedMethod
-from .thresholds import DistributionAlignment, ThresholdConfig, build_policy
+from .semi import USB_SGD
+from .thresholds import DistributionAlignment, ThresholdConfig
+from .weak_strong import GatedConfig, WeakStrongMethod, split_joint
 
 
-class AdaMatchConfig(SemiSupervisedConfig):
+class AdaMatchConfig(GatedConfig):
     method: Literal["adamatch"]
 
     recommended = USB_SGD
@@ -54,31 +54,28 @@ class AdaMatchConfig(SemiSupervisedConfig):
     unsup_warmup: float = Field(0.5, ge=0, le=1, description="fraction of training over which λ_u ramps up as "
                                                              "½ − ½cos (the paper: 0.5); 0 = constant")
     threshold_policy: ThresholdConfig = Field(default_factory=lambda: ThresholdConfig(policy="relative"))
-    strong: StrongAugConfig = Field(default_factory=StrongAugConfig)
 
     @model_validator(mode="after")
     def _alignment_is_adamatchs(self) -> "AdaMatchConfig":
         if self.threshold_policy.distribution_alignment:
             raise ValueError("threshold_policy.distribution_alignment: AdaMatch aligns distributions itself "
                              "(dist_align, ema_p); leave it false")
+        if not self.joint_forward:
+            raise ValueError("joint_forward: AdaMatch's random logit interpolation mixes the labeled logits of the "
+                             "joint pass with a labeled-only pass; it needs joint_forward: true")
         return self
 
 
 @register("adamatch", AdaMatchConfig)
-class AdaMatch(SemiSupervisedMethod):
+class AdaMatch(WeakStrongMethod):
     """AdaMatch: FixMatch whose labeled batch is seen weakly and strongly (source loss CE(weak) + CE(strong)), with
     random logit interpolation of the labeled logits, distribution alignment to the labeled weak predictions and a
     threshold relative to the labeled weak confidence."""
 
-    def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0) -> None:
-        super().__init__(cfg, backbone, info, num_unlabeled)
-        self.strong_view = StrongView(self.normalize, cfg.strong, cfg.data.translate, cfg.data.hflip)
-        self.policy = build_policy(cfg, info.num_classes, num_unlabeled)
-        self.alignment = DistributionAlignment(info.num_classes, momentum=cfg.ema_p, follow_labeled=True) \
+    def build_gate(self, cfg, num_classes: int, num_unlabeled: int) -> PseudoLabelGate:
+        alignment = DistributionAlignment(num_classes, momentum=cfg.ema_p, follow_labeled=True) \
             if cfg.dist_align else None
-
-    def threshold_metrics(self) -> dict:
-        return {"pseudo/thresholds": [round(float(t), 4) for t in self.policy.thresholds()]}
+        return PseudoLabelGate.from_config(cfg, num_classes, num_unlabeled, alignment)
 
     def labeled_views(self, images: Tensor) -> Tensor:
         """uint8 labeled images (N, C, H, W) -> their views stacked (V·N, C, H, W): weak, then strong when
@@ -109,24 +106,13 @@ class AdaMatch(SemiSupervisedMethod):
     def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         cfg = self.cfg
         x, u_weak, u_strong = self.labeled_views(batch.x), self.weak_view(batch.u), self.strong_view(batch.u)
-        n = x.shape[0]
-        logits = self.net(torch.cat([x, u_weak, u_strong]))  # one pass: BN sees both sets, as in the paper
-        logits_w, logits_s = logits[n:].chunk(2)
-        logits_x = self.labeled_logits(x, logits[:n])
+        logits_joint, logits_w, logits_s = split_joint(self.net(torch.cat([x, u_weak, u_strong])), x.shape[0])
+        logits_x = self.labeled_logits(x, logits_joint)
         supervised = self.source_loss(logits_x, batch.y)
-        with torch.no_grad():  # threshold and alignment follow the labeled weak view (the first N rows)
-            labeled_probs = torch.softmax(logits_x[:batch.y.shape[0]].detach() / cfg.temperature, dim=1)
-            self.policy.observe_labeled(labeled_probs)
-            probs = torch.softmax(logits_w.detach().float() / cfg.temperature, dim=1)
-            if self.alignment is not None:
-                self.alignment.observe_labeled(labeled_probs)
-                probs = self.alignment(probs)
-            weights = self.policy.weights(probs, batch.u_index)
-            self.policy.update(probs, batch.u_index)
-            self.track_pseudo_labels(probs, weights, batch.u_y)
+        # threshold and alignment follow the labeled weak view (the first N rows)
+        probs, weights = self.gated_pseudo_labels(logits_x[:batch.y.shape[0]], logits_w, batch, cfg.temperature)
         unsupervised = consistency_loss(logits_s, probs.argmax(dim=1) if cfg.hard_label else probs, weights)
         weight_u = self.unsup_weight(progress)
-        loss = supervised + weight_u * unsupervised
         out = {"supervised_loss": supervised.detach(), "unsupervised_loss": unsupervised.detach(),
                "mask_rate": (weights > 0.5).float().mean(), "unsup_weight": torch.tensor(weight_u)}
-        return self.with_policy_loss(self.policy, loss, out, logits_s, weights)
+        return self.finish(supervised + weight_u * unsupervised, out, logits_s, weights)

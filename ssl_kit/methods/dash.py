@@ -11,19 +11,19 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..config import StrongAugConfig
-from ..data.views import StrongView
 from ..data.loader import Batch
 from ..losses import consistency_loss, dash_threshold, dash_weak_loss
 from .base import Progress
+from .pseudo_gate import PseudoLabelGate
 from .registry import register
-from .semi import USB_SGD, SemiSupervisedConfig, SemiSupervisedMethod
+from .semi import USB_SGD
 from .thresholds import ThresholdPolicy
+from .weak_strong import WeakStrongConfig, WeakStrongMethod
 
 
-class DashConfig(SemiSupervisedConfig):
+class DashConfig(WeakStrongConfig):
     method: Literal["dash"]
 
     recommended = USB_SGD
@@ -37,8 +37,6 @@ class DashConfig(SemiSupervisedConfig):
                                                    "(USB num_wu_eval_iter)")
     rho_update_every: int = Field(10240, ge=1, description="steps per ρ stage (USB: every 10 epochs of 1024 "
                                                            "iterations)")
-    strong: StrongAugConfig = Field(default_factory=StrongAugConfig)
-    joint_forward: bool = Field(True, description="labeled + both unlabeled views in one forward pass")
 
 
 class DashThreshold(ThresholdPolicy):
@@ -95,15 +93,13 @@ class DashThreshold(ThresholdPolicy):
 
 
 @register("dash", DashConfig)
-class Dash(SemiSupervisedMethod):
+class Dash(WeakStrongMethod):
     """Dash: after a labeled-only warm-up, unlabeled samples train while their own pseudo-label loss is below a
-    threshold ρ_t that shrinks by γ per stage (soft targets, then hard ones)."""
+    threshold ρ_t that shrinks by γ per stage (soft targets, then hard ones). Its gate is `DashThreshold`."""
 
-    def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0) -> None:
-        super().__init__(cfg, backbone, info, num_unlabeled)
-        self.strong_view = StrongView(self.normalize, cfg.strong, cfg.data.translate, cfg.data.hflip)
-        self.policy = DashThreshold(info.num_classes, cfg.temperature, cfg.gamma, cfg.c, cfg.rho_min,
-                                    cfg.warmup_steps, cfg.rho_window, cfg.rho_update_every)
+    def build_gate(self, cfg, num_classes: int, num_unlabeled: int) -> PseudoLabelGate:
+        return PseudoLabelGate(DashThreshold(num_classes, cfg.temperature, cfg.gamma, cfg.c, cfg.rho_min,
+                                             cfg.warmup_steps, cfg.rho_window, cfg.rho_update_every))
 
     def threshold_metrics(self) -> dict:
         return {"pseudo/rho": float(self.policy.rho)}
@@ -114,20 +110,11 @@ class Dash(SemiSupervisedMethod):
             supervised = F.cross_entropy(self.net(self.weak_view(batch.x)).float(), batch.y)
             self.policy.observe_supervised(supervised, progress.step)
             return {"loss": supervised, "supervised_loss": supervised.detach()}
-        x, u_weak, u_strong = self.weak_view(batch.x), self.weak_view(batch.u), self.strong_view(batch.u)
-        if cfg.joint_forward:
-            logits = self.net(torch.cat([x, u_weak, u_strong]))
-            logits_x, (logits_w, logits_s) = logits[:x.shape[0]], logits[x.shape[0]:].chunk(2)
-        else:
-            logits_x, logits_w, logits_s = self.net(x), self.net(u_weak), self.net(u_strong)
+        logits_x, logits_w, logits_s = self.forward_views(*self.views(batch))
         supervised = F.cross_entropy(logits_x.float(), batch.y)
-        with torch.no_grad():
-            self.policy.schedule(progress.step)
-            probs = torch.softmax(logits_w.detach().float(), dim=1)
-            weights = self.policy.weights(probs, batch.u_index)
-            targets = self.policy.targets(probs)
-            self.track_pseudo_labels(probs, weights, batch.u_y)
-        unsupervised = consistency_loss(logits_s, targets, weights)
+        self.policy.schedule(progress.step)
+        probs, weights = self.gated_pseudo_labels(logits_x, logits_w, batch)
+        unsupervised = consistency_loss(logits_s, self.policy.targets(probs), weights)
         return {"loss": supervised + cfg.lambda_u * unsupervised, "supervised_loss": supervised.detach(),
                 "unsupervised_loss": unsupervised.detach(), "mask_rate": weights.mean(),
                 "dash/rho": self.policy.rho.clone()}

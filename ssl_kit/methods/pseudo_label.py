@@ -43,7 +43,7 @@ class PseudoLabel(SemiSupervisedMethod):
 
     def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0) -> None:
         super().__init__(cfg, backbone, info, num_unlabeled)
-        self.gate = PseudoLabelGate(cfg, info.num_classes, num_unlabeled)
+        self.gate = PseudoLabelGate.from_config(cfg, info.num_classes, num_unlabeled)
 
     def threshold_metrics(self) -> dict:
         return self.gate.threshold_metrics()

@@ -21,18 +21,17 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..common import distributed as dist
-from ..config import StrongAugConfig
-from ..data.views import StrongView
 from ..data.loader import Batch
 from ..losses import consistency_loss, simmatch_in_loss, simmatch_unfold_aggregate
 from .base import Progress
 from .momentum import frozen_copy, update_momentum_pairs
+from .pseudo_gate import PseudoLabelGate
 from .registry import register
-from .semi import USB_SGD, SemiSupervisedConfig, SemiSupervisedMethod
-from .thresholds import ThresholdConfig, build_policy
+from .semi import USB_SGD
+from .weak_strong import GatedConfig, WeakStrongMethod
 
 
-class SimMatchConfig(SemiSupervisedConfig):
+class SimMatchConfig(GatedConfig):
     method: Literal["simmatch"]
 
     recommended = USB_SGD
@@ -53,8 +52,6 @@ class SimMatchConfig(SemiSupervisedConfig):
                                                  "+ projector, momentum train.ema_decay, none: the current weights; "
                                                  "eval mode), as USB; false: the student's embeddings of the joint "
                                                  "training pass")
-    threshold_policy: ThresholdConfig = Field(default_factory=ThresholdConfig)
-    strong: StrongAugConfig = Field(default_factory=StrongAugConfig)
 
 
 class AlignmentQueue(nn.Module):
@@ -75,9 +72,12 @@ class AlignmentQueue(nn.Module):
         aligned = probs * (uniform + 1e-6) / (self.queue.mean(dim=0) + 1e-6)
         return aligned / aligned.sum(dim=1, keepdim=True)
 
+    def observe_labeled(self, probs: Tensor) -> None:
+        """The target is uniform: labeled predictions are not needed."""
+
 
 @register("simmatch", SimMatchConfig)
-class SimMatch(SemiSupervisedMethod):
+class SimMatch(WeakStrongMethod):
     """SimMatch: soft pseudo-labels from class and labeled-bank similarities propagated into each other, plus
     instance consistency of the strong view over the bank."""
 
@@ -91,9 +91,6 @@ class SimMatch(SemiSupervisedMethod):
         super().__init__(cfg, backbone, info, num_unlabeled)
         if labeled_index is None or labeled_labels is None:
             raise ValueError("SimMatch needs the labeled set (labeled_index, labeled_labels) for its memory bank")
-        self.strong_view = StrongView(self.normalize, cfg.strong, cfg.data.translate, cfg.data.hflip)
-        self.policy = build_policy(cfg, info.num_classes, num_unlabeled)
-        self.alignment = AlignmentQueue(info.num_classes, cfg.da_len) if cfg.da_len > 0 else None
         features = backbone.num_features
         self.projector = nn.Sequential(nn.Linear(features, features), nn.ReLU(inplace=True),
                                        nn.Linear(features, cfg.proj_size))  # USB's SimMatch_Net.mlp_proj
@@ -107,8 +104,9 @@ class SimMatch(SemiSupervisedMethod):
         slot_of[labeled_index.long()] = torch.arange(slots)
         self.register_buffer("slot_of", slot_of, persistent=False)  # training-set index -> bank slot
 
-    def threshold_metrics(self) -> dict:
-        return {"pseudo/thresholds": [round(float(t), 4) for t in self.policy.thresholds()]}
+    def build_gate(self, cfg, num_classes: int, num_unlabeled: int) -> PseudoLabelGate:
+        alignment = AlignmentQueue(num_classes, cfg.da_len) if cfg.da_len > 0 else None
+        return PseudoLabelGate.from_config(cfg, num_classes, num_unlabeled, alignment)
 
     def train(self, mode: bool = True) -> "SimMatch":
         super().train(mode)
@@ -153,32 +151,31 @@ class SimMatch(SemiSupervisedMethod):
         self.bank[rows] = F.normalize(momentum * self.bank[rows] + (1 - momentum) * embeddings[keep], dim=1)
         self.bank_labels[slots[keep]] = labels[keep]
 
+    def features_and_embeddings(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """images (N, C, H, W) -> (logits (N, K), L2-normalised embeddings (N, proj_size)) of one backbone pass."""
+        features = self.net.backbone(images)
+        return self.net.head(features), self.embed(features)
+
     def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         cfg = self.cfg
         if batch.x_index is None:
             raise ValueError("SimMatch needs batch.x_index (the labeled images' indices) to fill its memory bank")
-        x, u_weak, u_strong = self.weak_view(batch.x), self.weak_view(batch.u), self.strong_view(batch.u)
-        n = x.shape[0]
-        features = self.net.backbone(torch.cat([x, u_weak, u_strong]))
-        logits, embeddings = self.net.head(features), self.embed(features)
-        logits_w, logits_s = logits[n:].chunk(2)
-        embeddings_w, embeddings_s = embeddings[n:].chunk(2)
-        supervised = F.cross_entropy(logits[:n].float(), batch.y)
+        x, u_weak, u_strong = self.views(batch)
+        (logits_x, embeddings_x), (logits_w, embeddings_w), (logits_s, embeddings_s) = (
+            self.forward_views(x, u_weak, u_strong, self.features_and_embeddings))
+        supervised = F.cross_entropy(logits_x.float(), batch.y)
         bank = self.bank.clone()
-        with torch.no_grad():
-            self.policy.observe_labeled(torch.softmax(logits[:n].detach().float(), dim=1))
-            probs = torch.softmax(logits_w.detach().float(), dim=1)
-            if self.alignment is not None:
-                probs = self.alignment(probs)
+        with torch.no_grad():  # the gate weighs the class pseudo-labels p̂ after unfolding/aggregation
+            self.gate.observe_labeled(torch.softmax(logits_x.detach().float(), dim=1))
+            probs = self.gate.align(torch.softmax(logits_w.detach().float(), dim=1))
             instance_targets, class_targets = simmatch_unfold_aggregate(
                 embeddings_w, bank, self.bank_labels, probs, cfg.temperature, cfg.smoothing_alpha)
-            weights = self.policy.weights(class_targets, batch.u_index)
-            self.policy.update(class_targets, batch.u_index)
+            weights = self.gate.weigh(class_targets, batch.u_index)
             self.track_pseudo_labels(class_targets, weights, batch.u_y)
         unsupervised = consistency_loss(logits_s, class_targets, weights)
         instance = simmatch_in_loss(embeddings_s, bank, instance_targets, cfg.temperature)
         loss = supervised + cfg.lambda_u * unsupervised + cfg.lambda_in * instance
-        self.update_bank(self.bank_embeddings(x, embeddings[:n]), batch.y, batch.x_index)
+        self.update_bank(self.bank_embeddings(x, embeddings_x), batch.y, batch.x_index)
         out = {"supervised_loss": supervised.detach(), "unsupervised_loss": unsupervised.detach(),
                "instance_loss": instance.detach(), "mask_rate": (weights > 0.5).float().mean()}
-        return self.with_policy_loss(self.policy, loss, out, logits_s, weights)
+        return self.finish(loss, out, logits_s, weights)

@@ -10,20 +10,17 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..config import StrongAugConfig
-from ..data.views import StrongView
 from ..data.loader import Batch
 from ..losses import consistency_loss, sharpen, tsa_mask, tsa_threshold
 from .base import Progress
-from .pseudo_gate import PseudoLabelGate
 from .registry import register
-from .semi import USB_SGD, SemiSupervisedConfig, SemiSupervisedMethod
-from .thresholds import ThresholdConfig
+from .semi import USB_SGD
+from .weak_strong import GatedConfig, WeakStrongMethod
 
 
-class UDAConfig(SemiSupervisedConfig):
+class UDAConfig(GatedConfig):
     method: Literal["uda"]
 
     recommended = USB_SGD
@@ -32,29 +29,12 @@ class UDAConfig(SemiSupervisedConfig):
     temperature: float = Field(0.4, gt=0, description="sharpening of the weak-view target (USB T)")
     tsa_schedule: Literal["none", "linear", "exp", "log"] = Field(
         "none", description="training-signal annealing of the labeled loss (USB tsa_schedule)")
-    threshold_policy: ThresholdConfig = Field(default_factory=ThresholdConfig)
-    strong: StrongAugConfig = Field(default_factory=StrongAugConfig)
-    joint_forward: bool = Field(True, description="labeled + both unlabeled views in one forward pass")
 
 
 @register("uda", UDAConfig)
-class UDA(SemiSupervisedMethod):
+class UDA(WeakStrongMethod):
     """UDA: the sharpened weak-view prediction is the strong view's soft target where confident; optional
     training-signal annealing of the labeled loss."""
-
-    def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0) -> None:
-        super().__init__(cfg, backbone, info, num_unlabeled)
-        self.strong_view = StrongView(self.normalize, cfg.strong, cfg.data.translate, cfg.data.hflip)
-        self.gate = PseudoLabelGate(cfg, info.num_classes, num_unlabeled)
-
-    def threshold_metrics(self) -> dict:
-        return self.gate.threshold_metrics()
-
-    def _logits(self, x: Tensor, u_weak: Tensor, u_strong: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if self.cfg.joint_forward:
-            logits = self.net(torch.cat([x, u_weak, u_strong]))
-            return logits[:x.shape[0]], *logits[x.shape[0]:].chunk(2)
-        return self.net(x), self.net(u_weak), self.net(u_strong)
 
     def supervised_loss(self, logits_x: Tensor, y: Tensor, progress: Progress) -> tuple[Tensor, float, Tensor]:
         """CE of the labeled batch with TSA: samples whose correct-class probability exceeds η_t count as zeros
@@ -65,17 +45,12 @@ class UDA(SemiSupervisedMethod):
 
     def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         cfg = self.cfg
-        logits_x, logits_w, logits_s = self._logits(self.weak_view(batch.x), self.weak_view(batch.u),
-                                                    self.strong_view(batch.u))
+        logits_x, logits_w, logits_s = self.forward_views(*self.views(batch))
         supervised, eta, kept = self.supervised_loss(logits_x, batch.y, progress)
-        with torch.no_grad():
-            self.gate.observe_labeled(torch.softmax(logits_x.detach().float(), dim=1))
-            probs, weights = self.gate(torch.softmax(logits_w.detach().float(), dim=1), batch.u_index)
-            self.track_pseudo_labels(probs, weights, batch.u_y)
-            target = sharpen(probs, cfg.temperature)  # = softmax(weak / T) without alignment
+        probs, weights = self.gated_pseudo_labels(logits_x, logits_w, batch)
+        target = sharpen(probs, cfg.temperature)  # = softmax(weak / T) without alignment
         unsupervised = consistency_loss(logits_s, target, weights)
-        loss = supervised + cfg.lambda_u * unsupervised
         out = {"supervised_loss": supervised.detach(), "unsupervised_loss": unsupervised.detach(),
                "mask_rate": (weights > 0.5).float().mean(), "tsa/threshold": torch.tensor(eta),
                "tsa/kept": kept.mean()}
-        return self.with_policy_loss(self.gate, loss, out, logits_s, weights)
+        return self.finish(supervised + cfg.lambda_u * unsupervised, out, logits_s, weights)
