@@ -32,6 +32,26 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LongTailConfig(Strict):
+    """A long-tailed labeled split and unlabeled pool drawn from a labeled dataset (the protocol of DARP, DASO and
+    ACR on CIFAR-10-LT): class k of K keeps ⌊N · γ^(−k/(K−1))⌋ labeled images, N = data.labels_per_class, and the
+    unlabeled pool (drawn from the images not labeled) ⌊M · γ_u^(−k/(K−1))⌋ (`consistent`), M of every class
+    (`uniform`), or the tail first (`reversed`: class K−1 is the unlabeled head). The test set stays as it is."""
+
+    ratio: float = Field(100.0, ge=1, description="γ_l: largest / smallest labeled class (DASO/ACR: 100, 150)")
+    unlabeled_ratio: Optional[float] = Field(None, ge=1, description="γ_u of the unlabeled pool; default γ_l")
+    unlabeled_distribution: Literal["consistent", "uniform", "reversed"] = Field(
+        "consistent", description="class order of the unlabeled pool's counts relative to the labeled split")
+    unlabeled_per_class: Optional[int] = Field(None, ge=1, description="M: the unlabeled head class's count; "
+                                                                       "default: the most the data allows")
+
+    def unlabeled_gamma(self) -> float:
+        """γ_u of the pool's counts (1 for the uniform distribution)."""
+        if self.unlabeled_distribution == "uniform":
+            return 1.0
+        return self.ratio if self.unlabeled_ratio is None else self.unlabeled_ratio
+
+
 class DataConfig(Strict):
     dataset: str = "digits"
     root: Optional[str] = Field(None, description="dataset root folder; fills the ROOT part of the spec")
@@ -44,6 +64,8 @@ class DataConfig(Strict):
     channels: Optional[Literal[1, 3]] = Field(None, description="convert images to this many channels")
     labels_per_class: Optional[int] = Field(None, ge=1, description="None: every training image is labeled")
     split_seed: Optional[int] = Field(None, ge=0, lt=2**63, description="seed of the labeled split; default: the recipe seed")
+    long_tail: Optional[LongTailConfig] = Field(None, description="long-tailed labeled split and unlabeled pool "
+                                                                  "(needs labels_per_class: the head class's count)")
     include_labeled_in_unlabeled: bool = True
     hflip: bool = Field(False, description="random horizontal flips (off for digits, on for natural images)")
     translate: float = Field(0.125, ge=0.0, le=0.5, description="weak view: max shift as a fraction of the size")
@@ -67,6 +89,12 @@ class DataConfig(Strict):
                                 "random resized crop the workers cut at image_size before the device augmentation")
     eval_resize_ratio: float = Field(0.875, gt=0, le=1,
                                      description="evaluation: shorter side to image_size/ratio, then centre crop")
+
+    @model_validator(mode="after")
+    def _long_tail_has_a_head(self) -> "DataConfig":
+        if self.long_tail is not None and self.labels_per_class is None:
+            raise ValueError("data.long_tail needs data.labels_per_class: the labeled head class's count")
+        return self
 
     @field_validator("root")
     @classmethod
@@ -352,6 +380,11 @@ class WandbConfig(Strict):
     entity: Optional[str] = None
 
 
+class TensorBoardConfig(Strict):
+    enabled: bool = Field(False, description="event files in RUN/tensorboard/: scalars, the first step's augmented "
+                                             "views, the report's figures (needs the ssl_kit[tensorboard] extra)")
+
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"  # a run's folder name under runs/: no '/', no leading '.'
 
 
@@ -364,6 +397,7 @@ class Recipe(Strict):
                                 description="run folder name under runs/ (letters, digits, _ . -; no path)")
     description: str = ""
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    tensorboard: TensorBoardConfig = Field(default_factory=TensorBoardConfig)
     stages: list[Any] = Field(min_length=1)
 
     @model_validator(mode="after")

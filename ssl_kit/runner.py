@@ -27,13 +27,14 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .common.metrics import minority_recall
 from .config import EVAL_METHODS, Recipe, StageBase, validate_recipe
 from .recipe_files import recipe_to_yaml
 from .data.pipeline import DataInfo, prepare_data
 from .engine import distributed as dist
 from .engine.checkpoint import (atomic_save, atomic_write_text, backbone_record, build_from_record,
                                 resolve_checkpoint, safe_load)
-from .engine.loggers import JsonlLogger, WandbLogger, truncate_metrics
+from .engine.loggers import JsonlLogger, Loggers, TensorBoardLogger, WandbLogger, truncate_metrics
 from .engine.trainer import RunContext, Trainer, resolve_device
 from .errors import CheckpointError, ConfigError
 from .eval.adaptation import adaptation_recipe, adaptation_scores
@@ -148,8 +149,8 @@ class RecipeRunner:
         if self.resume and self.is_main:
             self._truncate_metrics_for_resume()
         metrics = JsonlLogger(run_dir / "metrics.jsonl") if self.is_main else None
-        wandb = WandbLogger(self.recipe.wandb, run_dir, self.recipe.model_dump(mode="json"),
-                            run_dir.name) if self.is_main else None
+        trackers = Loggers(WandbLogger(self.recipe.wandb, run_dir, self.recipe.model_dump(mode="json"), run_dir.name),
+                           TensorBoardLogger(self.recipe.tensorboard, run_dir)) if self.is_main else None
         try:
             for stage in self.recipe.stages:
                 if stage.name in self._done_stages():
@@ -160,23 +161,24 @@ class RecipeRunner:
                 if stage.method in EVAL_METHODS:
                     results = self._run_eval_stage(stage)
                 else:
-                    results = self._run_training_stage(stage, RunContext(run_dir, self.recipe.seed, wandb, metrics,
-                                                                         self.step_callback))
+                    results = self._run_training_stage(stage, RunContext(run_dir, self.recipe.seed, trackers,
+                                                                         metrics, self.step_callback))
                 self.summary.update({f"{stage.name}/{k}": v for k, v in results.items()})
                 self.summary.setdefault("_completed_stages", []).append(stage.name)
                 self.summary["_backbones"] = {k: str(v) for k, v in self.backbones.items()}
                 self._write_summary()
-                if wandb is not None:
-                    wandb.log({f"{stage.name}/{k}": v for k, v in results.items() if isinstance(v, (int, float))})
+                if trackers is not None:
+                    trackers.log({f"{stage.name}/{k}": v for k, v in results.items()})
             if self.is_main:
                 write_report(run_dir, self.recipe, self.summary)
-                if wandb is not None and (run_dir / "backbone.pt").is_file():
-                    wandb.log_artifact(run_dir / "backbone.pt", f"{run_dir.name}-backbone")
+                trackers.log_figures(run_dir / "plots")
+                if (run_dir / "backbone.pt").is_file():
+                    trackers.log_artifact(run_dir / "backbone.pt", f"{run_dir.name}-backbone")
         finally:
             if metrics is not None:
                 metrics.close()
-            if wandb is not None:
-                wandb.finish()
+            if trackers is not None:
+                trackers.finish()
         return finite_or_none({k: v for k, v in self.summary.items() if not k.startswith("_")})
 
     def _run_training_stage(self, stage: StageBase, ctx: RunContext) -> dict:
@@ -197,6 +199,7 @@ class RecipeRunner:
         started = time.perf_counter()
         results = trainer.fit()
         results_flat = {f"test/{k}": v for k, v in results.items() if k in ("top1", "top5", "balanced_accuracy")}
+        results_flat.update(_minority_metrics(results, data))
         if "images_per_s" in results:
             results_flat["images_per_s"] = round(results["images_per_s"], 1)
         results_flat["train_seconds"] = round(time.perf_counter() - started, 2)
@@ -235,6 +238,8 @@ class RecipeRunner:
         self.backbones[stage.name] = stage_dir / "backbone.pt"
         details = {k: v for k, v in results.items() if k in ("per_class", "confusion", "top1", "top5")}
         details["classes"] = trainer.data.info.classes
+        labels = trainer.data.train.labels[trainer.data.labeled]
+        details["labeled_counts"] = torch.bincount(labels[labels >= 0], minlength=len(details["classes"])).tolist()
         (stage_dir / "eval.json").write_text(json.dumps(details))
 
     def _run_eval_stage(self, stage) -> dict:
@@ -266,6 +271,17 @@ class RecipeRunner:
     def _stage(self, name: str):
         """The recipe's stage called `name`."""
         return next(stage for stage in self.recipe.stages if stage.name == name)
+
+
+def _minority_metrics(results: dict, data) -> dict:
+    """{"test/minority_recall": mean test recall of the classes with the fewest labeled training images} when the
+    labeled split is imbalanced (data.long_tail, a long-tailed folder); {} otherwise."""
+    labels = data.train.labels[data.labeled]
+    labels = labels[labels >= 0]
+    if "per_class" not in results or labels.numel() == 0:
+        return {}
+    recall = minority_recall(results["per_class"], torch.bincount(labels, minlength=data.info.num_classes))
+    return {} if recall is None else {"test/minority_recall": recall}
 
 
 def evaluate(stage, checkpoint, dataset: Optional[str], run_dir: Optional[Path], seed: int) -> dict:

@@ -1,6 +1,7 @@
 """Classification metrics from logits and batched inference over an ImageSet."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -42,6 +43,22 @@ class ClassificationTally:
             "per_class": [round(v, 6) if v == v else None for v in per_class.tolist()],
             "confusion": confusion.tolist(),
         }
+
+
+MINORITY_FRACTION = 0.3  # the minority classes: the 30% of classes with the fewest labeled training images
+
+
+def minority_recall(per_class: list, labeled_counts: Tensor) -> float | None:
+    """Mean test recall of the minority classes: the ⌈0.3·K⌉ classes with the fewest labeled training images (ties
+    by class index). per_class: K recalls (None: a class absent from the test set), labeled_counts (K,). None when
+    every class has the same number of labeled images (no minority) or no minority class is in the test set."""
+    counts = labeled_counts.long().cpu()
+    if counts.numel() == 0 or bool((counts == counts[0]).all()):
+        return None
+    order = sorted(range(len(counts)), key=lambda c: (int(counts[c]), c))
+    minority = order[:max(1, math.ceil(MINORITY_FRACTION * len(counts)))]
+    recalls = [per_class[c] for c in minority if per_class[c] is not None]
+    return sum(recalls) / len(recalls) if recalls else None
 
 
 def classification_metrics(logits: Tensor, labels: Tensor, num_classes: int) -> dict:

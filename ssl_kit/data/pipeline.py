@@ -19,7 +19,7 @@ from .kinds import dataset_kind
 from .needs import DataNeeds
 from .sources import check_appended_classes, choose_storage, join_indexes
 from .specs import DatasetSpec, load_splits, open_index, parse_spec
-from .splits import labeled_indices, unlabeled_indices
+from .splits import labeled_indices, largest_head, long_tail_counts, long_tailed_indices, unlabeled_indices
 
 NORM_SAMPLE = 512  # images decoded for the normalisation statistics of a streamed set
 
@@ -175,6 +175,8 @@ def _drawn_rows(cfg: DataConfig, seed: int, needs: DataNeeds, train: Images, ext
                 spec: str) -> tuple[Images, torch.Tensor, Optional[torch.Tensor]]:
     """The rows of `train` a method with these needs draws -> (train, with another domain or an extra unlabeled
     split appended when the pool comes from there; labeled rows (L,); unlabeled rows (U,) or None)."""
+    if cfg.long_tail is not None:
+        return (train, *_long_tailed_rows(cfg, seed, needs, train))
     if cfg.labels_per_class is None and not needs.labels:
         labeled = torch.arange(len(train))
     elif cfg.labels_per_class is None:
@@ -199,6 +201,29 @@ def _drawn_rows(cfg: DataConfig, seed: int, needs: DataNeeds, train: Images, ext
         train, extra_index = _append(train, extra_unlabeled)
         unlabeled = torch.cat([unlabeled, extra_index])
     return train, labeled, unlabeled
+
+
+def _long_tailed_rows(cfg: DataConfig, seed: int, needs: DataNeeds,
+                      train: Images) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """data.long_tail: a long-tailed labeled split (labels_per_class for the head class) and, for a method that
+    draws one, an unlabeled pool from the other images with its own ratio and class order. -> (labeled rows (L,),
+    unlabeled rows (U,) or None)."""
+    tail, k = cfg.long_tail, train.num_classes
+    if cfg.unlabeled_dataset:
+        raise DataError("data.long_tail draws the unlabeled pool from the dataset's own images; leave out "
+                        "data.unlabeled_dataset")
+    split_seed = cfg.split_seed if cfg.split_seed is not None else seed
+    counts = long_tail_counts(cfg.labels_per_class, tail.ratio, k)
+    labeled = long_tailed_indices(train.labels, counts, split_seed, classes=train.classes)
+    if not needs.unlabeled:
+        return labeled, None
+    reverse = tail.unlabeled_distribution == "reversed"
+    shares = long_tail_counts(10 ** 6, tail.unlabeled_gamma(), k, reverse)
+    head = tail.unlabeled_per_class or largest_head(train.labels, [c / max(shares) for c in shares], labeled)
+    pool_counts = long_tail_counts(head, tail.unlabeled_gamma(), k, reverse)
+    unlabeled = long_tailed_indices(train.labels, pool_counts, split_seed + 1, exclude=labeled,
+                                    classes=train.classes, what="unlabeled")
+    return labeled, unlabeled
 
 
 def prepare_data(cfg: DataConfig, seed: int, needs: DataNeeds = DataNeeds()) -> PreparedData:

@@ -30,7 +30,7 @@ from . import distributed as dist
 from .checkpoint import CHECKPOINT_FORMAT, atomic_save, safe_load
 from .ema import ModelEMA
 from .loading import bad_image_log, build_loader
-from .loggers import JsonlLogger, WandbLogger, progress
+from .loggers import JsonlLogger, Loggers, progress
 from .optim import build_optimizer, lr_scaling_message
 from .schedule import LrSchedule
 
@@ -64,7 +64,7 @@ class RunContext:
 
     run_dir: Path
     seed: int
-    wandb: Optional[WandbLogger] = None
+    loggers: Optional[Loggers] = None  # wandb and TensorBoard (rank 0)
     metrics: Optional[JsonlLogger] = None
     step_callback: Optional[Callable[[int], None]] = None  # tests: simulate a crash at a given step
     extra_meta: dict = field(default_factory=dict)
@@ -125,6 +125,7 @@ class Trainer:
                   flush=True)
         self.step = 0
         self._epoch_losses: list[torch.Tensor] = []
+        self._previewed = False  # the first step shows its augmented views to the loggers
         self._bad_step = torch.tensor(-1, device=self.device)  # first step with a non-finite loss/grad, -1: none
         self._bad_terms: dict[str, torch.Tensor] = {}
         self._stop_signal: Optional[int] = None
@@ -245,6 +246,8 @@ class Trainer:
         logs: dict[str, torch.Tensor] = {}
         for micro in range(tc.accumulate):
             batch = self.loader.batch(self.step, micro, tc.accumulate)
+            if micro == 0 and not self._previewed:
+                self._preview(batch)
             if self.distributed:  # per-rank views, crops and masks, a pure function of the step
                 torch.manual_seed(dist.step_seed(self.ctx.seed, self.step, micro, self.rank))
             last_micro = micro == tc.accumulate - 1
@@ -274,6 +277,21 @@ class Trainer:
             self.ema.update(self.method.ema_target())
         logs["lr"] = torch.tensor(lr)
         return logs
+
+    @torch.no_grad()
+    def _preview(self, batch) -> None:
+        """The first step of this run: a few augmented images of each view to the loggers (TensorBoard), drawn
+        under a forked RNG so that training's random stream (and so its numbers) stays as without loggers."""
+        self._previewed = True
+        loggers = self.ctx.loggers
+        if loggers is None or loggers.tensorboard.writer is None:
+            return
+        devices = [torch.cuda.current_device() if self.device.index is None else self.device.index] \
+            if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            views = self.method.preview_views(batch)
+        for name, images in views.items():
+            loggers.log_images(f"{self.cfg.name}/views/{name}", images[:8], self.step)
 
     def _stop_at_boundary(self) -> None:
         """After SIGINT/SIGTERM: save a checkpoint at this step boundary and stop with a resume hint."""
@@ -383,8 +401,9 @@ class Trainer:
         record = {"stage": self.cfg.name, "step": self.step, **record}
         if self.ctx.metrics is not None:
             self.ctx.metrics.log(record)
-        if self.ctx.wandb is not None:
-            self.ctx.wandb.log({f"{self.cfg.name}/{k}": v for k, v in record.items() if k not in ("stage", "kind")})
+        if self.ctx.loggers is not None:
+            self.ctx.loggers.log({f"{self.cfg.name}/{k}": v for k, v in record.items() if k not in ("stage", "kind")},
+                                 step=self.step)
 
     def evaluate(self) -> dict:
         """Test-split metrics of the method's classifier (the EMA one when enabled); {} without a head."""

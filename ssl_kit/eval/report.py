@@ -25,7 +25,7 @@ def summary_table(summary: dict) -> list[str]:
     return rows
 
 
-HEADLINE_METRICS = ("test/top1", "top1")
+HEADLINE_METRICS = ("test/top1", "top1", "test/balanced_accuracy", "test/minority_recall")
 HEADLINE_EXTRAS = (("adabn_top1", "AdaBN"), ("fixmatch_adapted_top1", "FixMatch-adapted"), ("oracle_top1", "oracle"))
 
 
@@ -111,9 +111,11 @@ def write_report(run_dir: Path, recipe, summary: dict) -> Path:
             name = f"confusion_{stage.name}.png"
             plots.plot_confusion(details["confusion"], details["classes"], f"{stage.name}: test confusion",
                                  plot_dir / name)
-            lines += [f"## {stage.name}: per-class test accuracy", "", "| class | accuracy |", "|---|---|"]
-            lines += [f"| {c} | {_format(a) if a is not None else '-'} |" for c, a in zip(details["classes"],
-                                                                                           details["per_class"])]
+            labeled = details.get("labeled_counts") or ["-"] * len(details["classes"])
+            lines += [f"## {stage.name}: per-class test accuracy (recall)", "",
+                      "| class | accuracy | labeled training images |", "|---|---|---|"]
+            lines += [f"| {c} | {_format(a) if a is not None else '-'} | {n} |"
+                      for c, a, n in zip(details["classes"], details["per_class"], labeled)]
             lines += ["", f"![confusion]({'plots/' + name})", ""]
         pseudo = plots.plot_pseudo_labels(records, stage.name, plot_dir / f"pseudo_labels_{stage.name}.png")
         if pseudo:

@@ -3,15 +3,19 @@ the Module wrappers add a gradient-carrying all-gather for distributed training.
 from .adamatch import distribution_alignment, random_logit_interpolation, relative_threshold
 from .barlow_twins import BarlowTwinsLoss, barlow_twins_loss
 from .contrastive import InfoNCELoss, NTXentLoss, info_nce_loss, nt_xent_loss
+from .crmatch import crmatch_feature_distance_loss
 from .dash import dash_mask, dash_threshold, dash_weak_loss
+from .defixmatch import defixmatch_loss
 from .distillation import dino_loss, dkd_loss, hint_loss, ibot_patch_loss, kd_loss, multi_teacher_kd_loss
 from .masked import mae_loss
 from .nearest_neighbour import NNCLRLoss, SupportSet, nearest_neighbours, nnclr_loss
 from .predictive import byol_loss, symmetric_byol_loss
 from .pseudo_label import consistency_loss, fixmatch_loss
 from .ramps import cosine_rampup, linear_rampup, sigmoid_rampup
+from .refixmatch import kl_consistency_loss, refixmatch_low_confidence_loss
 from .semi_supervised import (mean_teacher_loss, mixmatch_loss, mixmatch_targets, mixup, sharpen, tsa_mask,
                               tsa_threshold, uda_loss)
+from .sequencematch import sequencematch_loss
 from .simmatch import simmatch_in_loss, simmatch_unfold_aggregate
 from .supcon import SupConLoss, supcon_loss
 from .swav import SwAVLoss, sinkhorn, swav_loss
@@ -29,6 +33,8 @@ __all__ = [
     "uda_loss", "tsa_threshold", "tsa_mask", "mixup", "mixmatch_targets", "mixmatch_loss", "relative_threshold",
     "random_logit_interpolation", "distribution_alignment", "dash_threshold", "dash_weak_loss", "dash_mask",
     "simmatch_unfold_aggregate", "simmatch_in_loss",
+    "defixmatch_loss", "kl_consistency_loss", "refixmatch_low_confidence_loss", "sequencematch_loss",
+    "crmatch_feature_distance_loss",
     # distillation
     "dkd_loss", "multi_teacher_kd_loss", "hint_loss",
 ]

@@ -159,6 +159,19 @@ class Method(nn.Module):
         """Metrics gathered over the epoch (pseudo-label rates, probe accuracy), logged and reset per epoch."""
         return {}
 
+    def preview_views(self, batch: Batch) -> dict[str, Tensor]:
+        """The augmented images this method trains on, for a logger to show: {name: normalised float (N, C, S, S)}:
+        each view of `view_list()`, else the weak view of the labeled images and, for weak/strong methods, the
+        strong view of the unlabeled ones. Draws random numbers: the caller forks the RNG."""
+        views = self.view_list()
+        if views:
+            return {f"view{i + 1}": view for i, view in enumerate(self.augment_views(batch))}
+        shown = {"weak": self.weak_view(batch.x)}
+        strong = getattr(self, "strong_view", None)
+        if strong is not None and batch.u is not None:
+            shown["strong"] = strong(batch.u)
+        return shown
+
 
 class ClassifierMethod(Method):
     """A method whose network is backbone + linear head (`self.net`): supervised, FixMatch, KD students.
