@@ -19,7 +19,7 @@ test: install
 	$(PY) -m pytest -q -n 2
 
 demo: install
-	$(VENV)/bin/ssl-kit run recipes/quickstart.yaml
+	$(VENV)/bin/ssl-kit run quickstart
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

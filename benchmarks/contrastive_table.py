@@ -20,7 +20,7 @@ from ssl_kit.methods import build_method  # noqa: E402
 from ssl_kit.models.registry import build_backbone  # noqa: E402
 
 
-METHOD_KEYS = {  # keys of one method on top of the shared ones (its recipes/<method>_digits.yaml values)
+METHOD_KEYS = {  # keys of one method on top of the shared ones (its ssl_kit/recipes/<method>_digits.yaml values)
     "swav": {"temperature": 0.1, "n_prototypes": 100, "local_crops": 2, "local_crop_size": 0.5,
              "local_crop_scale": [0.1, 0.4], "queue_length": 512, "queue_start_epochs": 20,
              "freeze_prototypes_epochs": 1},
@@ -37,6 +37,9 @@ METHOD_KEYS = {  # keys of one method on top of the shared ones (its recipes/<me
                                                      "weight_decay": 1e-5}},
     "barlow_twins": {"proj_hidden_dim": 256, "proj_dim": 256, "lambda_offdiag": 5e-3, "scale_loss": 0.1},
     "vicreg": {"proj_hidden_dim": 256, "proj_dim": 256},
+    "dcl": {"weighting": "none"},
+    "tico": {"proj_hidden_dim": 256, "beta": 0.9, "rho": 8.0},
+    "mmcr": {"n_views": 4, "lambda_local": 0.0},
 }
 
 

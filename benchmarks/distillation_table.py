@@ -1,14 +1,15 @@
 """Knowledge distillation and DINO on digits (issue 6).
 
-KD: runs recipes/kd_digits.yaml (FixMatch teacher with 10 labels/class, 16× smaller student) and reports teacher,
-student from labels, student with KD (labeled), student with KD (labeled + unlabeled), and the share of the
+KD: runs ssl_kit/recipes/kd_digits.yaml (FixMatch teacher with 10 labels/class, 16× smaller student) and reports
+teacher, student from labels, student with KD (labeled), student with KD (labeled + unlabeled), and the share of the
 student→teacher gap that KD with unlabeled data closes (target ≥ 0.5).
-DINO: runs recipes/dino_digits.yaml's pretraining and compares linear probe / kNN with SimCLR and random init
+DINO: runs ssl_kit/recipes/dino_digits.yaml's pretraining and compares linear probe / kNN with SimCLR and random init
 (same evaluation as benchmarks/contrastive_table.py).
 
-KD variants (issue 17): runs recipes/dkd_digits.yaml (two FixMatch teachers of widths 16 and 8, students of width 4
-with labeled + unlabeled images) plus a labels-only student, and reports KD vs DKD vs two-teacher KD vs KD + FitNets
-hint, each with the share of the (width-16) teacher–student gap it closes. `--variant-steps N` shortens every stage.
+KD variants (issue 17): runs ssl_kit/recipes/dkd_digits.yaml (two FixMatch teachers of widths 16 and 8, students of
+width 4 with labeled + unlabeled images) plus a labels-only student, and reports KD vs DKD vs two-teacher KD vs KD +
+FitNets hint, each with the share of the (width-16) teacher–student gap it closes. `--variant-steps N` shortens every
+stage.
 
     python benchmarks/distillation_table.py [--skip-dino] [--skip-variants] [--variant-steps N] [--device cpu]
 """
@@ -23,12 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import run_stages, table  # noqa: E402
 from benchmarks.contrastive_table import evaluate, pretrain_stage  # noqa: E402
+from ssl_kit.cli import bundled_recipe_dir  # noqa: E402
 from ssl_kit.recipe_files import load_yaml  # noqa: E402
 from ssl_kit.engine.checkpoint import build_from_record  # noqa: E402
 from ssl_kit.eval.features import FeatureExtractor  # noqa: E402
 from ssl_kit.models.registry import build_backbone  # noqa: E402
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = bundled_recipe_dir()
 
 
 def with_device(stages: list[dict], device: str) -> list[dict]:

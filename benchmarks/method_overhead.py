@@ -32,7 +32,7 @@ HEADERS = ["method", "backbone", "px", "batch", "method img/s", "bare img/s", "s
 KWARGS = {"small_cnn": {"width": 32}, "resnet18": {"small_stem": True}, "wide_resnet28_2": {},
           "vit_tiny": {"patch_size": 4, "dim": 96, "depth": 4, "heads": 3}}
 VIT_METHODS = ("mae", "simmim")  # measured on the small ViT whatever --model says (MAE needs a ViT)
-MULTI_CROP = {  # the heads and crops of recipes/<method>_digits.yaml (LARS like SimCLR; iBOT: AdamW on the ViT)
+MULTI_CROP = {  # the heads and crops of ssl_kit/recipes/<method>_digits.yaml (LARS like SimCLR; iBOT: AdamW on the ViT)
     "swav": dict(n_prototypes=100, proj_hidden_dim=128, proj_dim=64, local_crops=2, local_crop_size=0.5,
                  queue_length=512, queue_start_epochs=0),
     "nnclr": dict(proj_hidden_dim=128, proj_dim=64, pred_hidden_dim=128, support_set_size=1024),
@@ -40,7 +40,7 @@ MULTI_CROP = {  # the heads and crops of recipes/<method>_digits.yaml (LARS like
     "ibot": dict(backbone={"name": "vit_tiny", "kwargs": KWARGS["vit_tiny"]}, out_dim=1024, head_hidden_dim=256,
                  bottleneck_dim=64, local_crops=2, local_crop_size=0.5, masking="random"),
 }
-HEADS = {  # the heads of recipes/<method>_digits.yaml
+HEADS = {  # the heads of ssl_kit/recipes/<method>_digits.yaml
     "byol": dict(proj_hidden_dim=128, proj_dim=64, pred_hidden_dim=128),
     "simsiam": dict(proj_hidden_dim=128, proj_dim=64, pred_hidden_dim=32),
     "barlow_twins": dict(proj_hidden_dim=256, proj_dim=256, scale_loss=0.1),
@@ -71,12 +71,12 @@ def stage_for(method: str, model: str, batch: int, size: int, device: str, mu: i
     if method in ("simclr", "mocov2", "mocov3", "byol", "barlow_twins", "vicreg"):
         stage["optimizer"]["name"] = "lars"
     stage.update(HEADS.get(method, {}))
-    if method == "dino":  # the head and crops of recipes/dino_digits.yaml
+    if method == "dino":  # the head and crops of ssl_kit/recipes/dino_digits.yaml
         stage.update(local_crops=4, local_crop_size=0.5, out_dim=1024, head_hidden_dim=256, bottleneck_dim=64)
     if method in MULTI_CROP:
         stage.update(MULTI_CROP[method])
         stage["optimizer"]["name"] = "adamw" if method == "ibot" else "lars"
-    if method in VIT_METHODS:  # the ViT and decoder of recipes/mae_digits.yaml
+    if method in VIT_METHODS:  # the ViT and decoder of ssl_kit/recipes/mae_digits.yaml
         stage["backbone"] = {"name": "vit_tiny", "kwargs": {**KWARGS["vit_tiny"], "global_pool": True}}
         if method == "mae":
             stage.update(decoder_dim=64, decoder_depth=2)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import run_stages, table, time_interleaved  # noqa: E402
+from ssl_kit.cli import bundled_recipe_dir  # noqa: E402
 from ssl_kit.config import validate_recipe  # noqa: E402
 from ssl_kit.recipe_files import load_yaml  # noqa: E402
 from ssl_kit.data.pipeline import prepare_data  # noqa: E402
@@ -23,7 +24,7 @@ from ssl_kit.engine.trainer import RunContext, Trainer  # noqa: E402
 from ssl_kit.methods import build_method  # noqa: E402
 from ssl_kit.models.registry import build_backbone  # noqa: E402
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = bundled_recipe_dir()
 
 
 def speed(device: str, size: int, batch: int, backbone: dict) -> list:

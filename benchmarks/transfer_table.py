@@ -15,12 +15,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import table  # noqa: E402
+from ssl_kit.cli import bundled_recipe_dir  # noqa: E402
 from ssl_kit.config import validate_recipe  # noqa: E402
 from ssl_kit.eval.features import FeatureExtractor  # noqa: E402
 from ssl_kit.eval.transfer import leave_one_domain_out, transfer_eval  # noqa: E402
 from ssl_kit.runner import run_recipe  # noqa: E402
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = bundled_recipe_dir()
 TARGETS = ["digits-printed", "digits-rotated:15", "digits-rotated:30", "digits-rotated:45", "digits-rotated:60"]
 ROTATIONS = [f"digits-rotated:{a}" for a in (0, 15, 30, 45, 60, 75)]
 

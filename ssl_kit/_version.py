@@ -1,3 +1,4 @@
-"""The package version, in the bottom layer so that any module (runner's env.json) can read it without importing
-the package facade (ssl_kit/__init__.py imports every layer)."""
+"""The package version, the one place it is written: pyproject.toml reads it ([tool.setuptools.dynamic]), and
+`ssl-kit --version`, env.json of every run and `ssl_kit.__version__` import it from here. A bottom-layer module
+without imports, so reading it costs nothing."""
 __version__ = "0.1.0"

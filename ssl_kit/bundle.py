@@ -16,7 +16,7 @@ import yaml
 from .errors import ConfigError
 
 RUN_FILES = ("config.yaml", "env.json", "metrics.jsonl", "summary.json", "report.md")
-EXPORT_FILES = ("model.safetensors", "config.json", "README.md")
+EXPORT_FILES = ("model.safetensors", "model.onnx", "model.onnx.data", "config.json", "README.md")
 TIMING_WORDS = ("seconds", "per_s")
 
 

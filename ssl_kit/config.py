@@ -17,6 +17,7 @@ Unknown keys, wrong types and impossible values raise :class:`ConfigError` namin
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
@@ -363,14 +364,21 @@ def register_stage_schema(method: str, schema: type[StageBase]) -> None:
     _recipe_model.cache_clear()
 
 
+def _training_stages() -> dict[str, type[StageBase]]:
+    """The registered training stage schemas, after importing ssl_kit.methods (whose modules register them): the
+    package facade no longer imports every method, so whatever reads the registry loads it here first."""
+    importlib.import_module(f"{__package__}.methods")  # deferred: methods import this module; cached once done
+    return _TRAINING_STAGES
+
+
 def training_methods() -> tuple[str, ...]:
     """Names of the registered training methods (the `method:` values of training stages)."""
-    return tuple(_TRAINING_STAGES)
+    return tuple(_training_stages())
 
 
 def stage_schema(method: str) -> type:
     """The config class that validates a stage with this `method`."""
-    return {**_TRAINING_STAGES, **EVAL_STAGES}[method]
+    return {**_training_stages(), **EVAL_STAGES}[method]
 
 
 class WandbConfig(Strict):
@@ -478,7 +486,7 @@ def _check_free_form(value: Any, where: str, depth: int) -> None:
 @functools.lru_cache(maxsize=None)
 def _recipe_model() -> type[Recipe]:
     """Recipe whose `stages` is the discriminated union (on `method`) of every registered stage schema."""
-    schemas = tuple(_TRAINING_STAGES.values()) + tuple(EVAL_STAGES.values())
+    schemas = tuple(_training_stages().values()) + tuple(EVAL_STAGES.values())
     stage = Annotated[Union[schemas], Field(discriminator="method")]
     return create_model("Recipe", __base__=Recipe, __doc__=Recipe.__doc__,
                         stages=(list[stage], Field(min_length=1)))

@@ -71,15 +71,26 @@ def write_env(run_dir: Path) -> None:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
-    try:
-        commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
-                                capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit = _checkout_commit()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (platform.processor() or "cpu")
     env = {"ssl_kit": __version__, "git_commit": commit, "python": platform.python_version(), **versions,
            "device": device, "world_size": dist.world_size(), "command": sys.argv}
     (run_dir / "env.json").write_text(json.dumps(env, indent=2))
+
+
+def _checkout_commit() -> Optional[str]:
+    """HEAD of the git checkout ssl_kit runs from, or None for an installed wheel: the package's own files must be
+    tracked there, so a site-packages inside some other repository's tree (a project's .venv) records no commit."""
+    here = str(Path(__file__).resolve().parent)
+    try:
+        tracked = subprocess.run(["git", "-C", here, "ls-files", "--error-unmatch", "_version.py"],
+                                 capture_output=True, timeout=5).returncode == 0
+        if not tracked:
+            return None
+        return subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def remove_our_temp_files(run_dir: Path) -> None:

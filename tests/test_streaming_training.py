@@ -22,6 +22,7 @@ from ssl_kit.data.imageset import ImageSet
 from ssl_kit.data.pipeline import channel_stats, prepare_data
 from ssl_kit.data.stream import StreamLoader
 from ssl_kit.engine.loading import build_loader, stream_views
+from ssl_kit.cli import bundled_recipe_dir
 from ssl_kit.data.needs import DataNeeds
 from ssl_kit.errors import DataError
 from ssl_kit.eval.features import FeatureExtractor
@@ -33,7 +34,7 @@ from tests.conftest import tiny_stage
 
 POOL = DataNeeds(unlabeled=True, unlabeled_ratio=7)  # what a FixMatch stage draws: labeled + 7× unlabeled
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = bundled_recipe_dir()  # ssl_kit/recipes, read as package data
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@ after checking that the path is a regular file and that a zip checkpoint does no
 holds. Every checkpoint, backbone and weights file ssl_kit reads goes through `safe_load`; errors name the slot."""
 from __future__ import annotations
 
+import hashlib
 import pickle
 import zipfile
 from pathlib import Path
@@ -68,3 +69,12 @@ def safe_load(path: str | Path, what: str = "checkpoint") -> dict:
     if not isinstance(data, dict):
         raise CheckpointError(f"{what} {str(path)!r} holds a {type(data).__name__}, not a dict")
     return data
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (bounded memory for any size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

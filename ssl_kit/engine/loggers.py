@@ -105,7 +105,8 @@ class TensorBoardLogger:
         self.writer = None
         if not cfg.enabled:
             return
-        try:  # deferred: tensorboard (protobuf, grpc) is an optional extra, imported only when enabled
+        try:
+            # deferred: tensorboard (protobuf, grpc) is an optional extra, imported only when enabled
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as error:
             raise ConfigError("tensorboard.enabled: true needs the tensorboard package: "
@@ -130,8 +131,8 @@ class TensorBoardLogger:
         """A PNG written by the report (training curves, confusion matrix, ...) as an image."""
         if self.writer is None:
             return
-        import numpy as np
-        from PIL import Image
+        import numpy as np  # deferred: with PIL, only when a figure goes to TensorBoard
+        from PIL import Image  # deferred: see above
 
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("RGB"))

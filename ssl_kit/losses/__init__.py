@@ -1,13 +1,19 @@
 """Loss functions, usable on their own: `from ssl_kit.losses import nt_xent_loss, ...`. Pure functions (no state);
 the Module wrappers add a gradient-carrying all-gather for distributed training."""
+from .abc_balanced import abc_keep_probs, abc_loss, abc_unlabeled_keep_probs, bernoulli_mask
+from .acr import (acr_tau, adjusted_pseudo_labels, anchor_distances, logit_adjusted_loss, logit_adjustment,
+                  symmetric_kl)
 from .adamatch import distribution_alignment, random_logit_interpolation, relative_threshold
 from .barlow_twins import BarlowTwinsLoss, barlow_twins_loss
 from .contrastive import InfoNCELoss, NTXentLoss, info_nce_loss, nt_xent_loss
 from .crmatch import crmatch_feature_distance_loss
 from .dash import dash_mask, dash_threshold, dash_weak_loss
+from .debiaspl import adaptive_marginal_loss, debiased_probs, debiased_pseudo_labels, prior_update
+from .dcl import DCLLoss, dcl_loss, vmf_weights
 from .defixmatch import defixmatch_loss
 from .distillation import dino_loss, dkd_loss, hint_loss, ibot_patch_loss, kd_loss, multi_teacher_kd_loss
 from .masked import mae_loss
+from .mmcr import MMCRLoss, mmcr_loss
 from .nearest_neighbour import NNCLRLoss, SupportSet, nearest_neighbours, nnclr_loss
 from .predictive import byol_loss, symmetric_byol_loss
 from .pseudo_label import consistency_loss, fixmatch_loss
@@ -19,6 +25,7 @@ from .sequencematch import sequencematch_loss
 from .simmatch import simmatch_in_loss, simmatch_unfold_aggregate
 from .supcon import SupConLoss, supcon_loss
 from .swav import SwAVLoss, sinkhorn, swav_loss
+from .tico import TiCoLoss, tico_loss
 from .vicreg import VICRegLoss, vicreg_loss
 
 __all__ = [
@@ -28,6 +35,7 @@ __all__ = [
     "byol_loss", "symmetric_byol_loss", "barlow_twins_loss", "BarlowTwinsLoss", "vicreg_loss", "VICRegLoss",
     "sinkhorn", "swav_loss", "SwAVLoss", "supcon_loss", "SupConLoss", "nearest_neighbours", "SupportSet",
     "nnclr_loss", "NNCLRLoss", "ibot_patch_loss",
+    "dcl_loss", "DCLLoss", "vmf_weights", "tico_loss", "TiCoLoss", "mmcr_loss", "MMCRLoss",
     # semi-supervised terms
     "consistency_loss", "sharpen", "sigmoid_rampup", "linear_rampup", "cosine_rampup", "mean_teacher_loss",
     "uda_loss", "tsa_threshold", "tsa_mask", "mixup", "mixmatch_targets", "mixmatch_loss", "relative_threshold",
@@ -35,6 +43,10 @@ __all__ = [
     "simmatch_unfold_aggregate", "simmatch_in_loss",
     "defixmatch_loss", "kl_consistency_loss", "refixmatch_low_confidence_loss", "sequencematch_loss",
     "crmatch_feature_distance_loss",
+    # semi-supervised learning on imbalanced data
+    "debiased_pseudo_labels", "debiased_probs", "prior_update", "adaptive_marginal_loss",
+    "logit_adjustment", "logit_adjusted_loss", "adjusted_pseudo_labels", "symmetric_kl", "anchor_distances", "acr_tau",
+    "abc_keep_probs", "abc_unlabeled_keep_probs", "bernoulli_mask", "abc_loss",
     # distillation
     "dkd_loss", "multi_teacher_kd_loss", "hint_loss",
 ]

@@ -7,14 +7,18 @@ that rebuilds the target model from that library alone, and one verification (st
   torchvision  torchvision.models.get_model(model, **kwargs) torchvision:NAME; our resnet* (the small-image stem
                with the modules in config['replace'] rebuilt  is rebuilt as conv1 3x3/1 + maxpool Identity)
   safetensors  ssl_kit's build_backbone(arch, ...)           every ssl_kit backbone (our own key names)
+  onnx         onnxruntime.InferenceSession("model.onnx")    every ssl_kit backbone torch.onnx exports (onnx_export.py)
 
 config.json = {"library", "model", "kwargs", "replace" (torchvision), "input_size": [C, H, W], "mean", "std",
 "num_features", "ssl_kit": {"arch", "kwargs"}}. The features are the model's pooled pre-logits (num_classes=0 in
 timm, the classifier replaced by an identity in torchvision).
+
+A timm export's config.json is also timm's own hub layout ("architecture", "num_classes", "num_features",
+"model_args", "pretrained_cfg"), so `timm.create_model("local-dir:OUT", pretrained=True)` rebuilds the model and
+loads model.safetensors strictly, without the hub.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -28,12 +32,14 @@ import torchvision
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ..common.files import sha256_file
 from ..errors import CheckpointError
 from .foreign import read_safetensors
 from .model_card import model_card
 from .registry import build_backbone
 
-TARGETS = ("torchvision", "timm", "safetensors")
+TARGETS = ("torchvision", "timm", "safetensors", "onnx")
+TOLERANCE = 1e-5  # max abs difference of the library targets (onnx: onnx_export.ONNX_TOLERANCE, relative)
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 OUR_VITS = ("vit_tiny", "vit_small", "vit_base")
 
@@ -93,6 +99,30 @@ def _to_timm(record: dict) -> tuple[dict, dict]:
         return {"model": arch, "kwargs": {"in_chans": info["channels"], "num_classes": 0}}, \
             _strip(record["state_dict"], "net.")
     raise _refuse(arch, "timm", "it has no timm counterpart")
+
+
+# pretrained_cfg fields that describe how to use the weights; the others name the original weights' source (url,
+# hub id, tag, license, test-time sizes, labels) and do not apply to an ssl_kit backbone
+TIMM_CFG_KEPT = ("architecture", "fixed_input_size", "interpolation", "crop_pct", "crop_mode", "first_conv",
+                 "classifier")
+
+
+def timm_hub_fields(config: dict, num_features: int | None) -> dict:
+    """timm's hub config.json fields for a timm export (what `timm.create_model("local-dir:OUT", pretrained=True)`
+    reads): architecture, num_classes 0, model_args (= config['kwargs']) and a pretrained_cfg with our input size,
+    mean and std; custom_load False (model.safetensors holds timm's own key names)."""
+    import timm  # deferred: heavy optional import (timm, ~2 s), only for timm exports
+
+    cfg = timm.models.get_pretrained_cfg(config["model"])
+    source = cfg.to_dict() if cfg is not None else {}
+    pretrained_cfg = {key: source[key] for key in TIMM_CFG_KEPT if source.get(key) is not None}
+    pretrained_cfg.update({"architecture": config["model"], "custom_load": False, "input_size": config["input_size"],
+                           "mean": config["mean"], "std": config["std"], "num_classes": 0})
+    fields = {"architecture": config["model"], "num_classes": 0, "model_args": dict(config["kwargs"]),
+              "pretrained_cfg": pretrained_cfg}
+    if num_features is not None:
+        fields["num_features"] = num_features
+    return fields
 
 
 def _conv_spec(conv: nn.Conv2d) -> dict[str, Any]:
@@ -197,14 +227,6 @@ def verify_export(config: dict, weights: str | Path, reference: nn.Module, toler
     return difference
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _reference(record: dict) -> nn.Module:
     """Our backbone of the record with its weights (eval mode): what the export must reproduce."""
     info = record["data"]
@@ -213,18 +235,29 @@ def _reference(record: dict) -> nn.Module:
     return backbone.eval()
 
 
-def write_export(record: dict, target: str, out_dir: str | Path, tolerance: float = 1e-5,
+def write_export(record: dict, target: str, out_dir: str | Path, tolerance: float | None = None,
                  context: dict | None = None) -> dict:
     """Write model.safetensors + config.json + README.md (model card) into `out_dir`, verified before anything
     lands there (a refused export leaves no files). `context` (method, recipe, data, metrics of the run) goes into
-    the card. -> {"out": dir, "max_abs_diff": float, "sha256": str, "library": str, "model": str}."""
+    the card. `tolerance`: max abs difference (default TOLERANCE); for target 'onnx' (model.onnx, see
+    onnx_export.py) relative to the largest feature (default ONNX_TOLERANCE).
+    -> {"out": dir, "max_abs_diff": float, "tolerance": float, "sha256": str, "library": str, "model": str}."""
+    if target == "onnx":
+        from .onnx_export import require_onnx, write_onnx_export  # deferred: optional dependency (ssl_kit[onnx])
+
+        require_onnx()
+        return write_onnx_export(record, out_dir, _reference(record), tolerance, context)
+    tolerance = TOLERANCE if tolerance is None else tolerance
     config, state = export_layout(record, target)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
     try:
         save_file({k: v.contiguous() for k, v in state.items()}, str(staging / "model.safetensors"))
-        difference = verify_export(config, staging / "model.safetensors", _reference(record), tolerance)
+        reference = _reference(record)
+        difference = verify_export(config, staging / "model.safetensors", reference, tolerance)
+        if target == "timm":
+            config.update(timm_hub_fields(config, getattr(reference, "num_features", None)))
         config["sha256"] = sha256_file(staging / "model.safetensors")
         config["verified_max_abs_diff"] = difference
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -234,7 +267,17 @@ def write_export(record: dict, target: str, out_dir: str | Path, tolerance: floa
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"out": str(out_dir), "library": config["library"], "model": config["model"],
-            "max_abs_diff": difference, "sha256": config["sha256"]}
+            "max_abs_diff": difference, "tolerance": tolerance, "sha256": config["sha256"]}
+
+
+def verified_summary(result: dict) -> str:
+    """One line on what write_export verified (the CLI prints it on stderr)."""
+    if result["library"] == "onnx":
+        return (f"onnxruntime runs model.onnx (opset {result['opset']}, dynamic batch) with our outputs: max "
+                f"|difference| {result['max_abs_diff']:.3g}, {result['max_rel_diff']:.3g} of the largest feature "
+                f"(tolerance {result['tolerance']:g} relative)")
+    return (f"loads strictly into {result['library']} {result['model']}, max |difference| "
+            f"{result['max_abs_diff']:.3g} (tolerance {result['tolerance']:g})")
 
 
 def load_exported(out_dir: str | Path) -> nn.Module:
@@ -242,6 +285,9 @@ def load_exported(out_dir: str | Path) -> nn.Module:
     sha256 must match config.json's: a corrupted or swapped model.safetensors is refused."""
     out_dir = Path(out_dir)
     config_path, weights = out_dir / "config.json", out_dir / "model.safetensors"
+    if (out_dir / "model.onnx").is_file() and not weights.is_file():
+        raise CheckpointError(f"{str(out_dir)!r} is an ONNX export: run model.onnx with "
+                              f"onnxruntime.InferenceSession (see its README.md), not as a torch model")
     for path in (config_path, weights):
         if not path.is_file():
             raise CheckpointError(f"{str(out_dir)!r} is not an ssl_kit export: {path.name} is missing")

@@ -2,16 +2,15 @@
 rejected with an ssl_kit error (a clear message), never an unhandled exception."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ssl_kit.cli import bundled_recipe_dir
 from ssl_kit.recipe_files import load_recipe
 from ssl_kit.data.specs import parse_spec
 from ssl_kit.errors import SslKitError
 
-QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
+QUICKSTART = bundled_recipe_dir() / "quickstart.yaml"
 KEYS = ["seed", "name", "wandb.mode", "pretrain.temperature", "pretrain.train.epochs", "pretrain.views.crop_scale",
         "fixmatch.threshold", "fixmatch.mu", "fixmatch.data.labels_per_class", "fixmatch.optimizer.name",
         "fixmatch.train.precision", "knn.k", "transfer.targets", "transfer.corruptions", "linear_probe.epochs",
