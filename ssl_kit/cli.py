@@ -354,6 +354,20 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .eval.compare import compare_runs, format_table  # deferred: start-up (matplotlib, only when comparing)
+
+    out = None if args.no_plot else Path(args.plot or Path(args.runs[0]).parent / "compare.png")
+    table = compare_runs(args.runs, out)
+    if args.json:
+        print(json.dumps(table, allow_nan=False))
+        return 0
+    print(format_table(table))
+    if table["plot"]:
+        print(f"[ssl-kit] curves and accuracies: {table['plot']}", file=sys.stderr)
+    return 0
+
+
 def cmd_data(args) -> int:
     from .data.inspect import summarize  # deferred: start-up (only this command needs it)
     from .data.pipeline import is_streamed_source  # deferred: start-up (torch)
@@ -534,6 +548,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--json", action="store_true")
     data.set_defaults(func=cmd_data)
 
+    compare = sub.add_parser("compare", help="several runs' final metrics side by side, and one PNG of their "
+                                             "training curves and accuracies")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="run folders (runs/NAME-DATE-TIME)")
+    compare.add_argument("--plot", help="where the PNG goes (default: compare.png beside the first run)")
+    compare.add_argument("--no-plot", action="store_true", help="the table only")
+    compare.add_argument("--json", action="store_true")
+    compare.set_defaults(func=cmd_compare)
     info = sub.add_parser("info", help="architecture, parameters and FLOPs of a checkpoint's backbone")
     info.add_argument("--checkpoint", required=True)
     info.add_argument("--json", action="store_true")

@@ -10,7 +10,7 @@ import numpy as np
 
 
 @functools.cache
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot on the Agg backend, imported by the first picture drawn: importing this module stays cheap,
     so the layers above import it at module level."""
     import matplotlib  # deferred: heavy optional import (matplotlib), only when a picture is drawn
@@ -37,7 +37,7 @@ def plot_training_curves(records: list[dict], out: Path) -> Path | None:
     steps = [r for r in records if r.get("kind") == "step" and isinstance(r.get("loss"), (int, float))]
     if not steps:
         return None
-    fig, ax = _pyplot().subplots(figsize=(6, 3.5))
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     for stage in dict.fromkeys(r["stage"] for r in steps):
         points = [(r["step"], r["loss"]) for r in steps if r["stage"] == stage]
         ax.plot(*zip(*points), label=stage)
@@ -47,11 +47,11 @@ def plot_training_curves(records: list[dict], out: Path) -> Path | None:
         ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], title: str, out: Path) -> Path:
-    fig, ax = _pyplot().subplots(figsize=(4.5, 4))
+    fig, ax = pyplot().subplots(figsize=(4.5, 4))
     image = ax.imshow(confusion, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=90 if len(classes) > 10 else 0, fontsize=7)
     ax.set_yticks(range(len(classes)), classes, fontsize=7)
@@ -59,7 +59,7 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], title: str, o
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_pseudo_labels(records: list[dict], stage: str, out: Path) -> Path | None:
@@ -67,7 +67,7 @@ def plot_pseudo_labels(records: list[dict], stage: str, out: Path) -> Path | Non
     epochs = [r for r in records if r.get("stage") == stage and r.get("kind") == "epoch" and "pseudo/mask_rate" in r]
     if not epochs:
         return None
-    fig, ax = _pyplot().subplots(figsize=(6, 3.5))
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     x = [r["epoch"] + 1 for r in epochs]
     ax.plot(x, [r["pseudo/mask_rate"] for r in epochs], marker="o", label="quantity: mask rate")
     ax.plot(x, [r["pseudo/accuracy"] if isinstance(r["pseudo/accuracy"], float) else float("nan") for r in epochs],
@@ -77,31 +77,31 @@ def plot_pseudo_labels(records: list[dict], stage: str, out: Path) -> Path | Non
     ax.legend()
     ax.grid(alpha=0.3)
     ax.set_title(f"{stage}: pseudo-labels")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_threshold_sweep(thresholds: list[float], quantity: list[float], quality: list[float], out: Path) -> Path:
-    fig, ax = _pyplot().subplots(figsize=(6, 3.5))
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     ax.plot(thresholds, quantity, marker="o", label="quantity: fraction above threshold")
     ax.plot(thresholds, quality, marker="s", label="quality: accuracy of those pseudo-labels")
     ax.set_xlabel("confidence threshold")
     ax.set_ylim(0, 1.02)
     ax.legend()
     ax.grid(alpha=0.3)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_reconstructions(rows: list, titles: list[str], out: Path) -> Path:
     """rows: tensors (N, C, H, W) in [0, 1], one figure row each (MAE: original, masked, reconstruction)."""
     n = rows[0].shape[0]
-    fig, axes = _pyplot().subplots(len(rows), n, figsize=(1.2 * n, 1.3 * len(rows)), squeeze=False)
+    fig, axes = pyplot().subplots(len(rows), n, figsize=(1.2 * n, 1.3 * len(rows)), squeeze=False)
     for r, (images, title) in enumerate(zip(rows, titles)):
         for c in range(n):
             image = images[c].permute(1, 2, 0).numpy()
             axes[r][c].imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
             axes[r][c].axis("off")
         axes[r][0].set_title(title, fontsize=8, loc="left")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def tsne_embedding(features, seed: int = 0):
@@ -122,7 +122,7 @@ def plot_tsne(points, labels: list[int], classes: list[str], out: Path, domains:
     """points (N, 2); labels (N,) class indices; optional domains (N,) indices into domain_names: a second panel
     coloured by domain."""
     panels = 2 if domains is not None else 1
-    fig, axes = _pyplot().subplots(1, panels, figsize=(5 * panels, 4.5), squeeze=False)
+    fig, axes = pyplot().subplots(1, panels, figsize=(5 * panels, 4.5), squeeze=False)
     ax = axes[0][0]
     scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10" if len(classes) <= 10 else "tab20",
                          s=6, alpha=0.8)
@@ -139,7 +139,7 @@ def plot_tsne(points, labels: list[int], classes: list[str], out: Path, domains:
     for ax in axes[0]:
         ax.set_xticks([])
         ax.set_yticks([])
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_domain_bars(rows: dict[str, dict[str, float]], out: Path, title: str = "accuracy per domain") -> Path:
@@ -147,7 +147,7 @@ def plot_domain_bars(rows: dict[str, dict[str, float]], out: Path, title: str = 
     domains = list(rows)
     series = list(dict.fromkeys(k for row in rows.values() for k in row))
     width = 0.8 / max(1, len(series))
-    fig, ax = _pyplot().subplots(figsize=(max(5, 1.3 * len(domains) + 2), 3.8))
+    fig, ax = pyplot().subplots(figsize=(max(5, 1.3 * len(domains) + 2), 3.8))
     for i, name in enumerate(series):
         xs = [d + (i - (len(series) - 1) / 2) * width for d in range(len(domains))]
         values = [rows[d].get(name, float("nan")) for d in domains]
@@ -158,12 +158,12 @@ def plot_domain_bars(rows: dict[str, dict[str, float]], out: Path, title: str = 
     ax.set_title(title)
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
-def _save(fig, out: Path) -> Path:
+def save_figure(fig, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return out
