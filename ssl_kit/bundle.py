@@ -6,8 +6,10 @@ Archive layout: run/<the run files>, run/splits/*.json, export/<the export files
 """
 from __future__ import annotations
 
+import gzip
 import json
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -58,21 +60,124 @@ def write_bundle(run_dir: Path, export_dir: Path, archive: Path) -> Path:
     return archive
 
 
+# caps on what a bundle may unpack (checked on the raw tar headers, before tarfile reads or writes anything)
+BUNDLE_LIMITS = {
+    "members": 10_000,            # entries in the archive
+    "member_bytes": 8 << 30,      # one member (a backbone of MAX_PARAMS float32 weights)
+    "total_bytes": 16 << 30,      # all members together
+    "ratio": 100,                 # unpacked bytes per archive byte (+ RATIO_ALLOWANCE): a gzip bomb is refused
+    "header_bytes": 64 << 10,     # a GNU long-name or pax header (tarfile holds it in memory)
+    "name_chars": 1024,           # a member's name
+}
+RATIO_ALLOWANCE = 16 << 20
+CHUNK = 1 << 20
+
+
+def _refuse(archive: Path, what: str, limit_name: str) -> ConfigError:
+    return ConfigError(f"bundle {str(archive)!r}: {what}; the limit is {BUNDLE_LIMITS[limit_name]:,} "
+                       f"({limit_name.replace('_', ' ')}): not an ssl_kit bundle")
+
+
+def _tar_number(field: bytes, archive: Path) -> int:
+    """A tar header's size field: octal text, or base-256 when the first byte has its high bit set."""
+    if field[:1] and field[0] & 0x80:
+        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+    text = field.rstrip(b"\0 ").lstrip(b" ")
+    try:
+        return int(text or b"0", 8)
+    except ValueError:
+        raise ConfigError(f"bundle {str(archive)!r} is not a readable .tar.gz: a header has size field "
+                          f"{field!r}") from None
+
+
+def _skip(stream, count: int) -> None:
+    while count > 0:
+        chunk = stream.read(min(count, CHUNK))
+        if not chunk:
+            return
+        count -= len(chunk)
+
+
+def scan_bundle(archive: Path) -> None:
+    """Walk the raw tar headers of a .tar.gz in bounded memory and refuse it (ConfigError naming the limit) when
+    it has too many members, a member or a total too large, a total far beyond its compressed size (a gzip bomb),
+    or an oversized long-name/pax header."""
+    budget = BUNDLE_LIMITS["ratio"] * archive.stat().st_size + RATIO_ALLOWANCE
+    members = total = 0
+    with gzip.open(archive, "rb") as stream:
+        while True:
+            header = stream.read(512)
+            if len(header) < 512 or not header.strip(b"\0"):
+                return
+            kind, size = header[156:157], _tar_number(header[124:136], archive)
+            if kind in (b"L", b"K", b"x", b"g"):
+                if size > BUNDLE_LIMITS["header_bytes"]:
+                    raise _refuse(archive, f"a long-name/pax header of {size:,} bytes", "header_bytes")
+            else:
+                members += 1
+                name = header[:100].split(b"\0")[0].decode("utf-8", "replace")
+                if members > BUNDLE_LIMITS["members"]:
+                    raise _refuse(archive, f"more than {BUNDLE_LIMITS['members']:,} members", "members")
+                if size > BUNDLE_LIMITS["member_bytes"]:
+                    raise _refuse(archive, f"member {name!r} holds {size:,} bytes", "member_bytes")
+                total += size
+                if total > BUNDLE_LIMITS["total_bytes"]:
+                    raise _refuse(archive, f"its members hold more than {total:,} bytes", "total_bytes")
+                if total > budget:
+                    raise _refuse(archive, f"its members unpack to more than {total:,} bytes from "
+                                           f"{archive.stat().st_size:,} compressed", "ratio")
+            _skip(stream, (size + 511) // 512 * 512)
+
+
+def _read_member(run: Path, name: str, archive: Path, decode_json: bool = True):
+    """A bundled file's text (JSON-decoded); ConfigError naming the member when missing, not UTF-8 or not JSON."""
+    path = run / name
+    where = f"bundle {str(archive)!r}: run/{name}"
+    if not path.is_file():
+        raise ConfigError(f"{where} is missing: not a complete ssl_kit bundle")
+    try:
+        text = path.read_bytes().decode("utf-8")
+        return json.loads(text) if decode_json else text
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where} is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where} is not JSON: {exc}") from None
+
+
+def validate_bundle(run: Path, archive: Path) -> None:
+    """Everything the comparison after the re-run reads, checked before it: run/summary.json a JSON object,
+    run/config.yaml UTF-8, every run/splits/*.json UTF-8 JSON. ConfigError naming the member."""
+    summary = _read_member(run, "summary.json", archive)
+    if not isinstance(summary, dict):
+        raise ConfigError(f"bundle {str(archive)!r}: run/summary.json is a JSON {type(summary).__name__}, "
+                          f"expected an object of metrics")
+    _read_member(run, "config.yaml", archive, decode_json=False)
+    for split in sorted((run / "splits").glob("*.json")):
+        _read_member(run, f"splits/{split.name}", archive)
+
+
 def extract_bundle(archive: str | Path, dest: Path) -> Path:
-    """Unpack a bundle into dest (regular files under run/ and export/ only) -> dest / 'run'."""
+    """Unpack a bundle into dest (regular files under run/ and export/ only), within BUNDLE_LIMITS, and validate
+    what the comparison reads (validate_bundle) -> dest / 'run'. The caller removes `dest`."""
     archive = Path(archive)
     if not archive.is_file():
         raise ConfigError(f"bundle {str(archive)!r} does not exist")
     try:
+        scan_bundle(archive)
         with tarfile.open(archive, "r:gz") as tar:
             members = [m for m in tar.getmembers() if m.isfile() and m.name.split("/")[0] in ("run", "export")
                        and ".." not in m.name.split("/") and not m.name.startswith("/")]
+            long_names = [m.name for m in members if len(m.name) > BUNDLE_LIMITS["name_chars"]]
+            if long_names:
+                raise _refuse(archive, f"member name {long_names[0][:80]!r}... has {len(long_names[0]):,} "
+                                       f"characters", "name_chars")
             safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             tar.extractall(dest, members=members, **safe)
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise ConfigError(f"bundle {str(archive)!r} is not a readable .tar.gz: {exc}") from None
     if not (dest / "run" / "config.yaml").is_file():
         raise ConfigError(f"bundle {str(archive)!r} has no run/config.yaml: not an ssl_kit bundle")
+    validate_bundle(dest / "run", archive)
     return dest / "run"
 
 

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import traceback
@@ -22,6 +23,7 @@ from typing import Optional
 
 from ._version import __version__
 from .errors import SslKitError, TrainingInterrupted, UsageError
+from .limits import check_environment
 
 # Commands import the heavy layers inside their functions ("# deferred: start-up" below): torch, timm, kornia and
 # pydantic load only for a command that uses them.
@@ -127,10 +129,14 @@ def cmd_run_from_bundle(args) -> int:
     from .recipe_files import load_recipe  # deferred: start-up (pydantic, the method registry)
     from .runner import run_recipe  # deferred: start-up (torch)
 
-    bundled = extract_bundle(args.from_bundle, Path(tempfile.mkdtemp(prefix="ssl-kit-bundle-")))
-    recipe = load_recipe(bundled / "config.yaml", args.overrides)
-    run_dir, summary = run_recipe(recipe, Path(args.out) if args.out else None)
-    comparison = compare_runs(bundled, run_dir)
+    workdir = Path(tempfile.mkdtemp(prefix="ssl-kit-bundle-"))
+    try:  # the extraction folder never outlives the command
+        bundled = extract_bundle(args.from_bundle, workdir)  # capped and validated before the re-run
+        recipe = load_recipe(bundled / "config.yaml", args.overrides)
+        run_dir, summary = run_recipe(recipe, Path(args.out) if args.out else None)
+        comparison = compare_runs(bundled, run_dir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     for key, (old, new) in comparison["differences"].items():
         print(f"[ssl-kit] differs from the bundle: {key}: {old} -> {new}", file=sys.stderr)
     verdict = "reproduces" if comparison["matches"] else "does NOT reproduce"
@@ -151,10 +157,12 @@ def cmd_export(args) -> int:
     if args.bundle and run_dir is None:
         raise SslKitError(f"--bundle needs a run (a run directory or a backbone.pt inside one); "
                           f"{args.checkpoint!r} is not in a run directory")
-    result = write_export(record, args.to, args.out, args.tolerance, run_context(run_dir) if run_dir else None)
+    bundle = (lambda staging: write_bundle(run_dir, staging, staging / "bundle.tar.gz")) if args.bundle else None
+    result = write_export(record, args.to, args.out, args.tolerance, run_context(run_dir) if run_dir else None,
+                          overwrite=args.overwrite, extra=bundle)  # the bundle is part of the published set
     print(f"[ssl-kit] verified: {verified_summary(result)}", file=sys.stderr)
     if args.bundle:
-        result["bundle"] = str(write_bundle(run_dir, Path(args.out), Path(args.out) / "bundle.tar.gz"))
+        result["bundle"] = str(Path(result["out"]) / "bundle.tar.gz")
     _emit(result, args.json)
     return 0
 
@@ -528,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "1e-5; --to onnx: relative to the largest feature, default 1e-4")
     export.add_argument("--bundle", action="store_true",
                         help="also write OUT/bundle.tar.gz: the run's config, env, metrics, report, splits + export")
+    export.add_argument("--overwrite", action="store_true",
+                        help="OUT may be a non-empty folder: replace the export's own files there as one set "
+                             "(model.*, config.json, README.md, bundle.tar.gz), keep the others")
     export.add_argument("--json", action="store_true")
     export.set_defaults(func=cmd_export)
 
@@ -584,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     as_json = "--json" in argv
     try:
         args = build_parser().parse_args(argv)
+        check_environment()  # every SSL_KIT_* knob parsed once, before any work (limits.py)
         _apply_arch(args)
         return args.func(args)
     except TrainingInterrupted as exc:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_kit.errors import DataError
+from ssl_kit.errors import ConfigError, DataError
 from ssl_kit.eval.knn import chunked_knn_search, knn_classify, knn_search, torch_knn_search
 from ssl_kit.eval.linear_probe import fit_linear_grid, linear_probe
 from ssl_kit.eval.mapped import CHUNK_ROWS_ENV, chunk_rows, column_stats, gather, is_mapped, open_mapped
@@ -53,7 +53,7 @@ def test_chunk_rows_knob(monkeypatch):
     monkeypatch.setenv(CHUNK_ROWS_ENV, "100")
     assert chunk_rows(512) == 100
     monkeypatch.setenv(CHUNK_ROWS_ENV, "-3")
-    with pytest.raises(DataError, match="SSL_KIT_EVAL_CHUNK_ROWS='-3'"):
+    with pytest.raises(ConfigError, match="SSL_KIT_EVAL_CHUNK_ROWS='-3'"):
         chunk_rows(512)
 
 

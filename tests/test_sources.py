@@ -11,7 +11,7 @@ from PIL import Image
 
 from ssl_kit.cli import main
 from ssl_kit.data.sources import apply_labels_csv, build_index, choose_storage, join_indexes
-from ssl_kit.errors import DataError
+from ssl_kit.errors import ConfigError, DataError
 
 
 @pytest.fixture(autouse=True)
@@ -163,10 +163,11 @@ def test_read_only_root_and_unwritable_cache(tmp_path, monkeypatch):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the cache folder would go")
     monkeypatch.setenv("SSL_KIT_CACHE", str(blocker))
-    try:
-        with pytest.warns(UserWarning, match="index cache .* not written"):
-            index = build_index("imagefolder", str(root))
-        assert len(index) == 6
+    try:  # an unusable cache folder is one clear error on every path (limits.cache_root), never a silent skip
+        with pytest.raises(ConfigError, match="SSL_KIT_CACHE=.* is a file, not a folder"):
+            build_index("imagefolder", str(root))
+        monkeypatch.setenv("SSL_KIT_CACHE", str(tmp_path / "cache"))
+        assert len(build_index("imagefolder", str(root))) == 6  # a read-only dataset root is never written to
     finally:
         for dirpath, _, _ in os.walk(root):
             os.chmod(dirpath, 0o755)

@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 from ..limits import how_to_raise, limit
-from .decode import pil_pixel_limit
+from .decode import exif_upright, pil_pixel_limit
 from .imageset import ImageSet
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -326,6 +326,7 @@ def read_image(path: Path, size: int) -> np.ndarray:
                 raise DataError(f"image file {str(path)!r} is {image.width}×{image.height} pixels; "
                                 f"{how_to_raise('MAX_IMAGE_PIXELS')}")
             image.load()
+            image = exif_upright(image)  # EXIF orientation honoured, as on the streamed path (decode.py)
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 array = np.asarray(image, dtype=np.float64)
                 peak = 65535.0 if array.max() > 255 else 255.0

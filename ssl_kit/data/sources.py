@@ -9,9 +9,10 @@
                        optional KEY.cls (an integer label)
 
 Directories are listed in parallel (a thread pool, one directory per task). The index is cached on disk under
-`$SSL_KIT_CACHE` (default `~/.cache/ssl_kit/index`), keyed by the spec and validated against the mtimes of every
-indexed directory (or of the list file / shards), so a second `ssl-kit data` or training start is instant; the
-dataset root is never written to (read-only roots work).
+`$SSL_KIT_CACHE` (default `~/.cache/ssl_kit/index`), keyed by the spec (cache_key.py) and validated against the
+mtimes and sizes of every indexed directory (or of the list file / shards), so a second `ssl-kit data` or training
+start is instant; a damaged, crafted or other-version cache file is rebuilt with a warning. The dataset root is
+never written to (read-only roots work).
 
 Names are kept in one numpy byte buffer with offsets rather than a list of Python strings: DataLoader workers
 forked from the trainer share those pages instead of copying them on every reference-count change.
@@ -25,10 +26,10 @@ from __future__ import annotations
 
 import csv
 import glob
-import hashlib
 import io
 import json
 import os
+import stat
 import tarfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -40,12 +41,52 @@ import numpy as np
 from braceexpand import braceexpand
 
 from ..errors import DataError
+from ..limits import cache_root, how_to_raise, limit
+from .cache_key import CACHE_FORMAT, cache_key, file_stamps
 from .kinds import dataset_kind, streamed_kinds
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SPLIT_FOLDERS = ("train", "val", "test")
-CACHE_VERSION = 1
+CLS_MAX_BYTES = 64  # a tar KEY.cls member holds one class number
+BYTES_PER_PIXEL_CAP = 8  # an uncompressed 16-bit RGBA file: no image within MAX_IMAGE_PIXELS needs more
+
+
+def max_image_file_bytes() -> int:
+    """The largest image file (or tar member) read: 8 bytes per pixel of MAX_IMAGE_PIXELS, plus 1 MiB of headers;
+    a bigger one cannot be an image within the pixel cap, and is never read whole."""
+    return BYTES_PER_PIXEL_CAP * limit("MAX_IMAGE_PIXELS") + (1 << 20)
+
+
+def max_classes() -> int:
+    """Class numbers must be below this (MAX_ARCH_INT: a classifier head is an architecture setting): one label
+    value such as 1000000000 must not make a billion class names."""
+    return limit("MAX_ARCH_INT")
+
+
+def check_class_numbers(values: list[int], where: str) -> None:
+    """Integer labels (class numbers) -> DataError naming `where`, the value and the limit when one is too large."""
+    top = max(values, default=-1)
+    if top >= max_classes():
+        raise DataError(f"{where}: label {top} is not a usable class number: class numbers must be below "
+                        f"{max_classes():,}; {how_to_raise('MAX_ARCH_INT')}")
+
+
+def read_bounded(path: str, length: Optional[int] = None, offset: int = 0) -> bytes:
+    """The bytes of a regular file (or `length` bytes at `offset`, a tar member), never blocking on a FIFO nor
+    reading a device: OSError naming the reason when `path` is not a regular file or the read exceeds
+    max_image_file_bytes()."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{path!r} is not a regular file (a device, FIFO or socket)")
+        size = info.st_size - offset if length is None else length
+        if size > max_image_file_bytes():
+            raise OSError(f"{size:,} bytes exceed the image file size cap of {max_image_file_bytes():,} "
+                          f"({how_to_raise('MAX_IMAGE_PIXELS')})")
+        handle.seek(offset)
+        return handle.read(max(0, size))
 
 
 def _pack(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -94,13 +135,11 @@ class FileIndex:
         return os.path.join(self.root, self.name(i))
 
     def read(self, i: int) -> bytes:
-        """The encoded bytes of image i. Raises OSError when the file is unreadable."""
+        """The encoded bytes of image i (read_bounded). Raises OSError when the file is unreadable, not a regular
+        file or over the size cap."""
         if self.shards:
-            with open(self.shards[self.shard[i]], "rb") as handle:
-                handle.seek(int(self.offset[i]))
-                return handle.read(int(self.length[i]))
-        with open(self.path(i), "rb") as handle:
-            return handle.read()
+            return read_bounded(self.shards[self.shard[i]], int(self.length[i]), int(self.offset[i]))
+        return read_bounded(self.path(i))
 
     @property
     def num_classes(self) -> int:
@@ -285,6 +324,7 @@ def _class_table(raw: list[str], where: str) -> tuple[list[int], list[str]]:
         values = [int(r) for r in given]
         if values and min(values) < 0:
             raise DataError(f"{where}: negative label {min(values)} (leave the label empty for an unlabeled image)")
+        check_class_numbers(values, where)
         classes = [str(i) for i in range(max(values) + 1)] if values else []
         return [int(r) if r != "" else -1 for r in raw], classes
     classes = sorted(set(given))
@@ -317,10 +357,29 @@ def _read_rows(path: str) -> list[tuple[int, str, str]]:
     return rows
 
 
+def note_label(found: dict, key, raw_path: str, label: str, number: int, where: str) -> None:
+    """Record `label` (line `number` of `where`) for the image `key` in found {key: (label, line)}; the same image
+    named again with another label is an error naming the file, both labels and both lines (a repeat with the same
+    label keeps the first line)."""
+    if key in found and found[key][0] != label:
+        raise DataError(f"{where}:{number}: {raw_path!r} appears again with label {label!r} "
+                        f"(line {found[key][1]} gave {found[key][0]!r})")
+    found.setdefault(key, (label, number))
+
+
+def _check_conflicting_labels(rows: list[tuple[int, str, str]], path: str) -> None:
+    """A file list naming one image twice (however spelt: './a.jpg', 'a.jpg', its absolute path) with two
+    different labels is ambiguous: refused as data.labels refuses it."""
+    base, found = os.path.dirname(os.path.abspath(path)), {}
+    for number, raw_path, label in rows:
+        note_label(found, os.path.normpath(os.path.join(base, raw_path)), raw_path, label, number, path)
+
+
 def _filelist_index(source: str, path: str) -> dict:
     rows = _read_rows(path)
     if not rows:
         raise DataError(f"{source}: file list {path!r} names no images")
+    _check_conflicting_labels(rows, path)
     labels, classes = _class_table([label for _, _, label in rows], path)
     names = [os.path.normpath(p) for _, p, _ in rows]
     return {"names": names, "labels": labels, "classes": classes, "split_of": ["train"] * len(names)}
@@ -334,10 +393,21 @@ def expand_pattern(pattern: str) -> list[str]:
     return paths
 
 
+def _member_problem(member: tarfile.TarInfo, shard_size: int) -> str:
+    """Why an image member cannot be indexed ('' when it can): its header claims bytes past the shard's end, or
+    more than max_image_file_bytes()."""
+    if member.offset_data + member.size > shard_size:
+        return f"its header claims {member.size:,} bytes, past the end of the {shard_size:,}-byte shard"
+    if member.size > max_image_file_bytes():
+        return f"{member.size:,} bytes exceed the image file size cap of {max_image_file_bytes():,}"
+    return ""
+
+
 def _tar_members(shard: str) -> tuple[list[tuple[str, int, int]], dict[str, int], list[tuple[str, str]]]:
     """One shard -> ([(member, data offset, size)] of images, {key: label} from .cls members, skipped)."""
     images, labels, skipped = [], {}, []
     try:
+        shard_size = os.stat(shard).st_size
         with tarfile.open(shard, "r:") as tar:
             for member in tar:
                 if not member.isfile():
@@ -346,12 +416,20 @@ def _tar_members(shard: str) -> tuple[list[tuple[str, int, int]], dict[str, int]
                 key_part, _, ext = base.partition(".")
                 key = os.path.join(os.path.dirname(member.name), key_part)
                 if ext.lower() in TAR_IMAGE_EXTENSIONS:
+                    reason = _member_problem(member, shard_size)
+                    if reason:
+                        skipped.append((f"{shard}/{member.name}", reason))
+                        continue
                     images.append((member.name, member.offset_data, member.size))
                 elif ext.lower() == "cls":
-                    text = tar.extractfile(member).read().decode("utf-8", "replace").strip()
+                    if member.size > CLS_MAX_BYTES:
+                        raise DataError(f"tar shard {shard!r}: member {member.name!r} is {member.size:,} bytes; a "
+                                        f".cls member holds one class number (at most {CLS_MAX_BYTES} bytes)")
+                    text = tar.extractfile(member).read(CLS_MAX_BYTES).decode("utf-8", "replace").strip()
                     if not text.lstrip("-").isdigit() or int(text) < 0:
                         skipped.append((f"{shard}/{member.name}", f"label {text[:20]!r} is not a class number"))
                         continue
+                    check_class_numbers([int(text)], f"tar shard {shard!r}: member {member.name!r}")
                     labels[key] = int(text)
     except (OSError, tarfile.TarError, EOFError) as exc:
         raise DataError(f"tar shard {shard!r} cannot be read: {exc}") from None
@@ -386,47 +464,74 @@ def _webdataset_index(source: str, pattern: str, workers: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------ cache
 def cache_dir() -> Path:
-    return Path(os.environ.get("SSL_KIT_CACHE") or Path.home() / ".cache" / "ssl_kit") / "index"
-
-
-def _stamps(paths: list[str]) -> list[list]:
-    out = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-            out.append([p, st.st_mtime_ns, st.st_size])
-        except OSError:
-            out.append([p, -1, -1])
-    return out
+    """$SSL_KIT_CACHE/index (default ~/.cache/ssl_kit/index); an unusable $SSL_KIT_CACHE is a ConfigError naming it
+    (limits.cache_root: the same behaviour on every path)."""
+    return cache_root(Path.home() / ".cache" / "ssl_kit") / "index"
 
 
 def _cache_file(source: str) -> Path:
-    return cache_dir() / (hashlib.sha256(f"{CACHE_VERSION}:{source}".encode()).hexdigest()[:32] + ".npz")
+    return cache_dir() / (cache_key("index", source) + ".npz")
+
+
+def _check_cached_index(index: FileIndex) -> None:
+    """A cached index must be self-consistent before it is trusted (a crafted or damaged file raises ValueError):
+    offsets ascend from 0 to the blob's end, one label per image (-1 or a class), split and shard positions in
+    range."""
+    count, offsets = len(index.offsets) - 1, index.offsets
+    if index.blob.dtype != np.uint8 or offsets.dtype != np.int64 or index.labels.dtype != np.int64 or count < 0:
+        raise ValueError("unexpected array types")
+    if offsets[0] != 0 or offsets[-1] != len(index.blob) or (np.diff(offsets) < 0).any():
+        raise ValueError("name offsets do not cover the name buffer")
+    if index.labels.shape != (count,) or ((index.labels < -1) | (index.labels >= len(index.classes))).any():
+        raise ValueError("labels do not match the images and classes")
+    if any(p.dtype != np.int64 or ((p < 0) | (p >= count)).any() for p in index.splits.values()):
+        raise ValueError("split positions out of range")
+    if index.shards:
+        if any(a is None or a.shape != (count,) for a in (index.shard, index.offset, index.length)):
+            raise ValueError("tar member arrays do not match the images")
+        if ((index.shard < 0) | (index.shard >= len(index.shards))).any() or (index.offset < 0).any() \
+                or (index.length < 0).any():
+            raise ValueError("tar member positions out of range")
+
+
+def _read_cache(path: Path, source: str) -> Optional[FileIndex]:
+    """The index stored at `path`, or None when what it was built from changed (its stamps differ). Raises
+    ValueError/OSError/... when the file is damaged, crafted or from another format version."""
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(data["meta"].tobytes().decode())
+        if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT or meta.get("source") != source:
+            raise ValueError(f"not a format-{CACHE_FORMAT} index of {source}")
+        if file_stamps([s[0] for s in meta["stamps"]]) != meta["stamps"]:
+            return None
+        arrays = {k: data[k] for k in data.files if k != "meta"}
+    splits = {k[len("split_"):]: v for k, v in arrays.items() if k.startswith("split_")}
+    index = FileIndex(source, str(meta["root"]), arrays["blob"], arrays["offsets"], arrays["labels"],
+                      [str(c) for c in meta["classes"]], splits, [str(s) for s in meta["shards"]],
+                      arrays.get("shard"), arrays.get("offset"), arrays.get("length"),
+                      [(str(a), str(b)) for a, b in meta["skipped"]])
+    _check_cached_index(index)
+    return index
 
 
 def _load_cache(source: str) -> Optional[FileIndex]:
+    """The cached index of `source` when it is still valid; None (rebuild) when absent or stale; a damaged,
+    crafted or other-version cache file is rebuilt with a warning, never trusted."""
     path = _cache_file(source)
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(data["meta"].tobytes().decode())
-            if meta["source"] != source or _stamps([s[0] for s in meta["stamps"]]) != meta["stamps"]:
-                return None
-            arrays = {k: data[k] for k in data.files if k != "meta"}
-    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return _read_cache(path, source)
+    except Exception as exc:  # numpy, zipfile and json raise many types for damaged bytes
+        warnings.warn(f"index cache {str(path)!r} is unreadable or invalid ({type(exc).__name__}: "
+                      f"{str(exc)[:200]}); rebuilding the index")
         return None
-    splits = {k[len("split_"):]: v for k, v in arrays.items() if k.startswith("split_")}
-    return FileIndex(source, meta["root"], arrays["blob"], arrays["offsets"], arrays["labels"], meta["classes"],
-                     splits, meta["shards"], arrays.get("shard"), arrays.get("offset"), arrays.get("length"),
-                     [tuple(s) for s in meta["skipped"]])
 
 
 def _save_cache(index: FileIndex, stamped: list[str]) -> None:
     """Best effort: an unwritable cache folder only costs a rebuild next time."""
     path = _cache_file(index.source)
-    meta = {"source": index.source, "root": index.root, "classes": index.classes, "shards": index.shards,
-            "skipped": [list(s) for s in index.skipped], "stamps": _stamps(stamped)}
+    meta = {"format": CACHE_FORMAT, "source": index.source, "root": index.root, "classes": index.classes,
+            "shards": index.shards, "skipped": [list(s) for s in index.skipped], "stamps": file_stamps(stamped)}
     arrays = {"blob": index.blob, "offsets": index.offsets, "labels": index.labels,
               **{f"split_{k}": v for k, v in index.splits.items()}}
     if index.shards:
@@ -488,8 +593,10 @@ def index_images(source: str, location: str, arg: str, workers: int) -> IndexBui
 
 def index_filelist(source: str, location: str, arg: str, workers: int) -> IndexBuild:
     """filelist:FILE -> its `path[,label]` rows."""
-    if not os.path.isfile(location):
+    if not os.path.exists(location):
         raise DataError(f"{source}: file list {location!r} does not exist")
+    if not os.path.isfile(location):
+        raise DataError(f"{source}: file list {location!r} is not a regular file (a folder, device, FIFO or socket)")
     return IndexBuild(_filelist_index(source, location), os.path.dirname(location), [location], [])
 
 
@@ -543,10 +650,7 @@ def apply_labels_csv(index: FileIndex, csv_path: str) -> FileIndex:
         if position is None:
             extra.append(raw_path)
             continue
-        if position in found and found[position][0] != label:
-            raise DataError(f"{csv_path}:{number}: {raw_path!r} appears again with label {label!r} "
-                            f"(line {found[position][1]} gave {found[position][0]!r})")
-        found[position] = (label, number)
+        note_label(found, position, raw_path, label, number, csv_path)
     if not found:
         raise DataError(f"data.labels {csv_path!r}: none of its {len(rows)} rows names an image of {index.source} "
                         f"(paths are relative to the CSV's folder or to {index.root!r}; first row: {rows[0][1]!r})")

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..common.distributed import (all_reduce_mean, all_reduce_sum, gather_no_grad, gather_objects, gather_with_grad,
                                   is_distributed, is_main, rank, world_size)
+from ..limits import knob
 from ..methods import build_method
 
 __all__ = ["init_from_env", "wrap_ddp", "find_unused_parameters", "step_seed", "broadcast_object", "restart_count",
@@ -37,8 +38,6 @@ __all__ = ["init_from_env", "wrap_ddp", "find_unused_parameters", "step_seed", "
            "gather_with_grad",
            "is_distributed", "is_main", "rank", "world_size"]
 
-# How long a collective may wait for the slowest rank (e.g. ranks waiting while rank 0 evaluates a stage).
-TIMEOUT_MINUTES = float(os.environ.get("SSL_KIT_DIST_TIMEOUT_MIN", "60"))
 
 
 
@@ -62,7 +61,8 @@ def init_from_env(device: str) -> bool:
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    timeout = datetime.timedelta(minutes=TIMEOUT_MINUTES)
+    # how long a collective may wait for the slowest rank (ranks waiting while rank 0 evaluates a stage)
+    timeout = datetime.timedelta(minutes=knob("SSL_KIT_DIST_TIMEOUT_MIN"))
     store, rank_, world = next(dist.rendezvous("env://", timeout=timeout))
     # torchrun's store outlives a restart: keys under an attempt-specific prefix keep restarted workers from meeting
     # the dead attempt's addresses (seen here: gloo connecting to a killed rank's port, or hanging)

@@ -3,6 +3,15 @@
 The kernel drops a flock when its holder dies (even on SIGKILL), so a lock left by a dead process is simply taken
 over; the file's content (pid, host, start time) only serves to name the holder in messages. The lock file stays in
 the run directory afterwards: removing it could let a third process lock an unlinked file.
+
+The lock belongs to the training process alone. A flock belongs to the open file description, which a fork()ed child
+(a DataLoader worker, a multiprocessing 'fork' child) shares: such a child would keep the run directory locked after
+its parent is SIGKILLed, until it notices and exits, and an immediate resume (torchrun --max-restarts, a scheduler's
+requeue) would be refused naming the dead process. So every forked child closes its inherited copy at once
+(`os.register_at_fork`), which drops its reference without unlocking (LOCK_UN would unlock the parent too); an
+exec()ed child never gets it (Python opens files close-on-exec). POSIX record locks (`fcntl.lockf`) are not
+inherited either, but any close of any descriptor of the file by the holder drops them, and two locks of one
+process never conflict: flock keeps the simpler semantics.
 """
 from __future__ import annotations
 
@@ -12,6 +21,7 @@ import os
 import socket
 import sys
 import time
+import weakref
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -22,6 +32,15 @@ try:
     import fcntl
 except ImportError:  # Windows: no flock; runs are not protected against a second writer there
     fcntl = None
+
+_HELD: "weakref.WeakSet[RunLock]" = weakref.WeakSet()  # locks this process holds (see _forget_in_child)
+
+
+def _forget_in_child() -> None:
+    """In a freshly forked child: close the inherited handles of every held lock, without unlocking them (the
+    parent still holds its lock; the child no longer keeps it alive)."""
+    for lock in list(_HELD):
+        lock._drop_inherited()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -77,7 +96,18 @@ class RunLock:
                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S")}))
         handle.flush()
         self._handle = handle
+        _HELD.add(self)
         return self
+
+    def _drop_inherited(self) -> None:
+        """Close this process's copy of an inherited lock handle; never LOCK_UN (that would release the parent's)."""
+        handle, self._handle = self._handle, None
+        _HELD.discard(self)
+        if handle is not None:
+            try:
+                handle.close()
+            except OSError:
+                pass
 
     def _note_stale(self, previous: str) -> None:
         """Report a lock file left by a process that died without releasing (the kernel already released it)."""
@@ -94,6 +124,7 @@ class RunLock:
 
     def release(self) -> None:
         if self._handle is not None:
+            _HELD.discard(self)
             fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None
@@ -104,3 +135,6 @@ class RunLock:
     def __exit__(self, *exc_info) -> None:
         self.release()
 
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)

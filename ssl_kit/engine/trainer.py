@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from ..common.device import autocast_context, resolve_device  # noqa: F401  (res
 from ..common.metrics import ClassificationTally, classification_metrics, predict
 from ..data.fileset import FileSet, image_batches
 from ..data.pipeline import PreparedData
+from ..data.stream import BadImageLog
 from ..errors import CheckpointError, TrainingError, TrainingInterrupted
 from ..methods.base import Method, Progress
 from ..models.heads import init_head
@@ -109,6 +111,7 @@ class Trainer:
                                 f"images; lower it")
         self.loader = build_loader(method, data, cfg, ctx.seed, self.rank, self.world, self.device)
         self.bad_log = bad_image_log(self.loader)
+        self.test_bad_files: dict[str, str] = {}  # bad files of a streamed held-out test split: path -> reason
         self.steps_per_epoch = self.loader.steps_per_epoch
         self.total_steps = tc.steps or max(1, math.ceil(tc.epochs * self.steps_per_epoch))
         self.optimizer = build_optimizer(method.parameter_groups(), cfg.optimizer, tc.batch_size)
@@ -330,12 +333,13 @@ class Trainer:
         """bad_images.txt in the run dir: 'path<TAB>reason' per bad file met by the stream (also when a run stops
         because too many are bad)."""
         bad = self.bad_log
-        if bad is None or not bad.files or not self.is_main:
+        lines = (bad.lines() if bad is not None else []) + [f"{n}\t{r}" for n, r in self.test_bad_files.items()]
+        if not lines or not self.is_main:
             return
         path = self.ctx.run_dir / "bad_images.txt"
         known = set(path.read_text().splitlines()) if path.is_file() else set()
         with path.open("a") as handle:
-            for line in bad.lines():
+            for line in lines:
                 if line not in known:
                     handle.write(line + "\n")
 
@@ -416,8 +420,30 @@ class Trainer:
         if not isinstance(test, FileSet):
             logits = predict(model, test.images, self.method.normalize, self.device)
             return classification_metrics(logits, test.labels, test.num_classes)
+        return self._streamed_test_metrics(model, test)
+
+    def _streamed_test_metrics(self, model: nn.Module, test: FileSet) -> dict:
+        """Metrics of a streamed held-out test split (its N × K logits are never held). Its unreadable files are
+        left out of the metrics (never substituted: the score is over the images that could be read), each warned
+        about once and listed in bad_images.txt; data.bad_images=error stops at the first one."""
         dc = self.cfg.data
-        tally = ClassificationTally(test.num_classes)  # a streamed test set: its N × K logits are never held
-        for images, y in image_batches(test, dc.image_size, test.channels, 256, dc.workers, dc.eval_resize_ratio):
-            tally.add(predict(model, images, self.method.normalize, self.device), y)
+        tally = ClassificationTally(test.num_classes)
+        bad = BadImageLog(dc.bad_images, 1.0, max(1, len(test)))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="skipping bad image")  # warned below: left out, not substituted
+            for images, y in image_batches(test, dc.image_size, test.channels, 256, dc.workers,
+                                           dc.eval_resize_ratio, bad):
+                tally.add(predict(model, images, self.method.normalize, self.device), y)
+        self._note_test_bad_files(bad.files, len(test))
         return tally.result() if tally.count else {}
+
+    def _note_test_bad_files(self, files: dict[str, str], size: int) -> None:
+        """Warn (main process, once per file) about bad files of the held-out test split; _write_bad_images lists
+        them."""
+        for name, reason in files.items():
+            if name in self.test_bad_files:
+                continue
+            self.test_bad_files[name] = f"{reason} (held-out test split)"
+            if self.is_main:
+                warnings.warn(f"stage {self.cfg.name!r}: bad image {name} in the held-out test split: {reason}; "
+                              f"left out of the test metrics ({size} test images)")

@@ -5,13 +5,18 @@ Large streamed sources (imagefolder, images, filelist, webdataset above the memo
 size: the recipe's data.memory_budget_gb, `--budget-gb` on the command line; or any of them with the spec option
 `storage=stream`) are never decoded into memory: DataLoader workers decode them with the evaluation transform the
 backbone was trained with (shorter side -> size/data.eval_resize_ratio, centre crop), and the features go
-to an on-disk float16 cache under `$SSL_KIT_CACHE/features` (default ~/.cache/ssl_kit/features), keyed by the
-backbone's weights, the spec, the split and the transform, so linear-probe, knn and transfer on the same
-checkpoint embed each image once. The cache is handed to them memory-mapped (mapped.py), never as N × F float32.
+to an on-disk float16 cache under `$SSL_KIT_CACHE/features` (default ~/.cache/ssl_kit/features), keyed
+(data/cache_key.py) by the backbone's weights, the spec, the split, the transform and a stamp of every file read
+(name, size, mtime_ns: images rewritten in place under the same names miss the cache), so linear-probe, knn and
+transfer on the same checkpoint embed each image once. An entry is trusted only when its manifest (format version,
+shape, byte sizes, sha256 of both files) matches; a truncated, crafted or other-version entry is recomputed with a
+warning (verifying reads the cache file once, far cheaper than embedding it). The cache is handed to them
+memory-mapped (mapped.py), never as N × F float32.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -22,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..common.device import resolve_device
+from ..common.files import sha256_file
 from ..config import DataConfig
 from ..common.metrics import predict
 from ..data.augment import random_resized_crop, to_unit_float
@@ -29,7 +35,8 @@ from ..data.views import Normalize
 from ..data.fileset import FileSet, image_batches
 from ..data.imageset import ImageSet, convert_images
 from ..data.pipeline import is_streamed_source, load_converted
-from ..data.sources import FileIndex, cache_dir, choose_storage
+from ..data.cache_key import CACHE_FORMAT, cache_key, content_stamp
+from ..data.sources import cache_dir, choose_storage
 from ..data.holdout import split_positions
 from ..data.specs import open_index, parse_spec
 from ..data.stream import BadImageLog
@@ -39,6 +46,7 @@ from ..models.external import is_torchvision_reference, torchvision_backbone
 from .mapped import open_mapped
 
 DEFAULT_MEMORY_BUDGET_GB = DataConfig.model_fields["memory_budget_gb"].default
+MANIFEST_MAX_BYTES = 1 << 16  # a manifest is a few hundred bytes
 DEFAULT_EVAL_RESIZE_RATIO = DataConfig.model_fields["eval_resize_ratio"].default  # backbones written before 0.1.1
 
 
@@ -54,13 +62,6 @@ def weights_digest(module: nn.Module) -> str:
         data = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
         digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()[:24]
-
-
-def _index_digest(index: FileIndex, positions: np.ndarray) -> str:
-    digest = hashlib.sha256(index.source.encode())
-    for array in (index.blob, index.offsets, index.labels, positions):
-        digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()[:24]
 
 
@@ -94,6 +95,63 @@ def check_finite_features(feats: Tensor, name: str) -> None:
     if bool(bad.any()):
         raise TrainingError(f"{name}: the backbone produced non-finite features for {int(bad.sum())} of "
                             f"{feats.shape[0]} images (a diverged or corrupt checkpoint); no accuracy is reported")
+
+
+class FeatureCacheEntry:
+    """One streamed split's features in the cache folder: KEY.f16.npy (float16 (N, F)), KEY.labels.npy (int64
+    (N,)) and KEY.json, the manifest written last (format, key, shape, byte sizes and sha256 of both files).
+    An entry is trusted only when its manifest matches the files exactly; a truncated, crafted or other-version
+    entry is rebuilt with a warning."""
+
+    def __init__(self, folder: Path, key: str) -> None:
+        self.folder, self.key = folder, key
+        self.features = folder / f"{key}.f16.npy"
+        self.labels = folder / f"{key}.labels.npy"
+        self.manifest = folder / f"{key}.json"
+
+    def load(self, num_classes: int) -> Optional[tuple[Tensor, Tensor]]:
+        """(features mapped, labels) when the entry is complete and intact; None (compute) otherwise."""
+        if not self.manifest.exists():
+            return None
+        try:
+            return self._verified(num_classes)
+        except Exception as exc:  # damaged bytes raise many types (json, numpy, OSError)
+            warnings.warn(f"feature cache {str(self.manifest)!r} is invalid ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); recomputing the features")
+            return None
+
+    def _verified(self, num_classes: int) -> tuple[Tensor, Tensor]:
+        meta = json.loads(self.manifest.read_bytes()[:MANIFEST_MAX_BYTES])
+        if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT or meta.get("key") != self.key:
+            raise ValueError(f"not a format-{CACHE_FORMAT} entry for key {self.key}")
+        for path, name in ((self.features, "features"), (self.labels, "labels")):
+            if not path.is_file() or path.stat().st_size != meta[f"{name}_bytes"]:
+                raise ValueError(f"{path.name} is missing or has another size than recorded")
+            if sha256_file(path) != meta[f"{name}_sha256"]:
+                raise ValueError(f"{path.name} does not match its recorded digest")
+        feats = open_mapped(self.features)
+        labels = np.load(self.labels, allow_pickle=False)
+        if list(feats.shape) != meta["shape"] or labels.dtype != np.int64 or labels.shape != (feats.shape[0],):
+            raise ValueError(f"shapes {tuple(feats.shape)}, {labels.shape} do not match the manifest")
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"labels outside [0, {num_classes})")
+        return feats, torch.from_numpy(labels)
+
+    def store(self, feats_tmp: Path, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Move a computed float16 .npy into place, write the labels and then the manifest (each atomically)."""
+        labels_tmp = self.folder / f".{self.key}.{os.getpid()}.labels.tmp.npy"
+        np.save(labels_tmp, labels.numpy().astype(np.int64))
+        self.manifest.unlink(missing_ok=True)  # an entry being replaced is never half trusted
+        os.replace(feats_tmp, self.features)
+        os.replace(labels_tmp, self.labels)
+        feats = open_mapped(self.features)
+        meta = {"format": CACHE_FORMAT, "key": self.key, "shape": list(feats.shape),
+                "features_bytes": self.features.stat().st_size, "features_sha256": sha256_file(self.features),
+                "labels_bytes": self.labels.stat().st_size, "labels_sha256": sha256_file(self.labels)}
+        manifest_tmp = self.folder / f".{self.key}.{os.getpid()}.json.tmp"
+        manifest_tmp.write_text(json.dumps(meta))
+        os.replace(manifest_tmp, self.manifest)
+        return feats, labels
 
 
 class FeatureExtractor:
@@ -178,25 +236,31 @@ class FeatureExtractor:
 
     def file_features(self, images: FileSet, spec: str, split: str) -> tuple[Tensor, Tensor]:
         """Features (N, F) and labels (N,) of a streamed split: the on-disk float16 cache, memory-mapped (see
-        mapped.py), computed in batches and written first if absent (unreadable files are left out with a warning,
-        labels stay aligned)."""
+        mapped.py), computed in batches and written first if absent or invalid (unreadable files are left out with
+        a warning, labels stay aligned). The key stamps every file read (cache_key.content_stamp)."""
         if self._weights is None:
             self._weights = weights_digest(self.backbone)
         size, channels = self.info["image_size"], self.info["channels"]
-        key = hashlib.sha256(f"{self._weights}|{spec}|{split}|{size}|{channels}|{self.resize_ratio}|"
-                             f"{_index_digest(images.index, images.positions)}".encode()).hexdigest()[:32]
-        folder = feature_cache_dir()
-        feats_path, labels_path = folder / f"{key}.f16.npy", folder / f"{key}.labels.npy"
-        if feats_path.is_file() and labels_path.is_file():
-            return open_mapped(feats_path), torch.from_numpy(np.load(labels_path))
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{key}.{os.getpid()}.tmp.npy"
+        key = cache_key("features", self._weights, spec, split, size, channels, self.resize_ratio,
+                        content_stamp(images.index, images.positions, max(1, self.workers)))
+        entry = FeatureCacheEntry(feature_cache_dir(), key)
+        cached = entry.load(images.num_classes)
+        if cached is not None:
+            return cached
+        entry.folder.mkdir(parents=True, exist_ok=True)
+        tmp = entry.folder / f".{key}.{os.getpid()}.tmp.npy"
+        feats_tmp, labels = self._embed_files(images, size, channels, tmp)
+        return entry.store(feats_tmp, labels)
+
+    def _embed_files(self, images: FileSet, size: int, channels: int, tmp: Path) -> tuple[Path, Tensor]:
+        """Embed a streamed split into the float16 .npy file `tmp` (rows of unreadable images left out) ->
+        (tmp, labels (rows,))."""
         bad = BadImageLog("skip", 1.0, max(1, len(images)))
         store, labels, rows = None, [], 0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # one summary warning below instead of one per file
             for x, y in image_batches(images, size, channels, self.batch_size, self.workers, self.resize_ratio,
-                                          bad):
+                                      bad):
                 feats = predict(self.backbone, x, self.normalize, self.device, self.batch_size)
                 if store is None:
                     store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
@@ -211,15 +275,14 @@ class FeatureExtractor:
         if store is None:
             raise DataError(f"{images.name}: no image could be decoded")
         store.flush()
-        np.save(labels_path, torch.cat(labels).numpy())
-        if rows == len(images):
+        if rows < len(images):
+            trimmed = tmp.with_name(tmp.name + ".rows.npy")
+            np.save(trimmed, store[:rows])
             del store
-            os.replace(tmp, feats_path)
+            os.replace(trimmed, tmp)
         else:
-            np.save(feats_path, store[:rows])
             del store
-            tmp.unlink()
-        return open_mapped(feats_path), torch.cat(labels)
+        return tmp, torch.cat(labels)
 
     def _streamed_features(self, spec: str) -> dict[str, tuple[Tensor, Tensor, list[str]]]:
         parsed = parse_spec(spec)

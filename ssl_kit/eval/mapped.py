@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
+from ..limits import knob
 
 CHUNK_ROWS_ENV = "SSL_KIT_EVAL_CHUNK_ROWS"
 CHUNK_BYTES = 8 * 2 ** 20
@@ -47,12 +48,8 @@ class _Mapping:
 def chunk_rows(dim: int) -> int:
     """Rows per chunk for features of width `dim`: $SSL_KIT_EVAL_CHUNK_ROWS, else CHUNK_BYTES of float32 rows
     (8,192 rows of 256 features, 4,096 of 512)."""
-    value = os.environ.get(CHUNK_ROWS_ENV)
-    if value is None:
-        return max(1, CHUNK_BYTES // (4 * max(1, dim)))
-    if not value.isdigit() or int(value) < 1:
-        raise DataError(f"{CHUNK_ROWS_ENV}={value!r}: expected a positive number of rows")
-    return int(value)
+    rows = knob(CHUNK_ROWS_ENV)
+    return max(1, CHUNK_BYTES // (4 * max(1, dim))) if rows is None else rows
 
 
 def open_mapped(path: str | Path) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, SslKitError
 from ..limits import how_to_raise, limit
 from .registry import build_backbone
 
@@ -51,22 +51,33 @@ class _LargeOnMeta(TorchFunctionMode):
 
 
 def check_architecture(arch: str, kwargs: dict, channels: int, image_size: int, where: str,
-                       state_dict: Optional[dict] = None) -> None:
+                       state_dict: Optional[dict] = None) -> nn.Module:
     """Build the network on the meta device (no memory) and check its size against MAX_PARAMS and, when given,
-    `state_dict`'s names and shapes against it: a crafted checkpoint cannot make us allocate a giant network."""
+    `state_dict`'s names and shapes against it: a crafted checkpoint cannot make us allocate a giant network.
+    -> the skeleton (tensors of >= 4096 elements on the meta device: shapes only, for fitting key names)."""
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{where}: kwargs is a {type(kwargs).__name__}, expected a mapping")
     for key, value in kwargs.items():
         check_arch_value(value, f"{where}: kwargs.{key}")
+    for key, value in (("channels", channels), ("image_size", image_size)):
+        check_arch_value(value, f"{where}: {key}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{where}: {key} = {value!r}, expected a positive integer")
     with torch.random.fork_rng(devices=[]), _LargeOnMeta():  # measuring must not move the global RNG
         try:
             skeleton = build_backbone(arch, channels, image_size, kwargs)
-        except (RuntimeError, NotImplementedError, ZeroDivisionError, OverflowError, MemoryError) as exc:
-            raise CheckpointError(f"{where}: backbone {arch!r} {kwargs} cannot be built: {exc}") from None
+        except SslKitError:
+            raise
+        except (RuntimeError, NotImplementedError, ZeroDivisionError, OverflowError, MemoryError, AssertionError,
+                ValueError, TypeError, IndexError, KeyError) as exc:  # constructors reject bad values many ways
+            raise CheckpointError(f"{where}: backbone {arch!r} {kwargs} cannot be built: "
+                                  f"{type(exc).__name__}: {str(exc)[:300]}") from None
     params = sum(p.numel() for p in skeleton.parameters())
     if params > limit("MAX_PARAMS"):
         raise CheckpointError(f"{where}: backbone {arch!r} {kwargs} would have {params:,} parameters; "
                               f"{how_to_raise('MAX_PARAMS')}")
     if state_dict is None:
-        return
+        return skeleton
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -77,6 +88,7 @@ def check_architecture(arch: str, kwargs: dict, channels: int, image_size: int, 
     if any(problems):
         raise CheckpointError(f"{where}: weights do not fit backbone {arch!r} {kwargs}: "
                               f"{'; '.join(p for p in problems if p)}")
+    return skeleton
 
 
 def build_from_record(record: dict) -> nn.Module:

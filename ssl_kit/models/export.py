@@ -20,12 +20,9 @@ loads model.safetensors strictly, without the hub.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torchvision
@@ -34,6 +31,8 @@ from torch import Tensor, nn
 
 from ..common.files import sha256_file
 from ..errors import CheckpointError
+from .bounds import check_architecture
+from .export_dir import check_out_dir, publish, staging_dir
 from .foreign import read_safetensors
 from .model_card import model_card
 from .registry import build_backbone
@@ -235,39 +234,54 @@ def _reference(record: dict) -> nn.Module:
     return backbone.eval()
 
 
+def _write_files(record: dict, target: str, staging: Path, tolerance: float, context: dict | None) -> dict:
+    """model.safetensors + config.json + README.md of a library target into `staging`, verified first.
+    -> the result of write_export (without "out")."""
+    config, state = export_layout(record, target)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(staging / "model.safetensors"))
+    reference = _reference(record)
+    difference = verify_export(config, staging / "model.safetensors", reference, tolerance)
+    if target == "timm":
+        config.update(timm_hub_fields(config, getattr(reference, "num_features", None)))
+    config["sha256"] = sha256_file(staging / "model.safetensors")
+    config["verified_max_abs_diff"] = difference
+    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (staging / "README.md").write_text(model_card(config, context or {}))
+    return {"library": config["library"], "model": config["model"], "max_abs_diff": difference,
+            "tolerance": tolerance, "sha256": config["sha256"]}
+
+
 def write_export(record: dict, target: str, out_dir: str | Path, tolerance: float | None = None,
-                 context: dict | None = None) -> dict:
+                 context: dict | None = None, overwrite: bool = False,
+                 extra: Callable[[Path], None] | None = None) -> dict:
     """Write model.safetensors + config.json + README.md (model card) into `out_dir`, verified before anything
-    lands there (a refused export leaves no files). `context` (method, recipe, data, metrics of the run) goes into
-    the card. `tolerance`: max abs difference (default TOLERANCE); for target 'onnx' (model.onnx, see
-    onnx_export.py) relative to the largest feature (default ONNX_TOLERANCE).
+    lands there (a refused export leaves no files). `out_dir` must be new or empty unless `overwrite`, which
+    replaces the export's own files there as one set (export_dir.py: nothing else is touched, no symlink followed).
+    `extra(staging)` may add more OWNED files to the set (the CLI's bundle.tar.gz). `context` (method, recipe,
+    data, metrics of the run) goes into the card. `tolerance`: max abs difference (default TOLERANCE); for target
+    'onnx' (model.onnx, see onnx_export.py) relative to the largest feature (default ONNX_TOLERANCE).
     -> {"out": dir, "max_abs_diff": float, "tolerance": float, "sha256": str, "library": str, "model": str}."""
+    check_out_dir(out_dir, overwrite)
+    info = record["data"]  # the bounds before any build (a crafted record cannot make us allocate a giant network)
+    check_architecture(record["arch"], record["kwargs"], info["channels"], info["image_size"],
+                       f"checkpoint of {record['arch']!r}", record["state_dict"])
     if target == "onnx":
-        from .onnx_export import require_onnx, write_onnx_export  # deferred: optional dependency (ssl_kit[onnx])
+        from .onnx_export import require_onnx  # deferred: optional dependency (ssl_kit[onnx])
 
         require_onnx()
-        return write_onnx_export(record, out_dir, _reference(record), tolerance, context)
-    tolerance = TOLERANCE if tolerance is None else tolerance
-    config, state = export_layout(record, target)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
-    try:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(staging / "model.safetensors"))
-        reference = _reference(record)
-        difference = verify_export(config, staging / "model.safetensors", reference, tolerance)
-        if target == "timm":
-            config.update(timm_hub_fields(config, getattr(reference, "num_features", None)))
-        config["sha256"] = sha256_file(staging / "model.safetensors")
-        config["verified_max_abs_diff"] = difference
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (staging / "README.md").write_text(model_card(config, context or {}))
-        for name in ("model.safetensors", "config.json", "README.md"):
-            os.replace(staging / name, out_dir / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {"out": str(out_dir), "library": config["library"], "model": config["model"],
-            "max_abs_diff": difference, "tolerance": tolerance, "sha256": config["sha256"]}
+    elif target not in TARGETS:
+        raise CheckpointError(f"export target must be one of {', '.join(TARGETS)}, got {target!r}")
+    with staging_dir(out_dir) as staging:
+        if target == "onnx":
+            from .onnx_export import write_onnx_files  # deferred: optional dependency (ssl_kit[onnx])
+
+            result = write_onnx_files(record, staging, _reference(record), tolerance, context)
+        else:
+            result = _write_files(record, target, staging, TOLERANCE if tolerance is None else tolerance, context)
+        if extra is not None:
+            extra(staging)
+        out = publish(staging, out_dir, overwrite)
+    return {"out": str(out), **result}
 
 
 def verified_summary(result: dict) -> str:

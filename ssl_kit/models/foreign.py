@@ -33,7 +33,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from .registry import BACKBONES, build_backbone
+from .bounds import check_architecture
+from .registry import BACKBONES
 from .torchvision_backbone import list_torchvision_models
 
 LAYOUTS = ("mae", "dino", "dino-student", "mocov3", "solo-learn", "lightly", "state-dict")
@@ -156,6 +157,26 @@ def _first_conv_weight(state: dict) -> Optional[Tensor]:
     return next((v for v in state.values() if isinstance(v, Tensor) and v.ndim == 4), None)
 
 
+def _refuse_shape(where: str, key: str, value: Tensor, expected: str) -> CheckpointError:
+    return CheckpointError(f"{where}: {key!r} has shape {tuple(value.shape)}, expected {expected}: the metadata of "
+                           f"this file is not a real network's")
+
+
+def check_shape_metadata(state: dict, where: str) -> None:
+    """The tensors the architecture is inferred from (a ViT's patch weight and position table, the first
+    convolution) have the ranks and non-zero sizes a real network has: crafted ones are refused by name, before
+    any size is derived from them."""
+    patch, pos = state.get("patch_embed.proj.weight"), state.get("pos_embed")
+    if isinstance(patch, Tensor) and (patch.ndim != 4 or min(patch.shape) < 1):
+        raise _refuse_shape(where, "patch_embed.proj.weight", patch, "(dim, channels, patch, patch), no size 0")
+    if isinstance(pos, Tensor) and (pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[1] < 2 or pos.shape[2] < 1):
+        raise _refuse_shape(where, "pos_embed", pos, "(1, 1 + grid², dim), no size 0")
+    first = _first_conv_weight(state)
+    if first is not None and min(first.shape) < 1:
+        key = next(k for k, v in state.items() if v is first)
+        raise _refuse_shape(where, key, first, "(out, channels, k, k), no size 0")
+
+
 def infer_kwargs(arch: str, state: dict) -> dict[str, Any]:
     """Constructor kwargs the weights imply: a timm ViT's patch size; our ResNet's stem (3×3 conv = small_stem)."""
     if arch.startswith("timm:") and "patch_embed.proj.weight" in state:
@@ -260,11 +281,15 @@ def foreign_record(data: dict, path: str, layout: Optional[str] = None, arch: Op
             if detected and layout == "state-dict" else ""
         raise CheckpointError(f"{path!r}{plain} ({layout} layout) does not record its architecture: pass {ARCH_HELP}")
     name, kwargs = parse_arch(arch)
+    where = f"{path!r} ({layout} layout)"
+    check_shape_metadata(state, where)
     kwargs = {**infer_kwargs(name, state), **kwargs}
     info = infer_data_info(name, state, image_size)
-    backbone = build_backbone(name, info["channels"], info["image_size"], kwargs)
-    backbone.arch_name = arch
-    fitted, classifier = fit_state(backbone, state, f"{path!r} ({layout} layout)")
+    # the bounds first, on the meta device (no memory); the weights are fitted to that skeleton's names and shapes:
+    # nothing of the size the metadata asks for is allocated here (build_from_record builds it after its own check)
+    skeleton = check_architecture(name, kwargs, info["channels"], info["image_size"], where)
+    skeleton.arch_name = arch
+    fitted, classifier = fit_state(skeleton, state, where)
     dropped += classifier
     if dropped:
         print(f"[ssl-kit] {path} ({layout} layout): dropped {len(dropped)} non-backbone keys: {_names(dropped, 6)}",

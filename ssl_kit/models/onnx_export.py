@@ -23,10 +23,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import os
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -159,14 +156,14 @@ def onnx_config(record: dict, num_features: int, external_data: bool, exporter: 
                      "verified_batches": list(VERIFY_BATCHES)}}
 
 
-def write_onnx_export(record: dict, out_dir: str | Path, reference: torch.nn.Module, tolerance: float | None = None,
-                      context: dict | None = None) -> dict:
-    """Export `reference` (our backbone of `record`, weights loaded) to OUT/model.onnx (+ model.onnx.data for large
-    models), verify it with onnxruntime, then write config.json + README.md. A refused export leaves no files.
-    -> {"out", "library": "onnx", "model", "opset", "max_abs_diff", "max_rel_diff", "tolerance", "sha256"}."""
+def write_onnx_files(record: dict, staging: str | Path, reference: torch.nn.Module,
+                     tolerance: float | None = None, context: dict | None = None) -> dict:
+    """Export `reference` (our backbone of `record`, weights loaded) to STAGING/model.onnx (+ model.onnx.data for
+    large models), verify it with onnxruntime, then write config.json + README.md there (write_export publishes
+    the set; a refused export publishes nothing).
+    -> {"library": "onnx", "model", "opset", "max_abs_diff", "max_rel_diff", "tolerance", "sha256"}."""
     require_onnx()
     import onnx  # deferred: optional dependency (ssl_kit[onnx])
-
 
     tolerance = ONNX_TOLERANCE if tolerance is None else tolerance
     reference = reference.eval()
@@ -174,37 +171,29 @@ def write_onnx_export(record: dict, out_dir: str | Path, reference: torch.nn.Mod
     size = [info["channels"], info["image_size"], info["image_size"]]
     weight_bytes = sum(t.numel() * t.element_size() for t in reference.state_dict().values())
     external_data = weight_bytes > EXTERNAL_DATA_BYTES
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    staging = Path(staging)
+    example = torch.randn(TRACE_BATCH, *size, generator=torch.Generator().manual_seed(1))
     try:
-        example = torch.randn(TRACE_BATCH, *size, generator=torch.Generator().manual_seed(1))
-        try:
-            exporter = export_graph(reference, example, staging / "model.onnx", external_data)
-            onnx.checker.check_model(str(staging / "model.onnx"))
-        except CheckpointError as exc:
-            raise CheckpointError(f"cannot export {record['arch']!r} to onnx: {exc}; `--to safetensors` exports "
-                                  f"every ssl_kit backbone (loaded back with ssl_kit)") from None
-        except onnx.checker.ValidationError as exc:
-            raise CheckpointError(f"cannot export {record['arch']!r} to onnx: the exported model.onnx is not valid "
-                                  f"ONNX ({_first_line(exc)})") from None
-        measured = verify_onnx(staging / "model.onnx", reference, size, tolerance)
-        config = onnx_config(record, measured["num_features"], external_data, exporter)
-        files = ["model.onnx"] + (["model.onnx.data"] if external_data else [])
-        config["sha256"] = sha256_file(staging / "model.onnx")
-        if external_data:
-            config["onnx"]["external_data_sha256"] = sha256_file(staging / "model.onnx.data")
-        config["verified_max_abs_diff"] = measured["max_abs_diff"]
-        config["verified_max_rel_diff"] = measured["max_rel_diff"]
-        config["onnx"]["tolerance_relative"] = tolerance
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (staging / "README.md").write_text(model_card(config, context or {}))
-        for name in (*files, "config.json", "README.md"):
-            os.replace(staging / name, out_dir / name)
-        if not external_data:
-            (out_dir / "model.onnx.data").unlink(missing_ok=True)  # an earlier, larger export's weights
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {"out": str(out_dir), "library": "onnx", "model": config["model"], "opset": ONNX_OPSET,
+        exporter = export_graph(reference, example, staging / "model.onnx", external_data)
+        onnx.checker.check_model(str(staging / "model.onnx"))
+    except CheckpointError as exc:
+        raise CheckpointError(f"cannot export {record['arch']!r} to onnx: {exc}; `--to safetensors` exports "
+                              f"every ssl_kit backbone (loaded back with ssl_kit)") from None
+    except onnx.checker.ValidationError as exc:
+        raise CheckpointError(f"cannot export {record['arch']!r} to onnx: the exported model.onnx is not valid "
+                              f"ONNX ({_first_line(exc)})") from None
+    measured = verify_onnx(staging / "model.onnx", reference, size, tolerance)
+    config = onnx_config(record, measured["num_features"], external_data, exporter)
+    config["sha256"] = sha256_file(staging / "model.onnx")
+    if external_data:
+        config["onnx"]["external_data_sha256"] = sha256_file(staging / "model.onnx.data")
+    else:
+        (staging / "model.onnx.data").unlink(missing_ok=True)
+    config["verified_max_abs_diff"] = measured["max_abs_diff"]
+    config["verified_max_rel_diff"] = measured["max_rel_diff"]
+    config["onnx"]["tolerance_relative"] = tolerance
+    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (staging / "README.md").write_text(model_card(config, context or {}))
+    return {"library": "onnx", "model": config["model"], "opset": ONNX_OPSET,
             "max_abs_diff": measured["max_abs_diff"], "max_rel_diff": measured["max_rel_diff"],
             "tolerance": tolerance, "sha256": config["sha256"]}

@@ -29,18 +29,36 @@ def create_timm_model(name: str, in_channels: int, image_size: int, kwargs: dict
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise ConfigError(f"unknown timm model {name!r} (e.g. {', '.join(close) or 'see timm.list_models()'})")
-    for forbidden in ("pretrained", "num_classes", "in_chans"):
-        if forbidden in kwargs:
-            raise ConfigError(f"timm:{name}: kwarg {forbidden!r} is set by ssl_kit (pretrained=False, num_classes=0, "
-                              f"in_chans = the data's channels); remove it from backbone.kwargs")
+    check_timm_kwargs(name, kwargs)
     args = dict(kwargs)
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is not None and getattr(cfg, "fixed_input_size", False) and "img_size" not in args:
         args["img_size"] = image_size
     try:
         return timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_channels, **args)
-    except TypeError as exc:
-        raise ConfigError(f"timm:{name}: bad kwargs {kwargs}: {exc}") from None
+    except (TypeError, ValueError, AssertionError, KeyError, IndexError, ZeroDivisionError) as exc:
+        raise ConfigError(f"timm:{name}: bad kwargs {kwargs}: {type(exc).__name__}: {str(exc)[:300]}") from None
+
+
+SET_BY_SSL_KIT = ("pretrained", "num_classes", "in_chans")
+# create_model arguments that load weights or configs from files or the hub, or change what the model returns:
+# timm would open them behind ssl_kit's checks (safe loading, bounds), so they are refused
+REFUSED_KWARGS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict", "cache_dir",
+                  "features_only", "feature_cfg", "feature_cls", "out_indices", "output_stride_cfg")
+REFUSED_WORDS = ("checkpoint", "file", "url", "hub", "cache", "pretrained")  # not "path": drop_path_rate
+
+
+def check_timm_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """Refuse kwargs ssl_kit sets itself, and any that would make timm read files/the hub or change the output
+    (REFUSED_KWARGS, or a name containing one of REFUSED_WORDS), naming the key."""
+    for key in kwargs:
+        if key in SET_BY_SSL_KIT:
+            raise ConfigError(f"timm:{name}: kwarg {key!r} is set by ssl_kit (pretrained=False, num_classes=0, "
+                              f"in_chans = the data's channels); remove it from backbone.kwargs")
+        if not isinstance(key, str) or key in REFUSED_KWARGS or any(word in key.lower() for word in REFUSED_WORDS):
+            raise ConfigError(f"timm:{name}: kwarg {key!r} is refused: it would make timm load files, configs or "
+                              f"weights behind ssl_kit's checks, or change the model's output (refused: "
+                              f"{', '.join(REFUSED_KWARGS)} and any name with {'/'.join(REFUSED_WORDS)})")
 
 
 def classifier_name(model: nn.Module) -> str:

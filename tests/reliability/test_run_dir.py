@@ -77,6 +77,50 @@ def test_lock_blocks_a_second_writer_in_process(tmp_path):
     run_recipe(recipe, tmp_path / "run")
 
 
+HOLDER_WITH_FORKED_CHILD = """
+import multiprocessing, sys, time
+from pathlib import Path
+from ssl_kit.engine.run_lock import RunLock
+lock = RunLock(sys.argv[1]).acquire()  # held (referenced) until killed
+child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))  # as a DataLoader worker is
+child.start()
+Path(sys.argv[2]).write_text(str(child.pid))
+time.sleep(60)
+"""
+
+
+def test_a_forked_child_does_not_keep_the_lock_of_a_killed_holder(tmp_path):
+    """The lock belongs to the training process alone: SIGKILL the holder while its forked child (a DataLoader
+    worker) lives on, and the run directory can be locked again at once (no 'in use by pid N' of the dead pid)."""
+    from ssl_kit.engine.run_lock import RunLock
+
+    (tmp_path / "run").mkdir()
+    marker = tmp_path / "child.pid"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER_WITH_FORKED_CHILD, str(tmp_path / "run"), str(marker)],
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = None
+    try:
+        deadline = __import__("time").time() + 60
+        while not (marker.exists() and marker.read_text()):
+            assert holder.poll() is None and __import__("time").time() < deadline
+            __import__("time").sleep(0.02)
+        child = int(marker.read_text())
+        with pytest.raises(ConfigError, match=f"in use by pid {holder.pid}"):
+            RunLock(tmp_path / "run").acquire()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        os.kill(child, 0)  # the forked child is still alive ...
+        RunLock(tmp_path / "run").acquire().release()  # ... and the lock is free at once
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        if child is not None:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 # ---------------------------------------------------------------------------------------- honest resume
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
