@@ -27,6 +27,33 @@ def tiny_stage(name="supervised", method="supervised", **overrides):
     return stage
 
 
+def build_semi_method(stage: dict):
+    """A semi-supervised method built by hand from a stage dict (tiny CNN of width 8, seed 0), with its data.
+    -> (method, prepared data)."""
+    from ssl_kit.config import validate_recipe
+    from ssl_kit.data.needs import DataNeeds
+    from ssl_kit.data.pipeline import prepare_data
+    from ssl_kit.methods import build_method
+    from ssl_kit.models.registry import build_backbone
+
+    cfg = validate_recipe({"seed": 0, "name": "t", "stages": [stage]}).stages[0]
+    cls = build_method(stage["method"])
+    data = prepare_data(cfg.data, 0, DataNeeds(unlabeled=True, unlabeled_ratio=cfg.mu))
+    torch.manual_seed(0)
+    backbone = build_backbone("small_cnn", data.info.channels, 16, {"width": 8})
+    return cls(cfg, backbone, data.info, **cls.context_from(cfg, data, None)), data
+
+
+def semi_batch(data, b: int = 8, mu: int = 2):
+    """A hand-made step batch: the first b labeled and b·mu unlabeled training images (uint8), hidden labels and
+    positions. -> Batch."""
+    from ssl_kit.data.loader import Batch
+
+    lab, unl = data.labeled[:b], data.unlabeled[:b * mu]
+    return Batch(x=data.train.images[lab], y=data.train.labels[lab], u=data.train.images[unl],
+                 u_y=data.train.labels[unl], u_index=torch.arange(b * mu), x_index=lab, u_image_index=unl)
+
+
 @pytest.fixture
 def tiny_recipe():
     def make(*stages, seed=0):

@@ -11,17 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_stage
+from conftest import build_semi_method, semi_batch, tiny_stage
 from ssl_kit.config import validate_recipe
 from ssl_kit.data.loader import Batch
-from ssl_kit.data.needs import DataNeeds
-from ssl_kit.data.pipeline import prepare_data
 from ssl_kit.losses import (crmatch_feature_distance_loss, defixmatch_loss, kl_consistency_loss,
                             refixmatch_low_confidence_loss, sequencematch_loss)
-from ssl_kit.methods import build_method
 from ssl_kit.methods.base import Progress
 from ssl_kit.methods.crmatch import rotation_batch
-from ssl_kit.models.registry import build_backbone
 from ssl_kit.runner import run_recipe
 
 METHODS = ("defixmatch", "refixmatch", "sequencematch", "crmatch")
@@ -166,19 +162,11 @@ def test_rotation_batch_rotates_like_usb_rotnet():
 
 # ------------------------------------------------------------------------------------------------ methods
 def _method(method: str, **overrides):
-    stage = tiny_stage(method, method, **{**SEMI, "mu": 2, **overrides})
-    cfg = validate_recipe({"seed": 0, "name": "t", "stages": [stage]}).stages[0]
-    cls = build_method(method)
-    data = prepare_data(cfg.data, 0, DataNeeds(unlabeled=True, unlabeled_ratio=cfg.mu))
-    torch.manual_seed(0)
-    backbone = build_backbone("small_cnn", data.info.channels, 16, {"width": 8})
-    return cls(cfg, backbone, data.info, **cls.context_from(cfg, data, None)), data
+    return build_semi_method(tiny_stage(method, method, **{**SEMI, "mu": 2, **overrides}))
 
 
 def _batch(data) -> Batch:
-    lab, unl = data.labeled[:B], data.unlabeled[:N]
-    return Batch(x=data.train.images[lab], y=data.train.labels[lab], u=data.train.images[unl],
-                 u_y=data.train.labels[unl], u_index=torch.arange(N), x_index=lab, u_image_index=unl)
+    return semi_batch(data, B, N // B)
 
 
 PROGRESS = Progress(step=0, total_steps=10, epoch=0, steps_per_epoch=10)

@@ -9,20 +9,16 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_stage
+from conftest import build_semi_method, semi_batch, tiny_stage
 from ssl_kit.config import validate_recipe
 from ssl_kit.data.loader import Batch
-from ssl_kit.data.needs import DataNeeds
-from ssl_kit.data.pipeline import prepare_data
 from ssl_kit.engine.checkpoint import resolve_checkpoint
 from ssl_kit.errors import ConfigError
 from ssl_kit.losses import (abc_keep_probs, abc_loss, abc_unlabeled_keep_probs, acr_tau, adaptive_marginal_loss,
                             adjusted_pseudo_labels, anchor_distances, bernoulli_mask, debiased_probs,
                             debiased_pseudo_labels, logit_adjusted_loss, logit_adjustment, prior_update,
                             symmetric_kl)
-from ssl_kit.methods import build_method
 from ssl_kit.methods.base import Progress
-from ssl_kit.models.registry import build_backbone
 from ssl_kit.runner import run_recipe
 
 K = 5
@@ -125,19 +121,11 @@ def test_abc_keep_probabilities_and_loss():
 
 # ------------------------------------------------------------------------------------------- hand-built method steps
 def _method(name: str, **overrides):
-    stage = tiny_stage(name, name, data=LONG_TAIL, train={"steps": 4, "batch_size": 8}, **overrides)
-    cfg = validate_recipe({"seed": 0, "name": "t", "stages": [stage]}).stages[0]
-    cls = build_method(name)
-    data = prepare_data(cfg.data, 0, DataNeeds(unlabeled=True, unlabeled_ratio=cfg.mu))
-    torch.manual_seed(0)
-    backbone = build_backbone("small_cnn", data.info.channels, 16, {"width": 8})
-    return cls(cfg, backbone, data.info, **cls.context_from(cfg, data, None)), data
+    return build_semi_method(tiny_stage(name, name, data=LONG_TAIL, train={"steps": 4, "batch_size": 8}, **overrides))
 
 
 def _batch(data, b: int = 4, mu: int = 2) -> Batch:
-    lab, unl = data.labeled[:b], data.unlabeled[:b * mu]
-    return Batch(x=data.train.images[lab], y=data.train.labels[lab], u=data.train.images[unl],
-                 u_y=data.train.labels[unl], u_index=torch.arange(b * mu), x_index=lab, u_image_index=unl)
+    return semi_batch(data, b, mu)
 
 
 def _fixed_outputs(method, outputs):

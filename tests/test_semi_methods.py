@@ -10,18 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_stage
+from conftest import build_semi_method, semi_batch, tiny_stage
 from ssl_kit.config import validate_recipe
 from ssl_kit.data.loader import Batch
-from ssl_kit.data.needs import DataNeeds
-from ssl_kit.data.pipeline import prepare_data
 from ssl_kit.errors import ConfigError
 from ssl_kit.losses import uda_loss
-from ssl_kit.methods import build_method
 from ssl_kit.methods.base import Progress
 from ssl_kit.methods.dash import DashThreshold
 from ssl_kit.methods.mixmatch import frozen_bn_statistics
-from ssl_kit.models.registry import build_backbone
 from ssl_kit.runner import run_recipe
 
 SEMI = dict(data={"dataset": "digits", "image_size": 16, "labels_per_class": 4},
@@ -53,19 +49,11 @@ def test_method_trains_on_digits_and_logs_pseudo_labels(method, tmp_path):
 
 
 def _method(method: str, **overrides):
-    stage = tiny_stage(method, method, **{**SEMI, **EXTRA[method], **overrides})
-    cfg = validate_recipe({"seed": 0, "name": "t", "stages": [stage]}).stages[0]
-    cls = build_method(method)
-    data = prepare_data(cfg.data, 0, DataNeeds(unlabeled=True, unlabeled_ratio=cfg.mu))
-    torch.manual_seed(0)
-    backbone = build_backbone("small_cnn", data.info.channels, 16, {"width": 8})
-    return cls(cfg, backbone, data.info, **cls.context_from(cfg, data, None)), data
+    return build_semi_method(tiny_stage(method, method, **{**SEMI, **EXTRA[method], **overrides}))
 
 
 def _batch(data, b: int = 8, mu: int = 2) -> Batch:
-    lab, unl = data.labeled[:b], data.unlabeled[:b * mu]
-    return Batch(x=data.train.images[lab], y=data.train.labels[lab], u=data.train.images[unl],
-                 u_y=data.train.labels[unl], u_index=torch.arange(b * mu), x_index=lab, u_image_index=unl)
+    return semi_batch(data, b, mu)
 
 
 def _progress(step: int, total: int = 100) -> Progress:

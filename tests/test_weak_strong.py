@@ -6,36 +6,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_stage
+from conftest import build_semi_method, semi_batch, tiny_stage
 from ssl_kit.config import validate_recipe
 from ssl_kit.data.loader import Batch
-from ssl_kit.data.needs import DataNeeds
-from ssl_kit.data.pipeline import prepare_data
 from ssl_kit.errors import ConfigError
-from ssl_kit.methods import build_method
 from ssl_kit.methods.base import Progress
 from ssl_kit.methods.registry import registered_methods
 from ssl_kit.methods.weak_strong import GatedConfig, WeakStrongConfig, WeakStrongMethod, split_joint
-from ssl_kit.models.registry import build_backbone
 
 SEMI = dict(data={"dataset": "digits", "image_size": 16, "labels_per_class": 4},
             train={"steps": 6, "batch_size": 16, "ema_decay": 0.9, "log_every": 1})
 
 
 def _method(method: str, **overrides):
-    stage = tiny_stage(method, method, **{**SEMI, "mu": 2, **overrides})
-    cfg = validate_recipe({"seed": 0, "name": "t", "stages": [stage]}).stages[0]
-    cls = build_method(method)
-    data = prepare_data(cfg.data, 0, DataNeeds(unlabeled=True, unlabeled_ratio=cfg.mu))
-    torch.manual_seed(0)
-    backbone = build_backbone("small_cnn", data.info.channels, 16, {"width": 8})
-    return cls(cfg, backbone, data.info, **cls.context_from(cfg, data, None)), data
+    return build_semi_method(tiny_stage(method, method, **{**SEMI, "mu": 2, **overrides}))
 
 
 def _batch(data, b: int = 8, mu: int = 2) -> Batch:
-    lab, unl = data.labeled[:b], data.unlabeled[:b * mu]
-    return Batch(x=data.train.images[lab], y=data.train.labels[lab], u=data.train.images[unl],
-                 u_y=data.train.labels[unl], u_index=torch.arange(b * mu), x_index=lab, u_image_index=unl)
+    return semi_batch(data, b, mu)
 
 
 def test_every_method_with_a_strong_view_stands_on_the_base():

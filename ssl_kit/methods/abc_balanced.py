@@ -70,10 +70,10 @@ class ABCConfig(GatedConfig):
     mu: int = Field(2, ge=1, description="unlabeled batch = mu × labeled batch (USB classic_cv_imb uratio 2)")
 
 
-@register("abc", ABCConfig)
-class ABC(WeakStrongMethod):
-    """ABC: FixMatch plus an auxiliary head trained with class-balancing Bernoulli masks on labeled and confidently
-    pseudo-labeled images; the auxiliary head is the one evaluated."""
+class BalancedHeadMethod(WeakStrongMethod):
+    """A weak/strong method with a standard and a class-balanced head on one backbone (`BalancedHeadClassifier`: the
+    balanced head is evaluated and saved) that knows the labeled split's class counts (`labeled_counts` (K,)):
+    ABC and ACR."""
 
     @classmethod
     def context_from(cls, cfg, data, load_record) -> dict:
@@ -83,11 +83,21 @@ class ABC(WeakStrongMethod):
                  labeled_labels: Optional[Tensor] = None) -> None:
         super().__init__(cfg, backbone, info, num_unlabeled)
         self.net = BalancedHeadClassifier(backbone, info.num_classes)
-        counts = labeled_class_counts(labeled_labels, info.num_classes, "abc")
-        self.register_buffer("keep", abc_keep_probs(counts))  # (K,) labeled keep-probabilities
+        self.labeled_counts = labeled_class_counts(labeled_labels, info.num_classes, self.name)
 
     def head_modules(self) -> list[nn.Module]:
         return [self.net.head, self.net.standard_head]
+
+
+@register("abc", ABCConfig)
+class ABC(BalancedHeadMethod):
+    """ABC: FixMatch plus an auxiliary head trained with class-balancing Bernoulli masks on labeled and confidently
+    pseudo-labeled images; the auxiliary head is the one evaluated."""
+
+    def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0,
+                 labeled_labels: Optional[Tensor] = None) -> None:
+        super().__init__(cfg, backbone, info, num_unlabeled, labeled_labels)
+        self.register_buffer("keep", abc_keep_probs(self.labeled_counts))  # (K,) labeled keep-probabilities
 
     def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         cfg = self.cfg

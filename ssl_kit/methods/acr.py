@@ -29,11 +29,11 @@ from ..common import distributed as dist
 from ..data.loader import Batch
 from ..losses import (acr_tau, adjusted_pseudo_labels, anchor_distances, consistency_loss, logit_adjusted_loss,
                       logit_adjustment)
-from .abc_balanced import BalancedHeadClassifier, labeled_class_counts
+from .abc_balanced import BalancedHeadMethod
 from .base import Progress
 from .registry import register
 from .semi import USB_SGD
-from .weak_strong import WeakStrongConfig, WeakStrongMethod
+from .weak_strong import WeakStrongConfig
 
 
 class ACRConfig(WeakStrongConfig):
@@ -58,20 +58,15 @@ class ACRConfig(WeakStrongConfig):
 
 
 @register("acr", ACRConfig)
-class ACR(WeakStrongMethod):
+class ACR(BalancedHeadMethod):
     """ACR: a standard and a balanced head; the standard head's pseudo-labels are debiased by logit adjustment at an
     intensity τ set by how far the unlabeled class distribution is from the labeled one (consistent, uniform or
     reversed); the balanced head is evaluated."""
 
-    @classmethod
-    def context_from(cls, cfg, data, load_record) -> dict:
-        return {**super().context_from(cfg, data, load_record), "labeled_labels": data.train.labels[data.labeled]}
-
     def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0,
                  labeled_labels: Optional[Tensor] = None) -> None:
-        super().__init__(cfg, backbone, info, num_unlabeled)
-        self.net = BalancedHeadClassifier(backbone, info.num_classes)
-        counts = labeled_class_counts(labeled_labels, info.num_classes, "acr")
+        super().__init__(cfg, backbone, info, num_unlabeled, labeled_labels)
+        counts = self.labeled_counts
         k = info.num_classes
         self.register_buffer("labeled_prior", counts / counts.sum())  # π (K,)
         self.register_buffer("tau", torch.tensor(float(cfg.tau1)))  # τ of the standard branch's adjustment
@@ -79,9 +74,6 @@ class ACR(WeakStrongMethod):
         self.register_buffer("distance_sum", torch.zeros(3))  # Σ over this epoch's steps of [d_con, d_uni, d_rev]
         self.register_buffer("distance_steps", torch.zeros(()))
         self.register_buffer("epoch", torch.tensor(-1, dtype=torch.long))  # the epoch the sums belong to
-
-    def head_modules(self) -> list[nn.Module]:
-        return [self.net.head, self.net.standard_head]
 
     def threshold_metrics(self) -> dict:
         return {"acr/tau": float(self.tau), "acr/unlabeled_estimate": [round(float(p), 4)
