@@ -168,7 +168,8 @@ assert code in (0, None), code
 def test_cli_help_version_and_recipes_load_no_torch(argv, tmp_path):
     modules = _modules_after(CLI_CALL.format(argv=argv), tmp_path)
     assert _loaded(modules, HEAVY) == []
-    assert _ours(modules) <= {"ssl_kit", "ssl_kit._version", "ssl_kit.errors", "ssl_kit.cli"}
+    # limits: the environment knobs every command checks first (standard library only)
+    assert _ours(modules) <= {"ssl_kit", "ssl_kit._version", "ssl_kit.errors", "ssl_kit.cli", "ssl_kit.limits"}
 
 
 @pytest.mark.parametrize("code", ["import ssl_kit.losses", "from ssl_kit.losses import nt_xent_loss"])

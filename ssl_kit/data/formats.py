@@ -73,7 +73,10 @@ def read_idx(path: Path) -> np.ndarray:
             f"IDX file {str(path)!r} is truncated or padded: header says {shape} ({expected} bytes), "
             f"file holds {len(data)}{'+' if len(data) > expected else ''}"
         )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError:  # e.g. a zero dimension beside dimensions whose product overflows numpy's size
+        raise DataError(f"IDX file {str(path)!r} declares an impossible shape {shape}") from None
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, what: str) -> np.ndarray:

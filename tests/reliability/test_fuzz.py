@@ -2,7 +2,7 @@
 rejected with an ssl_kit error (a clear message), never an unhandled exception."""
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ssl_kit.cli import bundled_recipe_dir
@@ -165,6 +165,7 @@ IDX_HEADER = st.tuples(st.sampled_from([0, 1]), st.sampled_from([0x08, 0x09, 0x0
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(IDX_HEADER)
+@example((0, 8, [0, 722, 5382549, 2_373_365_020], 0, False))  # found by this test: numpy cannot shape it even empty
 def test_idx_headers_are_read_or_rejected_clearly(tmp_path, header):
     import gzip
     import math
