@@ -48,12 +48,27 @@ def test_every_registered_method_has_a_section_in_methods_md():
     assert not missing, f"docs/methods.md has no heading naming these methods in backticks: {missing}"
 
 
+# a parent-relative path written anywhere in a page ("../x/y.md"), not an ellipsis ("…/x" or ".../x")
+PARENT_PATH = re.compile(r"(?<![\w./])((?:\.\./)+[\w.\-/]+)")
+
+
 def test_no_page_points_outside_the_repository():
+    """Users have only the repository: every parent-relative path a page names (in a link or in its text) must be a
+    file or folder inside it."""
     pages = sorted(DOCS.rglob("*.md")) + [ROOT / "README.md"]
     for page in pages:
-        text = page.read_text(encoding="utf-8")
-        for forbidden in ("shared/design.md", "../shared"):
-            assert forbidden not in text, f"{page.relative_to(ROOT)} mentions {forbidden!r}"
+        for path in PARENT_PATH.findall(page.read_text(encoding="utf-8")):
+            target = (page.parent / path).resolve()
+            assert target.is_relative_to(ROOT) and target.exists(), \
+                f"{page.relative_to(ROOT)} names {path!r}, which is not in the repository"
+
+
+def test_parent_paths_outside_the_repository_are_caught(tmp_path):
+    """The check above on made-up text: a path escaping the repository or naming a missing file is found."""
+    text = "see ../../notes/plan.md and ../missing/plan.md, not .../summary.json"
+    assert PARENT_PATH.findall(text) == ["../../notes/plan.md", "../missing/plan.md"]
+    assert not (DOCS / "../missing/plan.md").resolve().exists()
+    assert not (DOCS / "../../notes/plan.md").resolve().is_relative_to(ROOT)
 
 
 def test_readme_links_to_docs_pages_that_exist():
