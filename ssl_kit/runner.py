@@ -199,14 +199,15 @@ class RecipeRunner:
         started = time.perf_counter()
         results = trainer.fit()
         results_flat = {f"test/{k}": v for k, v in results.items() if k in ("top1", "top5", "balanced_accuracy")}
-        results_flat.update(_minority_metrics(results, data))
+        labeled_counts = _labeled_class_counts(data)
+        results_flat.update(_minority_metrics(results, labeled_counts))
         if "images_per_s" in results:
             results_flat["images_per_s"] = round(results["images_per_s"], 1)
         results_flat["train_seconds"] = round(time.perf_counter() - started, 2)
         results_flat["steps"] = trainer.total_steps
         if self.is_main:
             evaluated = trainer.method.classifier(trainer.ema.module if trainer.ema else None)
-            self._save_stage_outputs(stage, trainer, evaluated, results, meta)
+            self._save_stage_outputs(stage, trainer, evaluated, results, meta, labeled_counts)
             if evaluated is not None:
                 results_flat.update(trainer.method.final_report(evaluated, data, self.run_dir))
         else:
@@ -222,7 +223,8 @@ class RecipeRunner:
             "dataset": data.info.dataset, "labeled": data.labeled.tolist(),
             "unlabeled": None if data.unlabeled is None else data.unlabeled.tolist()}))
 
-    def _save_stage_outputs(self, stage: StageBase, trainer: Trainer, evaluated, results: dict, meta: dict) -> None:
+    def _save_stage_outputs(self, stage: StageBase, trainer: Trainer, evaluated, results: dict, meta: dict,
+                            labeled_counts: torch.Tensor) -> None:
         """backbone.pt holds the network whose test metrics are reported: the evaluated classifier (the EMA copy
         when the method evaluates it), else the method's backbone and head."""
         stage_dir = self.run_dir / "stages" / stage.name
@@ -238,8 +240,7 @@ class RecipeRunner:
         self.backbones[stage.name] = stage_dir / "backbone.pt"
         details = {k: v for k, v in results.items() if k in ("per_class", "confusion", "top1", "top5")}
         details["classes"] = trainer.data.info.classes
-        labels = trainer.data.train.labels[trainer.data.labeled]
-        details["labeled_counts"] = torch.bincount(labels[labels >= 0], minlength=len(details["classes"])).tolist()
+        details["labeled_counts"] = labeled_counts.tolist()
         (stage_dir / "eval.json").write_text(json.dumps(details))
 
     def _run_eval_stage(self, stage) -> dict:
@@ -273,14 +274,18 @@ class RecipeRunner:
         return next(stage for stage in self.recipe.stages if stage.name == name)
 
 
-def _minority_metrics(results: dict, data) -> dict:
+def _labeled_class_counts(data) -> torch.Tensor:
+    """Labeled training images per class (K,) of a stage's split (unknown labels left out)."""
+    labels = data.train.labels[data.labeled]
+    return torch.bincount(labels[labels >= 0], minlength=data.info.num_classes)
+
+
+def _minority_metrics(results: dict, labeled_counts: torch.Tensor) -> dict:
     """{"test/minority_recall": mean test recall of the classes with the fewest labeled training images} when the
     labeled split is imbalanced (data.long_tail, a long-tailed folder); {} otherwise."""
-    labels = data.train.labels[data.labeled]
-    labels = labels[labels >= 0]
-    if "per_class" not in results or labels.numel() == 0:
+    if "per_class" not in results or int(labeled_counts.sum()) == 0:
         return {}
-    recall = minority_recall(results["per_class"], torch.bincount(labels, minlength=data.info.num_classes))
+    recall = minority_recall(results["per_class"], labeled_counts)
     return {} if recall is None else {"test/minority_recall": recall}
 
 

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from ssl_kit.config import validate_recipe
@@ -16,7 +15,7 @@ from ssl_kit.losses import DCLLoss, MMCRLoss, TiCoLoss, dcl_loss, mmcr_loss, tic
 from ssl_kit.methods import build_method
 from ssl_kit.methods.base import Progress
 from ssl_kit.models.registry import build_backbone
-from tests.test_distributed import _set_env, free_port
+from tests.test_distributed import _set_env, spawn_ranks
 
 lightly_loss = pytest.importorskip("lightly.loss")  # the oracle only: ssl_kit never imports lightly
 
@@ -150,9 +149,7 @@ def _worker(rank, world, port, out_dir):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("compact_ddp")
-    mp.spawn(_worker, args=(WORLD, free_port(), out_dir), nprocs=WORLD, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("compact_ddp"))
 
 
 @pytest.mark.slow

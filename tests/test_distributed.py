@@ -23,6 +23,13 @@ def _set_env(rank, world, port):
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
 
 
+def spawn_ranks(worker, world: int, out_dir) -> list[dict]:
+    """Run worker(rank, world, port, out_dir) in `world` gloo processes; each saves its results to
+    out_dir/rank{r}.pt. -> those results, by rank."""
+    mp.spawn(worker, args=(world, free_port(), out_dir), nprocs=world, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+
+
 def deterministic_stage():
     return tiny_stage(train={"steps": 6, "batch_size": 32, "checkpoint_every_steps": 100},
                       backbone={"name": "small_cnn", "kwargs": {"width": 4, "norm": "none"}},

@@ -4,11 +4,10 @@ ranks, so: mean of the per-rank losses == the global loss, and each rank's input
 gradients of its rows."""
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from ssl_kit.losses import (BarlowTwinsLoss, NNCLRLoss, SupConLoss, SupportSet, SwAVLoss, VICRegLoss,
                             barlow_twins_loss, nnclr_loss, supcon_loss, swav_loss, vicreg_loss)
-from tests.test_distributed import _set_env, free_port
+from tests.test_distributed import _set_env, spawn_ranks
 
 pytestmark = pytest.mark.slow  # spawns 2 processes (about 10 s of CPU, once for the module)
 
@@ -81,9 +80,7 @@ def _worker(rank, world, port, out_dir):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("ssl_losses_ddp")
-    mp.spawn(_worker, args=(WORLD, free_port(), out_dir), nprocs=WORLD, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("ssl_losses_ddp"))
 
 
 def single_process(name):

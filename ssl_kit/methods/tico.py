@@ -20,6 +20,7 @@ from ..data.loader import Batch
 from ..losses import TiCoLoss
 from ..models.heads import mlp
 from .base import Progress
+from .byol import BYOLConfig
 from .collapse import EmbeddingStdWatch
 from .contrastive import ContrastiveMethod
 from .momentum import frozen_copy
@@ -34,7 +35,7 @@ class TiCoConfig(PretextConfig):
 
     method: Literal["tico"]
 
-    recommended = {"optimizer": {"name": "lars", "lr": 0.2, "lr_scaling": "linear", "base_batch_size": 256, "weight_decay": 1.5e-6, "momentum": 0.9}, "schedule": {"name": "cosine", "warmup_epochs": 10}}
+    recommended = BYOLConfig.recommended  # TiCo follows BYOL's optimisation (below)
     recommended_source = ("TiCo (Zhu et al. 2022) follows BYOL's optimisation; lightly's ImageNet TiCo benchmark: LARS, lr 0.2 × batch/256, weight decay 1.5e-6, 10 warm-up epochs, cosine decay")
     proj_hidden_dim: int = Field(4096, ge=1, description="projector hidden width (paper, lightly: 4096)")
     proj_dim: int = Field(256, ge=1, description="embedding dimension D (paper, lightly: 256)")
