@@ -119,6 +119,10 @@ class BackboneConfig(Strict):
     name: str = "small_cnn"
     kwargs: dict[str, Any] = Field(default_factory=dict)
     sync_bn: bool = False
+    grad_checkpointing: bool = Field(
+        False, description="activation checkpointing: keep only each transformer block's input and recompute the "
+                           "block in the backward pass (ViTs: ssl_kit's and timm's; timm models that support "
+                           "set_grad_checkpointing); less memory for ~30% more compute")
 
 
 class InitConfig(Strict):
@@ -146,6 +150,10 @@ class OptimizerConfig(Strict):
     lars_eta: float = Field(0.02, gt=0, description="LARS trust coefficient")
     exclude_norm_and_bias: bool = Field(True, description="no weight decay (nor LARS adaptation) for 1-D params")
     backbone_lr_scale: float = Field(1.0, ge=0, description="backbone lr = lr × this; heads use lr")
+    implementation: Literal["auto", "fused", "foreach", "for_loop"] = Field(
+        "auto", description="how the update runs: fused (one kernel; sgd/adam/adamw on CUDA), foreach (a few "
+                            "multi-tensor kernels), for_loop (one parameter at a time); auto: fused for "
+                            "sgd/adam/adamw and foreach for lars/rmsprop on CUDA, for_loop on the CPU")
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> "OptimizerConfig":
@@ -177,7 +185,9 @@ class TrainConfig(Strict):
     steps: Optional[int] = Field(None, ge=1, description="overrides epochs")
     batch_size: int = Field(64, ge=1, description="global batch (all ranks, all accumulation steps)")
     accumulate: int = Field(1, ge=1)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast dtype of the forward pass; auto: bf16 on a CUDA device that supports it, fp16 "
+                            "(with loss scaling) on older GPUs, fp32 on the CPU")
     clip_grad_norm: Optional[float] = Field(None, gt=0)
     clip_grad_value: Optional[float] = Field(None, gt=0)
     ema_decay: Optional[float] = Field(None, gt=0, lt=1)
@@ -189,6 +199,21 @@ class TrainConfig(Strict):
     checkpoint_every_steps: int = Field(200, ge=1)
     keep_last: int = Field(1, ge=1, description="checkpoints kept: last.pt plus keep_last − 1 older step-N.pt files")
     progress: bool = True
+    tf32: bool = Field(True, description="CUDA: TF32 tensor cores for fp32 matmuls and convolutions (Ampere and "
+                                         "newer; ~10 significant bits in the products, as PyTorch Lightning and timm "
+                                         "train)")
+    cudnn_benchmark: bool = Field(True, description="CUDA: let cuDNN time its convolution algorithms on the first "
+                                                    "batch of each shape and keep the fastest (not bit-reproducible "
+                                                    "across runs; set false for that)")
+    compile: Literal["none", "backbone", "step"] = Field(
+        "none", description="torch.compile: the student backbone (where the FLOPs are), or the whole forward of a "
+                            "training step (heads and loss too; graph breaks at collectives and .item())")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode")
+    compile_backend: str = Field("inductor", pattern=r"^[a-z_]+$",
+                                 description="torch.compile backend (inductor; aot_eager or eager to debug)")
+    compile_fallback: bool = Field(False, description="when compiling fails, train uncompiled with a warning "
+                                                      "instead of stopping with the compiler's error")
     ddp_find_unused_parameters: Optional[bool] = Field(
         None, description="DistributedDataParallel: look for parameters a step did not use (None: the method's default)")
 

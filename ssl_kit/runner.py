@@ -42,6 +42,7 @@ from .eval.report import write_report
 from .eval.stages import run_eval_stage, stage_metrics
 from .methods import build_method
 from .models.bounds import check_architecture
+from .models.checkpointing import enable_grad_checkpointing
 from .models.external import is_torchvision_reference
 from .models.heads import Classifier
 from .models.registry import build_backbone
@@ -114,6 +115,14 @@ class RecipeRunner:
         return None
 
     def _build_backbone(self, stage: StageBase, info: DataInfo, record: Optional[dict]):
+        """(backbone module, {arch, kwargs}) of a stage: fresh from backbone.name/kwargs, or from the init record;
+        activation checkpointing on when backbone.grad_checkpointing asks."""
+        backbone, arch = self._backbone_from(stage, info, record)
+        if stage.backbone.grad_checkpointing:
+            enable_grad_checkpointing(backbone, f"stages[{stage.name}].backbone.grad_checkpointing")
+        return backbone, arch
+
+    def _backbone_from(self, stage: StageBase, info: DataInfo, record: Optional[dict]):
         if record is None:
             try:
                 check_architecture(stage.backbone.name, stage.backbone.kwargs, info.channels, info.image_size,

@@ -1,4 +1,4 @@
-"""Which device a process trains or evaluates on, and the autocast context for a precision."""
+"""Which device a process trains or evaluates on, its precision and CUDA backend flags, and the autocast context."""
 from __future__ import annotations
 
 import os
@@ -26,3 +26,22 @@ def autocast_context(precision: str, device: torch.device):
         raise TrainingError("train.precision=fp16 needs a CUDA device; use bf16 on the CPU")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """train.precision 'auto' -> 'bf16' on a CUDA device with bf16 support (Ampere and newer), 'fp16' on older
+    GPUs (with a grad scaler), 'fp32' on the CPU (bf16 autocast there is slower than fp32 for our small models).
+    Any other setting is returned as given."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def configure_cuda_backends(tf32: bool, cudnn_benchmark: bool) -> None:
+    """Process-wide CUDA flags of a training stage: TF32 for fp32 matmuls and cuDNN convolutions, and cuDNN's
+    algorithm search (train.tf32, train.cudnn_benchmark). Harmless to set on a machine without CUDA."""
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = cudnn_benchmark

@@ -20,7 +20,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..common.device import autocast_context, resolve_device  # noqa: F401  (resolve_device: public here too)
+from ..common.device import (autocast_context, configure_cuda_backends, resolve_device,  # noqa: F401
+                             resolve_precision)  # resolve_device: public here too
 from ..common.metrics import ClassificationTally, classification_metrics, predict
 from ..data.fileset import FileSet, image_batches
 from ..data.pipeline import PreparedData
@@ -30,6 +31,7 @@ from ..methods.base import Method, Progress
 from ..models.heads import init_head
 from . import distributed as dist
 from .checkpoint import CHECKPOINT_FORMAT, atomic_save, safe_load
+from .compile import CompiledForward
 from .ema import ModelEMA
 from .loading import bad_image_log, build_loader
 from .loggers import JsonlLogger, Loggers, progress
@@ -84,6 +86,9 @@ class Trainer:
     def __init__(self, method: Method, data: PreparedData, cfg, ctx: RunContext, backbone_meta: dict) -> None:
         self.cfg, self.ctx, self.data = cfg, ctx, data
         self.device = resolve_device(cfg.train.device)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        if self.device.type == "cuda":
+            configure_cuda_backends(cfg.train.tf32, cfg.train.cudnn_benchmark)
         self.distributed = dist.init_from_env(str(self.device))
         self.rank, self.world = dist.rank(), dist.world_size()
         self.is_main = self.rank == 0
@@ -114,18 +119,19 @@ class Trainer:
         self.test_bad_files: dict[str, str] = {}  # bad files of a streamed held-out test split: path -> reason
         self.steps_per_epoch = self.loader.steps_per_epoch
         self.total_steps = tc.steps or max(1, math.ceil(tc.epochs * self.steps_per_epoch))
-        self.optimizer = build_optimizer(method.parameter_groups(), cfg.optimizer, tc.batch_size)
+        self.optimizer = build_optimizer(method.parameter_groups(), cfg.optimizer, tc.batch_size, self.device)
         self.schedule = LrSchedule(cfg.schedule, self.total_steps, self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16" and self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16" and self.device.type == "cuda")
         target = method.ema_target()
         self.ema = ModelEMA(target, tc.ema_decay) if (tc.ema_decay and target is not None) else None
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.model: nn.Module = method  # what a micro-step calls: the method, or DDP around it
         if self.distributed:
             self.model = dist.wrap_ddp(method, self.device, self.params, dist.find_unused_parameters(cfg))
+        self.forward = CompiledForward(self.model, method, tc, cfg.name)  # self.model itself unless train.compile
         if self.is_main:
-            print(f"[ssl-kit] {cfg.name}: {lr_scaling_message(cfg.optimizer, tc.batch_size)}", file=sys.stderr,
-                  flush=True)
+            print(f"[ssl-kit] {cfg.name}: {lr_scaling_message(cfg.optimizer, tc.batch_size)}; precision "
+                  f"{self.precision} on {self.device.type}", file=sys.stderr, flush=True)
         self.step = 0
         self._epoch_losses: list[torch.Tensor] = []
         self._previewed = False  # the first step shows its augmented views to the loggers
@@ -256,8 +262,8 @@ class Trainer:
             last_micro = micro == tc.accumulate - 1
             sync = self.model.no_sync() if self.distributed and not last_micro else nullcontext()
             with sync:
-                with autocast_context(tc.precision, self.device):
-                    outputs = self.model(batch, progress_info)
+                with autocast_context(self.precision, self.device):
+                    outputs = self.forward(batch, progress_info)
                 loss = outputs["loss"].float()
                 self.scaler.scale(loss / tc.accumulate).backward()
             self._note_finite(outputs)

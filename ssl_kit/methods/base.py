@@ -98,6 +98,12 @@ class Method(nn.Module):
         """The backbone being trained (saved as backbone.pt)."""
         return self.backbone
 
+    def student_backbone(self) -> nn.Module:
+        """The backbone the loss's gradients train (what train.compile=backbone compiles): `self.backbone` where a
+        method keeps a separate saved copy (DINO's teacher), else the saved one."""
+        student = getattr(self, "backbone", None)
+        return student if isinstance(student, nn.Module) else self.get_backbone()
+
     def parameter_groups(self) -> list[ParamGroup]:
         """Backbone at lr × backbone_lr_scale; every other trainable parameter (heads) at lr."""
         backbone = self.get_backbone()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .checkpointing import run_blocks
 from .vit import VisionTransformer
 
 PREFIX = "timm:"
@@ -124,7 +125,7 @@ class TimmViT(VisionTransformer):
         """patch tokens (N, L', D) (all or a visible subset) -> normalised (N, 1 + L', D) with the cls token first."""
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
         x = self.norm_pre(self.patch_drop(self.pos_drop(torch.cat([cls, tokens], dim=1))))
-        return self.norm(self.blocks(x))
+        return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.encode(self.embed(x))

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpointing import run_blocks
+
 
 def sincos_pos_embed(dim: int, grid: int, cls_token: bool = False) -> torch.Tensor:
     """Fixed 2-D sin-cos embedding (MAE): half the channels encode the row, half the column.
@@ -65,7 +67,10 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """images (N, C, H, W) -> features (N, dim): the cls token, or the mean of patch tokens (global_pool)."""
+    """images (N, C, H, W) -> features (N, dim): the cls token, or the mean of patch tokens (global_pool).
+    grad_checkpointing (backbone.grad_checkpointing) recomputes each block in the backward pass."""
+
+    grad_checkpointing = False
 
     def __init__(self, image_size: int = 32, patch_size: int = 4, in_channels: int = 3, dim: int = 192,
                  depth: int = 12, heads: int = 3, mlp_ratio: float = 4.0, drop_path: float = 0.0,
@@ -106,9 +111,7 @@ class VisionTransformer(nn.Module):
         """patch tokens (N, L', D) (all or a visible subset) -> normalised (N, 1 + L', D) with the cls token first."""
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
         x = torch.cat([cls, tokens], dim=1)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+        return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.encode(self.embed(x))
