@@ -238,6 +238,8 @@ def test_probe_and_knn_on_a_streamed_cache_stay_far_below_its_float32_size(tmp_p
     assert measured["probe_top1"] > 0.9 and measured["knn_top1"] > 0.9  # it did learn from all the rows
     assert (small["probe_top1"], small["knn_top1"]) == (measured["probe_top1"], measured["knn_top1"])
     # the in-memory path (mode "memory") grew by 278 MiB to load (float16 -> float32), then by 450 MiB for the
-    # probe and 379 MiB for kNN; the chunked one holds a few 8 MiB chunks, faiss's 16 MiB block, allocator slack
-    assert measured["load_mb"] < 5 and measured["probe_mb"] < FLOAT32_MB / 2 and measured["knn_mb"] < FLOAT32_MB / 2
+    # probe and 379 MiB for kNN; the chunked one holds a few 8 MiB chunks, faiss's 16 MiB block, allocator slack.
+    # kNN's peak with 8,192-row chunks was 52 MiB on the development machine and 102 MiB on a CI machine of the same
+    # kind (BLAS work buffers differ by CPU): the bound is the float32 size the in-memory path holds at least once
+    assert measured["load_mb"] < 5 and measured["probe_mb"] < FLOAT32_MB / 2 and measured["knn_mb"] < FLOAT32_MB * 0.75
     assert small["knn_mb"] < FLOAT32_MB / 4  # the knob bounds it: 2 MiB chunks
