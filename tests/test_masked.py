@@ -47,7 +47,7 @@ def test_patchify_unpatchify_identity():
 
 def test_layer_wise_decay_scales():
     vit = VisionTransformer(image_size=16, patch_size=4, in_channels=1, dim=32, depth=3, heads=2)
-    assert vit_layer_id("cls_token", 3) == 0 and vit_layer_id("patch_embed.weight", 3) == 0
+    assert vit_layer_id("cls_token", 3) == 0 and vit_layer_id("patch_embed.weight", 3) == 0 and vit_layer_id("reg_token", 3) == 0
     assert vit_layer_id("blocks.0.qkv.weight", 3) == 1 and vit_layer_id("blocks.2.mlp.0.bias", 3) == 3
     assert vit_layer_id("norm.weight", 3) == 4
     groups = {g.name: g.lr_scale for g in layer_decay_groups(vit, 0.5)}

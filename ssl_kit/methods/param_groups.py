@@ -29,9 +29,9 @@ def split_off(groups: list[ParamGroup], new: ParamGroup) -> list[ParamGroup]:
 
 
 def vit_layer_id(name: str, depth: int) -> int:
-    """Layer index of a ViT parameter for layer-wise lr decay: embeddings (patch_embed, cls_token, pos_embed) 0,
-    blocks.i -> i + 1, everything after the blocks (final norm) depth + 1."""
-    if name.startswith(("patch_embed", "cls_token", "pos_embed")):
+    """Layer index of a ViT parameter for layer-wise lr decay: embeddings (patch_embed, cls_token, reg_token,
+    pos_embed) 0, blocks.i -> i + 1, everything after the blocks (final norm) depth + 1."""
+    if name.startswith(("patch_embed", "cls_token", "reg_token", "pos_embed")):
         return 0
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1

@@ -70,7 +70,12 @@ def _our_vit_to_timm(record: dict) -> tuple[dict, dict]:
         for pattern, replacement in renames:
             key = re.sub(pattern, replacement, key)
         state[key] = value.detach().cpu().contiguous()
-    state["pos_embed"] = vit.pos_embed.detach().clone().contiguous()
+    pos = vit.pos_embed.detach().clone()
+    registers = getattr(vit, "num_registers", 0)
+    if registers:  # timm's reg_tokens (kept as `reg_token`); timm's table has a row per prefix token: zeros, as
+        kwargs["reg_tokens"] = registers  # ours gives the registers no position embedding
+        pos = torch.cat([pos[:, :1], pos.new_zeros(1, registers, pos.shape[-1]), pos[:, 1:]], dim=1)
+    state["pos_embed"] = pos.contiguous()
     return {"model": f"{record['arch']}_patch16_224", "kwargs": kwargs}, state  # kwargs override the name's
 
 

@@ -74,8 +74,10 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, image_size: int = 32, patch_size: int = 4, in_channels: int = 3, dim: int = 192,
                  depth: int = 12, heads: int = 3, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                 global_pool: bool = False) -> None:
+                 global_pool: bool = False, num_registers: int = 0) -> None:
         super().__init__()
+        if num_registers < 0:
+            raise ValueError(f"num_registers must be >= 0, got {num_registers}")
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
         if dim % heads:
@@ -83,6 +85,10 @@ class VisionTransformer(nn.Module):
         self.patch_size, self.grid = patch_size, image_size // patch_size
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        # register tokens (Darcet et al. 2024): after [cls], no position embedding, dropped from encode's output;
+        # num_registers 0 adds no parameter (same state dict as before)
+        self.num_registers = num_registers
+        self.reg_token = nn.Parameter(torch.zeros(1, num_registers, dim)) if num_registers else None
         self.register_buffer("pos_embed", sincos_pos_embed(dim, self.grid, cls_token=True).unsqueeze(0), persistent=False)
         rates = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, rate) for rate in rates)
@@ -91,6 +97,9 @@ class VisionTransformer(nn.Module):
         self.num_features = dim
         self.depth = depth
         nn.init.normal_(self.cls_token, std=0.02)
+        if self.reg_token is not None:
+            with torch.random.fork_rng():  # keep the other parameters' initialisation identical to num_registers=0
+                nn.init.normal_(self.reg_token, std=1e-6)
         weight = self.patch_embed.weight.data
         nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
         for module in self.blocks.modules():
@@ -108,10 +117,15 @@ class VisionTransformer(nn.Module):
         return tokens.flatten(2).transpose(1, 2) + pos
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """patch tokens (N, L', D) (all or a visible subset) -> normalised (N, 1 + L', D) with the cls token first."""
+        """patch tokens (N, L', D) (all or a visible subset) -> normalised (N, 1 + L', D) with the cls token first.
+        Register tokens (num_registers) ride between cls and the patches through the blocks and are dropped here."""
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        x = torch.cat([cls, tokens], dim=1)
-        return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
+        if self.reg_token is None:
+            x = torch.cat([cls, tokens], dim=1)
+            return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
+        regs = self.reg_token.expand(tokens.shape[0], -1, -1)
+        x = self.norm(run_blocks(self.blocks, torch.cat([cls, regs, tokens], dim=1), self.grad_checkpointing))
+        return torch.cat([x[:, :1], x[:, 1 + self.num_registers:]], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.encode(self.embed(x))
