@@ -22,7 +22,7 @@ from ssl_kit.methods import registered_methods
 from ssl_kit.runner import run_recipe
 
 NEEDS_TEACHER = ("kd", "dkd")
-VIT_ONLY = ("mae", "ibot", "simmim")  # MAE: visible patches only; iBOT: mask tokens; SimMIM: ViT or ResNet
+VIT_ONLY = ("dinov2", "ibot", "ijepa", "mae", "msn", "simmim")  # visible patches only (MAE, I-JEPA); mask tokens
 
 
 def stage_for(method: str, data: str, batch: int, steps: int) -> list[dict]:

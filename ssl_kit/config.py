@@ -283,6 +283,15 @@ class ViewsConfig(Strict):
     blur_prob: float = Field(0.0, ge=0, le=1, description="Gaussian blur; worth it from ~64 px up")
     solarize_prob: float = Field(0.0, ge=0, le=1, description="applied to the second view only (BYOL/MoCo v3)")
 
+    def refuse_per_view_keys(self, method: str, instead: str) -> None:
+        """For the multi-crop methods that set crop scales, blur and solarization per view themselves: a
+        views.crop_scale, blur_prob or solarize_prob in the recipe would be ignored, so it is refused, naming the
+        method's own keys (`instead`)."""
+        clashing = sorted({"blur_prob", "solarize_prob", "crop_scale"} & self.model_fields_set)
+        if clashing:
+            raise ValueError(f"{method} sets crop scales, blur and solarization per view: use {instead} instead of "
+                             f"views.{clashing}")
+
 
 class StrongAugConfig(Strict):
     num_ops: int = Field(2, ge=0, le=14)

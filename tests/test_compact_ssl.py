@@ -15,28 +15,12 @@ from ssl_kit.losses import DCLLoss, MMCRLoss, TiCoLoss, dcl_loss, mmcr_loss, tic
 from ssl_kit.methods import build_method
 from ssl_kit.methods.base import Progress
 from ssl_kit.models.registry import build_backbone
+from tests.oracle import TOL, assert_same, randn, value_and_grads
 from tests.test_distributed import _set_env, spawn_ranks
 
 lightly_loss = pytest.importorskip("lightly.loss")  # the oracle only: ssl_kit never imports lightly
 
-TOL = dict(atol=1e-5, rtol=1e-5)
 
-
-def randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def value_and_grads(fn, *inputs):
-    """fn(*leaves) -> (loss, gradients of each input)."""
-    leaves = [x.clone().requires_grad_(True) for x in inputs]
-    loss = fn(*leaves)
-    return loss.detach(), torch.autograd.grad(loss, leaves)
-
-
-def assert_same(ours, theirs):
-    torch.testing.assert_close(ours[0], theirs[0], **TOL)
-    for a, b in zip(ours[1], theirs[1]):
-        torch.testing.assert_close(a, b, **TOL)
 
 
 # ---------------------------------------------------------------------------------------------- lightly equality

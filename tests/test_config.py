@@ -31,6 +31,17 @@ def test_impossible_value_threshold_out_of_range():
         validate_recipe(raw(stage))
 
 
+@pytest.mark.parametrize("method,own_keys", [("dino", "gaussian_blur, solarization_prob"),
+                                             ("lejepa", "global_crop_scale, local_crop_scale"),
+                                             ("emp_ssl", "patch_scale, blur_prob")])
+def test_multi_crop_methods_refuse_the_shared_view_keys_they_would_ignore(method, own_keys):
+    stage = tiny_stage(method, method, views={"solarize_prob": 0.3, "crop_scale": [0.5, 1.0]})
+    with pytest.raises(ConfigError, match=rf"stages\[{method}\].*sets crop scales, blur and solarization per view: "
+                                          rf"use {own_keys}.* instead of views\.\['crop_scale', 'solarize_prob'\]"):
+        validate_recipe(raw(stage))
+    validate_recipe(raw(tiny_stage(method, method, views={"jitter_prob": 0.5})))  # the keys it does read pass
+
+
 def test_unknown_method_lists_allowed_values():
     stage = tiny_stage(method="no_such_method")
     with pytest.raises(ConfigError, match=r"supervised.*simclr.*fixmatch"):

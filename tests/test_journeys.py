@@ -3,8 +3,8 @@
 Part 1, generated from the method registry: every registered method trains a few steps on its own defaults (no
 optimizer, schedule or method key set) on each source: the builtin digits in memory; a streamed `images:` tree of
 JPEG/PNG files of mixed sizes, aspects and modes, bare (label-free methods; the others must refuse it clearly) and
-with a labels CSV naming a subset; and labeled tar shards. Each backbone.pt then goes through `ssl-kit info`, `knn`
-and `export --to safetensors`.
+with a labels CSV naming a subset, or labeled tar shards (one of these two per method, alternating: they share the
+streamed loader). Each backbone.pt then goes through `ssl-kit info`, `knn` and `export --to safetensors`.
 
 Part 2: the commands a user runs next on those backbones, through the CLI (`ssl-kit info / knn / linear-probe /
 finetune / transfer / export --json`): a label-free backbone from the unlabeled tree, a labeled one from tar
@@ -34,7 +34,7 @@ from tests.test_streaming_training import class_folder, write_image
 
 TINY_CNN = {"name": "small_cnn", "kwargs": {"width": 8}}
 TINY_VIT = {"name": "vit_tiny", "kwargs": {"patch_size": 4, "dim": 32, "depth": 2, "heads": 2}}
-NEEDS_VIT = ("mae", "ibot", "simmim")  # MAE encodes visible patches only; iBOT and SimMIM use mask tokens
+NEEDS_VIT = ("dinov2", "ibot", "ijepa", "mae", "msn", "simmim")  # visible-patch encoders (MAE, I-JEPA) or mask tokens
 NEEDS_TEACHER = ("kd", "dkd")
 METHODS = sorted(registered_methods())
 CLASSES = ("red", "green", "blue")
@@ -159,10 +159,19 @@ def learns_from_labels(method: str) -> bool:
 
 
 SOURCES = ("digits", "images", "images+labels", "shards")
-# Every (method, source) that can train: a method that learns from labels cannot on the bare tree (it must refuse
-# it: test_a_method_that_learns_from_labels_refuses_a_source_without_any).
-CELLS = [(method, source) for method in METHODS for source in SOURCES
-         if source != "images" or not learns_from_labels(method)]
+STREAMED_LABELED = ("images+labels", "shards")  # both go through the same streamed loader: one per method suffices
+
+
+def method_sources(index: int, method: str) -> list[str]:
+    """The sources method number `index` trains on: digits in memory; the bare tree unless it learns from labels
+    (then it must refuse it: test_a_method_that_learns_from_labels_refuses_a_source_without_any); and one streamed
+    labeled source, alternating between the labeled tree and the shards along the sorted method list, so that both
+    are exercised by half of the methods each."""
+    sources = ["digits"] + ([] if learns_from_labels(method) else ["images"])
+    return sources + [STREAMED_LABELED[index % 2]]
+
+
+CELLS = [(method, source) for index, method in enumerate(METHODS) for source in method_sources(index, method)]
 
 
 def source_data(source: str, request) -> dict:

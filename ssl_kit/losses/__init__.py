@@ -10,10 +10,17 @@ from .crmatch import crmatch_feature_distance_loss
 from .dash import dash_mask, dash_threshold, dash_weak_loss
 from .debiaspl import adaptive_marginal_loss, debiased_probs, debiased_pseudo_labels, prior_update
 from .dcl import DCLLoss, dcl_loss, vmf_weights
+from .dinov2 import (KoLeoLoss, dinov2_cls_loss, dinov2_patch_loss, koleo_loss, sinkhorn_knopp_centering,
+                     softmax_centering)
 from .defixmatch import defixmatch_loss
 from .distillation import dino_loss, dkd_loss, hint_loss, ibot_patch_loss, kd_loss, multi_teacher_kd_loss
+from .ict import ict_loss, ict_mix_coefficient, ict_targets, interpolate
+from .ijepa import ijepa_loss
+from .emp_ssl import EMPSSLLoss, emp_ssl_loss, patch_invariance_loss, total_coding_rate
+from .lejepa import LeJEPALoss, epps_pulley_grid, lejepa_loss, lejepa_prediction_loss, sigreg, sigreg_directions
 from .masked import mae_loss
 from .mmcr import MMCRLoss, mmcr_loss
+from .msn import MSNLoss, msn_loss, msn_regularization, msn_target_probs, power_law_prior
 from .nearest_neighbour import NNCLRLoss, SupportSet, nearest_neighbours, nnclr_loss
 from .predictive import byol_loss, symmetric_byol_loss
 from .pseudo_label import consistency_loss, fixmatch_loss
@@ -23,9 +30,11 @@ from .semi_supervised import (mean_teacher_loss, mixmatch_loss, mixmatch_targets
                               tsa_threshold, uda_loss)
 from .sequencematch import sequencematch_loss
 from .simmatch import simmatch_in_loss, simmatch_unfold_aggregate
+from .comatch import comatch_contrastive_loss, comatch_memory_smoothing, comatch_pseudo_label_graph
 from .supcon import SupConLoss, supcon_loss
 from .swav import SwAVLoss, sinkhorn, swav_loss
 from .tico import TiCoLoss, tico_loss
+from .vat import entropy_minimization_loss, kl_divergence_from_logits, vat_loss, virtual_adversarial_perturbation
 from .vicreg import VICRegLoss, vicreg_loss
 
 __all__ = [
@@ -35,14 +44,21 @@ __all__ = [
     "byol_loss", "symmetric_byol_loss", "barlow_twins_loss", "BarlowTwinsLoss", "vicreg_loss", "VICRegLoss",
     "sinkhorn", "swav_loss", "SwAVLoss", "supcon_loss", "SupConLoss", "nearest_neighbours", "SupportSet",
     "nnclr_loss", "NNCLRLoss", "ibot_patch_loss",
-    "dcl_loss", "DCLLoss", "vmf_weights", "tico_loss", "TiCoLoss", "mmcr_loss", "MMCRLoss",
+    "koleo_loss", "KoLeoLoss", "sinkhorn_knopp_centering", "softmax_centering", "dinov2_cls_loss", "dinov2_patch_loss",
+    "dcl_loss", "DCLLoss", "vmf_weights", "tico_loss", "TiCoLoss", "mmcr_loss", "MMCRLoss", "ijepa_loss",
+    "msn_loss", "MSNLoss", "msn_target_probs", "msn_regularization", "power_law_prior",
+    "lejepa_loss", "LeJEPALoss", "sigreg", "sigreg_directions", "epps_pulley_grid", "lejepa_prediction_loss",
+    "emp_ssl_loss", "EMPSSLLoss", "total_coding_rate", "patch_invariance_loss",
     # semi-supervised terms
     "consistency_loss", "sharpen", "sigmoid_rampup", "linear_rampup", "cosine_rampup", "mean_teacher_loss",
     "uda_loss", "tsa_threshold", "tsa_mask", "mixup", "mixmatch_targets", "mixmatch_loss", "relative_threshold",
     "random_logit_interpolation", "distribution_alignment", "dash_threshold", "dash_weak_loss", "dash_mask",
     "simmatch_unfold_aggregate", "simmatch_in_loss",
+    "comatch_memory_smoothing", "comatch_pseudo_label_graph", "comatch_contrastive_loss",
     "defixmatch_loss", "kl_consistency_loss", "refixmatch_low_confidence_loss", "sequencematch_loss",
     "crmatch_feature_distance_loss",
+    "virtual_adversarial_perturbation", "vat_loss", "entropy_minimization_loss", "kl_divergence_from_logits",
+    "ict_loss", "ict_targets", "ict_mix_coefficient", "interpolate",
     # semi-supervised learning on imbalanced data
     "debiased_pseudo_labels", "debiased_probs", "prior_update", "adaptive_marginal_loss",
     "logit_adjustment", "logit_adjusted_loss", "adjusted_pseudo_labels", "symmetric_kl", "anchor_distances", "acr_tau",

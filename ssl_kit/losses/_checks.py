@@ -66,3 +66,13 @@ def check_labels(name: str, labels: Tensor, n: int, num_classes: int) -> None:
     if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"{name} must be class indices in [0, {num_classes}), got values in "
                          f"[{int(labels.min())}, {int(labels.max())}]")
+
+
+def check_views(groups: list[tuple[str, list[Tensor]]], reference: str, shape: torch.Size) -> None:
+    """Every view in every (name, views) group is a 2-D (N, K) tensor of `shape`, the shape of `reference`."""
+    for name, views in groups:
+        for i, view in enumerate(views):
+            check_2d(f"{name}[{i}]", view)
+            if view.shape != shape:
+                raise ValueError(f"{name}[{i}] has shape {tuple(view.shape)}, expected {tuple(shape)} (N, K) like "
+                                 f"{reference}")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_2d, check_positive_int, check_temperature
+from ._checks import check_2d, check_positive_int, check_temperature, check_views
 from ._distributed import active_world, all_reduce_no_grad
 
 
@@ -56,13 +56,8 @@ def _check_crops(high: list[Tensor], low: list[Tensor], queue: Optional[list[Ten
         raise ValueError("swav_loss needs at least one high-resolution crop, got none")
     if len(high) + len(low) < 2:
         raise ValueError(f"swav_loss needs at least 2 crops in all, got {len(high)} high-res and {len(low)} low-res")
+    check_views([("high_res_scores", high), ("low_res_scores", low)], "high_res_scores[0]", high[0].shape)
     shape = high[0].shape
-    for name, crops in (("high_res_scores", high), ("low_res_scores", low)):
-        for i, crop in enumerate(crops):
-            check_2d(f"{name}[{i}]", crop)
-            if crop.shape != shape:
-                raise ValueError(f"{name}[{i}] has shape {tuple(crop.shape)}, expected {tuple(shape)} (N, K) like "
-                                 f"high_res_scores[0]")
     if queue is None:
         return
     if len(queue) != len(high):

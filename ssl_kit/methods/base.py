@@ -12,10 +12,19 @@ from ..data.crops import CropSpec
 from ..data.loader import Batch
 from ..data.needs import DataNeeds
 from ..data.pipeline import DataInfo
+from ..errors import ConfigError
 from ..models.heads import Classifier
 from ..models.vit import VisionTransformer
 from .momentum import cosine_ramp, update_momentum_pairs
 from .param_groups import ParamGroup, layer_decay_groups
+
+
+def require_vit(stage: str, backbone: nn.Module, method: str, why: str) -> None:
+    """ConfigError naming the stage and the backbone unless `backbone` is ssl_kit's VisionTransformer; `why` says
+    what the method needs the ViT for."""
+    if not isinstance(backbone, VisionTransformer):
+        raise ConfigError(f"stages[{stage}]: {method} needs a ViT backbone (vit_tiny, vit_small, vit_base): {why}, "
+                          f"got {type(backbone).__name__}")
 
 
 @dataclass

@@ -57,10 +57,8 @@ class DINOConfig(PretextConfig):
 
     @model_validator(mode="after")
     def _views_without_blur(self) -> "DINOConfig":
-        clashing = sorted({"blur_prob", "solarize_prob", "crop_scale"} & self.views.model_fields_set)
-        if clashing:
-            raise ValueError(f"DINO sets blur, solarization and crop scales per view: use gaussian_blur, "
-                             f"solarization_prob, global_crop_scale and local_crop_scale instead of views.{clashing}")
+        self.views.refuse_per_view_keys("DINO", "gaussian_blur, solarization_prob, global_crop_scale and "
+                                                "local_crop_scale")
         if not all(0 <= p <= 1 for p in self.gaussian_blur):
             raise ValueError(f"gaussian_blur probabilities must be in [0, 1], got {self.gaussian_blur}")
         return self
@@ -90,6 +88,8 @@ class DINOHead(nn.Module):
 @register("dino", DINOConfig)
 class DINO(PretextMethod):
     backbone_prefix = "teacher_backbone."
+    metric_prefix = "dino"  # logged as <metric_prefix>/teacher_entropy, ... (subclasses log under their own name)
+    display_name = "DINO"  # names the loss in the collapse warning
 
     def __init__(self, cfg, backbone: nn.Module, info) -> None:
         super().__init__(cfg, backbone, info)
@@ -178,21 +178,30 @@ class DINO(PretextMethod):
 
     @torch.no_grad()
     def _collapse_stats(self, student: list[Tensor], teacher: list[Tensor], temperature: float) -> dict[str, Tensor]:
+        """Collapse statistics of the centred, sharpened teacher logits (lists of (N, K))."""
         p_t = F.softmax((torch.cat(teacher) - self.center) / temperature, dim=1)
+        return self._target_stats(student, p_t)
+
+    @torch.no_grad()
+    def _target_stats(self, student: list[Tensor], teacher_probs: Tensor) -> dict[str, Tensor]:
+        """Teacher target entropy (→ 0: one prototype wins; → ln K: uniform) and KL(teacher ‖ student), averaged
+        over rows. student: list of (N, K) logits; teacher_probs: (N · len(student), K) target probabilities."""
+        p_t = teacher_probs
         log_p_s = F.log_softmax(torch.cat(student) / self.cfg.student_temp, dim=1)
         entropy = -(p_t * torch.log(p_t.clamp_min(1e-12))).sum(1).mean()
         kl = (p_t * (torch.log(p_t.clamp_min(1e-12)) - log_p_s)).sum(1).mean()
-        return {"dino/teacher_entropy": entropy, "dino/kl_teacher_student": kl}
+        prefix = self.metric_prefix
+        return {f"{prefix}/teacher_entropy": entropy, f"{prefix}/kl_teacher_student": kl}
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.teacher_backbone), (self.head_net, self.teacher_head)]
 
     def epoch_metrics(self) -> dict[str, float]:
         out = super().epoch_metrics()
-        out["dino/teacher_momentum"] = self.current_momentum
+        out[f"{self.metric_prefix}/teacher_momentum"] = self.current_momentum
         if float(self._loss_count):
             mean_loss = float(self._loss_sum / self._loss_count)
-            out["dino/loss"] = mean_loss
+            out[f"{self.metric_prefix}/loss"] = mean_loss
             self.warn_if_collapsed(mean_loss)
         self._loss_sum.zero_()
         self._loss_count.zero_()
@@ -201,6 +210,7 @@ class DINO(PretextMethod):
     def warn_if_collapsed(self, loss: float) -> None:
         """A loss that sits at ln K means the student predicts uniform prototypes: collapse."""
         if not self._warned_collapse and abs(loss - math.log(self.cfg.out_dim)) < 0.01 * math.log(self.cfg.out_dim):
-            warnings.warn(f"DINO loss {loss:.4f} sits at ln K = {math.log(self.cfg.out_dim):.4f}: the outputs look "
-                          f"collapsed to uniform; check teacher_temp, center_momentum and the learning rate")
+            warnings.warn(f"{self.display_name} loss {loss:.4f} sits at ln K = {math.log(self.cfg.out_dim):.4f}: the "
+                          f"outputs look collapsed to uniform; check teacher_temp, center_momentum and the learning "
+                          f"rate")
             self._warned_collapse = True

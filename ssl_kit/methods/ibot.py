@@ -10,8 +10,6 @@ Collapse is watched as for DINO (teacher entropy, teacher/student KL, a loss stu
 `ibot/embedding_std`: the per-dimension std of the teacher's normalised backbone embedding (see swav.py)."""
 from __future__ import annotations
 
-import math
-import warnings
 from typing import Literal
 
 import torch
@@ -20,11 +18,9 @@ from torch import Tensor, nn
 
 from ..common import distributed as dist
 from ..data.loader import Batch
-from ..errors import ConfigError
 from ..losses import dino_loss, ibot_patch_loss
 from ..models.masking import block_masking
-from ..models.vit import VisionTransformer
-from .base import Progress
+from .base import Progress, require_vit
 from .collapse import EmbeddingStdWatch
 from .dino import DINO, DINOConfig, DINOHead
 from .momentum import frozen_copy
@@ -67,11 +63,17 @@ def ibot_masks(n: int, grid: int, ratio: tuple[float, float], prob: float, kind:
     probability `prob`; a masked image gets round(r·L) masked patches, r ~ U(ratio), as blocks or at random."""
     length = grid * grid
     ratios = torch.empty(n).uniform_(*ratio) * (torch.rand(n) < prob)
-    counts = (ratios * length).round().long()
+    return masks_with_counts((ratios * length).round().long(), grid, kind, device)
+
+
+def masks_with_counts(counts: Tensor, grid: int, kind: str, device=None) -> Tensor:
+    """counts (n,): masked patches of each image -> masks (n, grid²) float, 1 = masked, exactly counts[i] patches in
+    row i: BEiT blocks (`kind` "block") or patches at random ("random")."""
+    length = grid * grid
     if kind == "block":
         rows = [block_masking(1, grid, float(c) / length)[1] if c else torch.zeros(1, length) for c in counts]
         return torch.cat(rows).to(device)
-    rank = torch.rand(n, length).argsort(dim=1).argsort(dim=1)
+    rank = torch.rand(counts.shape[0], length).argsort(dim=1).argsort(dim=1)
     return (rank < counts[:, None]).float().to(device)
 
 
@@ -90,10 +92,12 @@ def masked_patch_logits(head: nn.Module, tokens: Tensor, mask: Tensor) -> Tensor
 class IBOT(DINO):
     """DINO on a ViT (teacher = EMA of student backbone + heads) with a mask token and a patch objective."""
 
+    metric_prefix = "ibot"
+    display_name = "iBOT [CLS]"
+
     def __init__(self, cfg, backbone: nn.Module, info) -> None:
-        if not isinstance(backbone, VisionTransformer):
-            raise ConfigError(f"stages[{cfg.name}]: iBOT needs a ViT backbone (vit_tiny, vit_small), got "
-                              f"{type(backbone).__name__}")
+        require_vit(cfg.name, backbone, self.display_name.split(" ")[0],  # iBOT, DINOv2
+                    "the student's masked patches are replaced by a mask token")
         super().__init__(cfg, backbone, info)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, backbone.num_features))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
@@ -102,7 +106,7 @@ class IBOT(DINO):
                                            cfg.bottleneck_dim, cfg.norm_last_layer)
             self.teacher_patch_head = frozen_copy(self.patch_head_net)
         self.register_buffer("patch_center", torch.zeros(1, 1, cfg.out_dim if cfg.shared_head else cfg.patch_out_dim))
-        self.collapse = EmbeddingStdWatch("ibot")
+        self.collapse = EmbeddingStdWatch(self.metric_prefix)
 
     def patch_heads(self) -> tuple[nn.Module, nn.Module]:
         """(student, teacher) patch heads: the [CLS] heads when shared_head."""
@@ -154,19 +158,14 @@ class IBOT(DINO):
             teacher_tokens = self.teacher_backbone.encode(self.teacher_backbone.embed(globals_))
             teacher_cls = self.teacher_head(teacher_tokens[:, 0]).float()
             teacher_patch = teacher_patch_head(teacher_tokens[:, 1:]).float()
-        student_tokens = self.backbone.encode(self.masked_tokens(globals_, mask))
-        student_logits = list(self.head_net(student_tokens[:, 0]).float().chunk(2))
+        student_tokens, student_logits = self.student_outputs(views, mask)
         student_patch = masked_patch_logits(patch_head, student_tokens[:, 1:], mask)
-        if cfg.local_crops:
-            local_cls = self.backbone.encode(self.backbone.embed(torch.cat(views[2:])))[:, 0]
-            student_logits += list(self.head_net(local_cls).float().chunk(cfg.local_crops))
         cls_temp, patch_temp = self.teacher_temperatures(progress)
         teacher_out = list(teacher_cls.chunk(2))
         cls_loss = dino_loss(student_logits, teacher_out, self.center, cfg.student_temp, cls_temp)
         patch_loss = ibot_patch_loss(student_patch, teacher_patch, mask, self.patch_center, cfg.student_temp,
                                      patch_temp)
-        stats = {k.replace("dino/", "ibot/"): v
-                 for k, v in self._collapse_stats(student_logits[:2], teacher_out, cls_temp).items()}
+        stats = self._collapse_stats(student_logits[:2], teacher_out, cls_temp)
         self._update_centers(teacher_cls, teacher_patch)
         self._loss_sum += cls_loss.detach()
         self._loss_count += 1
@@ -177,6 +176,17 @@ class IBOT(DINO):
         return {"loss": loss + probe, "ibot_cls_loss": cls_loss.detach(), "ibot_patch_loss": patch_loss.detach(),
                 "probe_loss": probe.detach(), "ibot/mask_ratio": mask.mean(), **stats}
 
+    def student_outputs(self, views: list[Tensor], mask: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The student on every crop: the encoded tokens (2N, 1 + L, D) of the 2 global crops (views[0], views[1],
+        each (N, C, H, W)) with the patches of `mask` (2N, L) replaced by the mask token, and the [CLS] head's logits
+        of every crop, a list of (N, K): the 2 global crops, then the `local_crops` unmasked local ones."""
+        tokens = self.backbone.encode(self.masked_tokens(torch.cat(views[:2]), mask))
+        logits = list(self.head_net(tokens[:, 0]).float().chunk(2))
+        if self.cfg.local_crops:
+            local_cls = self.backbone.encode(self.backbone.embed(torch.cat(views[2:])))[:, 0]
+            logits += list(self.head_net(local_cls).float().chunk(self.cfg.local_crops))
+        return tokens, logits
+
     @torch.no_grad()
     def _update_centers(self, teacher_cls: Tensor, teacher_patch: Tensor) -> None:
         """Both centres ← m·centre + (1 − m)·mean teacher logits over the global batch ([CLS]: (2N, K); patches:
@@ -186,12 +196,5 @@ class IBOT(DINO):
         self.patch_center.mul_(self.cfg.center_momentum).add_(patch_mean * (1 - self.cfg.center_momentum))
 
     def epoch_metrics(self) -> dict[str, float]:
-        out = {k.replace("dino/", "ibot/"): v for k, v in super().epoch_metrics().items()}
-        return {**out, **self.collapse.epoch_metrics()}
-
-    def warn_if_collapsed(self, loss: float) -> None:
-        """The [CLS] loss sitting at ln K: uniform outputs (DINO's check, on iBOT's [CLS] loss)."""
-        if not self._warned_collapse and abs(loss - math.log(self.cfg.out_dim)) < 0.01 * math.log(self.cfg.out_dim):
-            warnings.warn(f"iBOT [CLS] loss {loss:.4f} sits at ln K = {math.log(self.cfg.out_dim):.4f}: the outputs "
-                          f"look collapsed to uniform; check teacher_temp, center_momentum and the learning rate")
-            self._warned_collapse = True
+        """DINO's (the [CLS] loss, checked against ln K) and the embedding-std collapse watch."""
+        return {**super().epoch_metrics(), **self.collapse.epoch_metrics()}

@@ -26,7 +26,7 @@ from ..losses import mae_loss
 from ..models.masking import make_mask, patchify, unpatchify
 from ..models.resnet import ResNetBackbone
 from ..models.vit import Block, VisionTransformer, sincos_pos_embed
-from .base import Progress
+from .base import Progress, require_vit
 from .pretext import PretextConfig, PretextMethod
 from .registry import register
 
@@ -78,9 +78,8 @@ class _MaskedMethod(PretextMethod):
 @register("mae", MAEConfig)
 class MAE(_MaskedMethod):
     def __init__(self, cfg, backbone: nn.Module, info) -> None:
-        if not isinstance(backbone, VisionTransformer):
-            raise ConfigError(f"stages[{cfg.name}]: MAE needs a ViT backbone (vit_tiny, vit_small), got "
-                              f"{type(backbone).__name__}; SimMIM (method: simmim) also works with ResNets")
+        require_vit(cfg.name, backbone, "MAE", "its encoder sees the visible patches only (SimMIM, method: "
+                    "simmim, also works with ResNets)")
         super().__init__(cfg, backbone, info)
         dim, dec = backbone.num_features, cfg.decoder_dim
         self.patch, self.grid = backbone.patch_size, backbone.grid
