@@ -26,9 +26,12 @@ METHOD_KEYS = {
     "dash": {"warmup_steps": 100, "rho_window": 20, "rho_update_every": 10},
     "simmatch": {"threshold": 0.95, "proj_size": 64},
     "adamatch": {"threshold": 0.9},
+    "comatch": {},  # USB's defaults (the method's own) at μ 3
+    "remixmatch": {},
 }
 NAMES = {"fixed": "FixMatch", "pseudo_label": "Pseudo-Label", "mean_teacher": "Mean Teacher", "uda": "UDA",
-         "mixmatch": "MixMatch", "dash": "Dash", "simmatch": "SimMatch", "adamatch": "AdaMatch"}
+         "mixmatch": "MixMatch", "dash": "Dash", "simmatch": "SimMatch", "adamatch": "AdaMatch",
+         "comatch": "CoMatch", "remixmatch": "ReMixMatch"}
 
 
 def stages(dataset: str, labels: int, steps: int, size: int, width: int, policy: str | None, device: str, mu: int,

@@ -172,6 +172,10 @@ class ScheduleConfig(Strict):
     gamma: float = Field(0.1, gt=0, le=1)
     plateau_patience: int = Field(3, ge=0)
     plateau_metric: str = "train/loss"
+    weight_decay_end: Optional[float] = Field(
+        None, ge=0, description="the weight decay of the decaying parameter groups follows a cosine from "
+                                "optimizer.weight_decay at step 0 to this at the last step (DINO, iBOT, DINOv2, "
+                                "I-JEPA, MSN); None: optimizer.weight_decay throughout")
 
 
 def _channels_last_field():
@@ -251,7 +255,8 @@ class StageBase(Strict):
         """Put the method's recommended optimizer / schedule / train keys wherever the recipe is silent.
 
         A section whose `name` the recipe sets to another optimizer or schedule than the recommended one takes
-        nothing from the recommendation: an lr tuned for LARS says nothing about SGD."""
+        nothing from the recommendation: an lr tuned for LARS says nothing about SGD. Nor does a weight decay of the
+        recipe's own take the recommended weight_decay_end."""
         if not isinstance(raw, dict) or not cls.recommended:
             return raw
         filled = dict(raw)
@@ -262,6 +267,22 @@ class StageBase(Strict):
             if not isinstance(given, dict) or given.get("name", keys.get("name")) != keys.get("name"):
                 continue
             filled[section] = {**keys, **given}
+        return cls._decay_end_follows_decay(raw, filled)
+
+    @classmethod
+    def _decay_end_follows_decay(cls, raw: dict, filled: dict) -> dict:
+        """A recommended schedule.weight_decay_end belongs to the recommended weight decay: a recipe that sets its
+        own optimizer (another name) or its own optimizer.weight_decay takes no weight_decay_end from the
+        recommendation (one it sets itself stays)."""
+        given_optimizer, given_schedule = raw.get("optimizer"), raw.get("schedule")
+        recommended = cls.recommended.get("optimizer", {})
+        own_decay = isinstance(given_optimizer, dict) and (
+            "weight_decay" in given_optimizer or given_optimizer.get("name", recommended.get("name"))
+            != recommended.get("name"))
+        schedule = filled.get("schedule")
+        from_recipe = isinstance(given_schedule, dict) and "weight_decay_end" in given_schedule
+        if own_decay and isinstance(schedule, dict) and "weight_decay_end" in schedule and not from_recipe:
+            filled["schedule"] = {k: v for k, v in schedule.items() if k != "weight_decay_end"}
         return filled
 
     def stage_references(self) -> dict[str, Optional[str]]:

@@ -105,6 +105,52 @@ def test_fixed_lr_group_keeps_its_base_lr_through_warmup_and_cosine():
         assert lrs["predictor"] == lrs["predictor/no_decay"] == 0.1, step  # 0.2 × lr_scale 0.5, untouched
 
 
+def test_weight_decay_end_is_a_cosine_over_the_run_on_decaying_groups_only():
+    """DINO's cosine_scheduler(0.04, 0.4) over 100 steps, warm-up included: 0.04 at 0, 0.22 at 50, 0.4 − 0.36 · ½(1 +
+    cos(π/4)) at 25, 0.4 at the end; bias/norm groups stay at 0; the lr schedule is unchanged by it; without
+    weight_decay_end the decay stays; a checkpointed optimizer carries the start."""
+    net = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    optimizer = build_optimizer([ParamGroup("backbone", list(net.parameters()))],
+                                OptimizerConfig(name="adamw", lr=0.1, weight_decay=0.04), batch_size=256)
+    ramped = LrSchedule(ScheduleConfig(name="cosine", warmup_epochs=1, weight_decay_end=0.4), 100, 10)
+    plain = LrSchedule(ScheduleConfig(name="cosine", warmup_epochs=1), 100, 10)
+    expected = {0: 0.04, 25: 0.4 - 0.36 * 0.5 * (1 + math.cos(math.pi / 4)), 50: 0.22, 100: 0.4}
+    for step, decay in expected.items():
+        ramped.apply(optimizer.param_groups, step)
+        groups = {g["name"]: g for g in optimizer.param_groups}
+        assert groups["backbone"]["weight_decay"] == pytest.approx(decay, abs=1e-12), step
+        assert groups["backbone/no_decay"]["weight_decay"] == 0.0
+        assert groups["backbone"]["lr"] == pytest.approx(0.1 * plain.factor(step), abs=1e-12)
+    state = optimizer.state_dict()
+    assert [g["base_weight_decay"] for g in state["param_groups"]] == [0.04, None]
+    plain.apply(optimizer.param_groups, 50)
+    assert {g["name"]: g["weight_decay"] for g in optimizer.param_groups} == {"backbone": 0.04,
+                                                                              "backbone/no_decay": 0.0}
+    with pytest.raises(ValueError, match="weight_decay_end"):
+        ScheduleConfig(weight_decay_end=-0.1)
+
+
+def test_dino_family_defaults_ramp_the_weight_decay_as_their_references():
+    from ssl_kit.config import validate_recipe
+
+    ends = {"dino": 0.4, "ibot": 0.4, "dinov2": 0.4, "ijepa": 0.4, "msn": 0.4, "simclr": None}
+    for method, end in ends.items():
+        stage = validate_recipe({"stages": [{"name": "s", "method": method}]}).stages[0]
+        assert stage.schedule.weight_decay_end == end, method
+        if end is not None:
+            assert stage.optimizer.weight_decay == 0.04 and "0.4" in stage.recommended_source, method
+    # the end belongs to the recommended decay: a recipe's own optimizer or weight decay does not take it ...
+    for optimizer in ({"name": "sgd"}, {"weight_decay": 1e-4}):
+        stage = validate_recipe({"stages": [{"name": "s", "method": "dino", "optimizer": optimizer}]}).stages[0]
+        assert stage.schedule.weight_decay_end is None, optimizer
+    # ... unless the recipe sets it too; a recipe's own lr keeps the recommended ramp
+    stage = validate_recipe({"stages": [{"name": "s", "method": "dino", "optimizer": {"weight_decay": 0.1},
+                                         "schedule": {"weight_decay_end": 0.5}}]}).stages[0]
+    assert (stage.optimizer.weight_decay, stage.schedule.weight_decay_end) == (0.1, 0.5)
+    stage = validate_recipe({"stages": [{"name": "s", "method": "dino", "optimizer": {"lr": 1e-3}}]}).stages[0]
+    assert stage.schedule.weight_decay_end == 0.4
+
+
 def test_plateau_reduces_after_patience():
     schedule = LrSchedule(ScheduleConfig(name="plateau", plateau_patience=1, gamma=0.5), 100, 10)
     for loss in (1.0, 0.9, 0.95, 0.95):

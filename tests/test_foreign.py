@@ -161,3 +161,23 @@ def test_cli_knn_and_recipe_init_from_a_dino_checkpoint(tmp_path, capsys):
     record = torch.load(run_dir / "backbone.pt", weights_only=True)
     assert record["arch"] == "timm:resnet18" and record["kwargs"] == {"channels": [8, 16, 32, 64], "stem_width": 8}
     assert 0 <= summary["finetune/test/top1"] <= 1
+
+
+@pytest.mark.parametrize("kwargs", [{"reg_tokens": 2}, {"reg_tokens": 4, "no_embed_class": True}],
+                         ids=["classic-table", "dinov2-table"])
+def test_timm_vit_with_registers_loads_with_its_size_and_features(tmp_path, kwargs):
+    """A timm ViT with register tokens saved as safetensors (DINOv2-reg's table has no cls/register rows): the
+    image size is read from the position table's patch rows, and the loaded backbone's features equal timm's."""
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, embed_dim=32,
+                               depth=2, num_heads=2, **kwargs).eval()
+    with torch.no_grad():
+        source.reg_token.normal_()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "reg.safetensors")
+    arch = "timm:vit_tiny_patch16_224," + ",".join(f"{k}={v}" for k, v in
+                                                   {"embed_dim": 32, "depth": 2, "num_heads": 2, **kwargs}.items())
+    record = resolve_checkpoint(f"{tmp_path / 'reg.safetensors'}@{arch}")
+    assert record["data"]["image_size"] == 32
+    backbone = build_from_record(record).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(backbone(x), source(x), atol=1e-5)

@@ -50,8 +50,39 @@ def test_library_backbone_kwargs_and_errors():
         build_backbone("timm:resnet18", 3, 32, {"num_classes": 10})
     with pytest.raises(ConfigError, match="unknown torchvision model 'resnet19'"):
         build_backbone("torchvision:resnet19", 3, 32)
-    with pytest.raises(ConfigError, match="register/distillation tokens"):
-        build_backbone("timm:vit_tiny_patch16_224", 3, 16, {**TIMM_VIT_KWARGS, "reg_tokens": 2})
+    with pytest.raises(ConfigError, match="no class token"):
+        build_backbone("timm:vit_tiny_patch16_224", 3, 16, {**TIMM_VIT_KWARGS, "class_token": False,
+                                                            "global_pool": "avg"})
+
+
+@pytest.mark.parametrize("no_embed_class", [False, True], ids=["classic-table", "no-embed-class"])
+def test_timm_vit_with_registers_is_timms_forward(no_embed_class):
+    """timm ViTs with register tokens, with a position row per prefix token (timm's classic layout) or none
+    (DINOv2's no_embed_class): the adapter's state dict is timm's, its features equal timm's, encode drops the
+    registers (cls + patches, as our ViT), other grids resample the patch rows only, reg_token is layer 0."""
+    import timm
+
+    from ssl_kit.methods.param_groups import layer_decay_groups
+    from ssl_kit.models.foreign import position_grid
+
+    kwargs = {**TIMM_VIT_KWARGS, "reg_tokens": 3, "no_embed_class": no_embed_class}
+    ours = build_backbone("timm:vit_tiny_patch16_224", 1, 16, kwargs).eval()
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, in_chans=1, img_size=16,
+                                  **kwargs).eval()
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    assert ours.num_registers == 3 and ours.pos_embed.shape[1] == (16 if no_embed_class else 20)
+    with torch.no_grad():
+        ours.reg_token.normal_(std=1.0)  # registers that matter: a wrong position or order changes the features
+        reference.reg_token.copy_(ours.reg_token)
+    x = torch.randn(3, 1, 16, 16)
+    assert torch.allclose(ours(x), reference(x), atol=1e-5)
+    full = reference.forward_features(x)  # (N, 1 + 3 + 16, D)
+    assert torch.allclose(ours.encode(ours.embed(x)), torch.cat([full[:, :1], full[:, 4:]], dim=1), atol=1e-5)
+    assert ours.encode(ours.embed(x)[:, :5]).shape == (3, 6, 32)
+    assert ours.embed(torch.randn(2, 1, 8, 8)).shape == (2, 4, 32)
+    layer0 = next(g for g in layer_decay_groups(ours, 0.5) if g.name == "layer0")
+    assert any(p is ours.reg_token for p in layer0.params)
+    assert position_grid({k: v for k, v in ours.state_dict().items()}) == 4
 
 
 def _train(tmp_path, method, backbone, **extra):

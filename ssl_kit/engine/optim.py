@@ -138,7 +138,7 @@ def lr_scaling_message(cfg: OptimizerConfig, batch_size: int) -> str:
 def build_optimizer(groups: list[ParamGroup], cfg: OptimizerConfig, batch_size: int,
                     device: Optional[torch.device] = None) -> torch.optim.Optimizer:
     """torch optimizer whose param groups carry 'base_lr' (lr × lr_scale), 'fixed_lr' (the schedule leaves the group
-    at base_lr) and 'name' for the scheduler/logging; its kernels per optimizer.implementation on `device`."""
+    at base_lr), 'base_weight_decay' (None for groups without decay) and 'name' for the scheduler/logging; its kernels per optimizer.implementation on `device`."""
     lr = scaled_lr(cfg, batch_size)
     torch_groups = []
     for group in (g for raw in groups for g in split_decay(raw, cfg.exclude_norm_and_bias)):
@@ -150,6 +150,7 @@ def build_optimizer(groups: list[ParamGroup], cfg: OptimizerConfig, batch_size: 
         if cfg.name == "lars":
             entry["lars"] = group.weight_decay  # no adaptation for biases and norm parameters either
         entry.update(group.extra)
+        entry["base_weight_decay"] = cfg.weight_decay if group.weight_decay else None  # the schedule's start
         torch_groups.append(entry)
     implementation = optimizer_implementation(cfg.name, cfg.implementation, device)
     kernels = {"fused": True} if implementation == "fused" else {"foreach": implementation == "foreach"}

@@ -1,6 +1,7 @@
 """Per-iteration learning-rate factors: linear warmup, then cosine / FixMatch cosine / step / multistep /
 exponential / constant; and a plateau scheduler driven by a monitored metric. Param groups marked 'fixed_lr' keep
-their base lr (`LrSchedule.apply`)."""
+their base lr (`LrSchedule.apply`). With `weight_decay_end`, the decaying groups' weight decay follows a cosine over
+the run as well."""
 from __future__ import annotations
 
 import math
@@ -40,12 +41,26 @@ class LrSchedule:
             return self.plateau_scale
         return 1.0
 
+    def weight_decay(self, start: float, step: int) -> float:
+        """The weight decay at `step` of a group that decays from `start`: with weight_decay_end, the cosine
+        end + (start − end) · ½(1 + cos(π · step / total)) over the whole run, warm-up included (DINO's and iBOT's
+        cosine_scheduler(weight_decay, weight_decay_end), DINOv2's, I-JEPA's and MSN's CosineWDSchedule); without,
+        `start`."""
+        end = self.cfg.weight_decay_end
+        if end is None:
+            return start
+        progress = min(max(step / self.total, 0.0), 1.0)
+        return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
     def apply(self, param_groups: list[dict], step: int) -> None:
         """Set each torch param group's lr to base_lr × factor(step), or to base_lr when its 'fixed_lr' is set
-        (no warmup either: the group trains at its base lr from step 0, as SimSiam's predictor)."""
+        (no warmup either: the group trains at its base lr from step 0, as SimSiam's predictor); and the weight
+        decay of every group with a 'base_weight_decay' (groups without decay have None and keep 0)."""
         factor = self.factor(step)
         for group in param_groups:
             group["lr"] = group["base_lr"] * (1.0 if group.get("fixed_lr", False) else factor)
+            if group.get("base_weight_decay") is not None:
+                group["weight_decay"] = self.weight_decay(group["base_weight_decay"], step)
 
     # plateau: reduce by gamma after `patience` epochs without improvement of the monitored metric (lower = better
     # for names ending in 'loss', else higher = better)

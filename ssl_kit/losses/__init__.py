@@ -7,6 +7,7 @@ from .adamatch import distribution_alignment, random_logit_interpolation, relati
 from .barlow_twins import BarlowTwinsLoss, barlow_twins_loss
 from .contrastive import InfoNCELoss, NTXentLoss, info_nce_loss, nt_xent_loss
 from .crmatch import crmatch_feature_distance_loss
+from .darp import darp_refine, darp_target, remove_noisy_entries
 from .dash import dash_mask, dash_threshold, dash_weak_loss
 from .debiaspl import adaptive_marginal_loss, debiased_probs, debiased_pseudo_labels, prior_update
 from .dcl import DCLLoss, dcl_loss, vmf_weights
@@ -31,6 +32,7 @@ from .semi_supervised import (mean_teacher_loss, mixmatch_loss, mixmatch_targets
 from .sequencematch import sequencematch_loss
 from .simmatch import simmatch_in_loss, simmatch_unfold_aggregate
 from .comatch import comatch_contrastive_loss, comatch_memory_smoothing, comatch_pseudo_label_graph
+from .remixmatch import remixmatch_distribution_alignment, remixmatch_guess, remixmatch_loss
 from .supcon import SupConLoss, supcon_loss
 from .swav import SwAVLoss, sinkhorn, swav_loss
 from .tico import TiCoLoss, tico_loss
@@ -55,6 +57,7 @@ __all__ = [
     "random_logit_interpolation", "distribution_alignment", "dash_threshold", "dash_weak_loss", "dash_mask",
     "simmatch_unfold_aggregate", "simmatch_in_loss",
     "comatch_memory_smoothing", "comatch_pseudo_label_graph", "comatch_contrastive_loss",
+    "remixmatch_distribution_alignment", "remixmatch_guess", "remixmatch_loss",
     "defixmatch_loss", "kl_consistency_loss", "refixmatch_low_confidence_loss", "sequencematch_loss",
     "crmatch_feature_distance_loss",
     "virtual_adversarial_perturbation", "vat_loss", "entropy_minimization_loss", "kl_divergence_from_logits",
@@ -63,6 +66,7 @@ __all__ = [
     "debiased_pseudo_labels", "debiased_probs", "prior_update", "adaptive_marginal_loss",
     "logit_adjustment", "logit_adjusted_loss", "adjusted_pseudo_labels", "symmetric_kl", "anchor_distances", "acr_tau",
     "abc_keep_probs", "abc_unlabeled_keep_probs", "bernoulli_mask", "abc_loss",
+    "darp_refine", "darp_target", "remove_noisy_entries",
     # distillation
     "dkd_loss", "multi_teacher_kd_loss", "hint_loss",
 ]

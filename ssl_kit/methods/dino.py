@@ -33,8 +33,8 @@ class DINOConfig(PretextConfig):
 
     method: Literal["dino"]
 
-    recommended = {"optimizer": {"name": "adamw", "lr": 0.0005, "lr_scaling": "linear", "base_batch_size": 256, "weight_decay": 0.04, "betas": [0.9, 0.999]}, "schedule": {"name": "cosine", "warmup_epochs": 10, "min_lr_ratio": 0.002}, "train": {"clip_grad_norm": 3.0}}
-    recommended_source = ("DINO (Caron et al. 2021) reference main_dino.py: AdamW, lr 5e-4 × batch/256, weight decay 0.04, 10 warm-up epochs, cosine to 1e-6, gradient clipping at norm 3.0")
+    recommended = {"optimizer": {"name": "adamw", "lr": 0.0005, "lr_scaling": "linear", "base_batch_size": 256, "weight_decay": 0.04, "betas": [0.9, 0.999]}, "schedule": {"name": "cosine", "warmup_epochs": 10, "min_lr_ratio": 0.002, "weight_decay_end": 0.4}, "train": {"clip_grad_norm": 3.0}}
+    recommended_source = ("DINO (Caron et al. 2021) reference main_dino.py: AdamW, lr 5e-4 × batch/256, weight decay 0.04 rising to 0.4 along a cosine (weight_decay_end), 10 warm-up epochs, cosine to 1e-6, gradient clipping at norm 3.0")
     out_dim: int = Field(4096, ge=2, description="prototypes K of the DINO head")
     head_hidden_dim: int = Field(2048, ge=1)
     bottleneck_dim: int = Field(256, ge=1)

@@ -42,8 +42,8 @@ class DINOv2Config(IBOTConfig):
 
     method: Literal["dinov2"]
 
-    recommended = {"optimizer": {"name": "adamw", "lr": 0.004, "lr_scaling": "sqrt", "base_batch_size": 1024, "weight_decay": 0.04, "betas": [0.9, 0.999]}, "schedule": {"name": "cosine", "warmup_epochs": 10, "min_lr_ratio": 0.00025}, "train": {"clip_grad_norm": 3.0}}
-    recommended_source = ("DINOv2 (Oquab et al. 2023) reference dinov2/configs/ssl_default_config.yaml: AdamW β (0.9, 0.999), base lr 4e-3 × √(batch/1024) (scaling_rule sqrt_wrt_1024), weight decay 0.04 (the reference's cosine ramp to 0.4 is not modelled: the weight decay stays 0.04), 10 warm-up epochs, cosine to min_lr 1e-6 (= 2.5e-4 × 4e-3), gradient clipping at norm 3.0")
+    recommended = {"optimizer": {"name": "adamw", "lr": 0.004, "lr_scaling": "sqrt", "base_batch_size": 1024, "weight_decay": 0.04, "betas": [0.9, 0.999]}, "schedule": {"name": "cosine", "warmup_epochs": 10, "min_lr_ratio": 0.00025, "weight_decay_end": 0.4}, "train": {"clip_grad_norm": 3.0}}
+    recommended_source = ("DINOv2 (Oquab et al. 2023) reference dinov2/configs/ssl_default_config.yaml: AdamW β (0.9, 0.999), base lr 4e-3 × √(batch/1024) (scaling_rule sqrt_wrt_1024), weight decay 0.04 rising to 0.4 along a cosine (weight_decay_end 0.4; its ViT-g/14 config ends at 0.2), 10 warm-up epochs, cosine to min_lr 1e-6 (= 2.5e-4 × 4e-3), gradient clipping at norm 3.0")
     out_dim: int = Field(65536, ge=2, description="prototypes K of the [CLS] head (dino.head_n_prototypes)")
     patch_out_dim: int = Field(65536, ge=2, description="prototypes of the patch head (ibot.head_n_prototypes; "
                                                         "= out_dim when shared_head)")

@@ -33,8 +33,8 @@ class IBOTConfig(DINOConfig):
 
     method: Literal["ibot"]
 
-    recommended = {"optimizer": {"name": "adamw", "lr": 0.0005, "lr_scaling": "linear", "base_batch_size": 256, "weight_decay": 0.04, "betas": [0.9, 0.999]}, "schedule": {"name": "cosine", "warmup_epochs": 10, "min_lr_ratio": 0.002}, "train": {"clip_grad_norm": 3.0}}
-    recommended_source = ("iBOT (Zhou et al. 2022) reference main_ibot.py: AdamW, lr 5e-4 × batch/256, weight decay 0.04, 10 warm-up epochs, cosine to 1e-6, gradient clipping at norm 3.0")
+    recommended = {"optimizer": {"name": "adamw", "lr": 0.0005, "lr_scaling": "linear", "base_batch_size": 256, "weight_decay": 0.04, "betas": [0.9, 0.999]}, "schedule": {"name": "cosine", "warmup_epochs": 10, "min_lr_ratio": 0.002, "weight_decay_end": 0.4}, "train": {"clip_grad_norm": 3.0}}
+    recommended_source = ("iBOT (Zhou et al. 2022) reference main_ibot.py: AdamW, lr 5e-4 × batch/256, weight decay 0.04 rising to 0.4 along a cosine (weight_decay_end), 10 warm-up epochs, cosine to 1e-6, gradient clipping at norm 3.0")
     out_dim: int = Field(8192, ge=2, description="prototypes K of the [CLS] head")
     patch_out_dim: int = Field(8192, ge=2, description="prototypes of the patch head (= out_dim when shared_head)")
     shared_head: bool = Field(True, description="one head for [CLS] and patch tokens (iBOT's ViT-S/16 setting)")

@@ -56,11 +56,11 @@ class IJEPAConfig(PretextConfig):
 
     method: Literal["ijepa"]
 
-    recommended = {"optimizer": {"name": "adamw", "lr": 0.001, "lr_scaling": "linear", "base_batch_size": 2048, "weight_decay": 0.04, "betas": [0.9, 0.999]}, "schedule": {"name": "cosine", "warmup_epochs": 40, "warmup_start": 0.2, "min_lr_ratio": 0.001}}
+    recommended = {"optimizer": {"name": "adamw", "lr": 0.001, "lr_scaling": "linear", "base_batch_size": 2048, "weight_decay": 0.04, "betas": [0.9, 0.999]}, "schedule": {"name": "cosine", "warmup_epochs": 40, "warmup_start": 0.2, "min_lr_ratio": 0.001, "weight_decay_end": 0.4}}
     recommended_source = ("I-JEPA reference config configs/in1k_vith14_ep300.yaml (facebookresearch/ijepa): AdamW, "
                           "lr 1e-3 at batch 2048 (16 GPUs x 128), linear warm-up from 2e-4 over 40 epochs, cosine to "
-                          "1e-6, no gradient clipping; weight decay 0.04, held there (the reference ramps it linearly "
-                          "to 0.4, a schedule ssl_kit's optimizer does not have)")
+                          "1e-6, no gradient clipping; weight decay 0.04 rising to 0.4 along a cosine over the run "
+                          "(its CosineWDSchedule, final_weight_decay 0.4)")
     predictor_depth: Optional[int] = Field(None, ge=1, le=64, description="predictor blocks; default: half the "
                                            "encoder's depth, at least 1 (the paper's ViT-B/16: 6 for 12)")
     predictor_dim: Optional[int] = Field(None, ge=4, le=4096, description="predictor width; default: half the "

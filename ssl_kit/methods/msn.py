@@ -44,12 +44,13 @@ class MSNConfig(PretextConfig):
 
     recommended = {"optimizer": {"name": "adamw", "lr": 0.001, "lr_scaling": "linear", "base_batch_size": 1024,
                                  "weight_decay": 0.04, "betas": [0.9, 0.999]},
-                   "schedule": {"name": "cosine", "warmup_epochs": 15, "warmup_start": 0.2, "min_lr_ratio": 0.001},
+                   "schedule": {"name": "cosine", "warmup_epochs": 15, "warmup_start": 0.2, "min_lr_ratio": 0.001,
+                                "weight_decay_end": 0.4},
                    "train": {"clip_grad_norm": 3.0}}
     recommended_source = (f"{REFERENCE} (ViT-S/16): AdamW, lr 1e-3 (taken at batch 1024: the config's batch_size "
                           f"64 is per GPU), warm-up 15 epochs from 2e-4, cosine to 1e-6, gradient clipping 3.0; "
-                          f"weight decay 0.04, held there (the reference ramps it to 0.4, a schedule ssl_kit's "
-                          f"optimizer does not have)")
+                          f"weight decay 0.04 rising to 0.4 along a cosine over the run (its CosineWDSchedule, "
+                          f"final_weight_decay 0.4)")
     num_prototypes: int = Field(1024, ge=2, le=65536, description="K learnable prototypes (the reference: 1024)")
     hidden_dim: int = Field(2048, ge=1, description="projection head hidden width (the reference: 2048)")
     output_dim: int = Field(256, ge=1, description="projection / prototype dimension (the reference: 256)")

@@ -162,6 +162,15 @@ def _refuse_shape(where: str, key: str, value: Tensor, expected: str) -> Checkpo
                            f"this file is not a real network's")
 
 
+def check_tensors(state: dict, where: str) -> None:
+    """Every kept value is a tensor under a string key (a crafted file may hold numbers, strings or None among its
+    weights; found by fuzzing): CheckpointError naming the first other one."""
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            raise CheckpointError(f"{where}: {str(key)[:80]!r} holds a {type(value).__name__}, not a tensor: the "
+                                  f"backbone weights must all be tensors")
+
+
 def check_shape_metadata(state: dict, where: str) -> None:
     """The tensors the architecture is inferred from (a ViT's patch weight and position table, the first
     convolution) have the ranks and non-zero sizes a real network has: crafted ones are refused by name, before
@@ -186,6 +195,20 @@ def infer_kwargs(arch: str, state: dict) -> dict[str, Any]:
     return {}
 
 
+def position_grid(state: dict) -> int:
+    """The patch grid's side from a ViT position table (1, rows, D): rows = grid² plus a row per prefix token (cls
+    and the registers of `reg_token` (1, R, D)) in timm's classic layout, or grid² alone (`no_embed_class`, as
+    DINOv2's); the classic reading wins when both fit."""
+    rows = int(state["pos_embed"].shape[1])
+    reg = state.get("reg_token")
+    registers = int(reg.shape[1]) if isinstance(reg, Tensor) and reg.ndim == 3 else 0
+    for prefix in (1 + registers, 0):
+        side = math.isqrt(max(rows - prefix, 0))
+        if side > 0 and side * side == rows - prefix:
+            return side
+    return max(1, math.isqrt(max(rows - 1, 1)))
+
+
 def infer_data_info(arch: str, state: dict, image_size: Optional[int]) -> dict:
     """Input format of foreign weights: channels from the first convolution, the size from a ViT's position table
     (else `image_size`, else the library default), normalisation from timm's config or ImageNet's."""
@@ -199,8 +222,7 @@ def infer_data_info(arch: str, state: dict, image_size: Optional[int]) -> dict:
         if cfg is not None:
             mean, std, size = list(cfg.mean), list(cfg.std), int(cfg.input_size[-1])
     if "pos_embed" in state and "patch_embed.proj.weight" in state:
-        grid = math.isqrt(state["pos_embed"].shape[1] - 1)
-        size = grid * int(state["patch_embed.proj.weight"].shape[-1])
+        size = position_grid(state) * int(state["patch_embed.proj.weight"].shape[-1])
     if channels != len(mean):
         mean, std = [sum(mean) / len(mean)] * channels, [sum(std) / len(std)] * channels
     return {"num_classes": 0, "classes": [], "channels": channels, "image_size": image_size or size,
@@ -222,7 +244,8 @@ def _sequential_to_children(state: dict, module: nn.Module) -> dict:
     out = {}
     for key, value in state.items():
         index, _, rest = key.partition(".")
-        out[f"{names[int(index)]}.{rest}" if index.isdigit() and int(index) < len(names) else key] = value
+        child = index.isdecimal() and len(index) < 10 and int(index) < len(names)  # not '²' (isdigit, no int)
+        out[f"{names[int(index)]}.{rest}" if child else key] = value
     return out
 
 
@@ -234,7 +257,7 @@ def fit_state(backbone: nn.Module, state: dict[str, Tensor], source: str) -> tup
     """Rename `state` to `backbone`'s keys; -> (state ready for a strict load, dropped classifier keys).
     Missing/unexpected keys and shape mismatches raise CheckpointError naming the keys."""
     prefix, inner = _inner(backbone)
-    if state and all(k.split(".", 1)[0].isdigit() for k in state):
+    if state and all(k.split(".", 1)[0].isdecimal() for k in state):
         state = _sequential_to_children(state, inner)
     own = backbone.state_dict()
     if prefix and not any(k in own for k in state):
@@ -271,10 +294,14 @@ def foreign_record(data: dict, path: str, layout: Optional[str] = None, arch: Op
     """A loaded foreign checkpoint -> the fields of an ssl_kit backbone record (arch, kwargs, data, state_dict; see
     engine/checkpoint.py) whose state dict fits the architecture exactly, and 'source': file, layout, dropped keys."""
     detected = layout is None
-    layout = layout or detect_layout(data)
+    try:
+        layout = layout or detect_layout(data)
+    except CheckpointError as exc:  # found by fuzzing: the message did not name the file
+        raise CheckpointError(f"{path!r}: {exc}") from None
     state, dropped = layout_state(data, layout)
     if not state:
         raise CheckpointError(f"{path!r} ({layout} layout): no backbone weights found")
+    check_tensors(state, f"{path!r} ({layout} layout)")
     arch = arch or _file_arch(data)
     if arch is None:
         plain = " is not an ssl_kit backbone or training checkpoint (no 'format' field); read as" \

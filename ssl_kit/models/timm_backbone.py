@@ -4,7 +4,8 @@ Nothing is downloaded (pretrained=False always). The model is created with num_c
 (N, C, H, W) to its pooled pre-logits features (N, num_features); `in_chans` is the data's channel count and
 models with a fixed input size (ViT, Swin, ...) get `img_size` = the data's image size unless the kwargs give one.
 
-A plain timm ViT (class token, learned absolute position embedding, no register tokens) becomes a `TimmViT`: its
+A timm ViT with a class token and a learned absolute position embedding (register tokens and DINOv2's / DeiT III's
+position table without a class entry, `no_embed_class`, included) becomes a `TimmViT`: its
 modules are registered under timm's own names (so its state dict is exactly timm's) and it offers the interface
 MAE/SimMIM and layer-wise lr decay use from our VisionTransformer (`embed`, `encode`, `pos_embed`, `patch_size`,
 `grid`, `depth`), so the masked-image methods encode only the visible patches of a timm ViT too.
@@ -96,7 +97,10 @@ class TimmViT(VisionTransformer):
         for name, child in model.named_children():
             if name not in ("head", "attn_pool"):
                 self.add_module(name, child)
-        self.cls_token, self.pos_embed = model.cls_token, model.pos_embed
+        self.cls_token, self.reg_token, self.pos_embed = model.cls_token, model.reg_token, model.pos_embed
+        self.num_registers = int(getattr(model, "num_reg_tokens", 0))
+        # rows of the position table before the patches': cls + registers (timm's classic layout), or none
+        self.prefix_positions = 0 if model.no_embed_class else 1 + self.num_registers
         self.patch_embed.strict_img_size = False  # other grids (DINO's local crops) resample the position table
         patch = model.patch_embed.patch_size
         self.patch_size, self.grid = int(patch[0]), int(model.patch_embed.grid_size[0])
@@ -116,16 +120,24 @@ class TimmViT(VisionTransformer):
             tokens = tokens.flatten(1, 2)
         else:
             grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
-        pos = self.pos_embed[:, 1:]
+        pos = self.pos_embed[:, self.prefix_positions:]
         if grid != (self.grid, self.grid):
             pos = resample_abs_pos_embed(pos, new_size=list(grid), old_size=[self.grid, self.grid], num_prefix_tokens=0)
         return tokens + pos
 
+    def prefix_tokens(self) -> torch.Tensor:
+        """(1, 1 + R, D): the cls token and the R register tokens, with their rows of the position table when it
+        has them (timm's classic layout; none with no_embed_class, as timm)."""
+        prefix = self.cls_token if self.reg_token is None else torch.cat([self.cls_token, self.reg_token], dim=1)
+        return prefix + self.pos_embed[:, :self.prefix_positions] if self.prefix_positions else prefix
+
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """patch tokens (N, L', D) (all or a visible subset) -> normalised (N, 1 + L', D) with the cls token first."""
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        x = self.norm_pre(self.patch_drop(self.pos_drop(torch.cat([cls, tokens], dim=1))))
-        return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
+        """patch tokens (N, L', D) (all or a visible subset) -> normalised (N, 1 + L', D) with the cls token first;
+        register tokens ride through the blocks and are dropped here, as in our ViT."""
+        prefix = self.prefix_tokens().expand(tokens.shape[0], -1, -1)
+        x = self.norm_pre(self.patch_drop(self.pos_drop(torch.cat([prefix, tokens], dim=1))))
+        x = self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
+        return x if not self.num_registers else torch.cat([x[:, :1], x[:, 1 + self.num_registers:]], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.encode(self.embed(x))
@@ -138,10 +150,10 @@ def _check_plain_vit(model: nn.Module) -> None:
     problems = []
     if getattr(model, "cls_token", None) is None:
         problems.append("no class token")
-    if getattr(model, "reg_token", None) is not None or getattr(model, "num_prefix_tokens", 1) != 1:
-        problems.append("register/distillation tokens")
-    if getattr(model, "pos_embed", None) is None or getattr(model, "no_embed_class", False):
-        problems.append("position embedding without a class-token entry")
+    if getattr(model, "num_prefix_tokens", 1) != 1 + int(getattr(model, "num_reg_tokens", 0)):
+        problems.append("distillation tokens")
+    if getattr(model, "pos_embed", None) is None:
+        problems.append("no learned position embedding")
     if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg"):
         problems.append(f"global_pool {model.global_pool!r}")
     patch = model.patch_embed.patch_size
