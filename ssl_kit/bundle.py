@@ -142,6 +142,8 @@ def _read_member(run: Path, name: str, archive: Path, decode_json: bool = True):
         raise ConfigError(f"{where} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{where} is not JSON: {exc}") from None
+    except RecursionError:  # found by fuzzing: '[' * 100000 exhausts the JSON decoder's stack
+        raise ConfigError(f"{where} nests JSON too deeply to be an ssl_kit file") from None
 
 
 def validate_bundle(run: Path, archive: Path) -> None:

@@ -13,6 +13,9 @@ setting its environment variable (e.g. ``SSL_KIT_MAX_DATA_BYTES=64e9``).
 | MAX_PARAMS         | 2 000 000 000  | parameters of a backbone built from a recipe or a checkpoint        |
 | MAX_ARCH_INT       | 65 536         | any integer architecture setting (width, depth, patch size, ...)    |
 | MAX_BATCH_PIXELS   | 2**31          | images per step (batch × (1 + mu)) × channels × image_size²         |
+| MAX_LIST_BYTES     | 2 GiB          | size of a file list (filelist:FILE, data.labels CSV)                |
+| MAX_LIST_LINE_BYTES| 65 536         | one line of a file list (a path is at most 4 096 bytes on Linux)    |
+| MAX_SHARDS         | 1 000 000      | shard paths a webdataset brace pattern or glob expands to           |
 
 Every SSL_KIT_* variable (the caps above, SSL_KIT_DIST_TIMEOUT_MIN, SSL_KIT_EVAL_CHUNK_ROWS) is read by one
 parser, `knob`, with its kind and range in KNOBS: a value that is not a finite number of that kind in range (abc,
@@ -39,6 +42,9 @@ DEFAULTS = {
     "MAX_PARAMS": 2_000_000_000,
     "MAX_ARCH_INT": 65_536,
     "MAX_BATCH_PIXELS": 1 << 31,
+    "MAX_LIST_BYTES": 2 << 30,
+    "MAX_LIST_LINE_BYTES": 1 << 16,
+    "MAX_SHARDS": 1_000_000,
 }
 
 

@@ -40,7 +40,7 @@ def _check_zip_sizes(path: Path, what: str) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             declared = sum(info.file_size for info in archive.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:  # 'zip file version 6.4'
         raise CheckpointError(f"{what} {str(path)!r} is a corrupt zip archive: {exc}") from None
     if declared > 4 * size + (1 << 20):
         raise CheckpointError(f"{what} {str(path)!r} declares {declared:,} bytes of content in a {size:,}-byte file "

@@ -26,19 +26,20 @@ from __future__ import annotations
 
 import csv
 import glob
-import io
+import itertools
 import json
 import os
+import re
 import stat
 import tarfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
-from braceexpand import braceexpand
+from braceexpand import UnbalancedBracesError, braceexpand, char_range_re, int_range_re, make_char_range
 
 from ..errors import DataError
 from ..limits import cache_root, how_to_raise, limit
@@ -50,6 +51,8 @@ TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SPLIT_FOLDERS = ("train", "val", "test")
 CLS_MAX_BYTES = 64  # a tar KEY.cls member holds one class number
 BYTES_PER_PIXEL_CAP = 8  # an uncompressed 16-bit RGBA file: no image within MAX_IMAGE_PIXELS needs more
+CLASS_NUMBER = re.compile(r"-?[0-9]+")  # ASCII digits: '²'.isdigit() is true, yet int('²') fails
+MAX_BRACE_DEPTH = 16  # nesting of a webdataset brace pattern (real ones nest 1 or 2 deep)
 
 
 def max_image_file_bytes() -> int:
@@ -320,7 +323,11 @@ def _class_table(raw: list[str], where: str) -> tuple[list[int], list[str]]:
     """Label strings ('' = unlabeled) -> (ints, classes). All-integer labels keep their values (classes '0'..'K');
     names are numbered in sorted order."""
     given = [r for r in raw if r != ""]
-    if all(r.lstrip("-").isdigit() for r in given):
+    if all(CLASS_NUMBER.fullmatch(r) for r in given):
+        huge = next((r for r in given if len(r.lstrip("-")) > 18), None)
+        if huge is not None:
+            raise DataError(f"{where}: label {huge[:40]!r}{'...' if len(huge) > 40 else ''} is not a usable class "
+                            f"number: class numbers must be below {max_classes():,}; {how_to_raise('MAX_ARCH_INT')}")
         values = [int(r) for r in given]
         if values and min(values) < 0:
             raise DataError(f"{where}: negative label {min(values)} (leave the label empty for an unlabeled image)")
@@ -332,22 +339,58 @@ def _class_table(raw: list[str], where: str) -> tuple[list[int], list[str]]:
     return [lookup[r] if r != "" else -1 for r in raw], classes
 
 
-def _read_rows(path: str) -> list[tuple[int, str, str]]:
-    """A CSV/TSV/text list -> (line number, path, label or ''); a header row 'path[,label]' is skipped."""
+def _open_list(path: str):
+    """A file list opened for binary reading, never blocking on a FIFO nor reading a device: DataError naming the
+    file when it cannot be opened, is not a regular file, or is larger than MAX_LIST_BYTES."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"file list {path!r} cannot be read: {exc}") from None
-    lines = text.splitlines()
-    first = next((line for line in lines if line.strip()), "")
-    delimiter = "\t" if path.endswith(".tsv") or "\t" in first else ","
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise DataError(f"file list {path!r} cannot be read: {exc.strerror or exc}") from None
+    handle = os.fdopen(fd, "rb")
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > limit("MAX_LIST_BYTES"):
+        handle.close()
+        what = "is not a regular file (a folder, device, FIFO or socket)" if not stat.S_ISREG(info.st_mode) else \
+            f"is {info.st_size:,} bytes; {how_to_raise('MAX_LIST_BYTES')}"
+        raise DataError(f"file list {path!r} {what}")
+    return handle
+
+
+def _list_lines(handle, path: str) -> Iterator[str]:
+    """The decoded lines of an open file list, each read with a bounded readline: DataError naming the file and the
+    line for a line longer than MAX_LIST_LINE_BYTES (never read whole), a NUL byte, bytes that are not UTF-8, or a
+    file that grows past MAX_LIST_BYTES while it is read."""
+    line_cap, total_cap, total = limit("MAX_LIST_LINE_BYTES"), limit("MAX_LIST_BYTES"), 0
+    for number in itertools.count(1):
+        raw = handle.readline(line_cap + 1)
+        if not raw:
+            return
+        total += len(raw)
+        if len(raw) > line_cap and not raw.endswith(b"\n"):
+            raise DataError(f"{path}:{number}: a line longer than {line_cap:,} bytes (a row is a path of at most "
+                            f"4,096 bytes and a label); {how_to_raise('MAX_LIST_LINE_BYTES')}")
+        if total > total_cap:
+            raise DataError(f"file list {path!r} grew past {total_cap:,} bytes while read; "
+                            f"{how_to_raise('MAX_LIST_BYTES')}")
+        if b"\0" in raw:
+            column = raw.index(b"\0") + 1
+            raise DataError(f"{path}:{number}: a NUL byte at column {column}: not a text file list")
+        try:
+            yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}:{number}: not UTF-8 text ({exc.reason} at column {exc.start + 1})") from None
+
+
+def _parse_rows(reader, path: str) -> list[tuple[int, str, str]]:
+    """csv rows -> (line number, path, label or ''); blank rows and a header 'path[,label]' on line 1 skipped.
+    DataError naming the file and the line for a malformed row."""
     rows = []
-    for number, row in enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), start=1):
-        cells = [c.strip() for c in row]
+    for row in reader:
+        number, cells = reader.line_num, [c.strip() for c in row]
         if not cells or not any(cells):
             continue
         if len(cells) > 2:
-            raise DataError(f"{path}:{number}: expected 'path[,label]', got {len(cells)} columns: {row!r}")
+            raise DataError(f"{path}:{number}: expected 'path[,label]', got {len(cells)} columns: {row!r}"[:500])
         if number == 1 and cells[0].lower() in ("path", "file", "filename") and cells[-1].lower() in (
                 "label", "class", cells[0].lower()):
             continue
@@ -357,13 +400,31 @@ def _read_rows(path: str) -> list[tuple[int, str, str]]:
     return rows
 
 
+def _read_rows(path: str) -> list[tuple[int, str, str]]:
+    """A CSV/TSV/text list -> (line number, path, label or ''), read through a bounded reader (_open_list,
+    _list_lines); a header row 'path[,label]' is skipped. Tab-delimited when the file ends in .tsv or its first
+    non-blank line holds a tab."""
+    with _open_list(path) as handle:
+        lines, head = _list_lines(handle, path), []
+        for line in lines:
+            head.append(line)
+            if line.strip():
+                break
+        delimiter = "\t" if path.endswith(".tsv") or "\t" in (head[-1] if head else "") else ","
+        reader = csv.reader(itertools.chain(head, lines), delimiter=delimiter)
+        try:
+            return _parse_rows(reader, path)
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: not a CSV row ({exc})") from None
+
+
 def note_label(found: dict, key, raw_path: str, label: str, number: int, where: str) -> None:
     """Record `label` (line `number` of `where`) for the image `key` in found {key: (label, line)}; the same image
     named again with another label is an error naming the file, both labels and both lines (a repeat with the same
     label keeps the first line)."""
     if key in found and found[key][0] != label:
-        raise DataError(f"{where}:{number}: {raw_path!r} appears again with label {label!r} "
-                        f"(line {found[key][1]} gave {found[key][0]!r})")
+        raise DataError(f"{where}:{number}: {_shown(raw_path)} appears again with label {_shown(label)} "
+                        f"(line {found[key][1]} gave {_shown(found[key][0])})")
     found.setdefault(key, (label, number))
 
 
@@ -385,11 +446,99 @@ def _filelist_index(source: str, path: str) -> dict:
     return {"names": names, "labels": labels, "classes": classes, "split_of": ["train"] * len(names)}
 
 
+def _brace_expression_count(expr: str, ceiling: int) -> int:
+    """How many strings braceexpand makes of `{expr}` (a range a..b[..step], a comma sequence, or literal braces
+    around a pattern), mirroring its parser, capped at `ceiling`."""
+    match = int_range_re.match(expr)
+    if match:
+        start, end, step = match.groups()
+        return min(abs(int(end) - int(start)) // ((int(step) or 1) if step else 1) + 1, ceiling)
+    match = char_range_re.match(expr)
+    if match:
+        return len(make_char_range(*match.groups()))
+    pieces, start, depth, pos = [], 0, 0, 0
+    while pos < len(expr):
+        if expr[pos] == "\\":
+            pos += 2
+            continue
+        depth += {"{": 1, "}": -1}.get(expr[pos], 0)
+        if expr[pos] == "," and depth == 0:
+            pieces.append(expr[start:pos])
+            start = pos + 1
+        pos += 1
+    if depth or not pieces:
+        return brace_count(expr, ceiling)
+    return min(sum(brace_count(piece, ceiling) for piece in pieces + [expr[start:]]), ceiling)
+
+
+def brace_count(pattern: str, ceiling: int) -> int:
+    """How many strings braceexpand(pattern) yields, counted without making them (braceexpand builds every value
+    of a range at once: `{00000000..99999999}` is 10^8 strings before the first), capped at `ceiling`.
+    UnbalancedBracesError as braceexpand raises it."""
+    start, depth, pos, total = 0, 0, 0, 1
+    while pos < len(pattern):
+        if pattern[pos] == "\\":
+            pos += 2
+            continue
+        if pattern[pos] == "{":
+            start = pos if depth == 0 else start
+            depth += 1
+        elif pattern[pos] == "}":
+            depth -= 1
+            if depth == 0:
+                total = min(total * _brace_expression_count(pattern[start + 1:pos], ceiling), ceiling)
+                start = pos + 1
+        pos += 1
+    if depth:
+        raise UnbalancedBracesError(f"Unbalanced braces: {pattern!r}")
+    return total
+
+
+def brace_depth(pattern: str) -> int:
+    """How deeply `pattern` nests braces (backslash escapes skipped), in one pass: the parsers recurse once per
+    level and rescan each level's text, so a deep nest is refused before either runs."""
+    depth = deepest = pos = 0
+    while pos < len(pattern):
+        if pattern[pos] == "\\":
+            pos += 2
+            continue
+        depth += {"{": 1, "}": -1}.get(pattern[pos], 0)
+        deepest, pos = max(deepest, depth), pos + 1
+    return deepest
+
+
+def _shown(pattern: str) -> str:
+    """A user string (a pattern, a path, a label) as error messages quote it: its repr, cut at 200 characters."""
+    return repr(pattern) if len(pattern) <= 200 else f"{pattern[:200]!r}... ({len(pattern):,} characters)"
+
+
+def _too_many_shards(pattern: str, what: str) -> DataError:
+    return DataError(f"webdataset pattern {_shown(pattern)} {what} more than {limit('MAX_SHARDS'):,} shard paths; "
+                     f"{how_to_raise('MAX_SHARDS')}")
+
+
 def expand_pattern(pattern: str) -> list[str]:
-    """'shards-{000..003}.tar' or a glob -> sorted shard paths."""
+    """'shards-{000..003}.tar' or a glob -> sorted shard paths, at most MAX_SHARDS: the brace expansion is counted
+    before it is made and globs are read lazily, so a pattern of 10^8 shards is a DataError naming the pattern and
+    the limit, not gigabytes of strings; unbalanced or too deeply nested braces and NUL bytes are a DataError too."""
+    cap = limit("MAX_SHARDS")
+    if "\0" in pattern:  # found by fuzzing: glob raises ValueError on it
+        raise DataError(f"webdataset pattern {_shown(pattern)} holds a NUL byte")
+    if brace_depth(pattern) > MAX_BRACE_DEPTH:
+        raise DataError(f"webdataset pattern {_shown(pattern)} nests braces more than {MAX_BRACE_DEPTH} deep")
+    try:
+        if brace_count(pattern, cap + 1) > cap:
+            raise _too_many_shards(pattern, "expands to")
+        parts = list(braceexpand(pattern))
+    except (ValueError, RecursionError) as exc:  # UnbalancedBracesError is a ValueError, as is int() of 5000 digits
+        reason = "has unbalanced braces" if isinstance(exc, UnbalancedBracesError) else \
+            "nests braces too deeply" if isinstance(exc, RecursionError) else f"is not a usable pattern ({exc})"
+        raise DataError(f"webdataset pattern {_shown(pattern)} {reason}"[:1000]) from None
     paths = []
-    for part in braceexpand(pattern):
-        paths.extend(sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])
+    for part in parts:
+        paths.extend(sorted(itertools.islice(glob.iglob(part), cap + 1)) if any(c in part for c in "*?[") else [part])
+        if len(paths) > cap:
+            raise _too_many_shards(pattern, "matches")
     return paths
 
 
@@ -426,7 +575,7 @@ def _tar_members(shard: str) -> tuple[list[tuple[str, int, int]], dict[str, int]
                         raise DataError(f"tar shard {shard!r}: member {member.name!r} is {member.size:,} bytes; a "
                                         f".cls member holds one class number (at most {CLS_MAX_BYTES} bytes)")
                     text = tar.extractfile(member).read(CLS_MAX_BYTES).decode("utf-8", "replace").strip()
-                    if not text.lstrip("-").isdigit() or int(text) < 0:
+                    if not CLASS_NUMBER.fullmatch(text) or int(text) < 0:
                         skipped.append((f"{shard}/{member.name}", f"label {text[:20]!r} is not a class number"))
                         continue
                     check_class_numbers([int(text)], f"tar shard {shard!r}: member {member.name!r}")
@@ -639,6 +788,8 @@ def apply_labels_csv(index: FileIndex, csv_path: str) -> FileIndex:
     if index.shards:
         raise DataError(f"data.labels {csv_path!r}: tar shards carry their labels in KEY.cls members")
     rows = _read_rows(csv_path)
+    if not rows:
+        raise DataError(f"data.labels {csv_path!r} names no images (expected `path,label` rows)")
     base = os.path.dirname(os.path.abspath(csv_path))
     lookup = {index.name(i): i for i in range(len(index))}
     found: dict[int, tuple[str, int]] = {}

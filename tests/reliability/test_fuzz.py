@@ -2,7 +2,7 @@
 rejected with an ssl_kit error (a clear message), never an unhandled exception."""
 from __future__ import annotations
 
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from ssl_kit.cli import bundled_recipe_dir
@@ -110,6 +110,7 @@ def _mutate(mutation) -> bytes:
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(MUTATION)
+@example(("flip", [(15124, 64)]))  # found by this test: a central directory of 'zip file version 6.4' raised
 def test_corrupt_checkpoint_bytes_load_or_fail_clearly(tmp_path, mutation):
     from ssl_kit.engine.checkpoint import build_from_record, resolve_checkpoint
 
@@ -183,3 +184,266 @@ def test_idx_headers_are_read_or_rejected_clearly(tmp_path, header):
         assert str(exc).strip()
     else:
         assert array.shape == tuple(dims) and array.nbytes == payload and math.prod(dims) * array.itemsize == payload
+
+
+# ------------------------------------------------------------------- trust round two: bundles, file lists, foreign
+def _bundle_tar(members: list[tuple[str, bytes]]) -> bytes:
+    """An uncompressed tar of (name, data) regular files."""
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+GOOD_BUNDLE_TAR = _bundle_tar([("run/config.yaml", b"seed: 0\nstages: []\n"), ("run/summary.json", b'{"a/top1": 0.5}'),
+                               ("run/splits/s.json", b'{"train": [1, 2]}'), ("export/config.json", b"{}")])
+BUNDLE_MEMBER = st.tuples(
+    st.sampled_from(["run/config.yaml", "run/summary.json", "run/splits/s.json", "export/model.safetensors", "run",
+                     "run/../../escape", "/abs/path", "run/" + "n" * 2000, "other/x", "run/splits/.json"]),
+    st.one_of(st.binary(max_size=64), st.sampled_from([b"[" * 100_000, b"{}", b"[]", b"\xff\xfe", b'{"a": NaN}',
+                                                       b"seed: 1\n", b'{"a": ' * 5000])))
+BUNDLE_BYTES = st.one_of(
+    st.tuples(st.just("members"), st.lists(BUNDLE_MEMBER, max_size=5)),
+    st.tuples(st.just("flip"), st.lists(st.tuples(st.integers(0, len(GOOD_BUNDLE_TAR) - 1), st.integers(0, 255)),
+                                        min_size=1, max_size=12)),
+    st.tuples(st.just("truncate"), st.integers(0, len(GOOD_BUNDLE_TAR))),
+    st.tuples(st.just("raw"), st.binary(max_size=1500)))
+
+
+def _crafted_bundle(draw) -> bytes:
+    """A .tar.gz's bytes from a BUNDLE_BYTES draw: crafted members, a valid bundle with flipped tar bytes, a truncated
+    one, or raw bytes (gzip-compressed except for 'raw', which is written as is)."""
+    import gzip
+
+    kind, arg = draw
+    if kind == "raw":
+        return arg
+    if kind == "members":
+        return gzip.compress(_bundle_tar(arg))
+    data = bytearray(GOOD_BUNDLE_TAR)
+    if kind == "truncate":
+        return gzip.compress(bytes(data[:arg]))
+    for index, value in arg:
+        data[index] = value
+    return gzip.compress(bytes(data))
+
+
+@settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(BUNDLE_BYTES)
+@example(("members", [("run/config.yaml", b"seed: 1\n"), ("run/summary.json", b"[" * 100_000)]))
+def test_crafted_bundle_bytes_are_extracted_or_refused_clearly(tmp_path, draw):
+    import shutil
+
+    from ssl_kit.bundle import extract_bundle
+
+    archive, dest = tmp_path / "b.tar.gz", tmp_path / "out"
+    archive.write_bytes(_crafted_bundle(draw))
+    try:
+        extract_bundle(archive, dest)
+        event("accepted")
+    except SslKitError as exc:
+        event(f"refused: {type(exc).__name__}")
+        assert "b.tar.gz" in str(exc) and len(str(exc)) < 5000
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+    assert not (tmp_path / "escape").exists()
+
+
+LIST_CELL = st.one_of(
+    st.sampled_from(["a.png", "./a.png", "/abs/b.png", "../up.png", "path", "label", "0", "7", "-1", "--1", "²", "٣",
+                     "9" * 5000, "1" * 30, "cat", "", " ", '"', '"q,uoted"', "\x00", "\r", "é.png", "\t", "a\\b"]),
+    st.text(max_size=8))
+LIST_TEXT = st.one_of(
+    st.lists(st.lists(LIST_CELL, min_size=1, max_size=3).map(",".join), max_size=6).map("\n".join),
+    st.text(max_size=200))
+
+
+@settings(max_examples=250, deadline=2000, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(LIST_TEXT, st.sampled_from(["list.csv", "list.tsv", "list.txt"]), st.booleans())
+@example("a.png,--1", "list.csv", False)  # found by this test: int('--1') after lstrip('-') passed isdigit()
+@example("a.png,²", "list.csv", False)  # found by this test: '²'.isdigit() but int('²') raises
+@example("a.png," + "9" * 5000, "list.csv", False)  # found by this test: int() refuses over 4,300 digits
+def test_file_lists_are_indexed_or_rejected_clearly(tmp_path, monkeypatch, text, name, latin1):
+    from ssl_kit.data.sources import build_index
+
+    monkeypatch.setenv("SSL_KIT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / name
+    path.write_bytes(text.encode("latin-1", "replace") if latin1 else text.encode("utf-8", "surrogateescape"))
+    try:
+        index = build_index("filelist", str(path), use_cache=False)
+    except SslKitError as exc:
+        event(f"refused: {type(exc).__name__}")
+        assert str(exc).strip() and len(str(exc)) < 5000
+    else:
+        event("accepted")
+        assert len(index) >= 1 and ((index.labels >= -1) & (index.labels < max(1, index.num_classes))).all()
+
+
+TENSOR = st.tuples(st.lists(st.integers(0, 5), max_size=4), st.sampled_from(["float32", "int64", "bool"]))
+STATE_KEY = st.sampled_from(["patch_embed.proj.weight", "pos_embed", "cls_token", "conv1.weight", "conv.weight",
+                             "backbone.conv1.weight", "module.backbone.fc.weight", "base_encoder.x", "0.weight",
+                             "\u00b2.weight", "head.weight", "decoder_embed.weight", "fc.weight",
+                             "bn1.num_batches_tracked", "features.0.weight", ""])
+STATE = st.dictionaries(STATE_KEY, st.one_of(TENSOR, st.integers(), st.text(max_size=4), st.none()), max_size=5)
+FOREIGN = st.fixed_dictionaries({}, optional={
+    "model": STATE, "teacher": STATE, "student": STATE, "state_dict": STATE,
+    "arch": st.sampled_from(["resnet18", "vit_small", "nope", 5]), "epoch": st.integers()})
+ARCHES = st.sampled_from([None, "small_cnn,width=2", "small_cnn,width=0", "small_cnn,width=[", "resnet18",
+                          "timm:vit_tiny_patch16_224", "timm:vit_tiny_patch16_224,img_size=100000",
+                          "torchvision:resnet18", "timm:no_such_model", "nope"])
+
+
+def _good_state() -> dict:
+    """The state dict of GOOD_CHECKPOINT's backbone (small_cnn, width 2, 1 channel)."""
+    import io
+
+    import torch
+
+    return torch.load(io.BytesIO(GOOD_CHECKPOINT), weights_only=True)["state_dict"]
+
+
+GOOD_STATE_KEYS = sorted(_good_state())
+STATE_EDIT = st.tuples(st.sampled_from(GOOD_STATE_KEYS), st.one_of(st.none(), TENSOR, st.just("drop"),
+                                                                   st.sampled_from(["module.", "backbone.", "x"])))
+
+
+def _materialise(value):
+    """A drawn state value -> a tensor (shape, dtype) or the drawn plain value; dicts recursively."""
+    import torch
+
+    if isinstance(value, dict):
+        return {k: _materialise(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return torch.zeros(value[0], dtype=getattr(torch, value[1]))
+    return value
+
+
+def _edited_state(edits) -> dict:
+    """GOOD_CHECKPOINT's state dict with each (key, edit) applied: a value replaced (None or a drawn tensor), the key
+    dropped, or the key renamed under a prefix."""
+    state = _good_state()
+    for key, edit in edits:
+        if key not in state:
+            continue
+        if edit == "drop":
+            del state[key]
+        elif isinstance(edit, str):
+            state[edit + key] = state.pop(key)
+        else:
+            state[key] = _materialise(edit)
+    return state
+
+
+@settings(max_examples=120, deadline=5000, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(st.one_of(FOREIGN, STATE, st.lists(STATE_EDIT, max_size=3).map(lambda e: ("edited", e))), ARCHES,
+       st.sampled_from([None, "state-dict", "dino", "mae", "lightly", "mocov3"]))
+@example(("edited", []), "small_cnn,width=2", None)  # the unedited file loads
+@example({"\u00b2.weight": ([1, 1, 1, 1], "float32")}, "small_cnn,width=2", None)  # '\u00b2'.isdigit(), int() fails
+def test_crafted_foreign_state_dicts_load_or_fail_clearly(tmp_path, data, arch, layout):
+    import torch
+
+    from ssl_kit.engine.checkpoint import resolve_checkpoint
+
+    untouched = data == ("edited", []) and arch == "small_cnn,width=2" and layout in (None, "state-dict")
+    data = _edited_state(data[1]) if isinstance(data, tuple) else _materialise(data)
+    torch.save(data, tmp_path / "foreign.pth")
+    reference = f"{layout + ':' if layout else ''}{tmp_path / 'foreign.pth'}{'@' + arch if arch else ''}"
+    try:
+        resolve_checkpoint(reference, "--checkpoint")
+        event("accepted")
+    except SslKitError as exc:
+        event(f"refused: {type(exc).__name__}")
+        assert str(exc).strip() and len(str(exc)) < 5000 and not untouched
+
+
+def _good_safetensors() -> bytes:
+    """GOOD_CHECKPOINT's backbone weights as a .safetensors file's bytes."""
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in _good_state().items()})
+
+
+GOOD_SAFETENSORS = _good_safetensors()
+SAFETENSORS_HEADER = st.one_of(
+    st.dictionaries(st.sampled_from(["conv.weight", "pos_embed", "__metadata__", "x"]), st.one_of(
+        st.fixed_dictionaries({"dtype": st.sampled_from(["F32", "F16", "I64", "BOOL", "Q4", ""]),
+                               "shape": st.lists(st.integers(-1, 2**40), max_size=4),
+                               "data_offsets": st.lists(st.integers(-1, 2**40), max_size=3)}),
+        st.text(max_size=5), st.integers()), max_size=3).map(lambda h: __import__("json").dumps(h).encode()),
+    st.binary(max_size=100))
+HEADER_END = 8 + int.from_bytes(GOOD_SAFETENSORS[:8], "little")
+SAFETENSORS_BYTES = st.one_of(
+    st.tuples(st.just("crafted"), st.tuples(SAFETENSORS_HEADER, st.integers(0, 2**64 - 1) | st.none(),
+                                            st.binary(max_size=64))),
+    st.tuples(st.just("flip"), st.lists(st.tuples(st.integers(0, HEADER_END - 1), st.integers(0, 255)), min_size=1,
+                                        max_size=6)),
+    st.tuples(st.just("truncate"), st.integers(0, len(GOOD_SAFETENSORS))))
+
+
+def _safetensors_bytes(draw) -> bytes:
+    """A drawn .safetensors file: a crafted header (its 8-byte length true or crafted) and body, the good file with
+    header bytes flipped, or the good file truncated."""
+    import struct
+
+    kind, arg = draw
+    if kind == "truncate":
+        return GOOD_SAFETENSORS[:arg]
+    if kind == "flip":
+        data = bytearray(GOOD_SAFETENSORS)
+        for index, value in arg:
+            data[index] = value
+        return bytes(data)
+    header, claimed, body = arg
+    return struct.pack("<Q", len(header) if claimed is None else claimed) + header + body
+
+
+@settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(SAFETENSORS_BYTES)
+@example(("truncate", len(GOOD_SAFETENSORS)))  # the unedited file loads
+def test_crafted_safetensors_headers_load_or_fail_clearly(tmp_path, draw):
+    from ssl_kit.engine.checkpoint import resolve_checkpoint
+
+    (tmp_path / "w.safetensors").write_bytes(_safetensors_bytes(draw))
+    try:
+        resolve_checkpoint(f"{tmp_path / 'w.safetensors'}@small_cnn,width=2", "--checkpoint")
+        event("accepted")
+    except SslKitError as exc:
+        event(f"refused: {type(exc).__name__}")
+        assert "w.safetensors" in str(exc) and len(str(exc)) < 5000 and draw != ("truncate", len(GOOD_SAFETENSORS))
+
+
+PATTERN_TOKEN = st.sampled_from(["{", "}", ",", "..", "0", "9", "07", "-3", "a", "Z", "\\", "*", "?", "[", "]",
+                                 "s-", ".tar", "/nonexistent/", "{0..9}", "{a,b}", "{0..999}", "{z..a..2}",
+                                 "\u0663", "\u00b2", "\x00"])
+
+
+@settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(PATTERN_TOKEN, max_size=12).map("".join))
+@example("{0.." + "9" * 5000 + "}")  # found by this test: int() refuses over 4,300 digits (a ValueError)
+@example("s-{0..9}\x00/x/[")  # found by this test: glob raises ValueError on a NUL byte
+def test_shard_patterns_are_counted_exactly_and_expanded_or_rejected_clearly(monkeypatch, pattern):
+    from braceexpand import braceexpand
+
+    from ssl_kit.data.sources import brace_count, expand_pattern
+
+    monkeypatch.setenv("SSL_KIT_MAX_SHARDS", "20000")  # accepted expansions stay quick to compare
+    try:
+        paths = expand_pattern(pattern)
+        event("accepted")
+    except SslKitError as exc:
+        event("refused")
+        assert "webdataset pattern" in str(exc) and len(str(exc)) < 1500
+    else:
+        assert len(paths) <= 20_000
+        if "*" not in pattern and "?" not in pattern and "[" not in pattern:
+            assert len(paths) == brace_count(pattern, 10**9) == len(list(braceexpand(pattern)))
