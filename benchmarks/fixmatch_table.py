@@ -28,10 +28,11 @@ METHOD_KEYS = {
     "adamatch": {"threshold": 0.9},
     "comatch": {},  # USB's defaults (the method's own) at μ 3
     "remixmatch": {},
+    "simmatchv2": {},
 }
 NAMES = {"fixed": "FixMatch", "pseudo_label": "Pseudo-Label", "mean_teacher": "Mean Teacher", "uda": "UDA",
          "mixmatch": "MixMatch", "dash": "Dash", "simmatch": "SimMatch", "adamatch": "AdaMatch",
-         "comatch": "CoMatch", "remixmatch": "ReMixMatch"}
+         "comatch": "CoMatch", "remixmatch": "ReMixMatch", "simmatchv2": "SimMatchV2"}
 
 
 def stages(dataset: str, labels: int, steps: int, size: int, width: int, policy: str | None, device: str, mu: int,

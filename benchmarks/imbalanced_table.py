@@ -1,5 +1,5 @@
 """Semi-supervised learning on long-tailed data: supervised-only, FixMatch and the imbalance methods (DebiasPL, ACR,
-ABC, DARP) on a long-tailed split (`data.long_tail`, the DARP/DASO/ACR protocol), with a consistent and a mismatched
+ABC, DARP, CReST+) on a long-tailed split (`data.long_tail`, the DARP/DASO/ACR protocol), with a consistent and a mismatched
 (reversed) unlabeled class distribution.
 
 Test-split top-1, balanced accuracy and minority-class recall (the 30% classes with the fewest labeled images), final
@@ -17,9 +17,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import mean_std, run_stages, table  # noqa: E402
 
-METHODS = ["supervised", "fixmatch", "debiaspl", "acr", "abc", "darp"]
+METHODS = ["supervised", "fixmatch", "debiaspl", "acr", "abc", "darp", "crest"]
 NAMES = {"supervised": "supervised only", "fixmatch": "FixMatch", "debiaspl": "DebiasPL", "acr": "ACR", "abc": "ABC",
-         "darp": "DARP"}
+         "darp": "DARP", "crest": "CReST+"}
 METRICS = (("test/top1", "top-1"), ("test/balanced_accuracy", "balanced acc."), ("test/minority_recall",
                                                                                   "minority recall"))
 

@@ -67,15 +67,25 @@ def test_two_nodes_without_shared_filesystem_run_a_whole_recipe(tmp_path, monkey
     assert_same_training(single, written[0], ["pretrain", "finetune", "distill"])
 
 
+def streamed_tree(root) -> str:
+    """A folder of 96 small JPEGs as a streamed `images:` source (its DataLoader workers read and crop them)."""
+    from tests.test_stream_memory import tiny_jpegs
+
+    return f"images:{tiny_jpegs(root, 96)},storage=stream"
+
+
 @pytest.mark.slow
-def test_elastic_restart_after_a_killed_worker_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("source", ["digits", "streamed"])
+def test_elastic_restart_after_a_killed_worker_equals_an_uninterrupted_run(tmp_path, source):
     """torchrun --max-restarts 1: rank 1 dies (os._exit) before step 3 in the first attempt; torchrun restarts both
     workers, which continue from checkpoints/last.pt (step 2) without --resume. Views are per-rank seeded from
     (seed, step, micro-step, rank), so the restarted steps draw what the uninterrupted run drew: the summary (less
-    timings), the loss trajectory and the final weights are identical."""
+    timings), the loss trajectory and the final weights are identical — in memory, and streamed from an image folder
+    (the DataLoader workers of the killed group must not hold the run lock, and the stream resumes where it was)."""
+    data = {"translate": 0.125} if source == "digits" else {"dataset": streamed_tree(tmp_path / "images")}
     stage = _stage("pretrain", "simclr", proj_dim=8, proj_hidden_dim=16,
                    train={"steps": 6, "checkpoint_every_steps": 2},
-                   data={"translate": 0.125})  # real random views this time
+                   data=data)  # real random views this time
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"seed": 0, "name": "elastic", "stages": [stage]}))
     launches = {name: start_torchrun(["--nproc-per-node", "2", "--max-restarts", "1", "--master-port", str(port)],

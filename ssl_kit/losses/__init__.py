@@ -6,6 +6,7 @@ from .acr import (acr_tau, adjusted_pseudo_labels, anchor_distances, logit_adjus
 from .adamatch import distribution_alignment, random_logit_interpolation, relative_threshold
 from .barlow_twins import BarlowTwinsLoss, barlow_twins_loss
 from .contrastive import InfoNCELoss, NTXentLoss, info_nce_loss, nt_xent_loss
+from .crest import crest_sampling_rates, crest_select, progressive_alignment, progressive_temperature
 from .crmatch import crmatch_feature_distance_loss
 from .darp import darp_refine, darp_target, remove_noisy_entries
 from .dash import dash_mask, dash_threshold, dash_weak_loss
@@ -31,6 +32,7 @@ from .semi_supervised import (mean_teacher_loss, mixmatch_loss, mixmatch_targets
                               tsa_threshold, uda_loss)
 from .sequencematch import sequencematch_loss
 from .simmatch import simmatch_in_loss, simmatch_unfold_aggregate
+from .simmatchv2 import simmatchv2_edge_edge_loss, simmatchv2_label_propagation, simmatchv2_node_edge_loss
 from .comatch import comatch_contrastive_loss, comatch_memory_smoothing, comatch_pseudo_label_graph
 from .remixmatch import remixmatch_distribution_alignment, remixmatch_guess, remixmatch_loss
 from .supcon import SupConLoss, supcon_loss
@@ -56,6 +58,7 @@ __all__ = [
     "uda_loss", "tsa_threshold", "tsa_mask", "mixup", "mixmatch_targets", "mixmatch_loss", "relative_threshold",
     "random_logit_interpolation", "distribution_alignment", "dash_threshold", "dash_weak_loss", "dash_mask",
     "simmatch_unfold_aggregate", "simmatch_in_loss",
+    "simmatchv2_label_propagation", "simmatchv2_edge_edge_loss", "simmatchv2_node_edge_loss",
     "comatch_memory_smoothing", "comatch_pseudo_label_graph", "comatch_contrastive_loss",
     "remixmatch_distribution_alignment", "remixmatch_guess", "remixmatch_loss",
     "defixmatch_loss", "kl_consistency_loss", "refixmatch_low_confidence_loss", "sequencematch_loss",
@@ -67,6 +70,7 @@ __all__ = [
     "logit_adjustment", "logit_adjusted_loss", "adjusted_pseudo_labels", "symmetric_kl", "anchor_distances", "acr_tau",
     "abc_keep_probs", "abc_unlabeled_keep_probs", "bernoulli_mask", "abc_loss",
     "darp_refine", "darp_target", "remove_noisy_entries",
+    "crest_sampling_rates", "crest_select", "progressive_temperature", "progressive_alignment",
     # distillation
     "dkd_loss", "multi_teacher_kd_loss", "hint_loss",
 ]
