@@ -56,6 +56,21 @@ def labeled_class_counts(labels: Optional[Tensor], num_classes: int, method: str
     return torch.bincount(labels, minlength=num_classes).float()[:num_classes]
 
 
+def whole_set_counts(labels: Optional[Tensor], num_classes: int, num_unlabeled: int, method: str, why: str) -> Tensor:
+    """For the methods that pseudo-label the whole unlabeled set against the labeled class distribution (DARP,
+    CReST): labeled images per class (K,) float, with a clear error when there is no unlabeled set or a class has no
+    labeled image (`why` says what that would break)."""
+    if num_unlabeled < 1:
+        raise ValueError(f"{method} needs an unlabeled set (num_unlabeled >= 1): it keeps a pseudo-label per "
+                         f"unlabeled image")
+    counts = labeled_class_counts(labels, num_classes, method)
+    missing = [c for c in range(num_classes) if counts[c] == 0]
+    if missing:
+        raise ValueError(f"{method}: classes {missing} have no labeled image, so {why}; label at least one image of "
+                         f"each class")
+    return counts
+
+
 class ABCConfig(GatedConfig):
     method: Literal["abc"]
 

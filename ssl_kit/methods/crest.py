@@ -42,7 +42,7 @@ from ..data.loader import Batch
 from ..losses import consistency_loss
 from ..losses.crest import crest_sampling_rates, crest_select, generation_of, progressive_alignment, \
     progressive_temperature
-from .abc_balanced import labeled_class_counts
+from .abc_balanced import whole_set_counts
 from .base import Progress
 from .pseudo_gate import PseudoLabelGate
 from .registry import register
@@ -132,15 +132,9 @@ class CReST(WeakStrongMethod):
                  labeled_labels: Optional[Tensor] = None) -> None:
         super().__init__(cfg, backbone, info, num_unlabeled)
         k = info.num_classes
-        if num_unlabeled < 1:
-            raise ValueError("crest needs an unlabeled set (num_unlabeled >= 1): it pseudo-labels every unlabeled "
-                             "image at each generation boundary")
-        counts = labeled_class_counts(labeled_labels, k, self.name)
-        if bool((counts == 0).any()):
-            missing = [c for c in range(k) if counts[c] == 0]
-            raise ValueError(f"crest: classes {missing} have no labeled image, so the most frequent class's sampling "
-                             f"rate (N_K/N_1)^(1/alpha) and the alignment target (the labeled distribution) would be "
-                             f"0; label at least one image of each class")
+        counts = whole_set_counts(labeled_labels, k, num_unlabeled, self.name, "the most frequent class's sampling "
+                                  "rate (N_K/N_1)^(1/alpha) and the alignment target (the labeled distribution) "
+                                  "would be 0")
         self.register_buffer("labeled_counts", counts.float())
         self.register_buffer("rates", crest_sampling_rates(counts, cfg.alpha).float())
         self.register_buffer("bank_confidence", torch.zeros(num_unlabeled))

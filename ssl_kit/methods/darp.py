@@ -3,8 +3,8 @@ learning") on FixMatch, as the paper's code (`train_fix.py`) and USB's `imb_algo
 
 - a bank keeps the latest weak-view prediction softmax(logits_w) of every unlabeled image, written at the image's
   position in the unlabeled set (`batch.u_index`, gathered over ranks, so every rank holds the same bank);
-- after the warm-up (`warmup_epochs` epochs, or by default `warmup_fraction` of the run's steps), every `num_refine_iter` steps, the whole bank is refined (`losses/darp.py`): noisy
-  entries removed (`alpha`), then the entropy-weighted KL projection onto pseudo-labels whose class totals are the
+- after the warm-up (`warmup_epochs` epochs, or by default `warmup_fraction` of the run's steps), every
+  `num_refine_iter` steps, the whole bank is refined (`losses/darp.py`): noisy entries removed (`alpha`), then the entropy-weighted KL projection onto pseudo-labels whose class totals are the
   target (`iter_t` coordinate-ascent iterations); the target is the labeled class distribution scaled to the
   unlabeled count (the paper's default: the unlabeled set assumed to follow the labeled distribution);
 - after warm-up a step's pseudo-labels are the refined rows of its images (the refinery of this step or of the last
@@ -30,7 +30,7 @@ from ..common import distributed as dist
 from ..data.loader import Batch
 from ..losses import consistency_loss
 from ..losses.darp import darp_refine, darp_target
-from .abc_balanced import labeled_class_counts
+from .abc_balanced import whole_set_counts
 from .base import Progress
 from .registry import register
 from .semi import USB_SGD
@@ -88,14 +88,8 @@ class DARP(WeakStrongMethod):
                  labeled_labels: Optional[Tensor] = None) -> None:
         super().__init__(cfg, backbone, info, num_unlabeled)
         k = info.num_classes
-        if num_unlabeled < 1:
-            raise ValueError("darp needs an unlabeled set (num_unlabeled >= 1): its bank holds a pseudo-label per "
-                             "unlabeled image")
-        counts = labeled_class_counts(labeled_labels, k, self.name)
-        if bool((counts == 0).any()):
-            missing = [c for c in range(k) if counts[c] == 0]
-            raise ValueError(f"darp: classes {missing} have no labeled image, so the target distribution (the labeled "
-                             f"one) would give them no pseudo-label at all; label at least one image of each class")
+        counts = whole_set_counts(labeled_labels, k, num_unlabeled, self.name, "the target distribution (the labeled "
+                                  "one) would give them no pseudo-label at all")
         self.register_buffer("target", darp_target(counts, num_unlabeled).float())  # c (K,): class totals
         self.register_buffer("bank", torch.full((num_unlabeled, k), 1.0 / k))  # latest weak predictions (N_u, K)
         self.register_buffer("refined", torch.full((num_unlabeled, k), 1.0 / k))  # last refinery's output
