@@ -4,8 +4,9 @@ learning") on FixMatch, as the paper's code (`train_fix.py`) and USB's `imb_algo
 - a bank keeps the latest weak-view prediction softmax(logits_w) of every unlabeled image, written at the image's
   position in the unlabeled set (`batch.u_index`, gathered over ranks, so every rank holds the same bank);
 - after the warm-up (`warmup_epochs` epochs, or by default `warmup_fraction` of the run's steps), every
-  `num_refine_iter` steps, the whole bank is refined (`losses/darp.py`): noisy entries removed (`alpha`), then the entropy-weighted KL projection onto pseudo-labels whose class totals are the
-  target (`iter_t` coordinate-ascent iterations); the target is the labeled class distribution scaled to the
+  `num_refine_iter` steps, the whole bank is refined (`losses/darp.py`): noisy entries removed (`alpha`), then
+  the entropy-weighted KL projection onto pseudo-labels whose class totals are the target (`iter_t`
+  coordinate-ascent iterations); the target is the labeled class distribution scaled to the
   unlabeled count (the paper's default: the unlabeled set assumed to follow the labeled distribution);
 - after warm-up a step's pseudo-labels are the refined rows of its images (the refinery of this step or of the last
   one); FixMatch's confidence gate (threshold + swappable policy) acts on them, the strong view is trained towards
