@@ -87,11 +87,15 @@ def self_supervised_stages(contrastive: dict) -> list[dict]:
 
 
 def core_stages(contrastive: dict) -> list[dict]:
-    """SimCLR, MoCo v2, FixMatch, DINO, MAE, and SimCLR with gradient accumulation."""
+    """SimCLR, MoCo v2, FixMatch, DARP, CReST, DINO, MAE, and SimCLR with gradient accumulation."""
     return [
         _stage("simclr", "simclr", **contrastive),
         _stage("mocov2", "mocov2", queue_size=64, momentum=0.9, **contrastive),
         _stage("fixmatch", "fixmatch", mu=2, threshold=0.0, data={"labels_per_class": 5}),
+        # whole-set banks gathered over ranks: DARP refines every step, CReST chooses at steps 1 and 2
+        _stage("darp", "darp", mu=2, threshold=0.0, warmup_fraction=0.0, num_refine_iter=1, iter_t=3,
+               data={"labels_per_class": 5}),
+        _stage("crest", "crest", mu=2, threshold=0.0, num_gens=3, data={"labels_per_class": 5}),
         _stage("dino", "dino", out_dim=16, head_hidden_dim=16, bottleneck_dim=8, local_crops=2,
                local_crop_size=0.5, freeze_last_layer_epochs=0.01),  # last layer frozen at step 0 only
         _stage("mae", "mae", backbone=VIT, decoder_dim=8, decoder_depth=1, decoder_heads=2,

@@ -228,6 +228,17 @@ class CReST(WeakStrongMethod):
                           f"{seen.numel()} unlabeled images have not been seen yet (a generation is about "
                           f"{length:.0f} steps), so they cannot be chosen; lengthen the run or lower num_gens")
 
+    @staticmethod
+    def chosen_loss(logits_w: Tensor, targets: Tensor, rows: Tensor) -> Optional[Tensor]:
+        """Mean cross-entropy of the chosen rows of the global unlabeled batch (None when no rank has one): each
+        rank's sum is scaled by world / (chosen rows over all ranks), so DDP's gradient average is the global
+        mean, as one process on the whole batch. logits_w (N, K), targets (N,) (−1: not chosen), rows (N,) bool."""
+        total = float(dist.all_reduce_sum(rows.sum().float()))
+        if total == 0:
+            return None
+        per_row = F.cross_entropy(logits_w.float(), targets.clamp_min(0), reduction="none")
+        return (per_row * rows).sum() * dist.world_size() / total
+
     def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         cfg = self.cfg
         if batch.u_index is None:
@@ -243,8 +254,8 @@ class CReST(WeakStrongMethod):
                 known = rows & (batch.u_y >= 0)
                 self._chosen_seen += known.sum()
                 self._chosen_correct += (known & (targets == batch.u_y)).sum()
-        if bool(rows.any()):
-            chosen = F.cross_entropy(logits_w[rows].float(), targets[rows])
+        chosen = self.chosen_loss(logits_w, targets, rows)
+        if chosen is not None:
             share = self.chosen_fraction()
             supervised = (1 - share) * labeled + share * chosen
         else:
