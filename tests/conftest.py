@@ -8,6 +8,27 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(2)
 
 
+class Interrupted(Exception):
+    """Raised by `interrupted_then_resumed`'s step callback: a run stopped without a clean shutdown."""
+
+
+def interrupted_then_resumed(recipe, tmp_path, crash_step: int) -> tuple[dict, dict]:
+    """Train `recipe` to the end in tmp_path/'a', and again in tmp_path/'b' stopped by an exception before step
+    `crash_step` and then resumed there from its last checkpoint. -> (uninterrupted summary, resumed summary)."""
+    from ssl_kit.runner import run_recipe
+
+    _, reference = run_recipe(recipe, tmp_path / "a")
+
+    def crash(step):
+        if step == crash_step:
+            raise Interrupted()
+
+    with pytest.raises(Interrupted):
+        run_recipe(recipe, tmp_path / "b", step_callback=crash)
+    _, resumed = run_recipe(recipe, tmp_path / "b", resume=True)
+    return reference, resumed
+
+
 def tiny_stage(name="supervised", method="supervised", **overrides):
     """A stage dict that trains in a second or two on digits at 16 px."""
     stage = {

@@ -9,13 +9,12 @@ import math
 import pytest
 import torch
 
-from conftest import build_semi_method, semi_batch, tiny_stage
+from conftest import build_semi_method, interrupted_then_resumed, semi_batch, tiny_stage
 from ssl_kit.config import validate_recipe
 from ssl_kit.errors import ConfigError
 from ssl_kit.losses.crest import (crest_sampling_rates, crest_select, frequency_rank, generation_of,
                                   progressive_alignment, progressive_temperature, tempered_target)
 from ssl_kit.methods.base import Progress
-from ssl_kit.runner import run_recipe
 
 LONG_TAIL = {"dataset": "digits", "image_size": 16, "labels_per_class": 20, "long_tail": {"ratio": 10}}
 
@@ -248,10 +247,6 @@ def test_crest_config_errors_are_clear():
         (6, 3.0, True, 0.5, 2)
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_crest_run_resumes_exactly_across_a_generation_boundary(tmp_path):
     """Long-tailed digits (461 unlabeled images, 64 a step), 12 steps in 3 generations (boundaries at steps 4 and 8),
     a checkpoint every 3 steps: a run stopped after 8 steps and resumed from its step-6 checkpoint (bank, choice of
@@ -260,15 +255,7 @@ def test_crest_run_resumes_exactly_across_a_generation_boundary(tmp_path):
     stage = tiny_stage("c", "crest", data=LONG_TAIL, num_gens=3, threshold=0.5,
                        train={"steps": 12, "batch_size": 32, "checkpoint_every_steps": 3})
     recipe = validate_recipe({"seed": 0, "name": "crest", "stages": [stage]})
-    _, reference = run_recipe(recipe, tmp_path / "a")
-
-    def crash_at_8(step):
-        if step == 8:
-            raise _Crash()
-
-    with pytest.raises(_Crash):
-        run_recipe(recipe, tmp_path / "b", step_callback=crash_at_8)
-    _, resumed = run_recipe(recipe, tmp_path / "b", resume=True)
+    reference, resumed = interrupted_then_resumed(recipe, tmp_path, crash_step=8)
 
     def steps(run):
         rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]

@@ -9,12 +9,11 @@ import math
 import pytest
 import torch
 
-from conftest import build_semi_method, semi_batch, tiny_stage
+from conftest import build_semi_method, interrupted_then_resumed, semi_batch, tiny_stage
 from ssl_kit.config import validate_recipe
 from ssl_kit.errors import ConfigError
 from ssl_kit.losses.darp import darp_refine, darp_target, remove_noisy_entries
 from ssl_kit.methods.base import Progress
-from ssl_kit.runner import run_recipe
 
 LONG_TAIL = {"dataset": "digits", "image_size": 16, "labels_per_class": 20, "long_tail": {"ratio": 10}}
 
@@ -212,10 +211,6 @@ def test_darp_default_warmup_is_usbs_proportion_of_any_run():
     assert [by_epoch.refining(Progress(s, 16, s // 4, 4)) for s in (11, 12)] == [False, True]  # epoch 3 > 2
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_darp_run_resumes_exactly_with_its_bank(tmp_path):
     """Long-tailed digits, 7 steps an epoch: the refinery runs from step 7 (epoch 1) every 2 steps; a run stopped at
     step 10 and resumed from its step-9 checkpoint (bank and refinery restored; step 9 uses the step-8 refinery)
@@ -223,15 +218,7 @@ def test_darp_run_resumes_exactly_with_its_bank(tmp_path):
     stage = tiny_stage("d", "darp", data=LONG_TAIL, warmup_epochs=0, num_refine_iter=2, iter_t=3,
                        train={"steps": 10, "batch_size": 32, "checkpoint_every_steps": 3})
     recipe = validate_recipe({"seed": 0, "name": "darp", "stages": [stage]})
-    _, reference = run_recipe(recipe, tmp_path / "a")
-
-    def crash_at_10(step):
-        if step == 10:
-            raise _Crash()
-
-    with pytest.raises(_Crash):
-        run_recipe(recipe, tmp_path / "b", step_callback=crash_at_10)
-    _, resumed = run_recipe(recipe, tmp_path / "b", resume=True)
+    reference, resumed = interrupted_then_resumed(recipe, tmp_path, crash_step=10)
 
     def steps(run):
         rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]

@@ -49,6 +49,14 @@ def check_unit_interval(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
 
 
+def check_class_vector(name: str, vector: Tensor, k: int, of: str = "") -> None:
+    """`vector` is a (K,) tensor, one entry per class (a class distribution, prior or adjustment): ValueError naming
+    it and the expected shape otherwise. `of` names what K is the class dimension of (e.g. ' of probs')."""
+    if not hasattr(vector, "shape") or tuple(vector.shape) != (k,):
+        raise ValueError(f"{name} must have shape ({k},) like the class dimension{of}, got "
+                         f"{tuple(getattr(vector, 'shape', ()))}")
+
+
 def check_class_dim(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
     """a, b: (·, K) tensors that must agree on the class dimension K (their batch sizes may differ)."""
     if a.shape[-1] != b.shape[-1]:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_2d, check_labels, check_non_negative
+from ._checks import check_2d, check_class_vector, check_labels, check_non_negative
 
 EPS = 1e-12
 
@@ -35,7 +35,7 @@ def logit_adjusted_loss(logits: Tensor, labels: Tensor, adjustment: Tensor) -> T
     check_2d("logits", logits)
     n, k = logits.shape
     check_labels("labels", labels, n, k)
-    _check_adjustment(adjustment, k)
+    check_class_vector("adjustment", adjustment, k)
     return F.cross_entropy(logits.float() + adjustment.detach().float(), labels)
 
 
@@ -43,15 +43,9 @@ def adjusted_pseudo_labels(logits_weak: Tensor, adjustment: Tensor) -> Tensor:
     """softmax(logits_weak − adjustment): the pseudo-label with the labeled prior's bias taken out. No gradient.
     logits_weak (N, K), adjustment (K,) -> probabilities (N, K)."""
     check_2d("logits_weak", logits_weak)
-    _check_adjustment(adjustment, logits_weak.shape[1])
+    check_class_vector("adjustment", adjustment, logits_weak.shape[1])
     with torch.no_grad():
         return torch.softmax(logits_weak.detach().float() - adjustment.float(), dim=1)
-
-
-def _check_adjustment(adjustment: Tensor, k: int) -> None:
-    if not hasattr(adjustment, "shape") or tuple(adjustment.shape) != (k,):
-        raise ValueError(f"adjustment must have shape ({k},) like the class dimension, got "
-                         f"{tuple(getattr(adjustment, 'shape', ()))}")
 
 
 def symmetric_kl(p: Tensor, q: Tensor) -> Tensor:

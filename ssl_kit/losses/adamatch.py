@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_2d, check_same, check_unit_interval
+from ._checks import check_2d, check_class_vector, check_same, check_unit_interval
 
 
 def relative_threshold(labeled_probs: Tensor, tau: float = 0.9) -> Tensor:
@@ -47,8 +47,6 @@ def distribution_alignment(probs: Tensor, source_mean: Tensor, target_mean: Tens
     check_2d("probs", probs)
     k = probs.shape[1]
     for name, mean in (("source_mean", source_mean), ("target_mean", target_mean)):
-        if not hasattr(mean, "shape") or mean.shape != (k,):
-            raise ValueError(f"{name} must have shape ({k},) like the class dimension of probs, "
-                             f"got {tuple(getattr(mean, 'shape', ()))}")
+        check_class_vector(name, mean, k, " of probs")
     aligned = probs.float() * (source_mean.float() / target_mean.float().clamp_min(1e-12))
     return aligned / aligned.sum(dim=1, keepdim=True)

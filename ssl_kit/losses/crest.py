@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_2d, check_positive_int
+from ._checks import check_2d, check_class_vector, check_positive_int
 
 EPS = 1e-6  # both references: added to the target and the model distribution before the division
 FLOOR_SLACK = 1e-9
@@ -138,9 +138,7 @@ def progressive_alignment(probs: Tensor, p_model: Tensor, target: Tensor, temper
     check_2d("probs", probs)
     k = probs.shape[1]
     for name, vector in (("p_model", p_model), ("target", target)):
-        if not hasattr(vector, "shape") or tuple(vector.shape) != (k,):
-            raise ValueError(f"{name} must have shape ({k},) like the class dimension of probs, got "
-                             f"{tuple(getattr(vector, 'shape', ()))}")
+        check_class_vector(name, vector, k, " of probs")
     goal = tempered_target(target.to(probs.dtype), temperature)
     aligned = probs * (goal + EPS) / (p_model.to(probs.dtype) + EPS)
     return aligned / aligned.sum(dim=1, keepdim=True)

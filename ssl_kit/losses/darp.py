@@ -29,15 +29,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_2d, check_positive_int
+from ._checks import check_2d, check_class_vector, check_positive_int
 
 EPS = 1e-6  # the paper's code: added to the kept entries, inside the entropy's log
 
 
 def _check_target(target: Tensor, k: int) -> None:
-    if not hasattr(target, "shape") or tuple(target.shape) != (k,):
-        raise ValueError(f"target must have shape ({k},) like the class dimension, got "
-                         f"{tuple(getattr(target, 'shape', ()))}")
+    check_class_vector("target", target, k)
     if not bool(torch.isfinite(target).all()) or bool((target <= 0).any()):
         raise ValueError(f"target must be a class distribution with every entry > 0 (finite), got "
                          f"{[round(float(t), 6) for t in target]}")

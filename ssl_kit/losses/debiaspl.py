@@ -10,13 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_2d, check_non_negative, check_unit_interval
+from ._checks import check_2d, check_class_vector, check_non_negative, check_unit_interval
 
 
 def _check_prior(name: str, prior: Tensor, k: int) -> None:
-    if not hasattr(prior, "shape") or tuple(prior.shape) != (k,):
-        raise ValueError(f"{name} must have shape ({k},) like the class dimension, got "
-                         f"{tuple(getattr(prior, 'shape', ()))}")
+    check_class_vector(name, prior, k)
     if bool((prior <= 0).any()):
         raise ValueError(f"{name} must be a distribution with every entry > 0 (its log is taken), got min "
                          f"{float(prior.min())}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import check_2d, check_class_dim, check_temperature
+from ._checks import check_2d, check_class_dim, check_class_vector, check_temperature
 from .pseudo_label import consistency_loss
 from .semi_supervised import sharpen
 
@@ -25,9 +25,7 @@ def remixmatch_distribution_alignment(probs: Tensor, p_model: Tensor, p_target: 
     check_2d("probs", probs)
     k = probs.shape[1]
     for name, dist in (("p_model", p_model), ("p_target", p_target)):
-        if not hasattr(dist, "shape") or tuple(dist.shape) != (k,):
-            raise ValueError(f"{name} must have shape ({k},) like the class dimension of probs, got "
-                             f"{tuple(getattr(dist, 'shape', ()))}")
+        check_class_vector(name, dist, k, " of probs")
     with torch.no_grad():
         ratio = (p_target.detach().float() + ALIGNMENT_EPS) / (p_model.detach().float() + ALIGNMENT_EPS)
         aligned = probs.detach().float() * ratio

@@ -26,7 +26,7 @@ from ..losses import abc_keep_probs, abc_loss, abc_unlabeled_keep_probs, bernoul
 from ..models.heads import Classifier
 from .base import Progress
 from .registry import register
-from .semi import USB_SGD
+from .semi import USB_SGD, usb_imbalanced_mu
 from .weak_strong import GatedConfig, WeakStrongMethod
 
 
@@ -82,7 +82,7 @@ class ABCConfig(GatedConfig):
     abc_threshold: float = Field(0.95, ge=0, le=1, description="confidence cut-off of the auxiliary head's own "
                                                                "pseudo-labels (USB abc_p_cutoff)")
     abc_loss_ratio: float = Field(1.0, ge=0, description="weight of the auxiliary head's loss (USB abc_loss_ratio)")
-    mu: int = Field(2, ge=1, description="unlabeled batch = mu × labeled batch (USB classic_cv_imb uratio 2)")
+    mu: int = usb_imbalanced_mu()
 
 
 class BalancedHeadMethod(WeakStrongMethod):

@@ -32,7 +32,7 @@ from ..losses import (acr_tau, adjusted_pseudo_labels, anchor_distances, consist
 from .abc_balanced import BalancedHeadMethod
 from .base import Progress
 from .registry import register
-from .semi import USB_SGD
+from .semi import USB_SGD, usb_imbalanced_mu
 from .weak_strong import WeakStrongConfig
 
 
@@ -54,7 +54,7 @@ class ACRConfig(WeakStrongConfig):
                                                 "est_epoch)")
     ema_u: float = Field(0.9, ge=0, lt=1, description="EMA momentum of the estimated unlabeled class distribution "
                                                       "(USB ema_u)")
-    mu: int = Field(2, ge=1, description="unlabeled batch = mu × labeled batch (USB classic_cv_imb uratio 2)")
+    mu: int = usb_imbalanced_mu()
 
 
 @register("acr", ACRConfig)

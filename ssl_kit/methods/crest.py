@@ -46,7 +46,7 @@ from .abc_balanced import whole_set_counts
 from .base import Progress
 from .pseudo_gate import PseudoLabelGate
 from .registry import register
-from .semi import USB_SGD
+from .semi import USB_SGD, usb_imbalanced_mu
 from .weak_strong import GatedConfig, WeakStrongMethod
 
 
@@ -76,7 +76,7 @@ class CReSTConfig(GatedConfig):
     ema_p: float = Field(0.999, gt=0, lt=1, description="EMA momentum of the running mean unlabeled prediction the "
                                                         "alignment divides by (USB DistAlignEMAHook momentum 0.999, "
                                                         "started at the first batch's mean)")
-    mu: int = Field(2, ge=1, description="unlabeled batch = mu × labeled batch (USB classic_cv_imb uratio 2)")
+    mu: int = usb_imbalanced_mu()
 
     @model_validator(mode="after")
     def _one_alignment(self) -> "CReSTConfig":

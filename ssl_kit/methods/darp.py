@@ -34,7 +34,7 @@ from ..losses.darp import darp_refine, darp_target
 from .abc_balanced import whole_set_counts
 from .base import Progress
 from .registry import register
-from .semi import USB_SGD
+from .semi import USB_SGD, usb_imbalanced_mu
 from .weak_strong import GatedConfig, WeakStrongMethod
 
 
@@ -63,7 +63,7 @@ class DARPConfig(GatedConfig):
     num_refine_iter: int = Field(10, ge=1, description="refine the whole bank every this many steps, using the last "
                                                        "refinery in between (USB darp_num_refine_iter; the paper's "
                                                        "code num_iter 10)")
-    mu: int = Field(2, ge=1, description="unlabeled batch = mu × labeled batch (USB classic_cv_imb uratio 2)")
+    mu: int = usb_imbalanced_mu()
 
     @model_validator(mode="after")
     def _alignment_is_darps(self) -> "DARPConfig":

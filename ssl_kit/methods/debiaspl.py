@@ -25,7 +25,7 @@ from ..losses import adaptive_marginal_loss, debiased_probs, prior_update
 from .base import Progress
 from .pseudo_gate import PseudoLabelGate
 from .registry import register
-from .semi import USB_SGD
+from .semi import USB_SGD, usb_imbalanced_mu
 from .weak_strong import GatedConfig, WeakStrongMethod
 
 
@@ -43,7 +43,7 @@ class DebiasPLConfig(GatedConfig):
                                                         "debiaspl_ema_p; the paper's qhat_m)")
     marginal_loss: bool = Field(True, description="adaptive marginal loss on the strong view (the paper); false: "
                                                   "plain cross-entropy (debiased pseudo-labels only)")
-    mu: int = Field(2, ge=1, description="unlabeled batch = mu × labeled batch (USB classic_cv_imb uratio 2)")
+    mu: int = usb_imbalanced_mu()
 
     @model_validator(mode="after")
     def _alignment_is_debiaspls(self) -> "DebiasPLConfig":

@@ -25,6 +25,12 @@ USB_SGD = {"optimizer": {"name": "sgd", "lr": 0.03, "lr_scaling": "none", "weigh
            "schedule": {"name": "fixmatch_cosine", "warmup_epochs": 0}}
 
 
+def usb_imbalanced_mu():
+    """The `mu` field of the methods for imbalanced data (one definition for all): USB's classic_cv_imb configs use
+    uratio 2."""
+    return Field(2, ge=1, description="unlabeled batch = mu × labeled batch (USB classic_cv_imb uratio 2)")
+
+
 class SemiSupervisedConfig(StageBase):
     """Keys of every method that trains on labeled + unlabeled batches."""
 
