@@ -78,13 +78,17 @@ def test_lock_blocks_a_second_writer_in_process(tmp_path):
 
 
 HOLDER_WITH_FORKED_CHILD = """
-import multiprocessing, sys, time
+import multiprocessing, os, sys, time
 from pathlib import Path
 from ssl_kit.engine.run_lock import RunLock
+
+def child_body(marker):
+    Path(marker).write_text(str(os.getpid()))  # written by the child: its at-fork hooks have run
+    time.sleep(60)
+
 lock = RunLock(sys.argv[1]).acquire()  # held (referenced) until killed
-child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))  # as a DataLoader worker is
+child = multiprocessing.get_context("fork").Process(target=child_body, args=(sys.argv[2],))  # as a DataLoader worker
 child.start()
-Path(sys.argv[2]).write_text(str(child.pid))
 time.sleep(60)
 """
 
