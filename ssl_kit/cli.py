@@ -29,7 +29,7 @@ from .limits import check_environment
 # pydantic load only for a command that uses them.
 LOCAL_RECIPE_DIR = Path("recipes")  # ./recipes of the working directory: the user's own recipes, found by name first
 CHECKPOINT_HELP = ("backbone.pt, run directory, training checkpoint, torchvision:NAME / timm:NAME (with --weights), "
-                   "or another repo's file: [mae|dino|dino-student|mocov3|solo-learn|lightly|state-dict:]FILE "
+                   "or another repo's file: [mae|dino|dino-student|dinov2|mocov3|solo-learn|lightly|state-dict:]FILE "
                    "(.pth or .safetensors; the layout is detected unless given)")
 ARCH_HELP = ("architecture of a file that does not record it: timm:NAME | torchvision:NAME | an ssl_kit backbone "
              "name, optionally with kwargs: timm:vit_small_patch16_224,global_pool=avg")

@@ -1,8 +1,9 @@
-"""Other repos' checkpoints as backbone records: MAE, DINO, MoCo v3, solo-learn, lightly, torchvision and timm files.
+"""Other repos' checkpoints as backbone records: MAE, DINO, DINOv2, MoCo v3, solo-learn, lightly, torchvision and timm
+files.
 
 A reference is `[LAYOUT:]FILE[@ARCH]`:
-  LAYOUT  forces the layout (else it is detected): mae | dino | dino-student | mocov3 | solo-learn | lightly |
-          state-dict (a bare torchvision/timm state dict, .pth or .safetensors)
+  LAYOUT  forces the layout (else it is detected): mae | dino | dino-student | dinov2 | mocov3 | solo-learn |
+          lightly | state-dict (a bare torchvision/timm state dict, .pth or .safetensors)
   ARCH    the architecture when the file does not record it: timm:NAME | torchvision:NAME | one of our backbone
           names, optionally with constructor kwargs: `timm:vit_small_patch16_224,global_pool=avg`
           (the command line's --arch appends it).
@@ -10,13 +11,19 @@ A reference is `[LAYOUT:]FILE[@ARCH]`:
 Layouts (what is kept; everything else is dropped and listed):
   mae          {'model': timm-ViT keys}                        drops decoder_*, mask_token, head.*
   dino         {'teacher'/'student': 'backbone.' or 'module.backbone.' keys}   the teacher; drops head.*
+  dinov2       facebookresearch/dinov2's keys: a hub file (dinov2_vits14[_reg4]_pretrain.pth) or a training run's
+               {'teacher': 'backbone.' keys} (teacher_checkpoint.pth)   drops mask_token, dino_head.*, ibot_head.*
   mocov3       {'state_dict': 'module.base_encoder.' keys}     drops head.* / fc.* (projector), momentum, predictor
   solo-learn   Lightning {'state_dict': 'backbone.' keys}      drops projector, classifier, momentum copies
   lightly      a lightly model's state dict: 'backbone.' keys  drops projection/prediction heads, momentum copies
   state-dict   torchvision/timm keys ('module.' stripped)      the classifier the backbone removes is dropped
 
 The kept keys are fitted to the architecture's own names (our adapters' 'model.' / ResNet's 'net.' prefix, and
-lightly's nn.Sequential(*children) indices mapped back to child names). Missing or unexpected keys are an error
+lightly's nn.Sequential(*children) indices mapped back to child names). DINOv2's keys become timm's as timm converts
+them: block chunks 'blocks.C.I.' -> 'blocks.I.', SwiGLU 'mlp.w12'/'mlp.w3' -> 'mlp.fc1'/'mlp.fc2', and with registers
+'register_tokens' -> 'reg_token' with the cls row of 'pos_embed' added to 'cls_token' (timm's *_reg4_dinov2 models
+have no cls/register rows, no_embed_class); without registers the table keeps its cls row (timm's *_dinov2). Its
+standard sizes (ViT-S/B/L/g) infer the timm architecture when none is given. Missing or unexpected keys are an error
 naming them; a shape mismatch is an error naming the key and both shapes.
 """
 from __future__ import annotations
@@ -37,7 +44,7 @@ from .bounds import check_architecture
 from .registry import BACKBONES
 from .torchvision_backbone import list_torchvision_models
 
-LAYOUTS = ("mae", "dino", "dino-student", "mocov3", "solo-learn", "lightly", "state-dict")
+LAYOUTS = ("mae", "dino", "dino-student", "dinov2", "mocov3", "solo-learn", "lightly", "state-dict")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 ARCH_HELP = "--arch timm:NAME | torchvision:NAME | <ssl_kit backbone name> (in a recipe: 'FILE@ARCH')"
@@ -97,10 +104,32 @@ def _has_prefix(state: dict, *prefixes: str) -> bool:
     return any(k.startswith(prefixes) for k in state)
 
 
+CHUNKED_BLOCK = re.compile(r"blocks\.(\d+)\.(\d+)\.")  # DINOv2's BlockChunk: 'blocks.C.I.' (I = the global index)
+
+
+def _backbone_keys(state: dict) -> dict:
+    """`state` without the 'module.' and 'backbone.' prefixes (a teacher's backbone, or the state itself)."""
+    state = _strip(state, "module.")
+    return _keep(state, "backbone.")[0] if _has_prefix(state, "backbone.") else state
+
+
+def is_dinov2_state(state: dict) -> bool:
+    """DINOv2's own ViT keys: 'register_tokens', chunked blocks, or its (1, D) 'mask_token' (MAE's and timm's are
+    (1, 1, D)) / a 'mask_token' beside layer scale 'ls1.gamma'; never with timm's 'reg_token' or a MAE decoder."""
+    state = _backbone_keys(state)
+    if "reg_token" in state or _has_prefix(state, "decoder_") or "cls_token" not in state:
+        return False
+    mask = state.get("mask_token")
+    masked = isinstance(mask, Tensor) and (mask.ndim == 2 or any(k.endswith(".ls1.gamma") for k in state))
+    return "register_tokens" in state or masked or any(CHUNKED_BLOCK.match(k) for k in state)
+
+
 def detect_layout(data: dict) -> str:
     """The layout of a loaded checkpoint dict (see the module doc); CheckpointError when none fits."""
     if _is_state(data.get("teacher")) or _is_state(data.get("student")):
-        return "dino"
+        return "dinov2" if _is_state(data.get("teacher")) and is_dinov2_state(data["teacher"]) else "dino"
+    if any(_is_state(state) and is_dinov2_state(state) for state in (data.get("model"), data.get("state_dict"), data)):
+        return "dinov2"
     if _is_state(data.get("model")) and not _is_state(data.get("state_dict")):
         return "mae"
     inner = data.get("state_dict") if _is_state(data.get("state_dict")) else data
@@ -125,8 +154,55 @@ def _keep(state: dict, prefix: str) -> tuple[dict, list[str]]:
     return kept, [k for k in state if not k.startswith(prefix)]
 
 
+def _dinov2_source(data: dict) -> dict:
+    """The state dict a DINOv2 file holds: a training run's 'teacher', else the file itself (a hub file)."""
+    for key in ("teacher", "model", "state_dict"):
+        if _is_state(data.get(key)):
+            return data[key]
+    if not _is_state(data):
+        raise CheckpointError(f"dinov2 layout: no state dict found (top-level keys: {sorted(map(str, data))[:10]})")
+    return data
+
+
+def _unchunk(key: str) -> str:
+    """'blocks.C.I.rest' (block_chunks > 0; I is the block's global index) -> 'blocks.I.rest'."""
+    return CHUNKED_BLOCK.sub(r"blocks.\2.", key, count=1) if CHUNKED_BLOCK.match(key) else key
+
+
+def _timm_mlp_name(key: str) -> str:
+    """DINOv2's SwiGLU 'mlp.w12' (packed [gate, value], silu on the first half) / 'mlp.w3' -> timm's SwiGLUPacked
+    'mlp.fc1' / 'mlp.fc2' (GluMlp with gate_last=False: the same split and order)."""
+    return re.sub(r"^(blocks\.\d+\.mlp\.)w(12|3)\.", lambda m: m[1] + ("fc1." if m[2] == "12" else "fc2."), key)
+
+
+def _fold_cls_position(state: dict) -> dict:
+    """With registers: DINOv2 adds pos_embed's row 0 to the cls token and none to the registers, which it inserts
+    after it; timm's no_embed_class table holds the patch rows only, so row 0 moves into cls_token."""
+    state = dict(state)
+    state["reg_token"] = state.pop("register_tokens")
+    cls, pos = state.get("cls_token"), state.get("pos_embed")
+    if not isinstance(cls, Tensor) or not isinstance(pos, Tensor):
+        return state  # a missing or non-tensor one is named by the later checks
+    if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[1] < 2 or tuple(cls.shape) != (1, 1, pos.shape[2]):
+        raise CheckpointError(f"dinov2 layout: 'cls_token' {tuple(cls.shape)} and 'pos_embed' {tuple(pos.shape)} are "
+                              f"not (1, 1, D) and (1, 1 + grid², D): the file is not a DINOv2 ViT's")
+    state["cls_token"], state["pos_embed"] = cls + pos[:, :1], pos[:, 1:]
+    return state
+
+
+def dinov2_state(data: dict) -> tuple[dict[str, Tensor], list[str]]:
+    """DINOv2's backbone keys -> timm's ViT keys (see the module doc), and the dropped key names."""
+    state = _strip(_dinov2_source(data), "module.")
+    state, dropped = _keep(state, "backbone.") if _has_prefix(state, "backbone.") else (state, [])
+    dropped += [k for k in state if k == "mask_token"]
+    state = {_timm_mlp_name(_unchunk(k)): v for k, v in state.items() if k != "mask_token"}
+    return (_fold_cls_position(state) if "register_tokens" in state else state), dropped
+
+
 def layout_state(data: dict, layout: str) -> tuple[dict[str, Tensor], list[str]]:
     """(backbone state dict in the backbone's own key names, dropped key names) for a checkpoint of `layout`."""
+    if layout == "dinov2":
+        return dinov2_state(data)
     if layout in ("dino", "dino-student"):
         which = "student" if layout == "dino-student" else "teacher"
         if not _is_state(data.get(which)):
@@ -283,6 +359,30 @@ def fit_state(backbone: nn.Module, state: dict[str, Tensor], source: str) -> tup
     return full, dropped
 
 
+DINOV2_SIZES = {(384, 12): "small", (768, 12): "base", (1024, 24): "large", (1536, 40): "giant"}  # (dim, depth)
+
+
+def _block_count(state: dict) -> int:
+    return len({m[1] for m in map(re.compile(r"blocks\.(\d{1,6})\.").match, state) if m})
+
+
+def dinov2_arch(state: dict) -> Optional[str]:
+    """The timm architecture of DINOv2's published sizes (ViT-S/B/L/g, dinov2/models/vision_transformer.py) from
+    converted weights: 'timm:vit_small_patch14_dinov2', '..._reg4_dinov2' with registers (reg_tokens=R when R != 4);
+    None for other sizes, or a ViT-g without SwiGLU / another size with it (pass the architecture then)."""
+    patch, fc1, fc2 = (state.get(k) for k in ("patch_embed.proj.weight", "blocks.0.mlp.fc1.weight",
+                                              "blocks.0.mlp.fc2.weight"))
+    if not all(isinstance(t, Tensor) and t.ndim == n for t, n in ((patch, 4), (fc1, 2), (fc2, 2))):
+        return None
+    size = DINOV2_SIZES.get((int(patch.shape[0]), _block_count(state)))
+    if size is None or (size == "giant") != (fc1.shape[0] == 2 * fc2.shape[1]):
+        return None
+    reg = state.get("reg_token")
+    registers = int(reg.shape[1]) if isinstance(reg, Tensor) and reg.ndim == 3 else 0
+    extra = f",reg_tokens={registers}" if registers not in (0, 4) else ""
+    return f"timm:vit_{size}_patch14{'_reg4' if registers else ''}_dinov2{extra}"
+
+
 def _file_arch(data: dict) -> Optional[str]:
     """An architecture the file records: MoCo v3 / DINO 'arch' naming a torchvision model."""
     arch = data.get("arch")
@@ -296,13 +396,15 @@ def foreign_record(data: dict, path: str, layout: Optional[str] = None, arch: Op
     detected = layout is None
     try:
         layout = layout or detect_layout(data)
+        state, dropped = layout_state(data, layout)
     except CheckpointError as exc:  # found by fuzzing: the message did not name the file
         raise CheckpointError(f"{path!r}: {exc}") from None
-    state, dropped = layout_state(data, layout)
     if not state:
         raise CheckpointError(f"{path!r} ({layout} layout): no backbone weights found")
     check_tensors(state, f"{path!r} ({layout} layout)")
     arch = arch or _file_arch(data)
+    inferred = dinov2_arch(state) if arch is None and layout == "dinov2" else None
+    arch = arch or inferred
     if arch is None:
         plain = " is not an ssl_kit backbone or training checkpoint (no 'format' field); read as" \
             if detected and layout == "state-dict" else ""
@@ -318,6 +420,8 @@ def foreign_record(data: dict, path: str, layout: Optional[str] = None, arch: Op
     skeleton.arch_name = arch
     fitted, classifier = fit_state(skeleton, state, where)
     dropped += classifier
+    if inferred:
+        print(f"[ssl-kit] {path} ({layout} layout): architecture {arch} (from its sizes)", file=sys.stderr)
     if dropped:
         print(f"[ssl-kit] {path} ({layout} layout): dropped {len(dropped)} non-backbone keys: {_names(dropped, 6)}",
               file=sys.stderr)
