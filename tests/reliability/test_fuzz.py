@@ -436,7 +436,8 @@ def test_shard_patterns_are_counted_exactly_and_expanded_or_rejected_clearly(mon
 
     from ssl_kit.data.sources import brace_count, expand_pattern
 
-    monkeypatch.setenv("SSL_KIT_MAX_SHARDS", "20000")  # accepted expansions stay quick to compare
+    monkeypatch.setenv("SSL_KIT_MAX_SHARDS", "2000")  # accepted expansions stay quick to compare, even on a busy CI
+    # machine: 13,000 globbed paths took over the 2 s deadline there
     try:
         paths = expand_pattern(pattern)
         event("accepted")
@@ -444,6 +445,6 @@ def test_shard_patterns_are_counted_exactly_and_expanded_or_rejected_clearly(mon
         event("refused")
         assert "webdataset pattern" in str(exc) and len(str(exc)) < 1500
     else:
-        assert len(paths) <= 20_000
+        assert len(paths) <= 2_000
         if "*" not in pattern and "?" not in pattern and "[" not in pattern:
             assert len(paths) == brace_count(pattern, 10**9) == len(list(braceexpand(pattern)))
