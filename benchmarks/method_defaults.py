@@ -22,7 +22,8 @@ from ssl_kit.methods import registered_methods
 from ssl_kit.runner import run_recipe
 
 NEEDS_TEACHER = ("kd", "dkd")
-VIT_ONLY = ("dinov2", "ibot", "ijepa", "mae", "msn", "simmim")  # visible patches only (MAE, I-JEPA); mask tokens
+# visible patches only (MAE, I-JEPA, CAPI) or mask tokens
+VIT_ONLY = ("capi", "dinov2", "ibot", "ijepa", "mae", "msn", "simmim")
 
 
 def stage_for(method: str, data: str, batch: int, steps: int) -> list[dict]:

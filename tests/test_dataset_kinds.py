@@ -12,7 +12,7 @@ from ssl_kit.data import kinds
 from ssl_kit.data.builtin import DIGIT_CLASSES, load_digits_dataset
 from ssl_kit.data.imageset import ImageSet
 from ssl_kit.data.kinds import DatasetKind, register_kind, streamed_kinds
-from ssl_kit.data.pipeline import is_streamed_source
+from ssl_kit.data.opened import is_streamed_source
 from ssl_kit.data.sources import index_images
 from ssl_kit.data.specs import load_splits, parse_spec
 from ssl_kit.errors import DataError

@@ -75,6 +75,21 @@ def test_training_and_every_evaluation_path_hold_out_the_same_images(tmp_path):
     assert torch.equal(memory["test"][1], trained.test.labels)
 
 
+def test_evaluation_decodes_a_folder_exactly_as_training_did_for_a_grayscale_backbone(tmp_path):
+    """data/opened.py: training and evaluation open a spec through one function, so a 1-channel backbone trained on
+    colour JPEGs is scored on its test split decoded exactly as training decoded it. Before, evaluation decoded RGB
+    and converted with its own luma weights: 261 of the 1,024 test pixels differed here (by one grey level)."""
+    spec = f"filelist:{partly_labeled_list(tmp_path / 'pool')}"
+    trained = prepare_data(DataConfig(dataset=spec, image_size=16, channels=1, workers=0, storage="memory",
+                                      normalize="none"), 0)
+    backbone = build_backbone("small_cnn", 1, 16, {"width": 8}).eval()
+    backbone.data_info = {"image_size": 16, "channels": 1, "mean": [0.5], "std": [0.25]}
+    evaluated = FeatureExtractor(backbone, "cpu", workers=0).dataset_splits(spec)
+    assert trained.test.images.shape == evaluated["test"].images.shape == (4, 1, 16, 16)
+    assert torch.equal(trained.test.images, evaluated["test"].images)
+    assert torch.equal(trained.train.images, evaluated["train"].images)
+
+
 def test_a_source_without_labels_trains_label_free_and_evaluation_says_it_has_nothing_to_score(tmp_path):
     for i in range(12):
         Image.fromarray(np.full((18, 22, 3), 20 * i, np.uint8)).save(tmp_path / f"{i}.png")

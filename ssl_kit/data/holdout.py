@@ -1,8 +1,9 @@
 """The one holdout policy of a file-indexed source: which images train and which are scored.
 
-Training (data/pipeline.py), the in-memory evaluation splits (data/specs.py) and the streamed evaluation features
-(eval/features.py) all take their train/test positions from `split_positions`, so a backbone is never scored on
-images it was trained on as labeled data, whatever the command.
+Training (data/pipeline.py) and every evaluation command (eval/features.py) open a source through one function,
+data/opened.py's `open_source`, which takes its train/test positions from `split_positions`; so do the in-memory
+splits of data/specs.py (`ssl-kit data`, a second domain appended to an in-memory set). A backbone is never scored
+on images it was trained on as labeled data, whatever the command.
 """
 from __future__ import annotations
 

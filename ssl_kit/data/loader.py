@@ -94,6 +94,9 @@ class DeviceLoader:
             batch.u_image_index = image_index
         return batch
 
+    def close(self) -> None:
+        """Nothing to stop: the images are already on the device (the stream loader's close stops its workers)."""
+
 
 def iterate_in_chunks(images: Tensor, chunk: int):
     """Yield consecutive slices of at most `chunk` rows."""

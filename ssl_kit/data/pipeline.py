@@ -13,12 +13,10 @@ from ..config import DataConfig
 from ..errors import DataError
 from .fileset import FileSet, Images, image_batches
 from .imageset import ImageSet
-from .inspect import load_in_memory
-from .holdout import split_positions
-from .kinds import dataset_kind
+from .opened import DEFAULT_CHANNELS, is_streamed_source, load_converted, open_source
 from .needs import DataNeeds
-from .sources import check_appended_classes, choose_storage, join_indexes
-from .specs import DatasetSpec, load_splits, open_index, parse_spec
+from .sources import check_appended_classes, join_indexes
+from .specs import DatasetSpec, open_index, parse_spec
 from .splits import labeled_indices, largest_head, long_tail_counts, long_tailed_indices, unlabeled_indices
 
 NORM_SAMPLE = 512  # images decoded for the normalisation statistics of a streamed set
@@ -56,6 +54,18 @@ class PreparedData:
     def streamed(self) -> bool:
         return isinstance(self.train, FileSet)
 
+    def images_in_memory(self) -> Optional[torch.Tensor]:
+        """The decoded training images, uint8 (N, C, H, W), or None when the stage streams them from files."""
+        return None if self.streamed else self.train.images
+
+    def spread_rows(self, rows: torch.Tensor, limit: int) -> torch.Tensor:
+        """`rows` (R,) of train to decode and score once (e.g. a pseudo-label sweep): all of them in memory; at most
+        `limit` evenly spread over them when streamed (each is decoded from its file), so no class or folder
+        dominates. -> (min(R, limit),) or (R,)."""
+        if not self.streamed or len(rows) <= limit:
+            return rows
+        return rows[torch.linspace(0, len(rows) - 1, limit).round().long()]
+
 
 def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 (N, C, H, W) images in [0, 1] units."""
@@ -70,13 +80,6 @@ def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float],
     mean = total / count
     std = (total_sq / count - mean ** 2).clamp_min(1e-12).sqrt()
     return [round(float(v), 6) for v in mean], [round(max(float(v), 1e-3), 6) for v in std]
-
-
-def load_converted(spec: str, image_size: int, channels: Optional[int]) -> dict[str, ImageSet]:
-    """Every split of `spec`, resized to image_size and converted to `channels` (native channels when None)."""
-    splits = load_splits(spec, folder_size=image_size)
-    target_channels = channels or splits["train"].channels
-    return {name: split.converted(image_size, target_channels) for name, split in splits.items()}
 
 
 def _append(train: ImageSet, extra: ImageSet) -> tuple[ImageSet, torch.Tensor]:
@@ -122,12 +125,6 @@ def _append_streamed_domain(train: FileSet, cfg: DataConfig) -> tuple[FileSet, t
     return FileSet(joined, positions, train.name, train.channels), rows
 
 
-def is_streamed_source(spec: str | DatasetSpec) -> bool:
-    """A file-indexed kind (imagefolder, images, filelist, webdataset, ...: see kinds.py) that can stream."""
-    parsed = parse_spec(spec) if isinstance(spec, str) else spec
-    return dataset_kind(parsed.name).streams
-
-
 def sample_stats(train: FileSet, size: int, resize_ratio: float, workers: int,
                  sample: int = NORM_SAMPLE) -> tuple[list[float], list[float]]:
     """Per-channel mean/std of up to `sample` training images evenly spread over the set (evaluation crop at
@@ -140,24 +137,16 @@ def sample_stats(train: FileSet, size: int, resize_ratio: float, workers: int,
     return channel_stats(torch.cat(chunks))
 
 
-def _streamed_splits(cfg: DataConfig, spec: DatasetSpec, seed: int) -> tuple[Images, Images, str]:
-    """train/test of a streamed source: FileSets when the stage streams, else decoded ImageSets.
-    -> (train, test, spec string recorded in DataInfo: the labels CSV as a `labels=` option)."""
+def _streamed_splits(cfg: DataConfig, spec: DatasetSpec) -> tuple[Images, Images, str]:
+    """train/test of a file-indexed source (opened.open_source: FileSets when the stage streams, else decoded
+    ImageSets) -> (train, test, spec string recorded in DataInfo: the labels CSV as a `labels=` option)."""
     labels_csv = os.path.abspath(cfg.labels) if cfg.labels else None
-    index = open_index(spec, labels_csv, workers=max(2, cfg.workers))
-    train_pos, test_pos = split_positions(index, spec.option("test_fraction", 0.2), spec.option("seed", 0))
-    channels = cfg.channels or 3
-    requested = cfg.storage if cfg.storage != "auto" else spec.option("storage", "auto")
-    storage = choose_storage(requested, len(train_pos) + len(test_pos), cfg.image_size, channels,
-                             cfg.memory_budget_gb)
+    source = open_source(spec, cfg.image_size, cfg.channels or DEFAULT_CHANNELS, cfg.memory_budget_gb, cfg.storage,
+                         labels_csv, workers=max(2, cfg.workers))
     recorded = str(spec) + (f",labels={labels_csv}" if labels_csv and not spec.option("labels") else "")
-    if storage == "stream":
-        recorded += ",storage=stream" if not spec.option("storage") else ""  # its evaluations stream too
-        return (FileSet(index, train_pos, f"{index.source}/train", channels),
-                FileSet(index, test_pos, f"{index.source}/test", channels), recorded)
-    train, _ = load_in_memory(index, train_pos, cfg.image_size, f"{index.source}/train", channels)
-    test, _ = load_in_memory(index, test_pos, cfg.image_size, f"{index.source}/test", channels)
-    return train, test, recorded
+    if source.streams and not spec.option("storage"):
+        recorded += ",storage=stream"  # its evaluations stream too
+    return source.split("train"), source.split("test"), recorded
 
 
 def _test_set(cfg: DataConfig, train: Images) -> Images:
@@ -238,12 +227,10 @@ def prepare_data(cfg: DataConfig, seed: int, needs: DataNeeds = DataNeeds()) -> 
     parsed = parse_spec(spec)
     extra_unlabeled = None
     if is_streamed_source(parsed):
-        train, test, spec = _streamed_splits(cfg, parsed, seed)
+        train, test, spec = _streamed_splits(cfg, parsed)
     else:
-        if cfg.labels:
-            raise DataError(f"data.labels {cfg.labels!r}: a labels CSV names files of an image folder, file list "
-                            f"or images: tree; {parsed.name!r} has its own labels")
-        splits = load_converted(spec, cfg.image_size, cfg.channels)
+        splits = open_source(parsed, cfg.image_size, cfg.channels, cfg.memory_budget_gb, cfg.storage,
+                             cfg.labels).splits()
         train, test, extra_unlabeled = splits["train"], splits["test"], splits.get("unlabeled")
     if cfg.test:
         test = _test_set(cfg, train)

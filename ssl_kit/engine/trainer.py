@@ -22,8 +22,8 @@ from torch import nn
 
 from ..common.device import (autocast_context, configure_cuda_backends, resolve_device,  # noqa: F401
                              resolve_precision)  # resolve_device: public here too
-from ..common.metrics import ClassificationTally, classification_metrics, predict
-from ..data.fileset import FileSet, image_batches
+from ..common.metrics import ClassificationTally, predict
+from ..data.fileset import Images, image_batches
 from ..data.pipeline import PreparedData
 from ..data.stream import BadImageLog
 from ..errors import CheckpointError, TrainingError, TrainingInterrupted
@@ -324,8 +324,7 @@ class Trainer:
                 return self._fit_loop(tc, bar, start_time, start_step)
         finally:
             self._write_bad_images()
-            if isinstance(self.data.train, FileSet):
-                self.loader.close()
+            self.loader.close()
 
     def _data_metrics(self) -> dict:
         """Streamed data: data/bad_images, the distinct bad files met so far by every rank (a collective under DDP:
@@ -423,13 +422,11 @@ class Trainer:
         test = self.data.test
         if len(test) == 0:  # e.g. an unlabeled folder: nothing to score
             return {}
-        if not isinstance(test, FileSet):
-            logits = predict(model, test.images, self.method.normalize, self.device)
-            return classification_metrics(logits, test.labels, test.num_classes)
-        return self._streamed_test_metrics(model, test)
+        return self._test_metrics(model, test)
 
-    def _streamed_test_metrics(self, model: nn.Module, test: FileSet) -> dict:
-        """Metrics of a streamed held-out test split (its N × K logits are never held). Its unreadable files are
+    def _test_metrics(self, model: nn.Module, test: Images) -> dict:
+        """Metrics of the held-out test split, scored in batches of 512 (its N × K logits are never held), in memory
+        or decoded from files by workers with the evaluation transform. Unreadable files of a streamed split are
         left out of the metrics (never substituted: the score is over the images that could be read), each warned
         about once and listed in bad_images.txt; data.bad_images=error stops at the first one."""
         dc = self.cfg.data
@@ -437,7 +434,7 @@ class Trainer:
         bad = BadImageLog(dc.bad_images, 1.0, max(1, len(test)))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="skipping bad image")  # warned below: left out, not substituted
-            for images, y in image_batches(test, dc.image_size, test.channels, 256, dc.workers,
+            for images, y in image_batches(test, dc.image_size, test.channels, 512, dc.workers,
                                            dc.eval_resize_ratio, bad):
                 tally.add(predict(model, images, self.method.normalize, self.device), y)
         self._note_test_bad_files(bad.files, len(test))

@@ -34,11 +34,9 @@ from ..data.augment import random_resized_crop, to_unit_float
 from ..data.views import Normalize
 from ..data.fileset import FileSet, image_batches
 from ..data.imageset import ImageSet, convert_images
-from ..data.pipeline import is_streamed_source, load_converted
+from ..data.opened import OpenedSource, open_source
 from ..data.cache_key import CACHE_FORMAT, cache_key, content_stamp
-from ..data.sources import cache_dir, choose_storage
-from ..data.holdout import split_positions
-from ..data.specs import open_index, parse_spec
+from ..data.sources import cache_dir
 from ..data.stream import BadImageLog
 from ..engine.checkpoint import load_backbone
 from ..errors import DataError, TrainingError
@@ -63,11 +61,6 @@ def weights_digest(module: nn.Module) -> str:
         digest.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
         digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()[:24]
-
-
-def load_eval_splits(spec: str, info: dict) -> dict[str, ImageSet]:
-    """Every split of `spec` converted to the backbone's input format (image_size, channels)."""
-    return load_converted(spec, info["image_size"], info["channels"])
 
 
 def load_eval_backbone(path: str | Path, weights: Optional[str] = None, image_size: Optional[int] = None) -> nn.Module:
@@ -217,22 +210,24 @@ class FeatureExtractor:
     def dataset_splits(self, spec: str) -> dict[str, ImageSet]:
         """Every split of `spec` converted to the backbone's input format, loaded once per extractor (in memory:
         what needs the images themselves, augmented probes, AdaBN, corruptions)."""
-        if spec not in self._splits and self.streams(spec):
+        if spec in self._splits:
+            return self._splits[spec]
+        source = self.open(spec)
+        if source.streams:
             raise DataError(f"dataset {spec!r} streams (too large to decode into memory, or storage=stream): "
                             f"augmented probes, AdaBN and corruptions need the images in memory; use the plain "
                             f"linear probe / knn / transfer, or ',storage=memory' for a small set")
-        if spec not in self._splits:
-            self._splits[spec] = load_eval_splits(spec, self.info)
+        self._splits[spec] = source.splits()
         return self._splits[spec]
+
+    def open(self, spec: str) -> OpenedSource:
+        """`spec` opened as training opens a stage's data (data/opened.py), at the backbone's size and channels."""
+        return open_source(spec, self.info["image_size"], self.info["channels"], self.memory_budget_gb,
+                           workers=max(2, self.workers))
 
     def streams(self, spec: str) -> bool:
         """Whether `spec` is embedded from files in workers (see the module docstring) rather than in memory."""
-        parsed = parse_spec(spec)
-        if not is_streamed_source(parsed):
-            return False
-        index = open_index(parsed)
-        return choose_storage(parsed.option("storage", "auto"), len(index), self.info["image_size"],
-                              self.info["channels"], self.memory_budget_gb) == "stream"
+        return self.open(spec).streams
 
     def file_features(self, images: FileSet, spec: str, split: str) -> tuple[Tensor, Tensor]:
         """Features (N, F) and labels (N,) of a streamed split: the on-disk float16 cache, memory-mapped (see
@@ -284,27 +279,24 @@ class FeatureExtractor:
             del store
         return tmp, torch.cat(labels)
 
-    def _streamed_features(self, spec: str) -> dict[str, tuple[Tensor, Tensor, list[str]]]:
-        parsed = parse_spec(spec)
-        index = open_index(parsed)
-        train, test = split_positions(index, parsed.option("test_fraction", 0.2), parsed.option("seed", 0))
+    def _streamed_features(self, spec: str, source: OpenedSource) -> dict[str, tuple[Tensor, Tensor, list[str]]]:
         out = {}
-        for split, positions in (("train", train), ("test", test)):
-            positions = positions[index.labels[positions] >= 0]  # unlabeled images cannot be fitted nor scored
-            require_labeled(spec, split, len(positions))
+        for split in ("train", "test"):
+            images = source.split(split, labeled_only=True)  # unlabeled images cannot be fitted nor scored
+            require_labeled(spec, split, len(images))
             key = f"{spec}|{split}"
             if key not in self._cache:
-                images = FileSet(index, positions, f"{index.source}/{split}", self.info["channels"])
                 self._cache[key], self._cache[key + "|labels"] = self.file_features(images, spec, split)
-            out[split] = (self._cache[key], self._cache[key + "|labels"], index.classes)
+            out[split] = (self._cache[key], self._cache[key + "|labels"], images.classes)
         return out
 
     def dataset_features(self, spec: str) -> dict[str, tuple[Tensor, Tensor, list[str]]]:
         """{'train', 'test': (features (N, F), labels (N,), classes)} of the labeled images of a dataset spec's
-        train and test splits (one holdout policy: holdout.split_positions); large streamed sources are embedded
-        from files with the on-disk cache."""
-        if self.streams(spec):
-            return self._streamed_features(spec)
+        train and test splits, opened as training opens them (data/opened.py: one holdout policy, one storage
+        decision); large streamed sources are embedded from files with the on-disk cache."""
+        source = None if spec in self._splits else self.open(spec)
+        if source is not None and source.streams:
+            return self._streamed_features(spec, source)
         out = {}
         splits = self.dataset_splits(spec)
         for split in ("train", "test"):

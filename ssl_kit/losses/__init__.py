@@ -5,6 +5,7 @@ from .acr import (acr_tau, adjusted_pseudo_labels, anchor_distances, logit_adjus
                   symmetric_kl)
 from .adamatch import distribution_alignment, random_logit_interpolation, relative_threshold
 from .barlow_twins import BarlowTwinsLoss, barlow_twins_loss
+from .capi import capi_assignments, capi_cross_entropy, capi_loss
 from .contrastive import InfoNCELoss, NTXentLoss, info_nce_loss, nt_xent_loss
 from .crest import crest_sampling_rates, crest_select, progressive_alignment, progressive_temperature
 from .crmatch import crmatch_feature_distance_loss
@@ -34,6 +35,7 @@ from .sequencematch import sequencematch_loss
 from .simmatch import simmatch_in_loss, simmatch_unfold_aggregate
 from .simmatchv2 import simmatchv2_edge_edge_loss, simmatchv2_label_propagation, simmatchv2_node_edge_loss
 from .comatch import comatch_contrastive_loss, comatch_memory_smoothing, comatch_pseudo_label_graph
+from .epass import ensemble_embeddings
 from .remixmatch import remixmatch_distribution_alignment, remixmatch_guess, remixmatch_loss
 from .supcon import SupConLoss, supcon_loss
 from .swav import SwAVLoss, sinkhorn, swav_loss
@@ -50,6 +52,7 @@ __all__ = [
     "nnclr_loss", "NNCLRLoss", "ibot_patch_loss",
     "koleo_loss", "KoLeoLoss", "sinkhorn_knopp_centering", "softmax_centering", "dinov2_cls_loss", "dinov2_patch_loss",
     "dcl_loss", "DCLLoss", "vmf_weights", "tico_loss", "TiCoLoss", "mmcr_loss", "MMCRLoss", "ijepa_loss",
+    "capi_loss", "capi_assignments", "capi_cross_entropy",
     "msn_loss", "MSNLoss", "msn_target_probs", "msn_regularization", "power_law_prior",
     "lejepa_loss", "LeJEPALoss", "sigreg", "sigreg_directions", "epps_pulley_grid", "lejepa_prediction_loss",
     "emp_ssl_loss", "EMPSSLLoss", "total_coding_rate", "patch_invariance_loss",
@@ -60,6 +63,7 @@ __all__ = [
     "simmatch_unfold_aggregate", "simmatch_in_loss",
     "simmatchv2_label_propagation", "simmatchv2_edge_edge_loss", "simmatchv2_node_edge_loss",
     "comatch_memory_smoothing", "comatch_pseudo_label_graph", "comatch_contrastive_loss",
+    "ensemble_embeddings",
     "remixmatch_distribution_alignment", "remixmatch_guess", "remixmatch_loss",
     "defixmatch_loss", "kl_consistency_loss", "refixmatch_low_confidence_loss", "sequencematch_loss",
     "crmatch_feature_distance_loss",

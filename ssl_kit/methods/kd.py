@@ -155,12 +155,13 @@ class KnowledgeDistillation(ClassifierMethod):
 
     @classmethod
     def context_from(cls, cfg, data, load_record: Callable[[str], dict]) -> dict:
-        if cfg.cache_teacher_logits and data.streamed:
+        train_images = data.images_in_memory()
+        if cfg.cache_teacher_logits and train_images is None:
             raise ConfigError(f"stages[{cfg.name}].cache_teacher_logits needs the training images in memory "
                               f"(data.storage=memory); on streamed data the teacher sees each step's view instead: "
                               f"set cache_teacher_logits=false")
         return {"teacher_records": [load_record(source) for source in cfg.teacher_sources()],
-                "train_images": None if data.streamed else data.train.images}
+                "train_images": train_images}
 
     def __init__(self, cfg, backbone: nn.Module, info, teacher_records: list[dict],
                  train_images: Optional[Tensor] = None) -> None:

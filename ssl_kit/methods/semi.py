@@ -119,9 +119,7 @@ class SemiSupervisedMethod(ClassifierMethod):
         """Threshold sweep on the unlabeled set (streamed: SWEEP_LIMIT images spread over it, decoded with the
         evaluation transform) with the trained model: for each threshold, the fraction of images whose confidence
         passes it (quantity) and the accuracy of their pseudo-labels (quality)."""
-        rows = data.unlabeled
-        if data.streamed and len(rows) > self.SWEEP_LIMIT:  # evenly spread, so no class or folder dominates
-            rows = rows[torch.linspace(0, len(rows) - 1, self.SWEEP_LIMIT).round().long()]
+        rows = data.spread_rows(data.unlabeled, self.SWEEP_LIMIT)
         pool = data.train.subset(rows)
         device = next(model.parameters()).device
         info, outputs, hidden = self.info, [], []

@@ -1,0 +1,91 @@
+"""CAPI (Darcet et al. 2025): the online clustering targets and the cross-entropy that both the student and the
+clustering head are trained with (facebookresearch/capi, model.py `sinkhorn_knopp` / `OnlineClustering`,
+train_capi.py `do_student`).
+
+Position-wise Sinkhorn-Knopp: for teacher cluster logits z (B, L, K) of B images at L patch positions over K
+prototypes, every position l is balanced on its own (the paper's fix of positional collapse):
+
+    Q_l = exp(z_l / τ_t − max_b z_l / τ_t)            (B, K), the shift only guards against overflow
+    `iterations` times:  Q_l ← Q_l / (Σ_b Q_l + ε)     (each prototype's mass over the batch to 1)
+                         Q_l ← Q_l / (Σ_k Q_l + ε)     (each token's assignment to a distribution)
+
+with ε = 1e-8. The loss of predictions p (B, P, K) against assignments q (B, P, K) is the mean over the B·P tokens
+of −Σ_k q · log softmax(p / τ_s). Under torchrun the per-position batch sums and maxima are all-reduced, so the
+targets are those of the global batch (the reference's `reduced_sum` and `stable_exp`)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import check_positive_int, check_temperature, full_precision
+from ._distributed import active_world, all_reduce_no_grad
+
+SK_EPS = 1e-8  # the reference's eps in both Sinkhorn-Knopp normalisations
+
+
+def _check_tokens(name: str, x: Tensor) -> None:
+    if x.ndim != 3 or x.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty (batch, tokens, clusters) tensor, got shape {tuple(x.shape)}")
+
+
+@torch.no_grad()
+def capi_assignments(logits: Tensor, temperature: float = 0.06, iterations: int = 3,
+                     gather_distributed: bool = True) -> Tensor:
+    """Position-wise Sinkhorn-Knopp of cluster logits (B, L, K) at teacher temperature `temperature` -> float32
+    soft assignments (B, L, K), each token's row a distribution over the K clusters, no gradient. Every position is
+    balanced over the batch on its own; with gather_distributed under torchrun, over the global batch."""
+    _check_tokens("logits", logits)
+    check_temperature("temperature", temperature)
+    check_positive_int("iterations", iterations)
+    world = active_world(gather_distributed)
+    q = (logits.detach().float() / temperature).transpose(0, 1)  # (L, B, K)
+    shift = q.amax(dim=1, keepdim=True)  # (L, 1, K)
+    if world > 1:
+        shift = all_reduce_no_grad(shift, "max")
+    q = torch.exp(q - shift)
+    for _ in range(iterations):
+        batch_sum = q.sum(dim=1, keepdim=True)
+        if world > 1:
+            batch_sum = all_reduce_no_grad(batch_sum, "sum")
+        q = q / (batch_sum + SK_EPS)
+        q = q / (q.sum(dim=2, keepdim=True) + SK_EPS)
+    return q.transpose(0, 1)
+
+
+def capi_cross_entropy(predictions: Tensor, assignments: Tensor, temperature: float = 0.12) -> Tensor:
+    """predictions (B, P, K) cluster logits, assignments (B, P, K) targets (detached here) -> scalar: the mean over
+    the B·P tokens of −Σ_k assignment · log softmax(prediction / temperature), in float32."""
+    _check_tokens("predictions", predictions)
+    if predictions.shape != assignments.shape:
+        raise ValueError(f"predictions {tuple(predictions.shape)} and assignments {tuple(assignments.shape)} "
+                         f"must have the same shape")
+    check_temperature("temperature", temperature)
+    with full_precision(predictions):
+        log_probs = F.log_softmax(predictions.float() / temperature, dim=-1)
+        return -(assignments.detach().float() * log_probs).sum(dim=-1).mean()
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, L, K), index (B, P) of positions in [0, L) -> (B, P, K), x[b, index[b, p]]."""
+    if index.ndim != 2 or index.shape[0] != x.shape[0]:
+        raise ValueError(f"index must be (batch, predicted) with batch {x.shape[0]}, got shape {tuple(index.shape)}")
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def capi_loss(student_logits: Tensor, teacher_logits: Tensor, teacher_index: Optional[Tensor] = None,
+              teacher_temp: float = 0.06, student_temp: float = 0.12, iterations: int = 3,
+              gather_distributed: bool = True) -> Tensor:
+    """CAPI's loss. teacher_logits (B, L, K): the clustering head's logits of the teacher's patch tokens, turned
+    into position-wise Sinkhorn-Knopp targets (`capi_assignments`, over all L positions); teacher_index (B, P): the
+    positions the student predicts, gathered after the balancing (None: student and teacher tokens are aligned,
+    P = L); student_logits (B, P, K). -> scalar `capi_cross_entropy` at student_temp. Passing the teacher's logits
+    (with their gradient) as student_logits gives the clustering head's own loss (the reference's OnlineClustering,
+    pred_temp 0.12)."""
+    _check_tokens("teacher_logits", teacher_logits)
+    targets = capi_assignments(teacher_logits, teacher_temp, iterations, gather_distributed)
+    if teacher_index is not None:
+        targets = gather_tokens(targets, teacher_index)
+    return capi_cross_entropy(student_logits, targets, student_temp)
