@@ -2,7 +2,11 @@
 with Sinkhorn-Knopp targets (which lightly's DINOLoss lacks: center_mode "mean" only), the paper's formula computed
 naively; the masked-patch loss equals lightly's IBOTPatchLoss (values and gradients); two gloo ranks give the global
 batch's Sinkhorn-Knopp targets (also with unequal and empty patch counts) and the gathered KoLeo; DINOv2's mask
-counts, layer-wise lr groups and eval-mode teacher; bad arguments named; the method trains on its defaults."""
+counts, layer-wise lr groups and eval-mode teacher; bad arguments named; the method trains on its defaults.
+DINOv3's Gram anchoring: the loss equals its formula computed naively; off (gram_weight 0) or before its start the
+loss is exactly the DINOv2 loss; the Gram teacher is reloaded from the EMA teacher exactly every gram_update_every
+steps from the start step; a resumed run repeats the uninterrupted one."""
+import json
 import math
 
 import pytest
@@ -14,7 +18,7 @@ from ssl_kit.data.loader import Batch
 from ssl_kit.data.pipeline import DataInfo, prepare_data
 from ssl_kit.engine.optim import build_optimizer
 from ssl_kit.errors import ConfigError
-from ssl_kit.losses import (KoLeoLoss, dinov2_cls_loss, dinov2_patch_loss, koleo_loss, sinkhorn,
+from ssl_kit.losses import (KoLeoLoss, dinov2_cls_loss, dinov2_patch_loss, gram_loss, koleo_loss, sinkhorn,
                             sinkhorn_knopp_centering, softmax_centering)
 from ssl_kit.methods import build_method
 from ssl_kit.methods.base import Progress
@@ -22,7 +26,7 @@ from ssl_kit.methods.dinov2 import DINOv2, dinov2_mask_counts
 from ssl_kit.models.cnn import SmallCNN
 from ssl_kit.models.registry import build_backbone
 from ssl_kit.models.vit import VisionTransformer
-from tests.conftest import tiny_stage
+from tests.conftest import interrupted_then_resumed, tiny_stage
 from tests.oracle import TOL, assert_same, randn, value_and_grads
 from tests.test_distributed import _set_env, spawn_ranks
 
@@ -326,3 +330,132 @@ def test_trains_on_its_defaults_on_digits():
     assert any(not torch.equal(a, p) for a, p in zip(before, model.backbone.parameters()))
     assert any(not torch.equal(a, p) for a, p in zip(teacher_before, model.teacher_backbone.parameters()))
     assert "dinov2/embedding_std" in model.epoch_metrics()
+
+
+# ------------------------------------------------------------------------------------ Gram anchoring (DINOv3)
+def naive_gram_loss(student, teacher, normalize=True, remove_negative=False):
+    """mean over images b and patch pairs (i, j) of (cos_S(i, j) − cos_G(i, j))², pair by pair in float64."""
+    def similarity(x, b, i, j):
+        u, v = x[b, i].double(), x[b, j].double()
+        value = (u @ v) / (u.norm() * v.norm()) if normalize else u @ v
+        return value.clamp(min=0.0) if remove_negative else value
+
+    b_count, p_count, _ = student.shape
+    terms = [(similarity(student, b, i, j) - similarity(teacher, b, i, j)) ** 2
+             for b in range(b_count) for i in range(p_count) for j in range(p_count)]
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("normalize,remove_negative", [(True, False), (False, False), (True, True)])
+def test_gram_loss_equals_the_naive_formula(normalize, remove_negative):
+    student, teacher = randn(3, 5, 4, seed=70), randn(3, 5, 4, seed=71)
+    ours = value_and_grads(lambda s: gram_loss(s, teacher, normalize, remove_negative), student)
+    naive = value_and_grads(lambda s: naive_gram_loss(s, teacher, normalize, remove_negative), student)
+    torch.testing.assert_close(ours[0].double(), naive[0], **TOL)
+    torch.testing.assert_close(ours[1][0].double(), naive[1][0].double(), **TOL)
+    assert ours[0].item() > 1e-2
+    teacher_leaf = teacher.clone().requires_grad_(True)
+    gram_loss(student.clone().requires_grad_(True), teacher_leaf).backward()
+    assert teacher_leaf.grad is None  # the Gram teacher is a target
+    assert gram_loss(student, student * 3.0).item() == pytest.approx(0.0, abs=1e-6)  # scale-free when normalised
+
+
+def gram_method(**overrides):
+    """A tiny DINOv2 with Gram anchoring and its SGD optimizer (global RNG seeded 0 before building)."""
+    method = DINOv2(config(**overrides), vit(), INFO).train()
+    return method, build_optimizer(method.parameter_groups(), method.cfg.optimizer, 8)
+
+
+def gram_step(method, optimizer, step, total):
+    """One training step on a fixed batch (RNG seeded by the step). -> the step's outputs."""
+    torch.manual_seed(100 + step)
+    x = torch.randint(0, 255, (8, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(step))
+    out = method.training_step(Batch(x, torch.arange(8) % 10), Progress(step, total, 0, total))
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    grads = [None if p.grad is None else p.grad.clone() for p in method.parameters() if p.requires_grad]
+    optimizer.step()
+    method.after_optimizer_step(Progress(step, total, 0, total))
+    return out, grads
+
+
+def dinov2_loss_of(out, cfg):
+    """The DINOv2 loss without Gram, rebuilt from the logged parts in training_step's order of operations."""
+    return (out["dinov2_cls_loss"] + cfg.lambda_patch * out["dinov2_patch_loss"]
+            + cfg.koleo_weight * (out["koleo_loss"] * 2)) + out["probe_loss"]
+
+
+def test_gram_off_or_before_its_start_leaves_the_loss_and_gradients_exactly_as_before():
+    off, off_opt = gram_method()
+    on, on_opt = gram_method(gram_weight=2.0, gram_start_fraction=0.5, gram_update_every=2)
+    assert not hasattr(off, "gram_teacher") and not any(k.startswith("gram_") for k in off.state_dict())
+    assert any(k.startswith("gram_teacher.") for k in on.state_dict())
+    for step in range(4):
+        out_off, grads_off = gram_step(off, off_opt, step, 4)
+        out_on, grads_on = gram_step(on, on_opt, step, 4)
+        assert "gram_loss" not in out_off and torch.equal(out_off["loss"], dinov2_loss_of(out_off, off.cfg))
+        if step < 2:  # before round(0.5 × 4) = 2: bit-identical to the run without Gram anchoring
+            assert torch.equal(out_on["loss"], out_off["loss"]) and out_on["gram_loss"].item() == 0.0
+            assert all(torch.equal(a, b) for a, b in zip(grads_on, grads_off) if a is not None or b is not None)
+        else:  # from the start step: the DINOv2 loss + gram_weight × the Gram loss
+            assert out_on["gram_loss"].item() > 0
+            torch.testing.assert_close(out_on["loss"], dinov2_loss_of(out_on, on.cfg) + 2.0 * out_on["gram_loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(grads_on, grads_off) if a is not None)
+
+
+def test_the_gram_teacher_is_reloaded_from_the_ema_teacher_exactly_every_gram_update_every_steps():
+    """start round(0.3 × 10) = 3, every 3 steps: reloads before steps 3, 6 and 9, untouched in between."""
+    method, optimizer = gram_method(gram_weight=1.0, gram_start_fraction=0.3, gram_update_every=3)
+    assert not method.gram_teacher.training and not any(p.requires_grad for p in method.gram_teacher.parameters())
+    reloads = []
+    for step in range(10):
+        teacher = [t.clone() for t in method.teacher_backbone.state_dict().values()]
+        gram_before = [t.clone() for t in method.gram_teacher.state_dict().values()]
+        out, _ = gram_step(method, optimizer, step, 10)
+        gram = list(method.gram_teacher.state_dict().values())
+        if all(torch.equal(a, b) for a, b in zip(gram, teacher)) and not all(
+                torch.equal(a, b) for a, b in zip(gram, gram_before)):
+            reloads.append(step)
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(gram, gram_before)), step
+        assert (out["gram_loss"].item() > 0) == (step >= 3), step
+    assert reloads == [3, 6, 9]
+    assert not all(torch.equal(a, b) for a, b in zip(method.gram_teacher.state_dict().values(),
+                                                      method.teacher_backbone.state_dict().values()))
+
+
+def test_a_run_with_gram_anchoring_resumes_exactly(tmp_path):
+    """12 steps, Gram on from step 3 and reloaded at 3, 6, 9, checkpoints every 4 steps: stopped before step 10 and
+    resumed from the step-8 checkpoint (Gram teacher of step 6, no longer the EMA teacher's), the run repeats the
+    uninterrupted one step by step."""
+    small = dict(backbone=VIT, out_dim=16, patch_out_dim=12, head_hidden_dim=16, bottleneck_dim=8, local_crops=2,
+                 local_crop_size=0.5, warmup_teacher_temp_epochs=0, gram_weight=1.0, gram_start_fraction=0.25,
+                 gram_update_every=3, train={"steps": 12, "batch_size": 16, "checkpoint_every_steps": 4})
+    recipe = validate_recipe({"seed": 0, "name": "gram", "stages": [tiny_stage("p", "dinov2", **small)]})
+    reference, resumed = interrupted_then_resumed(recipe, tmp_path, crash_step=10)
+
+    def steps(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return {row["step"]: (row["loss"], row["gram_loss"]) for row in rows if row.get("kind") == "step"}
+
+    a, b = steps("a"), steps("b")
+    assert a == b and len(a) == 12
+    assert [step for step, (_, gram) in sorted(a.items()) if gram > 0] == list(range(4, 13))  # rows: steps done
+    drop = ("p/train_seconds", "p/images_per_s")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in reference.items() if k not in drop}
+
+
+@pytest.mark.parametrize("key,value,message", [("gram_weight", -1.0, "greater than or equal to 0"),
+                                                ("gram_start_fraction", 1.0, "less than 1"),
+                                                ("gram_start_fraction", -0.1, "greater than or equal to 0"),
+                                                ("gram_update_every", 0, "greater than or equal to 1")])
+def test_bad_gram_options_are_named(key, value, message):
+    with pytest.raises(ConfigError, match=rf"stages\[p\]\.{key}: .*{message}"):
+        config(**{key: value})
+
+
+def test_gram_loss_refuses_bad_shapes():
+    with pytest.raises(ValueError, match=r"student_patches must be a 3-D tensor \(B, P, D\), got shape \(4, 3\)"):
+        gram_loss(randn(4, 3), randn(4, 3))
+    with pytest.raises(ValueError, match=r"must have the same shape, got \(2, 4, 3\) and \(2, 5, 3\)"):
+        gram_loss(randn(2, 4, 3), randn(2, 5, 3))

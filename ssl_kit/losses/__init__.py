@@ -13,7 +13,7 @@ from .darp import darp_refine, darp_target, remove_noisy_entries
 from .dash import dash_mask, dash_threshold, dash_weak_loss
 from .debiaspl import adaptive_marginal_loss, debiased_probs, debiased_pseudo_labels, prior_update
 from .dcl import DCLLoss, dcl_loss, vmf_weights
-from .dinov2 import (KoLeoLoss, dinov2_cls_loss, dinov2_patch_loss, koleo_loss, sinkhorn_knopp_centering,
+from .dinov2 import (KoLeoLoss, dinov2_cls_loss, dinov2_patch_loss, gram_loss, koleo_loss, sinkhorn_knopp_centering,
                      softmax_centering)
 from .defixmatch import defixmatch_loss
 from .distillation import dino_loss, dkd_loss, hint_loss, ibot_patch_loss, kd_loss, multi_teacher_kd_loss
@@ -51,6 +51,7 @@ __all__ = [
     "sinkhorn", "swav_loss", "SwAVLoss", "supcon_loss", "SupConLoss", "nearest_neighbours", "SupportSet",
     "nnclr_loss", "NNCLRLoss", "ibot_patch_loss",
     "koleo_loss", "KoLeoLoss", "sinkhorn_knopp_centering", "softmax_centering", "dinov2_cls_loss", "dinov2_patch_loss",
+    "gram_loss",
     "dcl_loss", "DCLLoss", "vmf_weights", "tico_loss", "TiCoLoss", "mmcr_loss", "MMCRLoss", "ijepa_loss",
     "capi_loss", "capi_assignments", "capi_cross_entropy",
     "msn_loss", "MSNLoss", "msn_target_probs", "msn_regularization", "power_law_prior",

@@ -9,6 +9,9 @@ nearest neighbour). DINOv2's reference computes it per GPU on each global crop's
 Sinkhorn-Knopp centring replaces DINO's running centre: the teacher's exp(logits / T) is normalised alternately so
 that every prototype receives the same mass over the batch and every row sums to 1 (3 iterations). The sums over
 the batch run over all ranks (all-reduce), as in DINOv2's reference, so the targets are those of the global batch.
+
+Gram anchoring (DINOv3, Siméoni et al. 2025) keeps patch features local late in training: the student's patch-to-patch
+cosine similarities (its Gram matrix, per image) are pulled to those of an earlier copy of the teacher, `gram_loss`.
 """
 from __future__ import annotations
 
@@ -164,3 +167,37 @@ def dinov2_patch_loss(student_patch_logits: Tensor, teacher_patch_probs: Tensor,
     log_probs = F.log_softmax(student_patch_logits.float() / student_temp, dim=-1)
     per_token = -(teacher_patch_probs.detach().float() * log_probs).sum(dim=-1)
     return (per_token * weights).sum() / mask.shape[0]
+
+
+def _check_patches(name: str, x: Tensor) -> None:
+    if not hasattr(x, "ndim") or x.ndim != 3:
+        raise ValueError(f"{name} must be a 3-D tensor (B, P, D), got shape {tuple(getattr(x, 'shape', ()))}")
+
+
+def _gram(patches: Tensor, normalize: bool, remove_negative: bool) -> Tensor:
+    """Per-image Gram matrices: patches (B, P, D) -> (B, P, P) float32 inner products of the (L2-normalised when
+    `normalize`) patch features; entries below 0 set to 0 when `remove_negative`."""
+    x = patches.float()
+    if normalize:
+        x = F.normalize(x, dim=-1)
+    gram = x @ x.transpose(-1, -2)
+    return gram.clamp(min=0.0) if remove_negative else gram
+
+
+def gram_loss(student_patches: Tensor, teacher_patches: Tensor, normalize: bool = True,
+              remove_negative: bool = False) -> Tensor:
+    """DINOv3's Gram anchoring loss (dinov3/loss/gram_loss.py, GramLoss with img_level=True): the mean squared error
+    between the per-image Gram matrices of the student's and the Gram teacher's patch features,
+    mean over b, i, j of (x̂_S,bi · x̂_S,bj − x̂_G,bi · x̂_G,bj)², i.e. ‖X_S X_Sᵀ − X_G X_Gᵀ‖_F² / (B · P²) summed over
+    the B images. student_patches, teacher_patches: (B, P, D) patch features of B images (P patches, D channels),
+    L2-normalised along D here when `normalize` (the reference's gram.normalized: true); `remove_negative` sets
+    negative similarities of both Gram matrices to 0 first (gram.remove_neg, false in the reference's configs).
+    The teacher side takes no gradient. Computed in float32. -> scalar."""
+    _check_patches("student_patches", student_patches)
+    _check_patches("teacher_patches", teacher_patches)
+    if student_patches.shape != teacher_patches.shape:
+        raise ValueError("student_patches and teacher_patches must have the same shape, got "
+                         f"{tuple(student_patches.shape)} and {tuple(teacher_patches.shape)}")
+    with full_precision(student_patches):
+        target = _gram(teacher_patches.detach(), normalize, remove_negative)
+        return F.mse_loss(_gram(student_patches, normalize, remove_negative), target)

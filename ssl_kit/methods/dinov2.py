@@ -13,7 +13,14 @@ shares stratified over `mask_ratio`.
 
 Parameter groups follow dinov2/utils/param_groups.py: backbone layer i at lr × layer_decay^(depth + 1 − i)
 (embeddings and mask token 0, blocks 1..depth, final norm and heads depth + 1), the patch embedding × a further
-patch_embed_lr_mult. The teacher backbone is what is evaluated and saved, as for DINO."""
+patch_embed_lr_mult. The teacher backbone is what is evaluated and saved, as for DINO.
+
+Gram anchoring (DINOv3, Siméoni et al. 2025; off by default, `gram_weight` 0): from step
+round(`gram_start_fraction` × total steps) on, the loss adds `gram_weight` × `gram_loss` between the student's
+patch features of the 2 global crops (masked as the student sees them) and those of the Gram teacher, a frozen copy
+of the EMA teacher backbone on the same unmasked crops. The Gram teacher is reloaded from the EMA teacher at the start
+step and every `gram_update_every` steps after it (before that step's forward); it is a submodule, so checkpoints
+carry it."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -25,10 +32,11 @@ from torch import Tensor, nn
 
 from ..common import distributed as dist
 from ..data.loader import Batch
-from ..losses import (KoLeoLoss, dinov2_cls_loss, dinov2_patch_loss, sinkhorn_knopp_centering,
+from ..losses import (KoLeoLoss, dinov2_cls_loss, dinov2_patch_loss, gram_loss, sinkhorn_knopp_centering,
                       softmax_centering)
 from .base import Progress
 from .ibot import IBOT, IBOTConfig, masks_with_counts
+from .momentum import frozen_copy
 from .param_groups import ParamGroup, layer_decay_groups, split_off
 from .registry import register
 
@@ -72,6 +80,15 @@ class DINOv2Config(IBOTConfig):
                                                             "layer_decay^(depth + 1 − i) (optim.layerwise_decay)")
     patch_embed_lr_mult: float = Field(0.2, gt=0, le=1, description="a further lr factor of the patch embedding "
                                                                     "(optim.patch_embed_lr_mult)")
+    gram_weight: float = Field(0.0, ge=0, description="weight of DINOv3's Gram anchoring loss; 0 turns it off "
+                                                      "(DINOv3 paper: w_Gram 2; dinov3_vit7b16_gram_anchor.yaml: "
+                                                      "gram.loss_weight_schedule end 2.0)")
+    gram_start_fraction: float = Field(0.833, ge=0, lt=1, description="share of the run after which the Gram loss "
+                                                                      "is on and the Gram teacher first loaded "
+                                                                      "(DINOv3: after 1M of 1.2M iterations, ≈ 5/6)")
+    gram_update_every: int = Field(10000, ge=1, description="steps between reloads of the Gram teacher from the EMA "
+                                                            "teacher (DINOv3: every 10k iterations, "
+                                                            "gram.update_frequency)")
 
 
 def dinov2_mask_counts(n: int, length: int, ratio: tuple[float, float], prob: float) -> Tensor:
@@ -96,10 +113,14 @@ class DINOv2(IBOT):
     def __init__(self, cfg, backbone: nn.Module, info) -> None:
         super().__init__(cfg, backbone, info)
         self.koleo = KoLeoLoss()
+        if cfg.gram_weight:  # DINOv3's Gram teacher: a frozen, saved copy of the EMA teacher's backbone
+            self.gram_teacher = frozen_copy(self.teacher_backbone).eval()
 
     def train(self, mode: bool = True) -> "DINOv2":
         super().train(mode)
         self.teacher_backbone.eval()  # the reference's teacher always runs in eval mode (no drop path)
+        if self.cfg.gram_weight:
+            self.gram_teacher.eval()  # as the reference's Gram teacher
         return self
 
     def parameter_groups(self) -> list[ParamGroup]:
@@ -149,6 +170,33 @@ class DINOv2(IBOT):
             mean = (sums[:-1] / count).view_as(self.patch_center)
             self.patch_center.mul_(self.cfg.center_momentum).add_(mean * (1 - self.cfg.center_momentum))
 
+    def gram_start_step(self, progress: Progress) -> int:
+        """The first step with the Gram loss on: round(gram_start_fraction × total steps)."""
+        return round(self.cfg.gram_start_fraction * progress.total_steps)
+
+    def gram_on(self, progress: Progress) -> bool:
+        """Whether this step adds the Gram loss: gram_weight > 0 and the start step reached."""
+        return bool(self.cfg.gram_weight) and progress.step >= self.gram_start_step(progress)
+
+    @torch.no_grad()
+    def refresh_gram_teacher(self, progress: Progress) -> None:
+        """Gram teacher ← EMA teacher backbone (parameters and buffers) at the start step and every
+        gram_update_every steps after it; other steps leave it as it is. Called before the step's forward."""
+        since = progress.step - self.gram_start_step(progress)
+        if since < 0 or since % self.cfg.gram_update_every:
+            return
+        teacher = self.teacher_backbone.state_dict()
+        for name, tensor in self.gram_teacher.state_dict().items():
+            tensor.copy_(teacher[name])
+
+    def gram_term(self, globals_: Tensor, student_tokens: Tensor) -> Tensor:
+        """Gram anchoring on the 2 global crops globals_ (2N, C, H, W): `gram_loss` between the student's encoded
+        patch tokens student_tokens[:, 1:] (2N, L, D) (masked crops as the student sees them) and the Gram teacher's
+        on the unmasked crops. -> scalar."""
+        with torch.no_grad():
+            teacher_patches = self.gram_teacher.encode(self.gram_teacher.embed(globals_))[:, 1:]
+        return gram_loss(student_tokens[:, 1:], teacher_patches)
+
     def koleo_term(self, global_cls: Tensor) -> Tensor:
         """Σ over the 2 global crops of KoLeo on the student's [CLS] features (2N, D) of that crop (not across the
         two crops of one image, as the reference). -> scalar."""
@@ -157,6 +205,9 @@ class DINOv2(IBOT):
     def training_step(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         cfg = self.cfg
         self._freeze_last_layer(progress)
+        gram_on = self.gram_on(progress)
+        if gram_on:
+            self.refresh_gram_teacher(progress)
         views = self.augment_views(batch)
         globals_ = torch.cat(views[:2])
         mask = self.masks(globals_.shape[0], globals_.device)
@@ -181,6 +232,11 @@ class DINOv2(IBOT):
         probe = self.probe_loss(features, batch.y.repeat(2))
         loss = cls_loss + cfg.lambda_patch * patch_loss + cfg.koleo_weight * koleo
         stats = self._target_stats(student_logits[:2], cls_targets)
+        if cfg.gram_weight:  # logged on every step of a run with Gram anchoring, 0 before its start
+            gram = self.gram_term(globals_, student_tokens) if gram_on else cls_loss.new_zeros(())
+            if gram_on:
+                loss = loss + cfg.gram_weight * gram
+            stats = {**stats, "gram_loss": gram.detach()}
         return {"loss": loss + probe, "dinov2_cls_loss": cls_loss.detach(), "dinov2_patch_loss": patch_loss.detach(),
                 "koleo_loss": koleo.detach() / 2, "probe_loss": probe.detach(), "dinov2/mask_ratio": mask.mean(),
                 **stats}
