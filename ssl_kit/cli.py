@@ -378,7 +378,7 @@ def cmd_compare(args) -> int:
 
 def cmd_data(args) -> int:
     from .data.inspect import summarize  # deferred: start-up (only this command needs it)
-    from .data.pipeline import is_streamed_source  # deferred: start-up (torch)
+    from .data.opened import is_streamed_source  # deferred: start-up (torch)
     from .data.sources import apply_labels_csv, build_index  # deferred: start-up (only this command needs it)
     from .data.specs import load_splits, parse_spec  # deferred: start-up (only this command needs it)
     from .data.stream import check_index  # deferred: start-up (only this command needs it)
