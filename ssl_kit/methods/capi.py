@@ -33,8 +33,6 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from ..data.augment import random_resized_crop, to_unit_float
-from ..data.crops import CropSpec
 from ..data.loader import Batch
 from ..losses import capi_assignments, capi_cross_entropy
 from ..losses.capi import gather_tokens
@@ -44,7 +42,7 @@ from .base import Progress, require_vit
 from .collapse import EmbeddingStdWatch
 from .momentum import frozen_copy, update_momentum_pairs
 from .param_groups import ParamGroup, split_off
-from .pretext import PretextConfig, PretextMethod
+from .pretext import OneCropMethod, PretextConfig
 from .registry import register
 
 
@@ -202,7 +200,7 @@ def capi_momentum(base: float, warmup: float, step: int, total: int) -> float:
 
 
 @register("capi", CAPIConfig)
-class CAPI(PretextMethod):
+class CAPI(OneCropMethod):
     """Student backbone + predictor + student head; EMA teacher (saved as backbone.pt) + clustering head."""
 
     backbone_prefix = "teacher_backbone."
@@ -252,21 +250,6 @@ class CAPI(PretextMethod):
                                               cfg.optimizer.backbone_lr_scale * cfg.patch_embed_lr_mult))
         return split_off(groups, ParamGroup("clustering", list(self.clustering.parameters()),
                                             cfg.clustering_lr_ratio, weight_decay=False))
-
-    def view(self, x: Tensor, precropped: bool = False) -> Tensor:
-        """uint8 (N, C, H, W) -> normalised random resized crop (+ flip with data.hflip); `precropped`: streamed
-        data whose workers already cut and flipped it (`stream_crop`)."""
-        if precropped:
-            return self.normalize(to_unit_float(x))
-        return self.normalize(random_resized_crop(to_unit_float(x), tuple(self.cfg.crop_scale),
-                                                  hflip=self.cfg.data.hflip))
-
-    def stream_crop(self, image_size: int) -> CropSpec:
-        """Streamed data: the workers cut the method's random resized crop (crop_scale) and flip."""
-        return CropSpec(image_size, tuple(self.cfg.crop_scale), flip=self.cfg.data.hflip)
-
-    def preview_views(self, batch: Batch) -> dict[str, Tensor]:
-        return {"crop": self.view(batch.x, precropped=batch.views is not None)}
 
     def masks(self, n: int, device) -> CAPIMasks:
         cfg = self.cfg

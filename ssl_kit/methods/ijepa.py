@@ -33,8 +33,6 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from ..data.augment import random_resized_crop, to_unit_float
-from ..data.crops import CropSpec
 from ..data.loader import Batch
 from ..errors import ConfigError
 from ..losses import ijepa_loss
@@ -43,7 +41,7 @@ from ..models.vit import VisionTransformer
 from .base import Progress, require_vit
 from .collapse import EmbeddingStdWatch
 from .momentum import frozen_copy, update_momentum_pairs
-from .pretext import PretextConfig, PretextMethod
+from .pretext import OneCropMethod, PretextConfig
 from .registry import register
 
 MASK_TRIES = 20  # target and context positions drawn per image (the reference's timeout: 20 tries)
@@ -209,7 +207,7 @@ def predictor_shape(cfg: IJEPAConfig, encoder: VisionTransformer) -> tuple[int, 
 
 
 @register("ijepa", IJEPAConfig)
-class IJEPA(PretextMethod):
+class IJEPA(OneCropMethod):
     """Context encoder (the backbone) + EMA target encoder (saved as backbone.pt) + narrow ViT predictor."""
 
     backbone_prefix = "target_encoder."
@@ -246,21 +244,6 @@ class IJEPA(PretextMethod):
         ramp of BYOL/DINO."""
         self.current_momentum = linear_ramp(self.cfg.momentum, 1.0, progress.step, progress.total_steps)
         update_momentum_pairs(self.momentum_pairs(), self.current_momentum)
-
-    def view(self, x: Tensor, precropped: bool = False) -> Tensor:
-        """uint8 (N, C, H, W) -> normalised random resized crop (+ flip with data.hflip). `precropped`: streamed data,
-        whose workers already cut (and flipped) this crop (`stream_crop`); only the normalisation runs."""
-        if precropped:
-            return self.normalize(to_unit_float(x))
-        return self.normalize(random_resized_crop(to_unit_float(x), tuple(self.cfg.crop_scale),
-                                                  hflip=self.cfg.data.hflip))
-
-    def stream_crop(self, image_size: int) -> CropSpec:
-        """Streamed data: the workers cut the method's own random resized crop (crop_scale) and flip."""
-        return CropSpec(image_size, tuple(self.cfg.crop_scale), flip=self.cfg.data.hflip)
-
-    def preview_views(self, batch: Batch) -> dict[str, Tensor]:
-        return {"crop": self.view(batch.x, precropped=batch.views is not None)}
 
     def masks(self, n: int, device) -> MultiBlockMasks:
         """This step's masks for n images, from the trainer's random stream, on `device`."""

@@ -17,8 +17,6 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..common.plots import plot_reconstructions
-from ..data.augment import random_resized_crop, to_unit_float
-from ..data.crops import CropSpec
 from ..data.fileset import image_batches
 from ..data.loader import Batch
 from ..errors import ConfigError
@@ -27,7 +25,7 @@ from ..models.masking import make_mask, patchify, unpatchify
 from ..models.resnet import ResNetBackbone
 from ..models.vit import Block, VisionTransformer, sincos_pos_embed
 from .base import Progress, require_vit
-from .pretext import PretextConfig, PretextMethod
+from .pretext import OneCropMethod, PretextConfig
 from .registry import register
 
 
@@ -63,20 +61,8 @@ class SimMIMConfig(MaskedConfig):
                                                                      "size / the ResNet's output stride)")
 
 
-class _MaskedMethod(PretextMethod):
-    def view(self, x: Tensor, precropped: bool = False) -> Tensor:
-        """uint8 (N, C, H, W) -> normalised random resized crop (+ flip). `precropped`: streamed data, whose workers
-        already cut (and flipped) this crop (`stream_crop`); only the normalisation runs."""
-        if precropped:
-            return self.normalize(to_unit_float(x))
-        return self.normalize(random_resized_crop(to_unit_float(x), tuple(self.cfg.crop_scale), hflip=self.cfg.data.hflip))
-
-    def stream_crop(self, image_size: int) -> CropSpec:
-        """Streamed data: the workers cut the method's own random resized crop (crop_scale) and flip."""
-        return CropSpec(image_size, tuple(self.cfg.crop_scale), flip=self.cfg.data.hflip)
-
 @register("mae", MAEConfig)
-class MAE(_MaskedMethod):
+class MAE(OneCropMethod):
     def __init__(self, cfg, backbone: nn.Module, info) -> None:
         require_vit(cfg.name, backbone, "MAE", "its encoder sees the visible patches only (SimMIM, method: "
                     "simmim, also works with ResNets)")
@@ -153,7 +139,7 @@ class MAE(_MaskedMethod):
 
 
 @register("simmim", SimMIMConfig)
-class SimMIM(_MaskedMethod):
+class SimMIM(OneCropMethod):
     def __init__(self, cfg, backbone: nn.Module, info) -> None:
         super().__init__(cfg, backbone, info)
         channels = info.channels

@@ -12,6 +12,9 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..config import StageBase, Strict
+from ..data.augment import random_resized_crop, to_unit_float
+from ..data.crops import CropSpec
+from ..data.loader import Batch
 from ..data.needs import DataNeeds
 from .base import Method
 from .param_groups import ParamGroup
@@ -114,3 +117,23 @@ class PretextMethod(Method):
         self._probe_correct.zero_()
         self._probe_seen.zero_()
         return out
+
+
+class OneCropMethod(PretextMethod):
+    """A pretext method trained on one random resized crop per image (`crop_scale` of its config, a flip where
+    data.hflip allows): MAE, SimMIM, I-JEPA, CAPI."""
+
+    def view(self, x: Tensor, precropped: bool = False) -> Tensor:
+        """uint8 (N, C, H, W) -> normalised random resized crop (+ flip) (N, C, H, W). `precropped`: streamed data,
+        whose workers already cut (and flipped) this crop (`stream_crop`); only the normalisation runs."""
+        if precropped:
+            return self.normalize(to_unit_float(x))
+        return self.normalize(random_resized_crop(to_unit_float(x), tuple(self.cfg.crop_scale),
+                                                  hflip=self.cfg.data.hflip))
+
+    def stream_crop(self, image_size: int) -> CropSpec:
+        """Streamed data: the workers cut the method's own random resized crop (crop_scale) and flip."""
+        return CropSpec(image_size, tuple(self.cfg.crop_scale), flip=self.cfg.data.hflip)
+
+    def preview_views(self, batch: Batch) -> dict[str, Tensor]:
+        return {"crop": self.view(batch.x, precropped=batch.views is not None)}
