@@ -11,7 +11,7 @@ from torch import Tensor
 from .augment import blend, grayscale, uniform, warp
 
 
-def _autocontrast(x: Tensor, m: Tensor) -> Tensor:
+def autocontrast(x: Tensor, m: Tensor) -> Tensor:
     low = x.amin(dim=(2, 3), keepdim=True)
     high = x.amax(dim=(2, 3), keepdim=True)
     scale = torch.where(high > low, 1.0 / (high - low).clamp_min(1e-6), torch.ones_like(high))
@@ -55,7 +55,7 @@ def _signed_factor(m: Tensor) -> Tensor:
     return 1.0 + sign * 0.9 * m
 
 
-def _geometric_matrix(kind: str, m: Tensor, sign: Tensor) -> Tensor:
+def geometric_matrix(kind: str, m: Tensor, sign: Tensor) -> Tensor:
     """The affine map (N, 2, 3), in normalised coordinates, of geometric op `kind` with magnitudes m (N,) in [0, 1]
     and directions sign (N,) ±1: rotate up to 30°, shear up to 0.3, translate up to 30% of the size."""
     n = m.shape[0]
@@ -83,7 +83,7 @@ def _random_sign(n: int, device) -> Tensor:
 
 def _geometric(kind: str):
     def op(x: Tensor, m: Tensor) -> Tensor:
-        return warp(x, _geometric_matrix(kind, m, _random_sign(x.shape[0], x.device)), "zeros")
+        return warp(x, geometric_matrix(kind, m, _random_sign(x.shape[0], x.device)), "zeros")
 
     return op
 
@@ -91,7 +91,7 @@ def _geometric(kind: str):
 GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 RANDAUGMENT_OPS = {
     "identity": lambda x, m: x,
-    "autocontrast": _autocontrast,
+    "autocontrast": autocontrast,
     "equalize": _equalize,
     "brightness": _brightness,
     "color": _color,
@@ -128,7 +128,7 @@ def rand_augment(x: Tensor, num_ops: int, magnitude_max: float) -> Tensor:
                 continue
             m = magnitude.index_select(0, rows)
             if name in GEOMETRIC_OPS:
-                matrices.append(_geometric_matrix(name, m, _random_sign(rows.numel(), x.device)))
+                matrices.append(geometric_matrix(name, m, _random_sign(rows.numel(), x.device)))
                 geometric_rows.append(rows)
             else:
                 out.index_copy_(0, rows, RANDAUGMENT_OPS[name](out.index_select(0, rows), m).clamp(0, 1))

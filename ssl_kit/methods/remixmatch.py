@@ -5,8 +5,12 @@
   checkpointed), p_target the labeled split's class distribution (USB p_target_type 'gt'; `uniform` optional);
 - the guess: the aligned prediction sharpened with T (MixMatch's `sharpen`); it is computed without gradient and
   with BatchNorm running statistics left untouched (USB's freeze_bn);
-- augmentation anchoring: `num_augmentations` strong views (RandAugment + Cutout, the repo's strong view; not
-  CTAugment) of each unlabeled image take the weak view's guess as target;
+- augmentation anchoring: `num_augmentations` strong views of each unlabeled image take the weak view's guess as
+  target; `augment: randaugment` (default): the repo's strong view, RandAugment + Cutout; `augment: ctaugment`: the
+  paper's CTAugment (data/ctaugment.py) + Cutout, its bin weights (buffer `ctaugment.rates`, checkpointed) updated
+  each step from a probe: the labeled batch under uniformly drawn CTAugment ops, classified without gradient by the
+  network in eval mode (the reference classifies it with its EMA network, which ssl_kit's trainer owns), probes
+  and predictions gathered over ranks so every rank applies the same update;
 - MixUp (MixMatch's `mixup`, λ' = max(λ, 1 − λ), λ ~ Beta(α, α), one permutation over the whole set) of the labeled
   images (one-hot targets), the strong views and the weak view (the guess as target; USB and the paper's code mix
   the weak view too); soft cross-entropy on the mixed labeled rows (L_X) and unlabeled rows (L_U, weight λ_u);
@@ -17,7 +21,8 @@ L = L_X + ramp · (λ_u L_U + kl_loss_ratio L_Û1) + rot_loss_ratio L_rot, ramp 
 Passes: the guess (no gradient), the mixed batch in one pass (USB interleaves and updates BatchNorm statistics
 from the first chunk only; as ssl_kit's `mixmatch`), then the first strong view and its rotated copy
 in one pass (`joint_forward`; false: two passes, as USB) with BatchNorm running statistics frozen (USB freezes them
-there too). It stands on the weak/strong base for the strong view (`strong:` keys); it has no confidence gate."""
+there too); with ctaugment, one more no-gradient pass over the probed labeled batch (eval mode). It stands on the
+weak/strong base for the strong view (`strong:` keys); it has no confidence gate."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -29,7 +34,10 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..common import distributed as dist
+from ..data.augment import random_translate_flip, to_unit_float
+from ..data.ctaugment import CTAugment
 from ..data.loader import Batch
+from ..data.randaugment import cutout
 from ..losses import linear_rampup, mixup, sharpen
 from ..losses.remixmatch import remixmatch_distribution_alignment, remixmatch_loss
 from .abc_balanced import labeled_class_counts
@@ -79,6 +87,10 @@ class ReMixMatchConfig(WeakStrongConfig):
     da_target: Literal["labeled", "uniform"] = Field("labeled", description="p_target: the labeled split's class "
                                                                             "distribution (the paper; USB "
                                                                             "p_target_type 'gt') or uniform")
+    augment: Literal["randaugment", "ctaugment"] = Field(
+        "randaugment", description="strong views: the repo's RandAugment + Cutout (`strong:`), or the paper's "
+                                   "default CTAugment (depth 2, threshold 0.8, decay 0.99; weights updated from a "
+                                   "probe of the labeled batch) + Cutout (strong.cutout)")
 
 
 class PredictionHistory(nn.Module):
@@ -134,6 +146,17 @@ def random_rotation(images: Tensor) -> tuple[Tensor, Tensor]:
     return all_four[labels * n + torch.arange(n, device=images.device)], labels
 
 
+@contextmanager
+def eval_mode(module: nn.Module):
+    """`module` in eval mode (BatchNorm on running statistics, no dropout) for the duration; its mode restored."""
+    was_training = module.training
+    module.train(False)
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
 @register("remixmatch", ReMixMatchConfig)
 class ReMixMatch(WeakStrongMethod):
     """ReMixMatch: MixMatch with distribution alignment, strong views anchored to the weak view's guess, a
@@ -158,6 +181,31 @@ class ReMixMatch(WeakStrongMethod):
         self.dist_align = PredictionHistory(p_target, cfg.da_len)
         # USB's ReMixMatch_Net.rot_classifier: one linear layer on the pooled feature
         self.rot_head: Optional[nn.Module] = nn.Linear(backbone.num_features, 4) if cfg.rot_loss_ratio > 0 else None
+        self.ctaugment: Optional[CTAugment] = CTAugment() if cfg.augment == "ctaugment" else None
+
+    def unit_weak(self, images: Tensor) -> Tensor:
+        """uint8/float (N, C, H, W) -> the weak view's translate/flip, float in [0, 1], not normalised."""
+        return random_translate_flip(to_unit_float(images), self.cfg.data.translate, self.cfg.data.hflip)
+
+    def augmented_view(self, images: Tensor) -> Tensor:
+        """A strong view (N, C, H, W), normalised: `strong_view` (RandAugment + Cutout), or with ctaugment the
+        weak translate/flip, CTAugment's ops drawn from its weights, then Cutout (strong.cutout)."""
+        if self.ctaugment is None:
+            return self.strong_view(images)
+        y = self.unit_weak(images)
+        y = self.ctaugment.apply(y, self.ctaugment.sample(y.shape[0]))
+        return self.normalize(cutout(y, self.cfg.strong.cutout))
+
+    @torch.no_grad()
+    def probe_ctaugment(self, images: Tensor, labels: Tensor) -> Tensor:
+        """CTAugment's weight update from labeled images (B, C, H, W) and labels (B,): each image under uniformly
+        drawn ops, classified by the network in eval mode; the ops, predictions and labels are gathered over ranks
+        (rank order), so every rank applies the same update. -> the probe scores (world · B,)."""
+        y = self.unit_weak(images)
+        choice = self.ctaugment.probe(y.shape[0])
+        with eval_mode(self.net):
+            probs = torch.softmax(self.net(self.normalize(self.ctaugment.apply(y, choice))).float(), dim=1)
+        return self.ctaugment.update_gathered(choice, probs, labels)
 
     def threshold_metrics(self) -> dict:
         return {"remixmatch/p_model": [round(float(p), 4) for p in self.dist_align.p_model]}
@@ -198,7 +246,8 @@ class ReMixMatch(WeakStrongMethod):
         cfg = self.cfg
         b = batch.x.shape[0]
         x, u_weak = self.weak_view(batch.x), self.weak_view(batch.u)
-        u_strong = [self.strong_view(batch.u) for _ in range(cfg.num_augmentations)]
+        u_strong = [self.augmented_view(batch.u) for _ in range(cfg.num_augmentations)]
+        probe_scores = None if self.ctaugment is None else self.probe_ctaugment(batch.x, batch.y)
         aligned, guess = self.guess(u_weak)
         self.track_pseudo_labels(aligned, torch.ones_like(aligned[:, 0]), batch.u_y)
         targets = torch.cat([F.one_hot(batch.y, self.info.num_classes).float(),
@@ -215,5 +264,7 @@ class ReMixMatch(WeakStrongMethod):
             rotation = F.cross_entropy(logits_rot.float(), rotation_labels)
             loss = loss + cfg.rot_loss_ratio * rotation
             out["rotation_loss"] = rotation.detach()
+        if probe_scores is not None:
+            out["cta_probe_score"] = probe_scores.mean()
         out["loss"] = loss
         return out
