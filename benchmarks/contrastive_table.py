@@ -40,6 +40,12 @@ METHOD_KEYS = {  # keys of one method on top of the shared ones (its ssl_kit/rec
     "dcl": {"weighting": "none"},
     "tico": {"proj_hidden_dim": 256, "beta": 0.9, "rho": 8.0},
     "mmcr": {"n_views": 4, "lambda_local": 0.0},
+    "lejepa": {"sigreg_weight": 0.05, "num_slices": 256, "proj_hidden_dim": 512, "proj_dim": 64, "global_views": 2,
+               "local_crops": 4, "local_crop_size": 0.5, "global_crop_scale": [0.4, 1.0],
+               "local_crop_scale": [0.1, 0.4], "blur_prob": 0.0, "solarize_prob": 0.0,
+               "views": {"jitter_prob": 0.8, "jitter_strength": 0.5, "grayscale_prob": 0.0},
+               "optimizer": {"name": "adamw", "lr": 2e-3, "weight_decay": 5e-4},
+               "schedule": {"name": "cosine", "warmup_epochs": 2, "warmup_start": 0.01, "min_lr_ratio": 0.001}},
 }
 
 
