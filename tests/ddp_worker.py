@@ -34,7 +34,7 @@ def deterministic_views(setattr_: Callable = setattr) -> None:
     differ from one process's by design; the comparison is of the methods' own gathering, not of BN."""
     import ssl_kit.methods  # noqa: F401  (every method module loaded, so each one's `mlp` can be patched)
     from ssl_kit.data import augment, views
-    from ssl_kit.methods import ibot, masked
+    from ssl_kit.methods import ibot, masked, pretext
     from ssl_kit.models import heads
     from ssl_kit.models.masking import random_masking
 
@@ -66,7 +66,7 @@ def deterministic_views(setattr_: Callable = setattr) -> None:
 
     setattr_(views.ContrastiveView, "forward", contrastive_view)
     setattr_(views.StrongView, "forward", strong_view)
-    setattr_(masked, "random_resized_crop", lambda x, scale, hflip=True, out_size=None: x)
+    setattr_(pretext, "random_resized_crop", lambda x, scale, hflip=True, out_size=None: x)  # MAE, SimMIM, I-JEPA, CAPI
     setattr_(masked, "make_mask", fixed_mask)
     setattr_(ibot, "ibot_masks", fixed_ibot_masks)
     original_mlp = heads.mlp
