@@ -220,6 +220,9 @@ class TrainConfig(Strict):
                                                       "instead of stopping with the compiler's error")
     ddp_find_unused_parameters: Optional[bool] = Field(
         None, description="DistributedDataParallel: look for parameters a step did not use (None: the method's default)")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp (DistributedDataParallel, weights replicated) or fsdp (FSDP2 "
+                           "fully_shard: weights, gradients and optimizer state sharded over the ranks)")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":

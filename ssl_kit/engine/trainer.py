@@ -1,7 +1,8 @@
 """The one training loop every method runs on.
 
 Per optimizer step: `accumulate` micro-batches -> method.training_step (the forward of DistributedDataParallel under
-torchrun, gradients averaged in buckets during the last micro-batch's backward; `no_sync` before) under autocast ->
+torchrun, gradients averaged in buckets during the last micro-batch's backward; `no_sync` before; with train.strategy
+fsdp the forward of the method sharded in place, engine/fsdp.py) under autocast ->
 backward -> unscale, clip -> optimizer step -> schedule -> method hooks -> EMA -> log -> checkpoint.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ..errors import CheckpointError, TrainingError, TrainingInterrupted
 from ..methods.base import Method, Progress
 from ..models.heads import init_head
 from . import distributed as dist
+from . import fsdp
 from .checkpoint import CHECKPOINT_FORMAT, atomic_save, safe_load
 from .compile import CompiledForward
 from .ema import ModelEMA
@@ -104,7 +106,7 @@ class Trainer:
                                     f"backbone.sync_bn=false")
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         self.method = method.to(self.device)
-        if uses_channels_last(cfg.train.channels_last, self.device):
+        if uses_channels_last(cfg.train.channels_last, self.device) and not self._fsdp_keeps_layout():
             self.method.to(memory_format=torch.channels_last)  # 4-D weights only; saved records are contiguous
 
         tc = cfg.train
@@ -126,7 +128,8 @@ class Trainer:
         self.ema = ModelEMA(target, tc.ema_decay) if (tc.ema_decay and target is not None) else None
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.model: nn.Module = method  # what a micro-step calls: the method, or DDP around it
-        if self.distributed:
+        self.fsdp = self._shard_fsdp(method)  # train.strategy fsdp: the method sharded in place (engine/fsdp.py)
+        if self.distributed and not self.fsdp:
             self.model = dist.wrap_ddp(method, self.device, self.params, dist.find_unused_parameters(cfg))
         self.forward = CompiledForward(self.model, method, tc, cfg.name)  # self.model itself unless train.compile
         if self.is_main:
@@ -139,15 +142,58 @@ class Trainer:
         self._bad_terms: dict[str, torch.Tensor] = {}
         self._stop_signal: Optional[int] = None
 
+    # ------------------------------------------------------------------------------------- fsdp
+    def _shard_fsdp(self, method: Method) -> bool:
+        """train.strategy fsdp under torchrun: refuse what cannot run sharded, then fully_shard the method in place
+        and point self.params at its sharded parameters. -> sharded? (False for ddp and for one process)"""
+        tc = self.cfg.train
+        if tc.strategy != "fsdp" or not fsdp.check_supported(self.cfg, self.distributed):
+            return False
+        if tc.compile != "none":
+            raise TrainingError(f"stages[{self.cfg.name}]: train.compile {tc.compile!r} is not supported with "
+                                f"train.strategy fsdp; set train.compile none or use train.strategy: ddp")
+        fsdp.shard_method(method, self.optimizer, self.params)
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        return True
+
+    def _fsdp_keeps_layout(self) -> bool:
+        """Whether the weights keep their contiguous layout for fully_shard, which shards contiguous parameters only:
+        train.channels_last unset means contiguous under fsdp; set true, it is refused."""
+        if self.cfg.train.strategy != "fsdp" or not self.distributed:
+            return False
+        if self.cfg.train.channels_last:
+            raise TrainingError(f"stages[{self.cfg.name}]: train.channels_last true is not supported with "
+                                f"train.strategy fsdp (fully_shard shards contiguous weights only); leave it unset "
+                                f"or use train.strategy: ddp")
+        return True
+
+    def _gradient_sync(self, last_micro: bool):
+        """The context of one micro-batch's backward: gradients reduced only in the last one (DDP's no_sync,
+        FSDP's set_requires_gradient_sync)."""
+        if self.fsdp:
+            return fsdp.gradient_sync(self.method, last_micro)
+        return self.model.no_sync() if self.distributed and not last_micro else nullcontext()
+
+    def _update_ema(self) -> None:
+        """train.ema_decay: the (replicated) EMA copy follows the EMA target, gathered when sharded."""
+        if self.fsdp:
+            fsdp.update_ema(self.ema.module, self.ema.decay, self.method.ema_target())
+        else:
+            self.ema.update(self.method.ema_target())
+
     # ------------------------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
+    def state_dict(self, full: Optional[tuple[dict, dict]] = None) -> dict:
+        """The checkpoint; `full`: the (model, optimizer) full state dicts gathered from a sharded method."""
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        model_state, optimizer_state = full if full is not None else (self.method.state_dict(),
+                                                                      self.optimizer.state_dict())
         return {
             "format": CHECKPOINT_FORMAT, "version": 1, "stage": self.cfg.name, "step": self.step,
             "total_steps": self.total_steps, "world_size": self.world,
-            "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+            **({"strategy": "fsdp"} if full is not None else {}),
+            "method": model_state, "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict(), "schedule": self.schedule.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None, "rng": rng,
             "epoch_losses": [float(v) for v in self._epoch_losses], "backbone": self.backbone_meta,
@@ -163,10 +209,12 @@ class Trainer:
                 "all_files": [[n, r] for n, r in self.bad_log.all_files.items()]}
 
     def save_checkpoint(self) -> None:
-        """checkpoints/last.pt (atomically); with train.keep_last = N > 1 also step-<step>.pt, oldest removed."""
+        """checkpoints/last.pt (atomically); with train.keep_last = N > 1 also step-<step>.pt, oldest removed.
+        Sharded (fsdp), every rank takes part in gathering the full state dicts."""
+        full = fsdp.full_state(self.method, self.optimizer) if self.fsdp else None
         if not self.is_main:
             return
-        state = self.state_dict()
+        state = self.state_dict(full)
         atomic_save(state, self.checkpoint_path)
         keep = self.cfg.train.keep_last
         if keep > 1:
@@ -182,11 +230,7 @@ class Trainer:
             raise CheckpointError(
                 f"checkpoint was written by {state.get('world_size')} processes, this run has {self.world}: the data "
                 f"order and per-rank batch would differ; resume with the same world size")
-        try:
-            self.method.load_state_dict(state["method"])
-        except RuntimeError as exc:
-            raise CheckpointError(f"checkpoint does not fit this stage's networks: {str(exc).splitlines()[0]}") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_networks(state)
         self.scaler.load_state_dict(state["scaler"])
         self.schedule.load_state_dict(state["schedule"])
         if self.ema and state.get("ema"):
@@ -201,6 +245,25 @@ class Trainer:
             self.bad_log.reads, self.bad_log.bad_reads = int(saved["reads"]), int(saved["bad_reads"])
             self.bad_log.all_files = {name: reason for name, reason in saved.get("all_files", [])}
         self._epoch_losses = [torch.tensor(v, device=self.device) for v in state.get("epoch_losses", [])]
+
+    def _load_networks(self, state: dict) -> None:
+        """The method's and optimizer's state; a checkpoint resumes only under the strategy that wrote it (their
+        optimizer states differ in layout: parameter indices under ddp, names under fsdp)."""
+        kinds = {"ddp": "unsharded (train.strategy ddp, or one process)", "fsdp": "sharded (train.strategy fsdp "
+                                                                                 "under torchrun)"}
+        saved = state.get("strategy", "ddp")
+        if saved != ("fsdp" if self.fsdp else "ddp"):
+            raise CheckpointError(f"checkpoint was written {kinds[saved]}, this run is "
+                                  f"{kinds['fsdp' if self.fsdp else 'ddp']}; resume as the run that wrote it")
+        try:
+            if self.fsdp:
+                fsdp.load_full_state(self.method, self.optimizer, state["method"], state["optimizer"])
+            else:
+                self.method.load_state_dict(state["method"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint does not fit this stage's networks: {str(exc).splitlines()[0]}") from None
+        if not self.fsdp:
+            self.optimizer.load_state_dict(state["optimizer"])
 
     def try_resume(self) -> bool:
         """Continue from checkpoints/last.pt when it belongs to this stage. -> resumed? Under torchrun rank 0 reads
@@ -260,8 +323,7 @@ class Trainer:
             if self.distributed:  # per-rank views, crops and masks, a pure function of the step
                 torch.manual_seed(dist.step_seed(self.ctx.seed, self.step, micro, self.rank))
             last_micro = micro == tc.accumulate - 1
-            sync = self.model.no_sync() if self.distributed and not last_micro else nullcontext()
-            with sync:
+            with self._gradient_sync(last_micro):
                 with autocast_context(self.precision, self.device):
                     outputs = self.forward(batch, progress_info)
                 loss = outputs["loss"].float()
@@ -274,7 +336,7 @@ class Trainer:
         if tc.clip_grad_value:
             torch.nn.utils.clip_grad_value_(self.params, tc.clip_grad_value)
         if tc.clip_grad_norm:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, tc.clip_grad_norm)
+            norm = fsdp.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, tc.clip_grad_norm))
             logs["grad_norm"] = norm
             if not self.scaler.is_enabled():  # with fp16 the scaler skips overflowing steps by design
                 self._note_finite({"loss": logs["loss"]}, norm)
@@ -283,7 +345,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.method.after_optimizer_step(progress_info)
         if self.ema:
-            self.ema.update(self.method.ema_target())
+            self._update_ema()
         logs["lr"] = torch.tensor(lr)
         return logs
 
@@ -374,6 +436,8 @@ class Trainer:
             bar.close()
         elapsed = time.perf_counter() - start_time
         trained_steps = self.step - start_step
+        if self.fsdp:  # from here on (final evaluation, backbone.pt, reports on rank 0) a plain module
+            fsdp.release(self.method)
         result = self.evaluate()
         if trained_steps:
             per_step = tc.batch_size * (1 + (self.loader.mu if self.loader.unlabeled_stream else 0))
@@ -390,7 +454,8 @@ class Trainer:
         self._epoch_losses = []
         every = self.cfg.train.eval_every_epochs
         if every and (epoch + 1) % every == 0 and self.step < self.total_steps:
-            test = self.evaluate()
+            with fsdp.gathered(self.method) if self.fsdp else nullcontext():
+                test = self.evaluate()
             record.update({f"test/{k}": v for k, v in test.items() if isinstance(v, float)})
         self.schedule.observe(record)
         self._log(record)
