@@ -98,11 +98,13 @@ def cmd_run(args) -> int:
     from .eval.report import format_headline, headline_rows  # deferred: start-up (torch)
     from .recipe_files import load_recipe  # deferred: start-up (pydantic, the method registry)
     from .runner import run_recipe  # deferred: start-up (torch)
+    from .engine.distributed import leave_process_group  # deferred: start-up (torch)
 
     recipe = load_recipe(find_recipe(args.recipe), args.overrides)
     out = Path(args.out) if args.out else None
     try:
         run_dir, summary = run_recipe(recipe, out, resume=args.resume, allow_config_change=args.allow_config_change)
+        leave_process_group()  # under torchrun: the run is over on every rank
     except TrainingInterrupted as exc:
         where = exc.run_dir or out
         command = shlex.join(["ssl-kit", "run", args.recipe, *args.overrides, "--out", str(where), "--resume"])
