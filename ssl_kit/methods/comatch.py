@@ -23,6 +23,7 @@ from ..common import distributed as dist
 from ..data.loader import Batch
 from ..losses import (comatch_contrastive_loss, comatch_memory_smoothing, comatch_pseudo_label_graph,
                       consistency_loss)
+from ..models.heads import linear_relu_linear
 from .base import Progress
 from .pseudo_gate import PseudoLabelGate
 from .registry import register
@@ -67,8 +68,7 @@ class CoMatch(WeakStrongMethod):
     def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0) -> None:
         super().__init__(cfg, backbone, info, num_unlabeled)
         features = backbone.num_features
-        self.projector = nn.Sequential(nn.Linear(features, features), nn.ReLU(inplace=True),
-                                       nn.Linear(features, cfg.proj_size))  # USB's CoMatch_Net.mlp_proj
+        self.projector = linear_relu_linear(features, cfg.proj_size)  # USB's CoMatch_Net.mlp_proj
         size = cfg.queue_batch * (cfg.mu + 1) * cfg.train.batch_size
         self.register_buffer("bank_embeddings", torch.zeros(size, cfg.proj_size))  # (M, D)
         self.register_buffer("bank_probs", torch.zeros(size, info.num_classes))  # (M, K)

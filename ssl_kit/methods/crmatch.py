@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..data.loader import Batch
 from ..losses import consistency_loss, crmatch_feature_distance_loss
+from ..models.heads import linear_relu_linear
 from .base import Progress
 from .registry import register
 from .semi import USB_SGD
@@ -66,7 +67,7 @@ class CRMatch(WeakStrongMethod):
         self.ds_head = nn.Linear(features, features)  # USB's ds_classifier (ViT form, see the module docstring)
         self.rot_head: Optional[nn.Module] = None
         if cfg.rot_loss_ratio > 0:  # USB's rot_classifier
-            self.rot_head = nn.Sequential(nn.Linear(features, features), nn.ReLU(), nn.Linear(features, 4))
+            self.rot_head = linear_relu_linear(features, 4)
 
     def heads(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """images (M, C, H, W) -> (class logits (M, K), ds features (M, F), rotation logits (M, 4), or (M, 0)

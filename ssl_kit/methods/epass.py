@@ -17,6 +17,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..losses import ensemble_embeddings
+from ..models.heads import linear_relu_linear
 from .comatch import CoMatch, CoMatchConfig
 from .registry import register
 from .semi import USB_SGD
@@ -34,11 +35,6 @@ class EPASSConfig(CoMatchConfig):
     num_projectors: int = Field(3, ge=1, description="projection heads in the ensemble; the embedding is the "
                                                      "L2-normalised mean of their outputs (EPASS: 3, mlp_proj, "
                                                      "mlp_proj_2, mlp_proj_3 of CoMatch_Net); 1 = CoMatch")
-
-
-def mlp_projector(features: int, proj_size: int) -> nn.Sequential:
-    """One projection head as USB's CoMatch_Net.mlp_proj: features (N, F) -> Linear-ReLU-Linear -> (N, proj_size)."""
-    return nn.Sequential(nn.Linear(features, features), nn.ReLU(inplace=True), nn.Linear(features, proj_size))
 
 
 class EnsembleProjector(nn.Module):
@@ -61,7 +57,7 @@ class EPASS(CoMatch):
     def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0) -> None:
         super().__init__(cfg, backbone, info, num_unlabeled)
         features = backbone.num_features
-        extra = [mlp_projector(features, cfg.proj_size) for _ in range(cfg.num_projectors - 1)]
+        extra = [linear_relu_linear(features, cfg.proj_size) for _ in range(cfg.num_projectors - 1)]
         self.projector = EnsembleProjector([self.projector, *extra])
 
     def features_and_embeddings(self, images: Tensor) -> tuple[Tensor, Tensor]:

@@ -23,12 +23,13 @@ from torch import Tensor, nn
 from ..common import distributed as dist
 from ..data.loader import Batch
 from ..losses import consistency_loss, simmatch_in_loss, simmatch_unfold_aggregate
+from ..models.heads import linear_relu_linear
 from .base import Progress
 from .momentum import frozen_copy, update_momentum_pairs
 from .pseudo_gate import PseudoLabelGate
 from .registry import register
 from .semi import USB_SGD
-from .weak_strong import GatedConfig, WeakStrongMethod
+from .weak_strong import GatedConfig, LabeledBankMethod
 
 
 class SimMatchConfig(GatedConfig):
@@ -77,14 +78,9 @@ class AlignmentQueue(nn.Module):
 
 
 @register("simmatch", SimMatchConfig)
-class SimMatch(WeakStrongMethod):
+class SimMatch(LabeledBankMethod):
     """SimMatch: soft pseudo-labels from class and labeled-bank similarities propagated into each other, plus
     instance consistency of the strong view over the bank."""
-
-    @classmethod
-    def context_from(cls, cfg, data, load_record) -> dict:
-        return {**super().context_from(cfg, data, load_record), "labeled_index": data.labeled,
-                "labeled_labels": data.train.labels[data.labeled]}
 
     def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0,
                  labeled_index: Optional[Tensor] = None, labeled_labels: Optional[Tensor] = None) -> None:
@@ -92,8 +88,7 @@ class SimMatch(WeakStrongMethod):
         if labeled_index is None or labeled_labels is None:
             raise ValueError("SimMatch needs the labeled set (labeled_index, labeled_labels) for its memory bank")
         features = backbone.num_features
-        self.projector = nn.Sequential(nn.Linear(features, features), nn.ReLU(inplace=True),
-                                       nn.Linear(features, cfg.proj_size))  # USB's SimMatch_Net.mlp_proj
+        self.projector = linear_relu_linear(features, cfg.proj_size)  # USB's SimMatch_Net.mlp_proj
         if cfg.bank_teacher:
             self.teacher_backbone = frozen_copy(backbone).eval()
             self.teacher_projector = frozen_copy(self.projector).eval()

@@ -31,11 +31,12 @@ from ..data.loader import Batch
 from ..losses.pseudo_label import consistency_loss
 from ..losses.simmatchv2 import (simmatchv2_edge_edge_loss, simmatchv2_label_propagation,
                                  simmatchv2_node_edge_loss)
+from ..models.heads import linear_relu_linear
 from .base import Progress
 from .momentum import cosine_ramp, frozen_copy
 from .pseudo_gate import PseudoLabelGate
 from .registry import register
-from .weak_strong import GatedConfig, WeakStrongMethod
+from .weak_strong import GatedConfig, LabeledBankMethod
 
 _REF = "github.com/mingkai-zheng/SimMatchV2"
 _ARGS = "main.py argparse default"
@@ -109,15 +110,10 @@ class MomentumAlignment(nn.Module):
 
 
 @register("simmatchv2", SimMatchV2Config)
-class SimMatchV2(WeakStrongMethod):
+class SimMatchV2(LabeledBankMethod):
     """SimMatchV2: an EMA teacher's weak-view nodes give pseudo-labels propagated over their labeled-bank
     neighbours (node-node), and the strong view's edges to an unlabeled bank are trained towards the teacher's
     edges (edge-edge) and, aggregated over the bank's predictions, towards its class prediction (node-edge)."""
-
-    @classmethod
-    def context_from(cls, cfg, data, load_record) -> dict:
-        return {**super().context_from(cfg, data, load_record), "labeled_index": data.labeled,
-                "labeled_labels": data.train.labels[data.labeled]}
 
     def __init__(self, cfg, backbone: nn.Module, info, num_unlabeled: int = 0,
                  labeled_index: Optional[Tensor] = None, labeled_labels: Optional[Tensor] = None) -> None:
@@ -125,8 +121,7 @@ class SimMatchV2(WeakStrongMethod):
         if labeled_index is None or labeled_labels is None or len(labeled_index) == 0:
             raise ValueError("SimMatchV2 needs the labeled set (labeled_index, labeled_labels) for its labeled bank")
         features = backbone.num_features
-        self.projector = nn.Sequential(nn.Linear(features, features), nn.ReLU(inplace=True),
-                                       nn.Linear(features, cfg.proj_size))  # the reference's ResNet.head
+        self.projector = linear_relu_linear(features, cfg.proj_size)  # the reference's ResNet.head
         self.teacher_backbone = frozen_copy(backbone)
         self.teacher_head = frozen_copy(self.net.head)
         self.teacher_projector = frozen_copy(self.projector)

@@ -112,6 +112,16 @@ class WeakStrongMethod(SemiSupervisedMethod):
         return self.with_policy_loss(self.gate, loss, out, logits_s, weights)
 
 
+class LabeledBankMethod(WeakStrongMethod):
+    """A weak/strong method that keeps a bank over the labeled set (SimMatch, SimMatchV2): its constructor takes the
+    stage's labeled rows `labeled_index` (L,) and their labels `labeled_labels` (L,)."""
+
+    @classmethod
+    def context_from(cls, cfg, data, load_record) -> dict:
+        return {**super().context_from(cfg, data, load_record), "labeled_index": data.labeled,
+                "labeled_labels": data.train.labels[data.labeled]}
+
+
 def _renamed_gate_keys(module, state_dict, prefix, *args) -> None:
     """Checkpoints written before the weak/strong base kept the gate's state at `policy.*` / `alignment.*`: load
     them into `gate.policy.*` / `gate.alignment.*` (a resumed run continues exactly)."""

@@ -18,6 +18,12 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2, last_bn: bool =
     return nn.Sequential(*modules)
 
 
+def linear_relu_linear(in_dim: int, out_dim: int) -> nn.Sequential:
+    """Linear(in, in)-ReLU-Linear(in, out), no normalisation: USB's projection heads (CoMatch_Net / SimMatch_Net
+    mlp_proj) and rotation heads. (N, in) -> (N, out)."""
+    return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+
+
 def init_head(module: nn.Module, scheme: str) -> None:
     """Re-initialise every Linear in `module`: 'trunc_normal' (std 0.02), 'kaiming', 'xavier'; 'default' keeps torch's."""
     if scheme == "default":
