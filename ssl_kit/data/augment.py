@@ -25,12 +25,12 @@ def uniform(n: int, low: float, high: float, device) -> Tensor:
     return torch.rand(n, device=device) * (high - low) + low
 
 
-def warp(x: Tensor, matrix: Tensor, padding: str, out_size: int | None = None) -> Tensor:
-    """Sample x (N, C, H, W) through per-sample affine maps matrix (N, 2, 3) in normalised coordinates.
-    -> (N, C, out_size, out_size), or x's size when out_size is None."""
+def warp(x: Tensor, matrix: Tensor, padding: str, out_size: int | None = None, mode: str = "bilinear") -> Tensor:
+    """Sample x (N, C, H, W) through per-sample affine maps matrix (N, 2, 3) in normalised coordinates (`mode`:
+    bilinear, bicubic or nearest). -> (N, C, out_size, out_size), or x's size when out_size is None."""
     shape = list(x.shape) if out_size is None else [x.shape[0], x.shape[1], out_size, out_size]
     grid = F.affine_grid(matrix, shape, align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode=padding, align_corners=False)
 
 
 def random_translate_flip(x: Tensor, max_shift: float, hflip: bool) -> Tensor:
@@ -82,6 +82,18 @@ def blend(a: Tensor, b: Tensor, factor: Tensor) -> Tensor:
     """factor·a + (1 − factor)·b per sample, clamped to [0, 1]."""
     f = factor.view(-1, 1, 1, 1)
     return (f * a + (1 - f) * b).clamp(0, 1)
+
+
+def contrast_enhance(x: Tensor, factor: Tensor) -> Tensor:
+    """PIL ImageEnhance.Contrast per sample: blend towards each image's mean luma by factor (N,) (1 = identity).
+    x (N, C, H, W) in [0, 1] -> same, clamped."""
+    return blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True).expand_as(x), factor)
+
+
+def color_enhance(x: Tensor, factor: Tensor) -> Tensor:
+    """PIL ImageEnhance.Color (saturation) per sample: blend towards each image's luma by factor (N,) (1 =
+    identity); 1-channel images are returned as they are. x (N, C, H, W) in [0, 1] -> same, clamped."""
+    return blend(x, grayscale(x).expand_as(x), factor) if x.shape[1] == 3 else x
 
 
 def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
@@ -140,9 +152,9 @@ def apply_color_jitter(x: Tensor, draw: Optional[JitterDraw]) -> Tensor:
 
     def jitter(rows_x: Tensor, rows: Tensor) -> Tensor:
         y = (rows_x * draw.brightness[rows].view(-1, 1, 1, 1)).clamp(0, 1)
-        y = blend(y, grayscale(y).mean(dim=(1, 2, 3), keepdim=True).expand_as(y), draw.contrast[rows])
+        y = contrast_enhance(y, draw.contrast[rows])
         if draw.colour is not None:
-            y = blend(y, grayscale(y).expand_as(y), draw.colour[rows])
+            y = color_enhance(y, draw.colour[rows])
             y = adjust_hue(y, draw.hue[rows]).clamp(0, 1)
         return y
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..common import distributed as dist
-from .augment import blend, grayscale
+from .augment import blend, color_enhance, contrast_enhance, warp
 from .randaugment import autocontrast, geometric_matrix
 
 NUM_BINS = 17
@@ -79,8 +79,7 @@ def _signed(level: Tensor) -> tuple[Tensor, Tensor]:
 
 def _affine(x: Tensor, matrix: Tensor, mode: str = "bilinear") -> Tensor:
     """x (N, C, H, W) sampled through per-sample affine maps (N, 2, 3) in normalised coordinates, black fill."""
-    grid = F.affine_grid(matrix, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False).clamp(0, 1)
+    return warp(x, matrix, "zeros", mode=mode).clamp(0, 1)
 
 
 def _geometric(kind: str, scale: float = 1.0):
@@ -132,21 +131,12 @@ def _posterize(x: Tensor, level: Tensor, _: Tensor) -> Tensor:
     return kornia.enhance.posterize(x, 1 + torch.floor(level * 7.999))
 
 
-def _color(x: Tensor, level: Tensor, _: Tensor) -> Tensor:
-    return blend(x, grayscale(x).expand_as(x), _enhance_factor(level)) if x.shape[1] == 3 else x
-
-
-def _contrast(x: Tensor, level: Tensor, _: Tensor) -> Tensor:
-    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-    return blend(x, mean.expand_as(x), _enhance_factor(level))
-
-
 OP_FUNCTIONS = {  # name -> f(x (N, C, H, W) in [0, 1], value of parameter 1 (N,), of parameter 2 (N,)) -> same
     "autocontrast": lambda x, v, _: _with_level(x, autocontrast(x, v), v),
     "blur": lambda x, v, _: _with_level(x, _filtered(x, _BLUR), v),
     "brightness": lambda x, v, _: (x * _enhance_factor(v).view(-1, 1, 1, 1)).clamp(0, 1),
-    "color": _color,
-    "contrast": _contrast,
+    "color": lambda x, v, _: color_enhance(x, _enhance_factor(v)),
+    "contrast": lambda x, v, _: contrast_enhance(x, _enhance_factor(v)),
     "cutout": _cutout_level,
     "equalize": lambda x, v, _: _with_level(x, kornia.enhance.equalize(x), v),
     "invert": lambda x, v, _: _with_level(x, 1.0 - x, v),

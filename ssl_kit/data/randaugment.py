@@ -8,7 +8,7 @@ import kornia
 import torch
 from torch import Tensor
 
-from .augment import blend, grayscale, uniform, warp
+from .augment import color_enhance, contrast_enhance, uniform, warp
 
 
 def autocontrast(x: Tensor, m: Tensor) -> Tensor:
@@ -27,12 +27,11 @@ def _brightness(x: Tensor, m: Tensor) -> Tensor:
 
 
 def _color(x: Tensor, m: Tensor) -> Tensor:
-    return blend(x, grayscale(x).expand_as(x), _signed_factor(m)) if x.shape[1] == 3 else x
+    return color_enhance(x, _signed_factor(m))
 
 
 def _contrast(x: Tensor, m: Tensor) -> Tensor:
-    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-    return blend(x, mean.expand_as(x), _signed_factor(m))
+    return contrast_enhance(x, _signed_factor(m))
 
 
 def _sharpness(x: Tensor, m: Tensor) -> Tensor:

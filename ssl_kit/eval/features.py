@@ -164,6 +164,7 @@ class FeatureExtractor:
         self._weights: Optional[str] = None
         self._cache: dict[str, Tensor] = {}
         self._splits: dict[str, dict[str, ImageSet]] = {}
+        self._sources: dict[str, OpenedSource] = {}
         self.forward_passes = 0
 
     @classmethod
@@ -221,9 +222,12 @@ class FeatureExtractor:
         return self._splits[spec]
 
     def open(self, spec: str) -> OpenedSource:
-        """`spec` opened as training opens a stage's data (data/opened.py), at the backbone's size and channels."""
-        return open_source(spec, self.info["image_size"], self.info["channels"], self.memory_budget_gb,
-                           workers=max(2, self.workers))
+        """`spec` opened as training opens a stage's data (data/opened.py), at the backbone's size and channels;
+        once per extractor (its file index, splits and storage decision), however many evaluations read it."""
+        if spec not in self._sources:
+            self._sources[spec] = open_source(spec, self.info["image_size"], self.info["channels"],
+                                              self.memory_budget_gb, workers=max(2, self.workers))
+        return self._sources[spec]
 
     def streams(self, spec: str) -> bool:
         """Whether `spec` is embedded from files in workers (see the module docstring) rather than in memory."""
@@ -294,8 +298,8 @@ class FeatureExtractor:
         """{'train', 'test': (features (N, F), labels (N,), classes)} of the labeled images of a dataset spec's
         train and test splits, opened as training opens them (data/opened.py: one holdout policy, one storage
         decision); large streamed sources are embedded from files with the on-disk cache."""
-        source = None if spec in self._splits else self.open(spec)
-        if source is not None and source.streams:
+        source = self.open(spec)
+        if source.streams:
             return self._streamed_features(spec, source)
         out = {}
         splits = self.dataset_splits(spec)

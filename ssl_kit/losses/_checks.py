@@ -15,6 +15,28 @@ def check_2d(name: str, x: Tensor) -> None:
         raise ValueError(f"{name} must be a 2-D tensor (N, D), got shape {tuple(getattr(x, 'shape', ()))}")
 
 
+def stack_rows(name: str, values, item: str, shape: str) -> Tensor:
+    """V matrices (N, D) of the same rows, as one (V, N, D) tensor or a sequence of V 2-D tensors -> (V, N, D),
+    V >= 1; a ValueError naming `name`, the `item` (what one matrix is: a view, a projector's output) and the
+    expected `shape` text otherwise."""
+    if isinstance(values, Tensor):
+        if values.ndim != 3:
+            raise ValueError(f"{name} must be a {shape} tensor or a sequence of 2-D tensors, got shape "
+                             f"{tuple(values.shape)}")
+        stacked = values
+    else:
+        values = list(values)
+        for i, value in enumerate(values):
+            check_2d(f"{name}[{i}]", value)
+            if value.shape != values[0].shape:
+                raise ValueError(f"{name}[{i}]: every {item} must have shape {tuple(values[0].shape)}, {item} {i} "
+                                 f"has {tuple(value.shape)}")
+        stacked = torch.stack(values) if values else None
+    if stacked is None or stacked.shape[0] == 0:
+        raise ValueError(f"{name} is empty: at least one {item} is needed")
+    return stacked
+
+
 def check_same(name_a: str, a: Tensor, name_b: str, b: Tensor, what: str = "shape") -> None:
     if a.shape != b.shape:
         raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_2d, check_class_dim, check_labels, check_same, check_temperature, check_unit_interval
+from ._checks import (check_2d, check_class_dim, check_labels, check_same, check_temperature, check_unit_interval,
+                      stack_rows)
 
 TSA_SCHEDULES = ("linear", "exp", "log", "none")
 
@@ -125,19 +126,7 @@ def mixmatch_targets(probs_k_views: Union[Tensor, Sequence[Tensor]], temperature
     image, renormalised, then sharpened with temperature T (USB `T` 0.5). No gradient.
     probs_k_views: (V, N, C) tensor or a sequence of V tensors (N, C). -> (N, C)."""
     check_temperature("temperature", temperature)
-    if isinstance(probs_k_views, Tensor):
-        stacked = probs_k_views
-    else:
-        views = list(probs_k_views)
-        if not views:
-            raise ValueError("mixmatch_targets needs at least one view")
-        for i, view in enumerate(views):
-            check_2d(f"view {i}", view)
-            if view.shape != views[0].shape:
-                raise ValueError(f"every view must have shape {tuple(views[0].shape)}, view {i} has {tuple(view.shape)}")
-        stacked = torch.stack(views)
-    if stacked.ndim != 3 or stacked.shape[0] == 0:
-        raise ValueError(f"probs_k_views must be (V, N, C) with V >= 1, got shape {tuple(stacked.shape)}")
+    stacked = stack_rows("probs_k_views", probs_k_views, "view", "(V, N, C)")
     with torch.no_grad():
         mean = stacked.detach().float().mean(dim=0)
         mean = mean / mean.sum(dim=1, keepdim=True)
