@@ -10,7 +10,8 @@ Sections (each one's failure is recorded in the JSON and the suite goes on: GPU 
              channels-last for the CNN, eager and torch.compile'd: images/s, and compile's speed-up
   methods    ssl_kit's step (trainer._train_step: augmentation, heads, loss, optimizer, momentum updates) for
              SimCLR ResNet-50 (2 x 224), DINO ViT-S/16 (2 x 224 + 8 x 96), MAE ViT-B/16 (mask 0.75), FixMatch
-             WRN-28-2 (32 px, mu 7), fed from decoded uint8 in memory and streamed from the JPEG folder by workers;
+             WRN-28-2 (32 px, mu 7), fed from decoded uint8 in memory and streamed from the JPEG folder by workers
+             (SimCLR and DINO streamed twice on CUDA: workers decode, or `data.decode: gpu` decodes with nvJPEG);
              images/s, peak GPU memory, and the ratio to the bare forward/backward/step of the same backbone on the
              same images (DINO's floor includes its teacher's forward; MAE's floor encodes every patch)
   variants   SimCLR ResNet-50 channels-last on/off; DINO ViT-S with train.compile=backbone; ViT-L/16 DINO at batch 64
@@ -308,6 +309,12 @@ def method_rows(sizes: Sizes, folder: Path, memory_folder: Path, device: torch.d
             "dino", {**sizes.vit_large, "grad_checkpointing": True}, memory, sizes.large_batch, train=dev,
             **dino_keys)),
     ]
+    if device.type == "cuda":  # nvJPEG needs CUDA (the CPU tests run the same code: tests/test_device_decode.py)
+        gpu_decode = {**stream, "decode": "gpu"}
+        plans[2:2] = [("simclr", "stream", "decode=gpu", stage("simclr", simclr_r50, gpu_decode, sizes.batch,
+                                                                train=dev))]
+        plans[6:6] = [("dino", "stream", "decode=gpu", stage("dino", sizes.vit_small, gpu_decode, sizes.batch,
+                                                              train=dev, **dino_keys))]
     rows = []
     for name, feed, variant, stage_dict in plans:
         row = {"method": name, "feed": feed, "variant": variant, "backbone": stage_dict["backbone"]["name"],

@@ -85,11 +85,22 @@ class DataConfig(Strict):
         "auto", description="streamed views (SimCLR, DINO, ...): where colour jitter, grayscale, blur and solarize run — "
                             "device: batched on the training device; workers: per micro-batch in the DataLoader "
                             "workers, handed over as uint8; auto: workers when training on the CPU, else device")
+    decode: Literal["cpu", "gpu"] = Field(
+        "cpu", description="streamed training: cpu decodes every file in the workers (PIL, JPEG DCT reduction); gpu "
+                           "decodes JPEGs on the CUDA training device in batches (nvJPEG via torchvision), the "
+                           "workers only read bytes and draw crop boxes; other formats fall back to the CPU per file")
     stream_crop_scale: tuple[float, float] = Field(
         (0.2, 1.0), description="streamed, methods without views (supervised, FixMatch family, KD): area range of the "
                                 "random resized crop the workers cut at image_size before the device augmentation")
     eval_resize_ratio: float = Field(0.875, gt=0, le=1,
                                      description="evaluation: shorter side to image_size/ratio, then centre crop")
+
+    @model_validator(mode="after")
+    def _device_decode_leaves_the_photometric_to_the_device(self) -> "DataConfig":
+        if self.decode == "gpu" and self.photometric == "workers":
+            raise ValueError("data.decode: gpu hands the workers' files to the device undecoded, so the workers "
+                             "cannot run the photometric augmentation: use data.photometric: device (or auto)")
+        return self
 
     @model_validator(mode="after")
     def _long_tail_has_a_head(self) -> "DataConfig":

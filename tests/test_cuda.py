@@ -96,3 +96,33 @@ def test_resume_on_cuda_reproduces_the_uninterrupted_run(tmp_path):
         assert losses(tmp_path, "b", raw, resume=True) == reference
     finally:
         torch.backends.cudnn.deterministic = False
+
+
+def test_gpu_decode_matches_the_workers_cpu_decode_and_trains(tmp_path):
+    """`data.decode: gpu`: nvJPEG views within a few grey levels of the CPU path's, and a streamed SimCLR stage on
+    them trains."""
+    import numpy as np
+    from PIL import Image
+
+    from ssl_kit.data.crops import CropSpec
+    from ssl_kit.data.sources import build_index
+    from ssl_kit.data.stream import StreamLoader
+
+    root = tmp_path / "jpegs" / "a"
+    root.mkdir(parents=True)
+    for i in range(32):
+        y, x = np.mgrid[0:120 + i, 160:160 + 3 * i + 1].astype(np.float64)
+        rgb = np.stack([128 + 100 * np.sin(x / 17 + k + i) * np.cos(y / 11 - k) for k in range(3)], -1)
+        Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(root / f"{i}.jpg", quality=95)
+    index = build_index("images", str(root))
+    views = [CropSpec(32, scale=(0.3, 1.0), count=2, flip=True)]
+    cpu = StreamLoader(index, np.arange(32), 16, 0, views, workers=0, device="cuda")
+    gpu = StreamLoader(index, np.arange(32), 16, 0, views, workers=0, device="cuda", decode_on_device=True)
+    a, b = cpu.batch(0), gpu.batch(0)
+    assert b.x.is_cuda and torch.equal(a.x_index, b.x_index)
+    assert all((u.float() - v.float()).abs().mean() < 4.0 for u, v in zip(a.views, b.views))
+    raw = recipe("simclr", {"name": "small_cnn"}, batch_size=16)
+    raw["stages"][0]["data"] = {"dataset": f"imagefolder:{tmp_path / 'jpegs'}", "storage": "stream", "workers": 2,
+                                "image_size": 32, "decode": "gpu"}
+    values = losses(tmp_path, "gpu_decode", raw)
+    assert len(values) == 6 and all(v == v for v in values)

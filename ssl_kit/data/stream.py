@@ -16,7 +16,7 @@ Nothing decoded is cached: memory is the index plus the batches in flight (worke
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..errors import DataError
 from .crops import CropSpec, expand_views, view_rng
 from .decode import BadImage, decode_eval, decode_views
+from .device_decode import JpegJob, decode_jobs, plan_jpeg
 from .loader import Batch, IndexStream
 from .sources import FileIndex
 
@@ -48,15 +49,31 @@ def read_views(index: FileIndex, image: int, views: list[CropSpec], seed: int, p
         raise BadImage(index.path(image), exc.reason) from None
 
 
+def read_job_or_views(index: FileIndex, image: int, views: list[CropSpec], seed: int, position: int,
+                      channels: int) -> Union[JpegJob, list[np.ndarray]]:
+    """`data.decode: gpu`: a JPEG's device job (bytes, crop boxes, flips; nothing decoded), or, for a file the
+    device decoder does not take, its views decoded here as `read_views` does. Raises BadImage."""
+    try:
+        data = index.read(image)
+    except OSError as exc:
+        raise BadImage(index.path(image), f"cannot read the file ({exc.strerror or exc})") from None
+    try:
+        job = plan_jpeg(data, index.path(image), views, seed, position)
+        return job if job is not None else decode_views(data, index.path(image), views, seed, position, channels)
+    except BadImage as exc:
+        raise BadImage(index.path(image), exc.reason) from None
+
+
 def views_with_substitute(index: FileIndex, pool: np.ndarray, slot: int, views: list[CropSpec], seed: int,
-                          position: int, channels: int, bad: list) -> tuple[int, list[np.ndarray]]:
-    """Views of pool[slot]; when that file is bad, of a substitute pool[k] with k a pure function of
-    (seed, position, try), up to SUBSTITUTE_TRIES, else mid-grey views. Appends (path, reason) of each bad file
-    to `bad`. -> (index position of the image used, -1 for grey; views)."""
+                          position: int, channels: int, bad: list, read: Callable = read_views) -> tuple[int, list]:
+    """Views of pool[slot] (`read`: `read_views`, or `read_job_or_views` for device decoding); when that file is
+    bad, of a substitute pool[k] with k a pure function of (seed, position, try), up to SUBSTITUTE_TRIES, else
+    mid-grey views. Appends (path, reason) of each bad file to `bad`. -> (index position of the image used, -1
+    for grey; views, or a JpegJob)."""
     image = int(pool[slot])
     for attempt in range(SUBSTITUTE_TRIES + 1):
         try:
-            return image, read_views(index, image, views, seed, position, channels)
+            return image, read(index, image, views, seed, position, channels)
         except BadImage as exc:
             bad.append((exc.name, exc.reason))
         image = int(pool[view_rng(seed, position, 1_000_000 + attempt).randrange(len(pool))])
@@ -68,9 +85,11 @@ class _Plan:
 
     def __init__(self, index: FileIndex, labeled: np.ndarray, unlabeled: Optional[np.ndarray], batch_size: int,
                  mu: int, seed: int, views: list[CropSpec], u_views: list[CropSpec], channels: int, rank: int,
-                 world_size: int, photometric: Optional[list[Callable[[Tensor], Tensor]]] = None) -> None:
+                 world_size: int, photometric: Optional[list[Callable[[Tensor], Tensor]]] = None,
+                 device_decode: bool = False) -> None:
         self.index, self.labeled, self.unlabeled = index, labeled, unlabeled
         self.photometric = photometric
+        self.read = read_job_or_views if device_decode else read_views
         self.batch_size, self.mu, self.seed, self.channels = batch_size, mu, seed, channels
         self.views, self.u_views, self.rank, self.world_size = views, u_views, rank, world_size
         self.labeled_stream = IndexStream(len(labeled), seed, 0)
@@ -81,17 +100,23 @@ class _Plan:
         return range(start + self.rank * per_rank, start + (self.rank + 1) * per_rank)
 
     def _stream(self, stream: IndexStream, pool: np.ndarray, positions: range, views: list[CropSpec],
-                crop_seed: int, bad: list) -> tuple[list[Tensor], Tensor, Tensor]:
-        """-> (views: list of uint8 (B, C, S_v, S_v), index positions int64 (B,), slots in the pool int64 (B,))."""
+                crop_seed: int, bad: list) -> tuple[list[Tensor], Tensor, Tensor, list[JpegJob]]:
+        """-> (views: list of uint8 (B, C, S_v, S_v), index positions int64 (B,), slots in the pool int64 (B,),
+        the rows left to the device decoder: their views' rows are filled by `decode_jobs`)."""
         slots = stream.take(positions.start, len(positions)) if len(positions) else torch.empty(0, dtype=torch.long)
         out = [torch.empty((len(positions), self.channels, v.size, v.size), dtype=torch.uint8) for v in views]
         used = torch.empty(len(positions), dtype=torch.long)
+        jobs: list[JpegJob] = []
         for row, (slot, position) in enumerate(zip(slots.tolist(), positions)):
-            used[row], arrays = views_with_substitute(self.index, pool, slot, views, crop_seed, position,
-                                                      self.channels, bad)
-            for v, array in enumerate(arrays):
+            used[row], result = views_with_substitute(self.index, pool, slot, views, crop_seed, position,
+                                                      self.channels, bad, self.read)
+            if isinstance(result, JpegJob):
+                result.row = row
+                jobs.append(result)
+                continue
+            for v, array in enumerate(result):
                 out[v].numpy()[row] = array
-        return out, used, slots
+        return out, used, slots, jobs
 
     def _augment(self, views: list[Tensor], first_position: int) -> list[Tensor]:
         """Each view's photometric augmentation (uint8 (B, C, S_v, S_v) -> same), PHOTOMETRIC_CHUNK images at a
@@ -109,18 +134,19 @@ class _Plan:
         start = step * self.batch_size + micro * size
         bad: list[tuple[str, str]] = []
         positions = self._rank_slice(start, size)
-        views, used, _ = self._stream(self.labeled_stream, self.labeled, positions, self.views, self.seed * 2, bad)
+        views, used, _, jobs = self._stream(self.labeled_stream, self.labeled, positions, self.views, self.seed * 2,
+                                            bad)
         if self.photometric is not None:
             views = self._augment(views, positions.start)
         labels = torch.from_numpy(self.index.labels)
-        item = {"views": views, "x_index": used, "y": labels[used.clamp_min(0)], "bad": bad,
+        item = {"views": views, "x_index": used, "y": labels[used.clamp_min(0)], "bad": bad, "jobs": jobs,
                 "count": len(views[0]), "key": (step, micro, micro_count), "augmented": self.photometric is not None}
         if self.unlabeled_stream is not None:
-            u_views, u_used, slots = self._stream(self.unlabeled_stream, self.unlabeled,
+            u_views, u_used, slots, u_jobs = self._stream(self.unlabeled_stream, self.unlabeled,
                                                   self._rank_slice(self.mu * start, self.mu * size), self.u_views,
                                                   self.seed * 2 + 1, bad)
             item.update(u_views=u_views, u_image_index=u_used, u_index=slots, u_y=labels[u_used.clamp_min(0)],
-                        count=item["count"] + len(slots))
+                        count=item["count"] + len(slots), u_jobs=u_jobs)
         return item
 
 
@@ -238,13 +264,16 @@ class StreamLoader:
     (Batch.u_views, Batch.u = u_views[0]), e.g. FixMatch [weak, strong] from one decode. Labels come from
     index.labels. workers=0 decodes in the calling process. photometric: one uint8 -> uint8 function per expanded
     labeled view (e.g. `ContrastiveView.photometric_uint8`) that the workers apply; Batch.views_augmented says so.
+    decode_on_device: the workers hand JPEGs over undecoded and `batch()` decodes them on `device`
+    (`device_decode`; `data.decode: gpu`).
     """
 
     def __init__(self, index: FileIndex, labeled, batch_size: int, seed: int, views: list[CropSpec],
                  channels: int = 3, unlabeled=None, mu: int = 0, u_views: Optional[list[CropSpec]] = None,
                  rank: int = 0, world_size: int = 1, workers: int = 2, prefetch: int = 2, device="cpu",
                  bad_images: str = "skip", max_bad_fraction: float = 0.01,
-                 photometric: Optional[list[Callable[[Tensor], Tensor]]] = None) -> None:
+                 photometric: Optional[list[Callable[[Tensor], Tensor]]] = None,
+                 decode_on_device: bool = False) -> None:
         if batch_size % world_size:
             raise DataError(f"batch_size {batch_size} is not divisible by the world size {world_size}")
         if channels not in (1, 3):
@@ -255,8 +284,11 @@ class StreamLoader:
         views = expand_views(views)
         if photometric is not None and len(photometric) != len(views):
             raise DataError(f"photometric: {len(photometric)} functions for {len(views)} views")
+        if photometric is not None and decode_on_device:
+            raise DataError("decoding on the device leaves the workers undecoded files: they cannot run the "
+                            "photometric augmentation (data.photometric: device with data.decode: gpu)")
         self.plan = _Plan(index, labeled, unlabeled, batch_size, mu, seed, views, u_specs, channels, rank,
-                          world_size, photometric)
+                          world_size, photometric, decode_on_device)
         self.batch_size, self.mu, self.device = batch_size, mu, torch.device(device)
         self.labeled_stream, self.unlabeled_stream = self.plan.labeled_stream, self.plan.unlabeled_stream
         main = len(unlabeled) // (mu * batch_size) if self.unlabeled_stream else len(labeled) // batch_size
@@ -290,13 +322,24 @@ class StreamLoader:
         self.bad.record(item["bad"], item["count"])
         move = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
         views = [move(v) for v in item["views"]]
-        batch = Batch(views[0], move(item["y"]), x_index=move(item["x_index"]), views=views,
-                      views_augmented=item["augmented"])
+        x_index = move(item["x_index"])
+        self._decode_here(item["jobs"], views, self.plan.views, x_index)
+        batch = Batch(views[0], move(item["y"]), x_index=x_index, views=views, views_augmented=item["augmented"])
         if "u_views" in item:
             batch.u_views = [move(v) for v in item["u_views"]]
             batch.u, batch.u_y = batch.u_views[0], move(item["u_y"])
             batch.u_index, batch.u_image_index = move(item["u_index"]), move(item["u_image_index"])
+            self._decode_here(item["u_jobs"], batch.u_views, self.plan.u_views, batch.u_image_index)
         return batch
+
+    def _decode_here(self, jobs: list[JpegJob], views: list[Tensor], specs: list[CropSpec], used: Tensor) -> None:
+        """Decode the workers' JPEG jobs on the device into their rows of `views`; a file neither the device nor
+        the CPU can decode is logged as bad and its row marked grey (`used` -1, as a worker marks it)."""
+        if not jobs:
+            return
+        for row, name, reason in decode_jobs(jobs, views, specs, self.plan.channels, self.device):
+            used[row] = -1
+            self.bad.record([(name, reason)], 0)
 
     def close(self) -> None:
         """Stop the workers now (dropping the DataLoader that owns them); a later batch() starts new ones."""

@@ -15,6 +15,7 @@ from typing import Optional, Union
 import torch
 
 from ..data.views import ContrastiveView
+from ..errors import ConfigError
 from ..data.crops import CropSpec
 from ..data.loader import DeviceLoader
 from ..data.pipeline import PreparedData
@@ -65,7 +66,16 @@ def build_loader(method: Method, data: PreparedData, cfg, seed: int, rank: int, 
                         unlabeled=None if unlabeled is None else positions[unlabeled.numpy()], mu=mu,
                         u_views=u_views, rank=rank, world_size=world, workers=dc.workers, prefetch=dc.prefetch,
                         device=device, bad_images=dc.bad_images, max_bad_fraction=dc.max_bad_fraction,
-                        photometric=worker_photometric(method, dc.photometric, device))
+                        photometric=None if dc.decode == "gpu" else worker_photometric(method, dc.photometric, device),
+                        decode_on_device=device_decode(dc.decode, device))
+
+
+def device_decode(mode: str, device: torch.device) -> bool:
+    """`data.decode`: True for gpu, which needs a CUDA training device (nvJPEG)."""
+    if mode == "gpu" and device.type != "cuda":
+        raise ConfigError(f"data.decode: gpu decodes JPEGs with nvJPEG on a CUDA training device; this stage trains "
+                          f"on {device.type}. Use data.decode: cpu (the default)")
+    return mode == "gpu"
 
 
 def bad_image_log(loader: Loader) -> Optional[BadImageLog]:
