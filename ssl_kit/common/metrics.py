@@ -7,6 +7,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .modes import eval_mode
+
 
 class ClassificationTally:
     """Top-1/top-5 counts and the K×K confusion matrix (rows = true class) accumulated over chunks of
@@ -73,11 +75,9 @@ def classification_metrics(logits: Tensor, labels: Tensor, num_classes: int) -> 
 def predict(model: nn.Module, images: Tensor, transform: Callable[[Tensor], Tensor], device: torch.device,
             batch_size: int = 512) -> Tensor:
     """Run `model` in eval mode over uint8 images (N, C, H, W) in batches. -> outputs (N, ...) on the CPU."""
-    was_training = model.training
-    model.eval()
     outputs = []
-    for start in range(0, images.shape[0], batch_size):
-        chunk = images[start:start + batch_size].to(device, non_blocking=True)
-        outputs.append(model(transform(chunk)).float().cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, images.shape[0], batch_size):
+            chunk = images[start:start + batch_size].to(device, non_blocking=True)
+            outputs.append(model(transform(chunk)).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0)

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from ._checks import check_2d, check_class_vector, check_positive_int
+from .remixmatch import remixmatch_distribution_alignment
 
-EPS = 1e-6  # both references: added to the target and the model distribution before the division
 FLOOR_SLACK = 1e-9
 
 
@@ -134,14 +134,11 @@ def tempered_target(target: Tensor, temperature: float) -> Tensor:
 def progressive_alignment(probs: Tensor, p_model: Tensor, target: Tensor, temperature: float) -> Tensor:
     """CReST+'s distribution alignment. probs (N, K) pseudo-label distributions; p_model (K,) the running mean
     prediction on the unlabeled images; target (K,) the labeled class distribution; temperature t ≥ 0.
-    -> (N, K) normalise(probs · (target^t / Σ target^t + 1e-6) / (p_model + 1e-6)), rows summing to 1."""
+    -> (N, K) normalise(probs · (target^t / Σ target^t + 1e-6) / (p_model + 1e-6)), rows summing to 1: ReMixMatch's
+    alignment towards the tempered target (no gradient)."""
     check_2d("probs", probs)
-    k = probs.shape[1]
-    for name, vector in (("p_model", p_model), ("target", target)):
-        check_class_vector(name, vector, k, " of probs")
-    goal = tempered_target(target.to(probs.dtype), temperature)
-    aligned = probs * (goal + EPS) / (p_model.to(probs.dtype) + EPS)
-    return aligned / aligned.sum(dim=1, keepdim=True)
+    check_class_vector("target", target, probs.shape[1], " of probs")
+    return remixmatch_distribution_alignment(probs, p_model, tempered_target(target.to(probs.dtype), temperature))
 
 
 def generation_of(step: int, total_steps: int, num_gens: int) -> int:

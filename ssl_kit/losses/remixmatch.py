@@ -26,9 +26,10 @@ def remixmatch_distribution_alignment(probs: Tensor, p_model: Tensor, p_target: 
     k = probs.shape[1]
     for name, dist in (("p_model", p_model), ("p_target", p_target)):
         check_class_vector(name, dist, k, " of probs")
+    dtype = torch.promote_types(probs.dtype, torch.float32)  # fp16/bf16 in fp32; float64 stays float64
     with torch.no_grad():
-        ratio = (p_target.detach().float() + ALIGNMENT_EPS) / (p_model.detach().float() + ALIGNMENT_EPS)
-        aligned = probs.detach().float() * ratio
+        ratio = (p_target.detach().to(dtype) + ALIGNMENT_EPS) / (p_model.detach().to(dtype) + ALIGNMENT_EPS)
+        aligned = probs.detach().to(dtype) * ratio
         return aligned / aligned.sum(dim=1, keepdim=True)
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from ..common.modes import eval_mode
 from ..config import Strict
 from ..errors import ConfigError
 
@@ -97,12 +98,7 @@ class Regressor(nn.Module):
 def probe_shape(backbone: nn.Module, layer: nn.Module, images: Tensor) -> torch.Size:
     """Output shape (without the batch dim) of `layer` when `backbone` runs on `images` (N, C, H, W), in eval mode
     (the training mode is restored)."""
-    was_training = backbone.training
-    backbone.eval()
     tap = FeatureTap()
-    try:
-        with tap.watching(layer):
-            backbone(images)
-    finally:
-        backbone.train(was_training)
+    with eval_mode(backbone), tap.watching(layer):
+        backbone(images)
     return tap.take().shape[1:]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from ..common.modes import eval_mode
 from ..common.plots import plot_reconstructions
 from ..data.fileset import image_batches
 from ..data.loader import Batch
@@ -127,10 +128,8 @@ class MAE(OneCropMethod):
         first, _ = next(image_batches(source, info.image_size, info.channels, batch_size=8, workers=0,
                                       resize_ratio=self.cfg.data.eval_resize_ratio))
         x = self.normalize(first.to(device))
-        was_training = self.training
-        self.eval()
-        masked, pasted, _ = self.reconstruct(x)
-        self.train(was_training)
+        with eval_mode(self):
+            masked, pasted, _ = self.reconstruct(x)
         mean, std = self.normalize.mean.to(device), self.normalize.std.to(device)
         rows = [(t * std + mean).clamp(0, 1).cpu() for t in (x, masked, pasted)]
         plot_reconstructions(rows, ["original", "masked input", "reconstruction"],

@@ -34,6 +34,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..common import distributed as dist
+from ..common.modes import eval_mode
 from ..data.augment import random_translate_flip, to_unit_float
 from ..data.ctaugment import CTAugment
 from ..data.loader import Batch
@@ -144,17 +145,6 @@ def random_rotation(images: Tensor) -> tuple[Tensor, Tensor]:
     labels = torch.randint(0, 4, (n,), device=images.device)
     all_four, _ = rotation_batch(images)  # (4N, ...): rotation k of image i at row k · N + i
     return all_four[labels * n + torch.arange(n, device=images.device)], labels
-
-
-@contextmanager
-def eval_mode(module: nn.Module):
-    """`module` in eval mode (BatchNorm on running statistics, no dropout) for the duration; its mode restored."""
-    was_training = module.training
-    module.train(False)
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 @register("remixmatch", ReMixMatchConfig)
