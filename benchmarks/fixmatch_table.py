@@ -29,10 +29,21 @@ METHOD_KEYS = {
     "comatch": {},  # USB's defaults (the method's own) at μ 3
     "remixmatch": {},
     "simmatchv2": {},
+    # issue 28's further methods, each on its own defaults (USB's values; ramps are fractions of the budget)
+    "pi_model": {},
+    "vat": {},
+    "ict": {},
+    "crmatch": {},
+    "defixmatch": {},
+    "refixmatch": {},
+    "sequencematch": {},
+    "epass": {},
 }
 NAMES = {"fixed": "FixMatch", "pseudo_label": "Pseudo-Label", "mean_teacher": "Mean Teacher", "uda": "UDA",
          "mixmatch": "MixMatch", "dash": "Dash", "simmatch": "SimMatch", "adamatch": "AdaMatch",
-         "comatch": "CoMatch", "remixmatch": "ReMixMatch", "simmatchv2": "SimMatchV2"}
+         "comatch": "CoMatch", "remixmatch": "ReMixMatch", "simmatchv2": "SimMatchV2",
+         "pi_model": "Π-model", "vat": "VAT", "ict": "ICT", "crmatch": "CRMatch", "defixmatch": "DeFixMatch",
+         "refixmatch": "ReFixMatch", "sequencematch": "SequenceMatch", "epass": "EPASS"}
 
 
 def stages(dataset: str, labels: int, steps: int, size: int, width: int, policy: str | None, device: str, mu: int,
