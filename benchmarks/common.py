@@ -33,27 +33,35 @@ def time_interleaved(functions: dict[str, Callable[[], None]], steps: int, round
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def engine_vs_bare(trainer, bare_model: torch.nn.Module, x, y, steps: int, rounds: int,
-                   key_encoder: torch.nn.Module | None = None, key_input: torch.Tensor | None = None) -> dict[str, float]:
-    """Seconds per step of the engine (trainer._train_step, the whole method) and of a bare SGD
-    forward/backward/step of `bare_model` on (x, y) — or on each (x_i, y_i) when x and y are lists (multi-crop) —,
-    interleaved. With `key_encoder`, also 'bare+key': the bare step plus its no-grad forward of `key_input`
-    (default x): the floor of methods that need a momentum encoder or an EMA teacher."""
+def sgd_step(model: torch.nn.Module, x, y, layout: torch.memory_format = torch.contiguous_format):
+    """A bare SGD forward/backward/step of `model` (in `layout`) on (x, y) — or on each (x_i, y_i) when x and y are
+    lists (multi-crop) —, as a function of no arguments."""
     import torch.nn.functional as F
 
-    from ssl_kit.engine.trainer import uses_channels_last
-
-    if uses_channels_last(trainer.cfg.train.channels_last, trainer.device):  # the engine's memory layout, same floor
-        bare_model = bare_model.to(memory_format=torch.channels_last)
-        if key_encoder is not None:
-            key_encoder = key_encoder.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(bare_model.parameters(), lr=0.01, momentum=0.9)
+    model = model.to(memory_format=layout)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     pairs = list(zip(x, y)) if isinstance(x, (list, tuple)) else [(x, y)]
 
-    def bare() -> None:
+    def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        sum(F.cross_entropy(bare_model(xi), yi) for xi, yi in pairs).backward()
+        sum(F.cross_entropy(model(xi), yi) for xi, yi in pairs).backward()
         optimizer.step()
+    return step
+
+
+def engine_vs_bare(trainer, bare_model: torch.nn.Module, x, y, steps: int, rounds: int,
+                   key_encoder: torch.nn.Module | None = None, key_input: torch.Tensor | None = None,
+                   floor_model: torch.nn.Module | None = None) -> dict[str, float]:
+    """Seconds per step of the engine (trainer._train_step, the whole method) and of a bare SGD
+    forward/backward/step of `bare_model` on (x, y) (`sgd_step`), interleaved. With `key_encoder`, also
+    'bare+key': the bare step plus its no-grad forward of `key_input` (default x), the floor of methods that need a
+    momentum encoder or an EMA teacher; with `floor_model`, that floor's gradient step is `floor_model`'s (an
+    encoder that sees only the patches the method's encoder sees) instead of `bare_model`'s."""
+    from ssl_kit.engine.trainer import uses_channels_last
+
+    layout = torch.channels_last if uses_channels_last(trainer.cfg.train.channels_last, trainer.device) \
+        else torch.contiguous_format  # the engine's memory layout, same floor
+    bare = sgd_step(bare_model, x, y, layout)
 
     def engine() -> None:
         trainer._train_step()
@@ -61,10 +69,12 @@ def engine_vs_bare(trainer, bare_model: torch.nn.Module, x, y, steps: int, round
 
     contenders = {"bare": bare, "engine": engine}
     if key_encoder is not None:
-        key_x = key_input if key_input is not None else pairs[0][0]
+        key_encoder = key_encoder.to(memory_format=layout)
+        key_x = key_input if key_input is not None else (x[0] if isinstance(x, (list, tuple)) else x)
+        floor = bare if floor_model is None else sgd_step(floor_model, x, y, layout)
 
         def bare_and_key() -> None:
-            bare()
+            floor()
             with torch.no_grad():
                 key_encoder(key_x)
 

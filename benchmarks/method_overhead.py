@@ -2,7 +2,9 @@
 heads, loss, momentum updates, all included) divided by a bare forward/backward/step of the same backbone + linear
 head on the same number of images (SimCLR/MoCo: 2 views × batch; FixMatch: (1 + 2μ) × batch), same process,
 interleaved (AdaMatch: (2 + 2μ) × batch, its labeled-only pass for the logit interpolation included). Also times
-the losses against a straightforward implementation.
+the losses against a straightforward implementation. The own floor adds the no-grad forwards a method's algorithm
+needs (momentum encoders, EMA teachers); for I-JEPA, MSN and CAPI its gradient pass sees only the patches their
+encoder sees (`SomePatches`), while the bare step runs the ViT on every patch of the same crops.
 
     python benchmarks/method_overhead.py [--methods simclr mocov2 mocov3 fixmatch] [--model small_cnn] [--device cpu]
 """
@@ -28,10 +30,14 @@ from ssl_kit.models.heads import Classifier  # noqa: E402
 from ssl_kit.models.registry import build_backbone  # noqa: E402
 
 HEADERS = ["method", "backbone", "px", "batch", "method img/s", "bare img/s", "step / bare",
-           "step / own floor"]  # own floor: bare, plus the momentum encoder's no-grad forward for MoCo
+           "step / own floor"]  # own floor: bare, plus the momentum encoder's no-grad forward for MoCo (etc.)
 KWARGS = {"small_cnn": {"width": 32}, "resnet18": {"small_stem": True}, "wide_resnet28_2": {},
           "vit_tiny": {"patch_size": 4, "dim": 96, "depth": 4, "heads": 3}}
 VIT_METHODS = ("mae", "simmim")  # measured on the small ViT whatever --model says (MAE needs a ViT)
+# Self-supervised ViT methods, on KWARGS["vit_tiny"] at --size (32 px, patch 4: the 8 x 8 grid of the I-JEPA / MSN
+# recipes' 16 px with patch 2) whatever --model says; their recipes' optimizer, AdamW (LeJEPA's too)
+VIT_SSL = ("ibot", "dinov2", "ijepa", "msn", "capi")
+ADAMW = VIT_SSL + ("lejepa",)
 MULTI_CROP = {  # the heads and crops of ssl_kit/recipes/<method>_digits.yaml (LARS like SimCLR; iBOT: AdamW on the ViT)
     "swav": dict(n_prototypes=100, proj_hidden_dim=128, proj_dim=64, local_crops=2, local_crop_size=0.5,
                  queue_length=512, queue_start_epochs=0),
@@ -39,12 +45,28 @@ MULTI_CROP = {  # the heads and crops of ssl_kit/recipes/<method>_digits.yaml (L
     "supcon": dict(proj_hidden_dim=128, proj_dim=64),
     "ibot": dict(backbone={"name": "vit_tiny", "kwargs": KWARGS["vit_tiny"]}, out_dim=1024, head_hidden_dim=256,
                  bottleneck_dim=64, local_crops=2, local_crop_size=0.5, masking="random"),
+    "dinov2": dict(backbone={"name": "vit_tiny", "kwargs": KWARGS["vit_tiny"]}, out_dim=1024, patch_out_dim=1024,
+                   shared_head=False, head_hidden_dim=256, bottleneck_dim=64, centering="sinkhorn_knopp",
+                   koleo_weight=0.1, momentum=0.9, local_crops=2, local_crop_size=0.5, mask_ratio=(0.1, 0.5),
+                   mask_prob=0.5, masking="random", layer_decay=0.9),
+    "lejepa": dict(sigreg_weight=0.05, num_slices=256, proj_hidden_dim=512, proj_dim=64, global_views=2,
+                   local_crops=4, local_crop_size=0.5, blur_prob=0.0, solarize_prob=0.0),
+    "msn": dict(backbone={"name": "vit_tiny", "kwargs": KWARGS["vit_tiny"]}, num_prototypes=256, hidden_dim=512,
+                output_dim=128, mask_ratio=0.15, rand_views=1, focal_views=6),
+    "ijepa": dict(backbone={"name": "vit_tiny", "kwargs": {**KWARGS["vit_tiny"], "global_pool": True}},
+                  predictor_dim=48, predictor_depth=2, num_targets=4),
+    "capi": dict(backbone={"name": "vit_tiny", "kwargs": KWARGS["vit_tiny"]}),  # no digits recipe: its defaults
 }
 HEADS = {  # the heads of ssl_kit/recipes/<method>_digits.yaml
     "byol": dict(proj_hidden_dim=128, proj_dim=64, pred_hidden_dim=128),
     "simsiam": dict(proj_hidden_dim=128, proj_dim=64, pred_hidden_dim=32),
     "barlow_twins": dict(proj_hidden_dim=256, proj_dim=256, scale_loss=0.1),
     "vicreg": dict(proj_hidden_dim=256, proj_dim=256),
+    "emp_ssl": dict(n_patches=20, patch_scale=0.5, proj_hidden_dim=512, proj_dim=128, blur_prob=0.0,
+                    solarize_prob=0.0),
+    "mmcr": dict(n_views=4, lambda_local=0.0, momentum_encoder=True, momentum=0.99, proj_hidden_dim=128, proj_dim=64),
+    "tico": dict(proj_hidden_dim=256, proj_dim=64, beta=0.9, rho=8.0, momentum=0.99),
+    "dcl": dict(temperature=0.2, proj_hidden_dim=128, proj_dim=64),
 }
 # Semi-supervised methods beside FixMatch: their own keys here, and how many images get forward/backward per labeled
 # image (`grad`) and a no-grad forward only (`nograd`: Mean Teacher's teacher, MixMatch's K label guesses) given μ.
@@ -68,14 +90,14 @@ def stage_for(method: str, model: str, batch: int, size: int, device: str, mu: i
         stage.update(mu=mu, **SEMI_METHODS[method][0])
         stage["data"]["labels_per_class"] = 10
         stage["train"]["ema_decay"] = 0.999
-    if method in ("simclr", "mocov2", "mocov3", "byol", "barlow_twins", "vicreg"):
+    if method in ("simclr", "mocov2", "mocov3", "byol", "barlow_twins", "vicreg", "emp_ssl", "mmcr", "tico", "dcl"):
         stage["optimizer"]["name"] = "lars"
     stage.update(HEADS.get(method, {}))
     if method == "dino":  # the head and crops of ssl_kit/recipes/dino_digits.yaml
         stage.update(local_crops=4, local_crop_size=0.5, out_dim=1024, head_hidden_dim=256, bottleneck_dim=64)
     if method in MULTI_CROP:
         stage.update(MULTI_CROP[method])
-        stage["optimizer"]["name"] = "adamw" if method == "ibot" else "lars"
+        stage["optimizer"]["name"] = "adamw" if method in ADAMW else "lars"
     if method in VIT_METHODS:  # the ViT and decoder of ssl_kit/recipes/mae_digits.yaml
         stage["backbone"] = {"name": "vit_tiny", "kwargs": {**KWARGS["vit_tiny"], "global_pool": True}}
         if method == "mae":
@@ -83,8 +105,21 @@ def stage_for(method: str, model: str, batch: int, size: int, device: str, mu: i
     return stage
 
 
+class SomePatches(torch.nn.Module):
+    """A ViT that encodes only keep(L) of an image's L patch tokens (+ [cls]): the encoder of a method that drops
+    patches (I-JEPA's context, MSN's anchors, CAPI's student). Which patches does not change the cost: the first."""
+
+    def __init__(self, vit: torch.nn.Module, keep) -> None:
+        super().__init__()
+        self.vit, self.keep, self.num_features = vit, keep, vit.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.vit.embed(x)
+        return self.vit.encode(tokens[:, :self.keep(tokens.shape[1])])[:, 0]
+
+
 def measure(method: str, model: str, batch: int, size: int, device: str, mu: int, steps: int, rounds: int) -> tuple:
-    model = "vit_tiny" if method in VIT_METHODS + ("ibot",) else model
+    model = "vit_tiny" if method in VIT_METHODS + VIT_SSL else model
     cfg = validate_recipe({"seed": 0, "stages": [stage_for(method, model, batch, size, device, mu)]}).stages[0]
     cls = build_method(method)
     data = prepare_data(cfg.data, 0, cls.data_needs(cfg))
@@ -101,6 +136,7 @@ def measure(method: str, model: str, batch: int, size: int, device: str, mu: int
             return torch.randn(n, channels, side, side, device=dev), torch.randint(0, classes, (n,), device=dev)
 
         key_encoder, key_input = None, None
+        keep = None  # patch tokens the gradient encoder sees, L -> count, when it drops some (own floor below)
         if method in ("fixmatch", "simmatch"):
             (x, y), count = images(batch * (1 + 2 * mu)), batch * (1 + 2 * mu)
         elif method == "adamatch":  # + the labeled images again, alone (random logit interpolation)
@@ -110,19 +146,46 @@ def measure(method: str, model: str, batch: int, size: int, device: str, mu: int
             (x, y), count = images(batch * grad), batch * grad
             if nograd:
                 key_encoder, key_input = bare, images(batch * nograd)[0]
-        elif method in ("dino", "swav", "ibot"):  # 2 global views + local crops at their own size
+        elif method in ("dino", "swav", "ibot", "dinov2", "lejepa"):  # 2 global views + local crops at their size
             local = max(4, round(size * cfg.local_crop_size))
             (xg, yg), (xl, yl) = images(2 * batch), images(cfg.local_crops * batch, local)
             x, y, count = [xg, xl], [yg, yl], (2 + cfg.local_crops) * batch
-            if method != "swav":  # DINO/iBOT: the EMA teacher sees the globals
+            if method not in ("swav", "lejepa"):  # DINO/iBOT/DINOv2: the EMA teacher sees the (unmasked) globals
                 key_encoder, key_input = build_backbone(model, channels, size, kwargs).to(dev).train(), xg
+        elif method == "emp_ssl":  # n_patches crops of each image, each resized to the full image size
+            (x, y), count = images(cfg.n_patches * batch), cfg.n_patches * batch
+        elif method == "mmcr":  # n_views views; the momentum encoder embeds the same views again, no grad
+            (x, y), count = images(cfg.n_views * batch), cfg.n_views * batch
+            key_encoder, key_input = build_backbone(model, channels, size, kwargs).to(dev).train(), x
+        elif method == "tico":  # online network on view 1 only, the momentum target on view 2, no grad
+            (x, y), count = images(batch), batch
+            key_encoder, key_input = build_backbone(model, channels, size, kwargs).to(dev).train(), images(batch)[0]
+        elif method == "msn":  # anchors: rand_views global + focal_views focal crops, mask_ratio of patches dropped;
+            # the target encoder sees one global view, whole. bare: the ViT on every patch of the anchors
+            patch = cfg.backbone.kwargs["patch_size"]
+            focal = max(patch, int(round(size * cfg.focal_crop_size / patch)) * patch)
+            (xg, yg), (xf, yf) = images(cfg.rand_views * batch), images(cfg.focal_views * batch, focal)
+            x, y, count = [xg, xf], [yg, yf], (cfg.rand_views + cfg.focal_views) * batch
+            key_encoder, key_input = build_backbone(model, channels, size, kwargs).to(dev).eval(), images(batch)[0]
+            keep = lambda length: max(1, length - int(cfg.mask_ratio * length))  # noqa: E731
+        elif method in ("ijepa", "capi"):  # one crop; bare: the ViT on every patch. Own floor: the gradient encoder
+            # on the patches it sees (I-JEPA's context block less the targets, cut to the batch's smallest, its mean
+            # count over 20 draws of the method's masks; CAPI's visible block) + the no-grad EMA target/teacher
+            # encoder on the whole crop. The predictor and heads are the method's own work, not floor
+            (x, y), count = images(batch), batch
+            key_encoder, key_input = build_backbone(model, channels, size, kwargs).to(dev).eval(), x
+            draws = [instance.masks(batch, "cpu") for _ in range(20)]
+            seen = sum((m.context if method == "ijepa" else m.visible).shape[1] for m in draws) / len(draws)
+            keep = lambda length: round(seen)  # noqa: E731
         elif method in VIT_METHODS or method == "supervised":  # one view (MIM: the full ViT on every patch)
             (x, y), count = images(batch), batch
         else:
             (x, y), count = images(2 * batch), 2 * batch
             if method in ("mocov2", "mocov3", "byol"):  # their floor also has the momentum encoder's no-grad forward
                 key_encoder = build_backbone(model, channels, size, kwargs).to(dev).train()
-        times = engine_vs_bare(trainer, bare, x, y, steps, rounds, key_encoder, key_input)
+        floor_model = None if keep is None else Classifier(
+            SomePatches(build_backbone(model, channels, size, kwargs), keep), classes).to(dev).train()
+        times = engine_vs_bare(trainer, bare, x, y, steps, rounds, key_encoder, key_input, floor_model)
     floor = times.get("bare+key", times["bare"])
     return (times["engine"] / times["bare"], count / times["engine"], count / times["bare"], times["engine"] / floor,
             model)

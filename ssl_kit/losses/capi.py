@@ -41,18 +41,19 @@ def capi_assignments(logits: Tensor, temperature: float = 0.06, iterations: int 
     check_temperature("temperature", temperature)
     check_positive_int("iterations", iterations)
     world = active_world(gather_distributed)
-    q = (logits.detach().float() / temperature).transpose(0, 1)  # (L, B, K)
-    shift = q.amax(dim=1, keepdim=True)  # (L, 1, K)
+    # in place on one fresh (B, L, K) buffer: the B·L·K tensor is the method's largest (16,384 clusters per token)
+    q = logits.detach().float().div(temperature)
+    shift = q.amax(dim=0, keepdim=True)  # (1, L, K)
     if world > 1:
         shift = all_reduce_no_grad(shift, "max")
-    q = torch.exp(q - shift)
+    q.sub_(shift).exp_()
     for _ in range(iterations):
-        batch_sum = q.sum(dim=1, keepdim=True)
+        batch_sum = q.sum(dim=0, keepdim=True)  # (1, L, K): each position over the batch
         if world > 1:
             batch_sum = all_reduce_no_grad(batch_sum, "sum")
-        q = q / (batch_sum + SK_EPS)
-        q = q / (q.sum(dim=2, keepdim=True) + SK_EPS)
-    return q.transpose(0, 1)
+        q.div_(batch_sum.add_(SK_EPS))
+        q.div_(q.sum(dim=2, keepdim=True).add_(SK_EPS))
+    return q
 
 
 def capi_cross_entropy(predictions: Tensor, assignments: Tensor, temperature: float = 0.12) -> Tensor:
