@@ -2,6 +2,10 @@
 raw pixels, by linear probe (4 and 10 labels per class, and all labels) and kNN (issue 3). Also a temperature sweep.
 
     python benchmarks/contrastive_table.py --dataset digits --epochs 100 --device cuda [--temperatures 0.05 0.1 0.2 0.5 1.0]
+    python benchmarks/contrastive_table.py --methods --backbones MSN=runs/msn/backbone.pt "MSN untrained=..."
+
+`--backbones NAME=PATH` adds rows for backbones trained elsewhere (e.g. `ssl-kit run msn_digits`: the ViT methods'
+own recipes), scored by the same probes and kNN.
 """
 from __future__ import annotations
 
@@ -82,7 +86,7 @@ def evaluate(extractor: FeatureExtractor, dataset: str, labels: list[int], seed:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--methods", nargs="+", default=["simclr", "mocov2", "mocov3"])
+    parser.add_argument("--methods", nargs="*", default=["simclr", "mocov2", "mocov3"])
     parser.add_argument("--epochs", type=float, default=100)
     parser.add_argument("--size", type=int, default=16)
     parser.add_argument("--width", type=int, default=16)
@@ -92,12 +96,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-full-probe", action="store_true", help="skip the all-labels probe (large data sets)")
+    parser.add_argument("--backbones", nargs="*", default=[], metavar="NAME=PATH",
+                        help="also score these backbone.pt files (trained by their own recipes)")
     args = parser.parse_args()
     global FULL_PROBE
     FULL_PROBE = not args.no_full_probe
     headers = ["backbone"] + [f"probe {n}/class" for n in args.labels] + ["probe all", "kNN k=20"]
     rows = [["raw pixels + logistic regression"] + [logistic_regression_on_pixels(args.dataset, n, args.seed)
                                                     for n in args.labels] + ["-", "-"]]
+    for name, path in (item.split("=", 1) for item in args.backbones):
+        rows.append([name] + evaluate(FeatureExtractor.from_checkpoint(path, args.device), args.dataset, args.labels,
+                                      args.seed))
+        print(table(headers, rows[-1:]), flush=True)
     record = None
     for method in args.methods:
         _, record = run_stages([pretrain_stage(method, args.dataset, args.epochs, args.size, args.width,
@@ -106,6 +116,9 @@ def main() -> None:
                                                                                         args.device), args.dataset,
                                                                        args.labels, args.seed))
         print(table(headers, rows[-1:]), flush=True)
+    if record is None:  # only --backbones: no random-init row (the table's is the small CNN's)
+        print("\n" + table(headers, rows))
+        return
     torch.manual_seed(args.seed)
     random_backbone = build_backbone("small_cnn", record["data"]["channels"], args.size, {"width": args.width})
     random_backbone.data_info = record["data"]
