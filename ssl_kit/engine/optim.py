@@ -32,8 +32,9 @@ class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as SimCLR/BYOL use it.
     Each param's update is scaled by eta·‖w‖ / (‖g‖ + wd·‖w‖); groups with lars=False (1-D params) skip it.
 
-    foreach=True runs each group's update as a handful of multi-tensor kernels (norms, trust ratios, momentum, step)
-    instead of ~8 kernels per parameter: the same arithmetic, for GPUs where launches dominate."""
+    foreach=True runs each group's update as a handful of multi-tensor kernels (norms, trust ratios over all the
+    group's parameters as one vector, momentum, step) instead of ~8 kernels per parameter: the same arithmetic (the
+    trust ratios in float32), for GPUs where launches dominate."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02,
                  nesterov: bool = False, foreach: bool = False) -> None:
@@ -76,11 +77,12 @@ class LARS(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         wd = group["weight_decay"]
         if group["lars"]:
-            w_norms, g_norms = torch._foreach_norm(params), torch._foreach_norm(grads)
+            # every parameter's norms in one vector (P,): the trust ratios are a few kernels, not a few per parameter
+            w = torch.stack([n.float() for n in torch._foreach_norm(params)])
+            g = torch.stack([n.float() for n in torch._foreach_norm(grads)])
             grads = torch._foreach_add(grads, params, alpha=wd) if wd else grads
-            trusts = [torch.where((w > 0) & (g > 0), group["eta"] * w / (g + wd * w), torch.ones_like(w))
-                      for w, g in zip(w_norms, g_norms)]
-            grads = torch._foreach_mul(grads, trusts)  # new tensors: p.grad stays as the backward left it
+            trusts = torch.where((w > 0) & (g > 0), group["eta"] * w / (g + wd * w), torch.ones_like(w))
+            grads = torch._foreach_mul(grads, list(trusts.unbind()))  # new tensors: p.grad stays as backward left it
         elif wd:
             grads = torch._foreach_add(grads, params, alpha=wd)
         fresh = [i for i, p in enumerate(params) if "momentum_buffer" not in self.state[p]]
