@@ -151,3 +151,15 @@ def build_index_stub():
         def __len__(self):
             return 1
     return Index()
+
+
+def test_jobs_cross_worker_processes_unchanged(tmp_path):
+    """The compressed bytes travel from DataLoader workers to the trainer (shared memory): the same batch with 0 and
+    2 workers."""
+    index = folder(tmp_path / "f", count=10)
+    good = np.array([i for i in range(len(index)) if not index.path(i).endswith("truncated.jpg")])
+    views = [CropSpec(16, scale=(0.3, 1.0), count=2, flip=True)]
+    here = StreamLoader(index, good, 8, 5, views, workers=0, decode_on_device=True).batch(1)
+    there = StreamLoader(index, good, 8, 5, views, workers=2, decode_on_device=True).batch(1)
+    assert torch.equal(here.x_index, there.x_index)
+    assert all(torch.equal(u, v) for u, v in zip(here.views, there.views))
