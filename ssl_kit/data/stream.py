@@ -15,6 +15,7 @@ Nothing decoded is cached: memory is the index plus the batches in flight (worke
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Callable, Iterator, Optional, Union
 
@@ -36,37 +37,26 @@ PHOTOMETRIC_VIEW = 2_000_000  # view_rng's view numbers of the workers' photomet
 PHOTOMETRIC_CHUNK = 4  # images augmented together in a worker: 4 × 3 × 224² floats stay in the CPU's caches
 
 
-def read_views(index: FileIndex, image: int, views: list[CropSpec], seed: int, position: int,
-               channels: int) -> list[np.ndarray]:
-    """Views of image `image` (a position in the index) at stream position `position`. Raises BadImage."""
+def read_views(index: FileIndex, image: int, views: list[CropSpec], seed: int, position: int, channels: int,
+               jpeg_jobs: bool = False) -> Union[list[np.ndarray], JpegJob]:
+    """Views of image `image` (a position in the index) at stream position `position`. With `jpeg_jobs`
+    (`data.decode: gpu`) a JPEG the device decoder takes comes back as its JpegJob instead (bytes, crop boxes,
+    flips; nothing decoded); any other file is decoded here. Raises BadImage."""
+    name = index.path(image)
     try:
         data = index.read(image)
     except OSError as exc:
-        raise BadImage(index.path(image), f"cannot read the file ({exc.strerror or exc})") from None
+        raise BadImage(name, f"cannot read the file ({exc.strerror or exc})") from None
     try:
-        return decode_views(data, index.path(image), views, seed, position, channels)
+        job = plan_jpeg(data, name, views, seed, position) if jpeg_jobs else None
+        return job if job is not None else decode_views(data, name, views, seed, position, channels)
     except BadImage as exc:
-        raise BadImage(index.path(image), exc.reason) from None
-
-
-def read_job_or_views(index: FileIndex, image: int, views: list[CropSpec], seed: int, position: int,
-                      channels: int) -> Union[JpegJob, list[np.ndarray]]:
-    """`data.decode: gpu`: a JPEG's device job (bytes, crop boxes, flips; nothing decoded), or, for a file the
-    device decoder does not take, its views decoded here as `read_views` does. Raises BadImage."""
-    try:
-        data = index.read(image)
-    except OSError as exc:
-        raise BadImage(index.path(image), f"cannot read the file ({exc.strerror or exc})") from None
-    try:
-        job = plan_jpeg(data, index.path(image), views, seed, position)
-        return job if job is not None else decode_views(data, index.path(image), views, seed, position, channels)
-    except BadImage as exc:
-        raise BadImage(index.path(image), exc.reason) from None
+        raise BadImage(name, exc.reason) from None
 
 
 def views_with_substitute(index: FileIndex, pool: np.ndarray, slot: int, views: list[CropSpec], seed: int,
                           position: int, channels: int, bad: list, read: Callable = read_views) -> tuple[int, list]:
-    """Views of pool[slot] (`read`: `read_views`, or `read_job_or_views` for device decoding); when that file is
+    """Views of pool[slot] (`read`: `read_views`, or its JpegJob variant for device decoding); when that file is
     bad, of a substitute pool[k] with k a pure function of (seed, position, try), up to SUBSTITUTE_TRIES, else
     mid-grey views. Appends (path, reason) of each bad file to `bad`. -> (index position of the image used, -1
     for grey; views, or a JpegJob)."""
@@ -89,7 +79,7 @@ class _Plan:
                  device_decode: bool = False) -> None:
         self.index, self.labeled, self.unlabeled = index, labeled, unlabeled
         self.photometric = photometric
-        self.read = read_job_or_views if device_decode else read_views
+        self.read = functools.partial(read_views, jpeg_jobs=True) if device_decode else read_views
         self.batch_size, self.mu, self.seed, self.channels = batch_size, mu, seed, channels
         self.views, self.u_views, self.rank, self.world_size = views, u_views, rank, world_size
         self.labeled_stream = IndexStream(len(labeled), seed, 0)

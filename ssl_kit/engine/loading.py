@@ -15,11 +15,11 @@ from typing import Optional, Union
 import torch
 
 from ..data.views import ContrastiveView
-from ..errors import ConfigError
 from ..data.crops import CropSpec
 from ..data.loader import DeviceLoader
 from ..data.pipeline import PreparedData
 from ..data.stream import BadImageLog, StreamLoader
+from ..errors import ConfigError
 from ..methods.base import Method
 
 Loader = Union[DeviceLoader, StreamLoader]
@@ -66,7 +66,7 @@ def build_loader(method: Method, data: PreparedData, cfg, seed: int, rank: int, 
                         unlabeled=None if unlabeled is None else positions[unlabeled.numpy()], mu=mu,
                         u_views=u_views, rank=rank, world_size=world, workers=dc.workers, prefetch=dc.prefetch,
                         device=device, bad_images=dc.bad_images, max_bad_fraction=dc.max_bad_fraction,
-                        photometric=None if dc.decode == "gpu" else worker_photometric(method, dc.photometric, device),
+                        photometric=worker_photometric(method, dc.photometric, device),
                         decode_on_device=device_decode(dc.decode, device))
 
 
