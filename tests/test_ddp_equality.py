@@ -9,7 +9,9 @@ images — what one process computes on the same B images — provided that
     all-reduces its batch statistics and cross-correlation, VICReg gathers the projections for variance and
     covariance, SwAV all-reduces Sinkhorn's sums over samples (each rank's queue included), NNCLR fills its support
     set with every rank's embeddings and gathers the keys, SupCon gathers views and labels (positives across ranks),
-    iBOT all-reduces its [CLS] and patch centres; BYOL's and SimSiam's losses are per-sample means;
+    iBOT all-reduces its [CLS] and patch centres; BYOL's and SimSiam's losses are per-sample means; DARP and CReST
+    gather their whole-set pseudo-label banks, AdaMatch its labeled confidence and class means, SimMatch and
+    SimMatchV2 their banks and alignment means, DebiasPL its prior;
   * the randomness does not depend on how the batch is split: on-device augmentation draws per rank, so the runs use
     `tests/ddp_worker.py::deterministic_views` (views, strong views, crops and MAE/iBOT masks become fixed functions
     of the image, every projector/predictor MLP BN-free) and BatchNorm-free backbones (small_cnn with GroupNorm,
@@ -23,7 +25,8 @@ collinear (mean pairwise cosine ≈ 0.99 for small_cnn; with norm none their bat
 SupCon and NNCLR at ln(#negatives) and Barlow Twins at D whatever the gathering does. Hence GroupNorm in the CNN, the
 ViT (cosine ≈ 0.88) for the self-supervised stages, two views that differ (view 2 mirrored) and AdamW for iBOT (SGD
 at lr 0.05 collapses its teacher's outputs within a step). Checked by hand: dropping any one of the gathers listed
-above (Barlow, VICReg, Sinkhorn, NNCLR keys or support set, SupCon, iBOT patch or [CLS] centre) fails this test.
+above (Barlow, VICReg, Sinkhorn, NNCLR keys or support set, SupCon, iBOT patch or [CLS] centre) fails this test;
+with `gather_no_grad` returning each rank's own rows, AdaMatch, SimMatch, SimMatchV2 and DebiasPL fail it.
 """
 from __future__ import annotations
 
@@ -58,7 +61,22 @@ def _stage(name, method, **extra):
 def equality_stages() -> list[dict]:
     """One tiny stage per method (3 steps, global batch 16), and SimCLR again with gradient accumulation."""
     contrastive = {"proj_dim": 8, "proj_hidden_dim": 16, "temperature": 0.2}
-    return [*core_stages(contrastive), *self_supervised_stages(contrastive)]
+    return [*core_stages(contrastive), *semi_supervised_stages(), *self_supervised_stages(contrastive)]
+
+
+def semi_supervised_stages() -> list[dict]:
+    """The weak/strong methods whose state spans ranks: AdaMatch's relative cut-off (the labeled batch's mean
+    confidence) and labeled-target alignment, SimMatch's labeled bank and alignment queue, SimMatchV2's banks and
+    aligned teacher, DebiasPL's prior p̂ — each gathered. (Threshold policies and ACR whose state only changes the
+    masks, which 3 steps from random weights do not flip, are compared in test_semi_state_distributed.py.)"""
+    semi = {"mu": 2, "data": {"labels_per_class": 5}}
+    return [
+        # τ 1.0: about half of the images clear the labeled batch's mean confidence; fast EMAs (0.01) follow the batch
+        _stage("adamatch", "adamatch", threshold=1.0, logit_interpolation=False, ema_p=0.01, unsup_warmup=0.0, **semi),
+        _stage("simmatch", "simmatch", threshold=0.0, proj_size=8, da_len=4, **semi),
+        _stage("simmatchv2", "simmatchv2", threshold=0.0, proj_size=8, topn=4, bank_batches=2, ema_m=0.9, **semi),
+        _stage("debiaspl", "debiaspl", threshold=0.0, ema_p=0.5, **semi),
+    ]
 
 
 def self_supervised_stages(contrastive: dict) -> list[dict]:
