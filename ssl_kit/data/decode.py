@@ -34,6 +34,9 @@ from ..limits import how_to_raise, limit
 from .crops import CropSpec, center_box, crop_box, flip_bit
 
 
+SUBSTITUTE_GREY = 128  # uint8 value of every pixel of the views that stand in for a file no one could decode
+
+
 class BadImage(DataError):
     """A file that cannot be decoded as an image. `name` is the file (or tar member), `reason` why."""
 

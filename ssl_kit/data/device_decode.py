@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .crops import CropSpec, crop_box, flip_bit
-from .decode import BadImage, _open, decode_views, orientation, upright_size
+from .decode import SUBSTITUTE_GREY, BadImage, _open, decode_views, orientation, upright_size
 
 DECODE_CHUNK = 32  # files decoded on the device together: 32 × 12 MP × 3 bytes ≈ 1.2 GB at most
 DECODABLE_MODES = ("RGB", "L")  # what nvJPEG returns as RGB or grey without a colour-space conversion of ours
@@ -147,7 +147,7 @@ def _write_on_cpu(job: JpegJob, views: list[Tensor], views_spec: list[CropSpec],
         arrays = decode_views(job.data.numpy().tobytes(), job.name, views_spec, job.seed, job.position, channels)
     except BadImage as exc:
         for v in views:
-            v[job.row] = 128
+            v[job.row] = SUBSTITUTE_GREY
         return [(job.row, job.name, exc.reason)]
     for v, array in zip(views, arrays):
         v[job.row] = torch.from_numpy(np.ascontiguousarray(array)).to(v.device)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import DataError
 from .crops import CropSpec, expand_views, view_rng
-from .decode import BadImage, decode_eval, decode_views
+from .decode import SUBSTITUTE_GREY, BadImage, decode_eval, decode_views
 from .device_decode import JpegJob, decode_jobs, plan_jpeg
 from .loader import Batch, IndexStream
 from .sources import FileIndex
@@ -67,7 +67,7 @@ def views_with_substitute(index: FileIndex, pool: np.ndarray, slot: int, views: 
         except BadImage as exc:
             bad.append((exc.name, exc.reason))
         image = int(pool[view_rng(seed, position, 1_000_000 + attempt).randrange(len(pool))])
-    return -1, [np.full((channels, v.size, v.size), 128, dtype=np.uint8) for v in views]
+    return -1, [np.full((channels, v.size, v.size), SUBSTITUTE_GREY, dtype=np.uint8) for v in views]
 
 
 class _Plan:
