@@ -7,6 +7,11 @@ needs (momentum encoders, EMA teachers); for I-JEPA, MSN and CAPI its gradient p
 encoder sees (`SomePatches`), while the bare step runs the ViT on every patch of the same crops.
 
     python benchmarks/method_overhead.py [--methods simclr mocov2 mocov3 fixmatch] [--model small_cnn] [--device cpu]
+    python benchmarks/method_overhead.py --methods ijepa capi --gpu-recipes --size 224 --batch 8
+
+`--gpu-recipes`: the self-supervised ViT methods with the backbone and keys of their GPU recipes
+(`ssl_kit/recipes/<method>_vit_small_imagefolder.yaml`: ViT-S/16 or /14, the method's own heads and predictor)
+instead of the digits-scale ViT; use it with --size 224.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import engine_vs_bare, table, time_interleaved  # noqa: E402
@@ -77,7 +83,24 @@ SEMI_METHODS = {"pseudo_label": ({}, lambda mu: (1 + mu, 0)),
                 "dash": ({"warmup_steps": 1}, lambda mu: (1 + 2 * mu, 0))}
 
 
-def stage_for(method: str, model: str, batch: int, size: int, device: str, mu: int) -> dict:
+RECIPES = Path(__file__).resolve().parents[1] / "ssl_kit" / "recipes"
+SKIPPED_RECIPE_KEYS = ("name", "data", "train", "schedule")  # the benchmark's own data, steps and batch
+GPU_RECIPE_METHODS = tuple(m for m in VIT_SSL if (RECIPES / f"{m}_vit_small_imagefolder.yaml").is_file())
+
+
+def gpu_recipe_keys(method: str) -> dict:
+    """The pretraining stage of ssl_kit/recipes/<method>_vit_small_imagefolder.yaml less its data and run keys:
+    backbone, method keys (heads, crops, predictor) and optimizer as a user's GPU run has them."""
+    path = RECIPES / f"{method}_vit_small_imagefolder.yaml"
+    if not path.is_file():
+        raise SystemExit(f"--gpu-recipes: {method} has no GPU image-folder recipe ({path.name}); "
+                         f"the ViT methods that have one: {', '.join(GPU_RECIPE_METHODS)}")
+    stage = yaml.safe_load(path.read_text())["stages"][0]
+    return {key: value for key, value in stage.items() if key not in SKIPPED_RECIPE_KEYS}
+
+
+def stage_for(method: str, model: str, batch: int, size: int, device: str, mu: int,
+              gpu_recipes: bool = False) -> dict:
     stage = {"name": method, "method": method, "data": {"dataset": "digits", "image_size": size},
              "backbone": {"name": model, "kwargs": KWARGS[model]},
              "optimizer": {"name": "sgd", "lr": 0.03, "momentum": 0.9},
@@ -98,6 +121,10 @@ def stage_for(method: str, model: str, batch: int, size: int, device: str, mu: i
     if method in MULTI_CROP:
         stage.update(MULTI_CROP[method])
         stage["optimizer"]["name"] = "adamw" if method in ADAMW else "lars"
+    if gpu_recipes and method in VIT_SSL:
+        for key in MULTI_CROP[method]:  # the method's defaults where the recipe sets nothing
+            stage.pop(key, None)
+        stage.update(gpu_recipe_keys(method))
     if method in VIT_METHODS:  # the ViT and decoder of ssl_kit/recipes/mae_digits.yaml
         stage["backbone"] = {"name": "vit_tiny", "kwargs": {**KWARGS["vit_tiny"], "global_pool": True}}
         if method == "mae":
@@ -118,9 +145,12 @@ class SomePatches(torch.nn.Module):
         return self.vit.encode(tokens[:, :self.keep(tokens.shape[1])])[:, 0]
 
 
-def measure(method: str, model: str, batch: int, size: int, device: str, mu: int, steps: int, rounds: int) -> tuple:
+def measure(method: str, model: str, batch: int, size: int, device: str, mu: int, steps: int, rounds: int,
+            gpu_recipes: bool = False) -> tuple:
     model = "vit_tiny" if method in VIT_METHODS + VIT_SSL else model
-    cfg = validate_recipe({"seed": 0, "stages": [stage_for(method, model, batch, size, device, mu)]}).stages[0]
+    stage = stage_for(method, model, batch, size, device, mu, gpu_recipes)
+    model = stage["backbone"]["name"]
+    cfg = validate_recipe({"seed": 0, "stages": [stage]}).stages[0]
     cls = build_method(method)
     data = prepare_data(cfg.data, 0, cls.data_needs(cfg))
     torch.manual_seed(0)
@@ -231,13 +261,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--gpu-recipes", action="store_true",
+                        help="ViT methods with their GPU recipes' backbone and keys (ViT-S); use --size 224")
     args = parser.parse_args()
     rows = []
     for method in args.methods:
         batch = args.fixmatch_batch if method in ("fixmatch", "simmatch", "adamatch") or method in SEMI_METHODS \
             else args.batch
         ratio, ips, bare_ips, own, model = measure(method, args.model, batch, args.size, args.device, args.mu,
-                                                   args.steps, args.rounds)
+                                                   args.steps, args.rounds, args.gpu_recipes)
         rows.append([method, model, args.size, batch, ips, bare_ips, ratio, own])
         print(table(HEADERS, rows[-1:]), flush=True)
     print("\n" + table(HEADERS, rows))
