@@ -1,7 +1,8 @@
-"""The class-distribution state of the semi-supervised threshold policies and of ACR under two gloo processes, each
-holding half of a global batch, against one process updating on the whole batch: FlexMatch's learning status,
-FreeMatch's global/class thresholds and label histogram, SoftMatch's mean and (unbiased) variance, AdaMatch's relative
-cut-off, distribution alignment's running means (uniform and labeled targets) and ACR's unlabeled estimate.
+"""The cross-rank state of the semi-supervised methods under two gloo processes, each holding half of a global batch,
+against one process updating on the whole batch: FlexMatch's learning status, FreeMatch's global/class thresholds
+and label histogram, SoftMatch's mean and (unbiased) variance, AdaMatch's relative cut-off, distribution alignment's
+running means (uniform and labeled targets), ReMixMatch's prediction history and CTAugment's bin rates, the
+alignment queue of SimMatch and CoMatch, CoMatch's (and EPASS's) memory bank, and ACR's unlabeled estimate.
 
 The end-to-end DDP equality test (`test_ddp_equality.py`) cannot see these: after 3 steps from random weights every
 image is predicted as one class with nearly one confidence, so local and global statistics give the same masks.
@@ -12,7 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from ssl_kit.data.ctaugment import CTA_OPS, MAX_PARAMS, CTAChoice, CTAugment
 from ssl_kit.methods.acr import ACR
+from ssl_kit.methods.comatch import CoMatch
+from ssl_kit.methods.remixmatch import PredictionHistory
+from ssl_kit.methods.simmatch import AlignmentQueue
 from ssl_kit.methods.thresholds import (DistributionAlignment, FlexMatchThreshold, FreeMatchThreshold,
                                         RelativeThreshold, SoftMatchWeights)
 from tests.test_distributed import _set_env, spawn_ranks
@@ -33,7 +38,10 @@ def global_batches() -> list[dict]:
         labeled = torch.randn(WORLD * N, K, generator=g)
         labeled[N:] *= 3
         batches.append({"probs": logits.softmax(1), "index": torch.arange(WORLD * N) + step * WORLD * N,
-                        "labeled": labeled.softmax(1)})
+                        "labeled": labeled.softmax(1), "labels": torch.randint(K, (WORLD * N,), generator=g),
+                        "embeddings": torch.nn.functional.normalize(torch.randn(WORLD * N, 3, generator=g), dim=1),
+                        "cta_ops": torch.randint(len(CTA_OPS), (WORLD * N, 2), generator=g),
+                        "cta_values": torch.rand(WORLD * N, 2, MAX_PARAMS, generator=g)})
     return batches
 
 
@@ -55,24 +63,37 @@ def acr_stand_in():
                            distance_steps=torch.zeros(()))
 
 
+def comatch_bank_stand_in(size: int = 16):
+    """What `CoMatch.update_bank` writes: a ring buffer of `size` rows (smaller than STEPS · WORLD · N: it wraps)."""
+    return SimpleNamespace(bank_embeddings=torch.zeros(size, 3), bank_probs=torch.zeros(size, K),
+                           bank_pointer=torch.zeros((), dtype=torch.long), bank_full=torch.zeros((), dtype=torch.bool))
+
+
 def run_updates(rank=None) -> dict:
     """Every policy's state after STEPS updates with rank `rank`'s rows (None: the whole batch in one process);
     alignment's outputs of the last step too (rank's rows)."""
     found, aligners = policies(), {"uniform": DistributionAlignment(K, 0.7),
-                                   "labeled": DistributionAlignment(K, 0.7, follow_labeled=True)}
-    acr, aligned = acr_stand_in(), {}
+                                   "labeled": DistributionAlignment(K, 0.7, follow_labeled=True),
+                                   "remixmatch": PredictionHistory(torch.tensor([0.4, 0.3, 0.2, 0.1]), length=2),
+                                   "queue": AlignmentQueue(K, length=2)}
+    acr, bank, cta, aligned = acr_stand_in(), comatch_bank_stand_in(), CTAugment(decay=0.9), {}
     for batch in global_batches():
         probs, index, labeled = rows(batch["probs"], rank), rows(batch["index"], rank), rows(batch["labeled"], rank)
         for policy in found.values():
             policy.observe_labeled(labeled)
             policy.update(probs, index)
         for name, aligner in aligners.items():
-            aligner.observe_labeled(labeled)
+            getattr(aligner, "observe_labeled", lambda p: None)(labeled)
             aligned[name] = aligner(probs)
         ACR.estimate(acr, probs.argmax(dim=1), probs.max(dim=1).values >= 0.5)
+        CoMatch.update_bank(bank, rows(batch["embeddings"], rank), probs)
+        cta.update_gathered(CTAChoice(rows(batch["cta_ops"], rank), rows(batch["cta_values"], rank)), probs,
+                            rows(batch["labels"], rank))
     state = {name: {k: v.clone() for k, v in policy.state_dict().items()} for name, policy in found.items()}
     state.update({f"align_{name}": {**{k: v.clone() for k, v in a.state_dict().items()}, "out": aligned[name]}
                   for name, a in aligners.items()})
+    state["comatch_bank"] = {k: v.clone() for k, v in vars(bank).items()}
+    state["ctaugment"] = {"rates": cta.rates.clone()}
     state["acr"] = {"unlabeled_estimate": acr.unlabeled_estimate, "distance_sum": acr.distance_sum,
                     "distance_steps": acr.distance_steps}
     return state
@@ -95,8 +116,11 @@ def ranks(tmp_path_factory):
     return spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("semi_state_ddp"))
 
 
-@pytest.mark.parametrize("name", ["flexmatch", "freematch", "softmatch", "relative", "align_uniform",
-                                  "align_labeled", "acr"])
+NAMES = ["flexmatch", "freematch", "softmatch", "relative", "align_uniform", "align_labeled", "align_remixmatch",
+         "align_queue", "acr", "comatch_bank", "ctaugment"]
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_state_after_updates_equals_one_process_on_the_global_batch(ranks, name):
     single = run_updates()[name]
     for rank, result in enumerate(ranks):
@@ -107,8 +131,7 @@ def test_state_after_updates_equals_one_process_on_the_global_batch(ranks, name)
             assert torch.allclose(got.float(), expected.float(), atol=1e-6), (name, key, rank, got, expected)
 
 
-@pytest.mark.parametrize("name", ["flexmatch", "freematch", "softmatch", "relative", "align_uniform",
-                                  "align_labeled", "acr"])
+@pytest.mark.parametrize("name", NAMES)
 def test_the_halves_alone_would_give_another_state(name):
     """The comparison above can fail: updating from rank 0's rows only changes every compared state."""
     single, half = run_updates()[name], run_updates(rank=0)[name]
