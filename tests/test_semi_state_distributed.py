@@ -25,11 +25,14 @@ from tests.test_distributed import _set_env, spawn_ranks
 pytestmark = pytest.mark.slow  # spawns 2 processes
 
 WORLD, N, K, STEPS = 2, 6, 4, 3  # each rank holds N rows of each step's global batch of WORLD·N; K classes
+PRIOR = (0.4, 0.3, 0.2, 0.1)  # a long-tailed labeled class distribution (ACR's π, ReMixMatch's alignment target)
 
 
 def global_batches() -> list[dict]:
-    """STEPS global batches (identical in every process): unlabeled probs (WORLD·N, K), their dataset indices,
-    labeled probs. Rank 1's rows are sharper and shifted towards classes 2, 3, so the halves' statistics differ."""
+    """STEPS global batches (identical in every process), WORLD·N rows each: unlabeled probs (·, K), their dataset
+    indices, labeled probs (·, K) and labels, unit embeddings (·, 3), CTAugment probe ops (·, 2) and values
+    (·, 2, MAX_PARAMS). Rank 1's probs are sharper and shifted towards classes 2, 3, so the halves' statistics
+    differ."""
     g = torch.Generator().manual_seed(0)
     batches = []
     for step in range(STEPS):
@@ -57,8 +60,8 @@ def policies() -> dict:
 
 def acr_stand_in():
     """What `ACR.estimate` reads and writes: its buffers, ema_u and the class count (labeled prior π long-tailed)."""
-    prior = torch.tensor([0.4, 0.3, 0.2, 0.1])
-    return SimpleNamespace(info=SimpleNamespace(num_classes=K), cfg=SimpleNamespace(ema_u=0.7), labeled_prior=prior,
+    return SimpleNamespace(info=SimpleNamespace(num_classes=K), cfg=SimpleNamespace(ema_u=0.7),
+                           labeled_prior=torch.tensor(PRIOR),
                            unlabeled_estimate=torch.full((K,), 1.0 / K), distance_sum=torch.zeros(3),
                            distance_steps=torch.zeros(()))
 
@@ -70,11 +73,11 @@ def comatch_bank_stand_in(size: int = 16):
 
 
 def run_updates(rank=None) -> dict:
-    """Every policy's state after STEPS updates with rank `rank`'s rows (None: the whole batch in one process);
-    alignment's outputs of the last step too (rank's rows)."""
+    """Every compared state after STEPS updates with rank `rank`'s rows (None: the whole batch in one process);
+    the alignments' outputs of the last step too (rank's rows)."""
     found, aligners = policies(), {"uniform": DistributionAlignment(K, 0.7),
                                    "labeled": DistributionAlignment(K, 0.7, follow_labeled=True),
-                                   "remixmatch": PredictionHistory(torch.tensor([0.4, 0.3, 0.2, 0.1]), length=2),
+                                   "remixmatch": PredictionHistory(torch.tensor(PRIOR), length=2),
                                    "queue": AlignmentQueue(K, length=2)}
     acr, bank, cta, aligned = acr_stand_in(), comatch_bank_stand_in(), CTAugment(decay=0.9), {}
     for batch in global_batches():
