@@ -54,6 +54,29 @@ def test_loss_equals_lightly_aligned_and_as_the_clustering_loss():
     torch.testing.assert_close(split, capi_loss(teacher, teacher, None, 0.1, 0.2, 5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_equals_the_formula_for_any_target_mass(dtype):
+    """The one-buffer cross-entropy against −Σ_k q · log softmax(z / T) averaged over tokens, computed in float64 by
+    autograd, for targets whose rows do not sum to one (the gradient's m · softmax term) and bfloat16 logits."""
+    z = (randn(3, 5, 11, seed=6) * 4).to(dtype)
+    q = torch.rand(3, 5, 11, generator=torch.Generator().manual_seed(7)) * 0.3  # row masses 1.2-2.3, not 1
+
+    def formula(x):
+        return -(q.double() * F.log_softmax(x.double() / 0.12, dim=-1)).sum(dim=-1).mean()
+
+    leaf = z.clone().requires_grad_(True)
+    loss = capi_cross_entropy(leaf, q, 0.12)
+    grad, = torch.autograd.grad(loss, leaf)
+    reference = z.double().requires_grad_(True)
+    expected = formula(reference)
+    expected_grad, = torch.autograd.grad(expected, reference)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-6)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: the gradient is rounded to its dtype
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=tolerance, atol=tolerance * expected_grad.abs().max())
+    assert z.dtype != torch.float32 or torch.equal(leaf.detach(), z)  # the logits are not written in place
+
+
 def naive_assignments(logits: torch.Tensor, temp: float, iterations: int) -> torch.Tensor:
     """The paper's position-wise Sinkhorn-Knopp, one position, one prototype and one token at a time."""
     b, length, k = logits.shape

@@ -58,15 +58,49 @@ def capi_assignments(logits: Tensor, temperature: float = 0.06, iterations: int 
 
 def capi_cross_entropy(predictions: Tensor, assignments: Tensor, temperature: float = 0.12) -> Tensor:
     """predictions (B, P, K) cluster logits, assignments (B, P, K) targets (detached here) -> scalar: the mean over
-    the B·P tokens of −Σ_k assignment · log softmax(prediction / temperature), in float32."""
+    the B·P tokens of −Σ_k assignment · log softmax(prediction / temperature), in float32.
+
+    Computed by `_SoftTargetCrossEntropy` in one float32 buffer of the logits' size (the clustering head's loss runs
+    over every teacher token: B·L·K, 16,384 clusters): the same value and gradient as the chain
+    log_softmax → multiply → sum → mean, without keeping its log-probabilities for the backward pass."""
     _check_tokens("predictions", predictions)
     if predictions.shape != assignments.shape:
         raise ValueError(f"predictions {tuple(predictions.shape)} and assignments {tuple(assignments.shape)} "
                          f"must have the same shape")
     check_temperature("temperature", temperature)
     with full_precision(predictions):
-        log_probs = F.log_softmax(predictions.float() / temperature, dim=-1)
-        return -(assignments.detach().float() * log_probs).sum(dim=-1).mean()
+        return _SoftTargetCrossEntropy.apply(predictions, assignments.detach().float(), float(temperature))
+
+
+class _SoftTargetCrossEntropy(torch.autograd.Function):
+    """Mean over the M rows of −Σ_k q · log softmax(z / T), for logits z (..., K) and targets q (..., K) without
+    gradient. With s = z / T, lse = logsumexp(s) and m = Σ_k q (1 for assignments):
+
+        loss = mean(m · lse − Σ_k q · s),        ∂loss/∂z = (m · softmax(s) − q) / (M · T).
+
+    Forward and backward each write one float32 buffer of z's size and work in place on it; the backward recomputes
+    softmax(s) from z (kept by autograd anyway) instead of saving the log-probabilities."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
+        scaled = logits.float().div(temperature)  # (..., K), a fresh buffer
+        dot = torch.linalg.vecdot(targets, scaled)  # (...,) Σ_k q · s
+        peak = scaled.amax(dim=-1, keepdim=True)
+        lse = scaled.sub_(peak).exp_().sum(dim=-1, keepdim=True).log_().add_(peak)  # (..., 1)
+        mass = targets.sum(dim=-1, keepdim=True)  # (..., 1)
+        ctx.save_for_backward(logits, targets, lse, mass)
+        ctx.temperature = temperature
+        return (mass * lse).squeeze(-1).sub(dot).mean()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        logits, targets, lse, mass = ctx.saved_tensors
+        temperature = ctx.temperature
+        rows = lse.numel()
+        g = logits.float().div(temperature)
+        g.sub_(lse).exp_().mul_(mass).sub_(targets).mul_(grad / (rows * temperature))
+        return g.to(logits.dtype), None, None
 
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
