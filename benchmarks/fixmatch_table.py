@@ -5,15 +5,21 @@ Test-split accuracy (final step, EMA model; no selection on test), mean ± std o
 backbone, same number of steps for every row.
 
     python benchmarks/fixmatch_table.py --dataset digits --labels 4 10 --seeds 0 1 2 --steps 1000 --device cuda
+    python benchmarks/fixmatch_table.py --labels 4 --policies --methods mean_teacher ict --set ema_m=0.99
+
+`--set KEY=VALUE` (VALUE read as JSON, else as a string) changes one key of every semi-supervised row's method;
+the rows' names say so.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import label_spreading_on_pixels, mean_std, run_stages, table  # noqa: E402
+from ssl_kit.methods import build_method  # noqa: E402
 
 
 # The compared methods' own keys at this step budget (USB's values; Dash's warm-up and ρ stages scaled to the
@@ -65,6 +71,40 @@ def stages(dataset: str, labels: int, steps: int, size: int, width: int, policy:
              "threshold_policy": {"policy": policy}, **common}]
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """['ema_m=0.99', ...] -> {'ema_m': 0.99, ...}; values are JSON where they parse, strings otherwise."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE, e.g. ema_m=0.99")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def with_overrides(stage_list: list[dict], overrides: dict) -> list[dict]:
+    """The stages with `overrides` set on the semi-supervised stage (the supervised row is left as it is); a key
+    that the stage's method does not have is an error naming it and the method."""
+    stage = stage_list[0]
+    if not overrides or stage["method"] == "supervised":
+        return stage_list
+    fields = build_method(stage["method"]).config_class.model_fields
+    unknown = sorted(key for key in overrides if key not in fields)
+    if unknown:
+        raise SystemExit(f"--set {', '.join(unknown)}: not a key of method {stage['method']!r}")
+    return [{**stage, **overrides}] + stage_list[1:]
+
+
+def row_name(policy: str | None, overrides: dict) -> str:
+    if policy is None:
+        return "supervised only"
+    suffix = ", ".join(f"{key}={value}" for key, value in overrides.items())
+    return NAMES.get(policy, policy) + (f" ({suffix})" if suffix else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", default="digits")
@@ -80,15 +120,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=40, help="labeled batch size")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--label-spreading", action="store_true", help="also LabelSpreading (rbf, gamma 0.25)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="set these keys of every semi-supervised row's method (e.g. ema_m=0.99)")
     args = parser.parse_args()
+    overrides = parse_overrides(args.overrides)
     rows = []
     for labels in args.labels:
         results: dict[str, list[float]] = {}
         for seed in args.seeds:
             for policy in [None] + args.policies + args.methods:
-                summary, _ = run_stages(stages(args.dataset, labels, args.steps, args.size, args.width, policy,
-                                               args.device, args.mu, args.batch), seed)
-                name = "supervised only" if policy is None else NAMES.get(policy, policy)
+                stage_list = stages(args.dataset, labels, args.steps, args.size, args.width, policy, args.device,
+                                    args.mu, args.batch)
+                summary, _ = run_stages(with_overrides(stage_list, overrides), seed)
+                name = row_name(policy, overrides)
                 results.setdefault(name, []).append(summary["run/test/top1"])
                 print(f"labels/class {labels} seed {seed} {name}: {summary['run/test/top1']:.4f}", flush=True)
             if args.label_spreading:
