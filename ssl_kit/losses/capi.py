@@ -83,7 +83,7 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
-        scaled = logits.float().div(temperature)  # (..., K), a fresh buffer
+        scaled = _scaled_copy(logits, temperature)  # (..., K)
         dot = torch.linalg.vecdot(targets, scaled)  # (...,) Σ_k q · s
         peak = scaled.amax(dim=-1, keepdim=True)
         lse = scaled.sub_(peak).exp_().sum(dim=-1, keepdim=True).log_().add_(peak)  # (..., 1)
@@ -98,9 +98,16 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
         logits, targets, lse, mass = ctx.saved_tensors
         temperature = ctx.temperature
         rows = lse.numel()
-        g = logits.float().div(temperature)
+        g = _scaled_copy(logits, temperature)
         g.sub_(lse).exp_().mul_(mass).sub_(targets).mul_(grad / (rows * temperature))
         return g.to(logits.dtype), None, None
+
+
+def _scaled_copy(logits: Tensor, temperature: float) -> Tensor:
+    """A fresh float32 buffer holding logits / temperature: one allocation whether logits are float32 (divided into
+    a new tensor) or half precision (converted, then divided in place)."""
+    as_float = logits.float()
+    return as_float.div(temperature) if as_float is logits else as_float.div_(temperature)
 
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
