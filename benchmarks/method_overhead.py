@@ -19,6 +19,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -230,22 +231,23 @@ def naive_nt_xent(z1, z2, t):
     return -(torch.log(positives / denominator)).mean()
 
 
+def loss_row(name: str, ours: Callable[[], torch.Tensor], naive: Callable[[], torch.Tensor], device: torch.device,
+             steps: int, rounds: int) -> list:
+    """One row of the loss table: forward + backward of `ours` against `naive` (each a closure returning the
+    scalar loss), timed in alternating blocks, and the difference of their values."""
+    times = time_interleaved({"ours": lambda: ours().backward(), "naive": lambda: naive().backward()}, steps, rounds,
+                             device)
+    check = abs(ours().item() - naive().item())
+    return [name, times["ours"] * 1e3, times["naive"] * 1e3, times["naive"] / times["ours"], f"{check:.1e}"]
+
+
 def loss_timing(device: torch.device) -> list:
     rows = []
     for n, d in ((256, 128), (1024, 128)):
         z1 = torch.randn(n, d, device=device, requires_grad=True)
         z2 = torch.randn(n, d, device=device, requires_grad=True)
-
-        def ours():
-            nt_xent_loss(z1, z2, 0.2).backward()
-
-        def naive():
-            naive_nt_xent(z1, z2, 0.2).backward()
-
-        times = time_interleaved({"ours": ours, "naive": naive}, 10, 5, device)
-        check = abs(nt_xent_loss(z1, z2, 0.2).item() - naive_nt_xent(z1, z2, 0.2).item())
-        rows.append([f"nt_xent N={n} D={d}", times["ours"] * 1e3, times["naive"] * 1e3, times["naive"] / times["ours"],
-                     f"{check:.1e}"])
+        rows.append(loss_row(f"nt_xent N={n} D={d}", lambda: nt_xent_loss(z1, z2, 0.2),
+                             lambda: naive_nt_xent(z1, z2, 0.2), device, 10, 5))
     rows.append(capi_cross_entropy_timing(device))
     return rows
 
@@ -261,17 +263,8 @@ def capi_cross_entropy_timing(device: torch.device, shape=(8, 256, 16384)) -> li
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(shape, generator=generator).to(device).requires_grad_(True)
     targets = torch.softmax(torch.randn(shape, generator=generator) / 0.06, dim=-1).to(device)
-
-    def ours():
-        capi_cross_entropy(logits, targets, 0.12).backward()
-
-    def naive():
-        naive_capi_cross_entropy(logits, targets, 0.12).backward()
-
-    times = time_interleaved({"ours": ours, "naive": naive}, 2, 3, device)
-    check = abs(capi_cross_entropy(logits, targets, 0.12).item() - naive_capi_cross_entropy(logits, targets, 0.12).item())
-    return [f"capi_cross_entropy {tuple(shape)}", times["ours"] * 1e3, times["naive"] * 1e3,
-            times["naive"] / times["ours"], f"{check:.1e}"]
+    return loss_row(f"capi_cross_entropy {tuple(shape)}", lambda: capi_cross_entropy(logits, targets, 0.12),
+                    lambda: naive_capi_cross_entropy(logits, targets, 0.12), device, 2, 3)
 
 
 def main() -> None:
