@@ -183,9 +183,19 @@ def extract_bundle(archive: str | Path, dest: Path) -> Path:
     return dest / "run"
 
 
+def environment_differences(bundled: Path, new: Path) -> dict:
+    """env.json of the bundle vs the re-run: {key: [bundled, new]} for every entry that differs (library versions,
+    Python, device, world size, ssl_kit version and commit; the command line is left out). A difference does not
+    make a re-run fail: it is what to look at first when the numbers do not reproduce."""
+    old_env, new_env = (json.loads((run / "env.json").read_text()) for run in (bundled, new))
+    return {key: [old_env.get(key), new_env.get(key)] for key in sorted(set(old_env) | set(new_env))
+            if key != "command" and old_env.get(key) != new_env.get(key)}
+
+
 def compare_runs(bundled: Path, new: Path) -> dict:
-    """Bundled vs re-run: every summary metric (timings excepted) and every split file.
-    -> {"matches": bool, "compared": n, "differences": {key: [bundled, new]}}."""
+    """Bundled vs re-run: every summary metric (timings excepted) and every split file, and the environment.
+    -> {"matches": bool, "compared": n, "differences": {key: [bundled, new]},
+        "environment": {env.json key: [bundled, new]} (see environment_differences; not part of "matches")}."""
     old_summary = json.loads((bundled / "summary.json").read_text())
     new_summary = json.loads((new / "summary.json").read_text())
     differences, compared = {}, 0
@@ -200,4 +210,5 @@ def compare_runs(bundled: Path, new: Path) -> dict:
         other = new / "splits" / split.name
         if not other.is_file() or json.loads(split.read_text()) != json.loads(other.read_text()):
             differences[f"splits/{split.name}"] = ["bundled", "differs" if other.is_file() else "missing"]
-    return {"matches": not differences, "compared": compared, "differences": differences}
+    return {"matches": not differences, "compared": compared, "differences": differences,
+            "environment": environment_differences(bundled, new)}

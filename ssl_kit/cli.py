@@ -141,10 +141,13 @@ def cmd_run_from_bundle(args) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     for key, (old, new) in comparison["differences"].items():
         print(f"[ssl-kit] differs from the bundle: {key}: {old} -> {new}", file=sys.stderr)
+    for key, (old, new) in comparison["environment"].items():
+        print(f"[ssl-kit] environment differs from the bundle's env.json: {key}: {old} -> {new}", file=sys.stderr)
     verdict = "reproduces" if comparison["matches"] else "does NOT reproduce"
     print(f"[ssl-kit] re-run {verdict} the bundle ({comparison['compared']} metrics and splits compared, "
           f"{len(comparison['differences'])} differ, timings ignored): {run_dir}", file=sys.stderr)
-    _emit({"run_dir": str(run_dir), "bundle_matches": comparison["matches"], **summary}, args.json)
+    _emit({"run_dir": str(run_dir), "bundle_matches": comparison["matches"],
+           "bundle_environment_differences": comparison["environment"], **summary}, args.json)
     return 0 if comparison["matches"] else 1
 
 

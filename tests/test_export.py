@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import cv2
+import PIL
 import pytest
 import timm
 import torch
@@ -141,6 +143,7 @@ def test_cli_export_bundle_reruns_to_the_same_summary(tmp_path, capsys, tiny_rec
     env = json.loads((run_dir / "env.json").read_text())
     assert env["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert env["timm"] == timm.__version__ and env["world_size"] == 1 and isinstance(env["command"], list)
+    assert env["pillow"] == PIL.__version__ and cv2.__version__.startswith(env["opencv"].rsplit(".", 1)[0])
     assert main(["export", "--checkpoint", str(run_dir), "--to", "safetensors", "--out", str(tmp_path / "exp"),
                  "--bundle", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -149,13 +152,15 @@ def test_cli_export_bundle_reruns_to_the_same_summary(tmp_path, capsys, tiny_rec
     assert "supervised: supervised" in card and "supervised/test/top1" in card
     assert main(["run", "--from-bundle", result["bundle"], "--out", str(tmp_path / "rerun"), "--json"]) == 0
     rerun = json.loads(capsys.readouterr().out)
-    assert rerun["bundle_matches"] is True
+    assert rerun["bundle_matches"] is True and rerun["bundle_environment_differences"] == {}
     assert rerun["supervised/test/top1"] == summary["supervised/test/top1"]
     tampered = tmp_path / "tampered"
     shutil.copytree(run_dir, tampered)
     changed = dict(summary, **{"supervised/test/top1": summary["supervised/test/top1"] + 0.01})
     (tampered / "summary.json").write_text(json.dumps(changed))
-    differences = compare_runs(tampered, tmp_path / "rerun")["differences"]
-    assert list(differences) == ["supervised/test/top1"]
+    (tampered / "env.json").write_text(json.dumps(dict(env, kornia="0.7.0", command=["elsewhere"])))
+    comparison = compare_runs(tampered, tmp_path / "rerun")
+    assert list(comparison["differences"]) == ["supervised/test/top1"]
+    assert comparison["environment"] == {"kornia": ["0.7.0", env["kornia"]]}  # the command line is not compared
     assert main(["export", "--checkpoint", str(run_dir), "--to", "timm", "--out", str(tmp_path / "no")]) == 2
     assert "cannot export 'small_cnn' to timm" in capsys.readouterr().err
