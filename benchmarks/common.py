@@ -91,6 +91,20 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def usb_small_cnn_keys(width: int, steps: int, batch: int, device: str) -> dict:
+    """The stage keys the semi-supervised tables share (fixmatch_table, imbalanced_table): a small CNN of `width`
+    trained with USB's SGD setting (Nesterov momentum 0.9, lr 0.03, weight decay 5e-4, FixMatch's cosine) for
+    `steps` steps of `batch` labeled images, the EMA model (0.99) evaluated at the end only. lr_scaling none for every
+    row: left out, a supervised row takes its method's recommended linear scaling (0.03 × batch/256) while every
+    semi-supervised method trains at 0.03."""
+    return {"backbone": {"name": "small_cnn", "kwargs": {"width": width}},
+            "optimizer": {"name": "sgd", "lr": 0.03, "lr_scaling": "none", "momentum": 0.9, "nesterov": True,
+                          "weight_decay": 5e-4},
+            "schedule": {"name": "fixmatch_cosine"},
+            "train": {"steps": steps, "batch_size": batch, "ema_decay": 0.99, "eval_every_epochs": 0,
+                      "progress": False, "device": device, "checkpoint_every_steps": 100_000}}
+
+
 def run_stages(stages: list[dict], seed: int = 0) -> tuple:
     """Run a recipe made of `stages` in a temporary run dir. -> (summary, backbone record of the last stage)."""
     import tempfile

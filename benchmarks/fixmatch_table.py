@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import label_spreading_on_pixels, mean_std, run_stages, table  # noqa: E402
+from benchmarks.common import label_spreading_on_pixels, mean_std, run_stages, table, usb_small_cnn_keys  # noqa: E402
 from ssl_kit.methods import build_method  # noqa: E402
 
 
@@ -55,14 +55,7 @@ NAMES = {"fixed": "FixMatch", "pseudo_label": "Pseudo-Label", "mean_teacher": "M
 def stages(dataset: str, labels: int, steps: int, size: int, width: int, policy: str | None, device: str, mu: int,
            batch: int = 40):
     common = {"data": {"dataset": dataset, "image_size": size, "labels_per_class": labels},
-              "backbone": {"name": "small_cnn", "kwargs": {"width": width}},
-              # lr_scaling none for every row: left out, the supervised row took its method's recommended linear
-              # scaling (0.03 x 40/256) from 2026-12-05 on, while every semi-supervised method trains at 0.03
-              "optimizer": {"name": "sgd", "lr": 0.03, "lr_scaling": "none", "momentum": 0.9, "nesterov": True,
-                            "weight_decay": 5e-4},
-              "schedule": {"name": "fixmatch_cosine"},
-              "train": {"steps": steps, "batch_size": batch, "ema_decay": 0.99, "eval_every_epochs": 0,
-                        "progress": False, "device": device, "checkpoint_every_steps": 100_000}}
+              **usb_small_cnn_keys(width, steps, batch, device)}
     if policy is None:
         return [{"name": "run", "method": "supervised", **common}]
     if policy in METHOD_KEYS:  # a method of its own (policy names the method), same budget, same μ

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import mean_std, run_stages, table  # noqa: E402
+from benchmarks.common import mean_std, run_stages, table, usb_small_cnn_keys  # noqa: E402
 
 METHODS = ["supervised", "fixmatch", "debiaspl", "acr", "abc", "darp", "crest"]
 NAMES = {"supervised": "supervised only", "fixmatch": "FixMatch", "debiaspl": "DebiasPL", "acr": "ACR", "abc": "ABC",
@@ -29,13 +29,7 @@ def stage(method: str, dataset: str, head: int, ratio: float, distribution: str,
     """One training stage of `method` on the long-tailed split; every method on USB's SGD setting."""
     data = {"dataset": dataset, "image_size": size, "labels_per_class": head,
             "long_tail": {"ratio": ratio, "unlabeled_distribution": distribution}}
-    common = {"name": "run", "method": method, "data": data,
-              "backbone": {"name": "small_cnn", "kwargs": {"width": width}},
-              "optimizer": {"name": "sgd", "lr": 0.03, "lr_scaling": "none", "momentum": 0.9, "nesterov": True,
-                            "weight_decay": 5e-4},
-              "schedule": {"name": "fixmatch_cosine"},
-              "train": {"steps": steps, "batch_size": batch, "ema_decay": 0.99, "eval_every_epochs": 0,
-                        "progress": False, "device": device, "checkpoint_every_steps": 100_000}}
+    common = {"name": "run", "method": method, "data": data, **usb_small_cnn_keys(width, steps, batch, device)}
     return common if method == "supervised" else {**common, "mu": mu}
 
 
