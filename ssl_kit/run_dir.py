@@ -4,7 +4,6 @@ killed writer are removed; env.json records what produced the run. Under torchru
 gets its decision."""
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import math
 import os
@@ -20,6 +19,7 @@ import torch
 
 from ._version import __version__
 from .config import Recipe, validate_recipe
+from .common.versions import library_versions
 from .config_diff import format_differences, is_harmless, recipe_differences
 from .engine import distributed as dist
 from .engine.run_lock import LOCK_NAME, RunLock
@@ -62,27 +62,10 @@ def prepare_run_dir(out: Path, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-# The libraries a run's numbers depend on: torch and torchvision compute, kornia runs the batched RandAugment and
-# CTAugment ops, Pillow decodes files and OpenCV runs the streamed workers' photometric kernels. A fresh install of
-# newer releases, with the same code, seed and torch, moved FixMatch's Fashion-MNIST top-1 (0.637 -> 0.650 at 1,000
-# steps) while methods without a strong view did not move, so every one of them is recorded.
-RECORDED_PACKAGES = ("torch", "torchvision", "kornia", "timm", "safetensors", "numpy", "pillow")
-OPENCV_DISTRIBUTIONS = ("opencv-python-headless", "opencv-python", "opencv-contrib-python-headless",
-                        "opencv-contrib-python")  # any of them provides cv2
-
-
-def _installed_version(distribution: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def write_env(run_dir: Path) -> None:
     """env.json: ssl_kit version and git commit (when run from a checkout), library versions, device, world size
     and the command line, so a run's numbers can be traced to what produced them."""
-    versions = {package: _installed_version(package) for package in RECORDED_PACKAGES}
-    versions["opencv"] = next(filter(None, map(_installed_version, OPENCV_DISTRIBUTIONS)), None)
+    versions = library_versions()
     commit = _checkout_commit()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (platform.processor() or "cpu")
     env = {"ssl_kit": __version__, "git_commit": commit, "python": platform.python_version(), **versions,

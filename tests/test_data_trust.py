@@ -71,6 +71,23 @@ def test_images_rewritten_in_place_under_the_same_names_miss_the_feature_cache(t
     assert passes == 20 and not torch.allclose(first, rewritten)  # the new content, not the stale features
 
 
+def test_features_cached_under_other_library_releases_are_recomputed(tmp_path, monkeypatch):
+    """A Pillow (or torch, ...) upgrade can change decoded pixels and features: the cache key stamps the releases."""
+    from ssl_kit.common import versions
+
+    write_folder(tmp_path / "data")
+    spec = f"imagefolder:{tmp_path / 'data'},storage=stream"
+    first, passes = streamed_test_features(spec)
+    assert passes == 20 and streamed_test_features(spec)[1] == 0
+    upgraded = dict(versions.library_versions(), pillow="99.0.0")
+    monkeypatch.setattr("ssl_kit.eval.features.library_versions", lambda: upgraded)
+    again, passes = streamed_test_features(spec)
+    assert passes == 20 and torch.equal(first, again)  # recomputed (same pixels here, as nothing really changed)
+    assert streamed_test_features(spec)[1] == 0  # and cached under the new key
+    monkeypatch.setattr("ssl_kit.eval.features.__version__", "0.0.0-other")
+    assert streamed_test_features(spec)[1] == 20  # another ssl_kit version: recomputed too
+
+
 @pytest.mark.parametrize("damage", ["truncate", "other_version", "crafted_labels", "garbage_manifest"])
 def test_a_damaged_feature_cache_is_recomputed_with_a_warning(tmp_path, damage):
     write_folder(tmp_path / "data", per_class=5)

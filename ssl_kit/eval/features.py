@@ -26,10 +26,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._version import __version__
 from ..common.device import resolve_device
 from ..common.files import sha256_file
 from ..config import DataConfig
 from ..common.metrics import predict
+from ..common.versions import library_versions
 from ..data.augment import random_resized_crop, to_unit_float
 from ..data.views import Normalize
 from ..data.fileset import FileSet, image_batches
@@ -236,12 +238,15 @@ class FeatureExtractor:
     def file_features(self, images: FileSet, spec: str, split: str) -> tuple[Tensor, Tensor]:
         """Features (N, F) and labels (N,) of a streamed split: the on-disk float16 cache, memory-mapped (see
         mapped.py), computed in batches and written first if absent or invalid (unreadable files are left out with
-        a warning, labels stay aligned). The key stamps every file read (cache_key.content_stamp)."""
+        a warning, labels stay aligned). The key stamps the weights, every file read (cache_key.content_stamp), and
+        the code and libraries that decode and embed them: ssl_kit's version and library_versions() (Pillow, torch,
+        ...), so features computed by other releases are recomputed, not served."""
         if self._weights is None:
             self._weights = weights_digest(self.backbone)
         size, channels = self.info["image_size"], self.info["channels"]
         key = cache_key("features", self._weights, spec, split, size, channels, self.resize_ratio,
-                        content_stamp(images.index, images.positions, max(1, self.workers)))
+                        content_stamp(images.index, images.positions, max(1, self.workers)),
+                        __version__, sorted(library_versions().items()))
         entry = FeatureCacheEntry(feature_cache_dir(), key)
         cached = entry.load(images.num_classes)
         if cached is not None:
