@@ -67,10 +67,25 @@ def write_env(run_dir: Path) -> None:
     and the command line, so a run's numbers can be traced to what produced them."""
     versions = library_versions()
     commit = _checkout_commit()
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (platform.processor() or "cpu")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     env = {"ssl_kit": __version__, "git_commit": commit, "python": platform.python_version(), **versions,
-           "device": device, "world_size": dist.world_size(), "command": sys.argv}
+           "device": device, "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "world_size": dist.world_size(), "command": sys.argv}
     (run_dir / "env.json").write_text(json.dumps(env, indent=2))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else what platform reports). With cpu_capability (the
+    instruction set torch's CPU kernels dispatch on: AVX2, AVX512, ...) it tells two machines apart whose vectorised
+    kernels may round differently, which a long run can amplify."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def _checkout_commit() -> Optional[str]:

@@ -144,6 +144,7 @@ def test_cli_export_bundle_reruns_to_the_same_summary(tmp_path, capsys, tiny_rec
     assert env["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert env["timm"] == timm.__version__ and env["world_size"] == 1 and isinstance(env["command"], list)
     assert env["pillow"] == PIL.__version__ and cv2.__version__.startswith(env["opencv"].rsplit(".", 1)[0])
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["cpu"]
     assert main(["export", "--checkpoint", str(run_dir), "--to", "safetensors", "--out", str(tmp_path / "exp"),
                  "--bundle", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
