@@ -105,8 +105,9 @@ def usb_small_cnn_keys(width: int, steps: int, batch: int, device: str) -> dict:
                       "progress": False, "device": device, "checkpoint_every_steps": 100_000}}
 
 
-def run_stages(stages: list[dict], seed: int = 0) -> tuple:
-    """Run a recipe made of `stages` in a temporary run dir. -> (summary, backbone record of the last stage)."""
+def run_stages(stages: list[dict], seed: int = 0, keep_in=None) -> tuple:
+    """Run a recipe made of `stages` in a temporary run dir, or in `keep_in` (a new folder that is kept: its
+    metrics.jsonl, report and plots). -> (summary, backbone record of the last stage)."""
     import tempfile
     from pathlib import Path
 
@@ -116,7 +117,7 @@ def run_stages(stages: list[dict], seed: int = 0) -> tuple:
 
     recipe = validate_recipe({"seed": seed, "name": "bench", "stages": stages})
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir, summary = run_recipe(recipe, Path(tmp) / "run")
+        run_dir, summary = run_recipe(recipe, Path(keep_in) if keep_in is not None else Path(tmp) / "run")
         record = resolve_checkpoint(run_dir) if (run_dir / "backbone.pt").is_file() else None
     return summary, record
 

@@ -8,12 +8,15 @@ backbone, same number of steps for every row.
     python benchmarks/fixmatch_table.py --labels 4 --policies --methods mean_teacher ict --set ema_m=0.99
 
 `--set KEY=VALUE` (VALUE read as JSON, else as a string) changes one key of every semi-supervised row's method;
-the rows' names say so.
+the rows' names say so. `--keep-runs DIR` keeps every run's folder, DIR/<dataset>-<labels>-seed<seed>-<row>, for
+its metrics.jsonl (per pass over the unlabeled images: pseudo/mask_rate, pseudo/accuracy and per class) and its
+report (the final threshold sweep of pseudo-label quantity and quality).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -98,6 +101,12 @@ def row_name(policy: str | None, overrides: dict) -> str:
     return NAMES.get(policy, policy) + (f" ({suffix})" if suffix else "")
 
 
+def run_folder(dataset: str, labels: int, seed: int, row: str) -> str:
+    """A folder name for one run of the table: 'fashion-mnist-4-seed0-pseudo-label' (row names made path-safe)."""
+    safe = re.sub(r"[^\w.=]+", "-", row.lower()).strip("-")
+    return f"{dataset}-{labels}-seed{seed}-{safe}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", default="digits")
@@ -113,6 +122,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=40, help="labeled batch size")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--label-spreading", action="store_true", help="also LabelSpreading (rbf, gamma 0.25)")
+    parser.add_argument("--keep-runs", type=Path, default=None, metavar="DIR",
+                        help="keep each run's folder under DIR (default: temporary, removed)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="set these keys of every semi-supervised row's method (e.g. ema_m=0.99)")
     args = parser.parse_args()
@@ -124,8 +135,10 @@ def main() -> None:
             for policy in [None] + args.policies + args.methods:
                 stage_list = stages(args.dataset, labels, args.steps, args.size, args.width, policy, args.device,
                                     args.mu, args.batch)
-                summary, _ = run_stages(with_overrides(stage_list, overrides), seed)
                 name = row_name(policy, overrides)
+                keep_in = None if args.keep_runs is None else args.keep_runs / run_folder(args.dataset, labels, seed,
+                                                                                          name)
+                summary, _ = run_stages(with_overrides(stage_list, overrides), seed, keep_in)
                 results.setdefault(name, []).append(summary["run/test/top1"])
                 print(f"labels/class {labels} seed {seed} {name}: {summary['run/test/top1']:.4f}", flush=True)
             if args.label_spreading:

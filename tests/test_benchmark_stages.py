@@ -47,3 +47,9 @@ def test_fixmatch_table_set_refuses_unknown_keys_and_bad_pairs():
         fixmatch_table.with_overrides(fixmatch, {"ema_m": 0.99})
     with pytest.raises(SystemExit, match="expected KEY=VALUE"):
         fixmatch_table.parse_overrides(["ema_m"])
+
+
+def test_fixmatch_table_names_each_kept_run_folder_after_its_row():
+    assert fixmatch_table.run_folder("fashion-mnist", 4, 0, "Pseudo-Label") == "fashion-mnist-4-seed0-pseudo-label"
+    assert fixmatch_table.run_folder("digits", 4, 1, "ICT (ema_m=0.99)") == "digits-4-seed1-ict-ema_m=0.99"
+    assert fixmatch_table.run_folder("digits", 10, 2, "Π-model") == "digits-10-seed2-π-model"
