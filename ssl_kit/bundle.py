@@ -146,13 +146,22 @@ def _read_member(run: Path, name: str, archive: Path, decode_json: bool = True):
         raise ConfigError(f"{where} nests JSON too deeply to be an ssl_kit file") from None
 
 
+def _read_object(run: Path, name: str, archive: Path, what: str) -> dict:
+    """A bundled JSON file that must hold an object (`what` it holds, for the error); ConfigError naming it."""
+    value = _read_member(run, name, archive)
+    if not isinstance(value, dict):
+        raise ConfigError(f"bundle {str(archive)!r}: run/{name} is a JSON {type(value).__name__}, "
+                          f"expected an object of {what}")
+    return value
+
+
 def validate_bundle(run: Path, archive: Path) -> None:
     """Everything the comparison after the re-run reads, checked before it: run/summary.json a JSON object,
-    run/config.yaml UTF-8, every run/splits/*.json UTF-8 JSON. ConfigError naming the member."""
-    summary = _read_member(run, "summary.json", archive)
-    if not isinstance(summary, dict):
-        raise ConfigError(f"bundle {str(archive)!r}: run/summary.json is a JSON {type(summary).__name__}, "
-                          f"expected an object of metrics")
+    run/env.json a JSON object when present, run/config.yaml UTF-8, every run/splits/*.json UTF-8 JSON.
+    ConfigError naming the member."""
+    _read_object(run, "summary.json", archive, "metrics")
+    if (run / "env.json").is_file():
+        _read_object(run, "env.json", archive, "environment entries")
     _read_member(run, "config.yaml", archive, decode_json=False)
     for split in sorted((run / "splits").glob("*.json")):
         _read_member(run, f"splits/{split.name}", archive)
@@ -185,8 +194,11 @@ def extract_bundle(archive: str | Path, dest: Path) -> Path:
 
 def environment_differences(bundled: Path, new: Path) -> dict:
     """env.json of the bundle vs the re-run: {key: [bundled, new]} for every entry that differs (library versions,
-    Python, device, world size, ssl_kit version and commit; the command line is left out). A difference does not
-    make a re-run fail: it is what to look at first when the numbers do not reproduce."""
+    Python, device, CPU, world size, ssl_kit version and commit; the command line is left out); {} for a bundle
+    without env.json (validate_bundle checked it is an object when present). A difference does not make a re-run
+    fail: it is what to look at first when the numbers do not reproduce."""
+    if not (bundled / "env.json").is_file():
+        return {}
     old_env, new_env = (json.loads((run / "env.json").read_text()) for run in (bundled, new))
     return {key: [old_env.get(key), new_env.get(key)] for key in sorted(set(old_env) | set(new_env))
             if key != "command" and old_env.get(key) != new_env.get(key)}

@@ -77,6 +77,9 @@ HOSTILE = [  # (id, files, member named in the error)
     ("split-not-json", {**GOOD, "run/splits/train.json": b"{oops"}, "run/splits/train.json is not JSON"),
     ("split-not-utf8", {**GOOD, "run/splits/train.json": b"\x80"}, "run/splits/train.json is not UTF-8"),
     ("config-not-utf8", {**GOOD, "run/config.yaml": b"\xff"}, "run/config.yaml is not UTF-8"),
+    # env.json is optional, but the comparison after the re-run reads it when present
+    ("env-is-a-list", {**GOOD, "run/env.json": b'["torch"]'}, "run/env.json is a JSON list"),
+    ("env-not-json", {**GOOD, "run/env.json": b"{torch: 2"}, "run/env.json is not JSON"),
 ]
 
 
@@ -95,3 +98,15 @@ def test_hostile_bundle_content_is_refused_before_the_rerun(tmp_path, monkeypatc
     assert err.startswith("ssl-kit: error: bundle") and part in err
     assert not list(tmp_path.glob("ssl-kit-bundle-*"))  # the extraction folder is removed
     assert not (tmp_path / "rerun").exists()
+
+
+def test_a_bundle_without_env_json_is_compared_without_an_environment(tmp_path):
+    bundled, new = tmp_path / "bundled", tmp_path / "new"
+    for run in (bundled, new):
+        (run / "splits").mkdir(parents=True)
+        (run / "summary.json").write_text('{"top1": 0.5}')
+    (new / "env.json").write_text('{"torch": "2.14.1", "command": ["x"]}')
+    comparison = bundle.compare_runs(bundled, new)
+    assert comparison["matches"] and comparison["environment"] == {}
+    (bundled / "env.json").write_text('{"torch": "2.13.0", "command": ["y"]}')
+    assert bundle.compare_runs(bundled, new)["environment"] == {"torch": ["2.13.0", "2.14.1"]}
