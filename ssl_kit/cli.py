@@ -424,6 +424,19 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, except that `key=value` overrides may follow an option: `ssl-kit run RECIPE --out DIR seed=7`
+    means what `ssl-kit run RECIPE seed=7 --out DIR` does (plain argparse stops collecting positionals at the first
+    option and refuses the rest). Anything else left over is refused by name, as parse_args does."""
+    args, extras = parser.parse_known_args(argv)
+    if extras and isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-")
+                                                                               for e in extras):
+        args.overrides = [*args.overrides, *extras]
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def bounded(kind, low: float, high: float, low_open: bool = False):
     """argparse type: a finite int/float in [low, high] (or (low, high] with low_open), naming the bounds."""
     def parse(text: str):
@@ -599,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     as_json = "--json" in argv
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_command_line(build_parser(), argv)
         check_environment()  # every SSL_KIT_* knob parsed once, before any work (limits.py)
         _apply_arch(args)
         return args.func(args)

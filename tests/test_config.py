@@ -111,3 +111,17 @@ def test_yaml_is_loaded_safely(tmp_path):
     path.write_text("seed: !!python/object/apply:os.system ['echo pwned']\nstages: []\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_recipe(path)
+
+
+def test_overrides_may_follow_options_and_anything_else_left_over_is_refused(tmp_path, capsys):
+    from ssl_kit.cli import build_parser, main, parse_command_line
+
+    args = parse_command_line(build_parser(), ["run", "quickstart", "seed=1", "--out", "d", "a.b=2", "--json"])
+    assert args.overrides == ["seed=1", "a.b=2"] and args.out == "d" and args.json
+    out = tmp_path / "run"
+    for stray in (["--bogus"], ["stray"], ["seed=1", "stray"]):
+        assert main(["run", "quickstart", "--out", str(out), *stray]) == 2
+        assert f"unrecognized arguments: {' '.join(stray)}" in capsys.readouterr().err
+    assert main(["methods", "fixmatch", "seed=1"]) == 2  # a command without overrides takes none
+    assert "unrecognized arguments: seed=1" in capsys.readouterr().err
+    assert not out.exists()

@@ -60,9 +60,10 @@ def test_cpu_recipe_runs_a_few_steps(path, tmp_path):
 
 def test_quickstart_reduced_end_to_end(tmp_path, capsys):
     out = tmp_path / "quickstart"
+    # overrides on both sides of an option, as users type them
     code = main(["run", "quickstart", "pretrain.train.epochs=2", "pretrain.train.progress=false",
                  "fixmatch.train.steps=30", "fixmatch.train.progress=false", "fixmatch.train.eval_every_epochs=0",
-                 "linear_probe.epochs=10", "transfer.epochs=10", "--out", str(out)])
+                 "--out", str(out), "linear_probe.epochs=10", "transfer.epochs=10"])
     assert code == 0
     printed = capsys.readouterr()
     summary = json.loads((out / "summary.json").read_text())
