@@ -63,15 +63,30 @@ def prepare_run_dir(out: Path, resume: bool) -> None:
 
 
 def write_env(run_dir: Path) -> None:
-    """env.json: ssl_kit version and git commit (when run from a checkout), library versions, device, world size
-    and the command line, so a run's numbers can be traced to what produced them."""
+    """env.json: ssl_kit version and git commit (when run from a checkout), library versions, the C library, device,
+    CPU, torch's intra-op threads, the environment variables that change CPU numerics, world size and the command
+    line, so a run's numbers can be traced to what produced them."""
     versions = library_versions()
     commit = _checkout_commit()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     env = {"ssl_kit": __version__, "git_commit": commit, "python": platform.python_version(), **versions,
+           "libc": " ".join(platform.libc_ver()).strip() or None,
            "device": device, "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "torch_threads": torch.get_num_threads(), "numerics_env": numerics_environment(),
            "world_size": dist.world_size(), "command": sys.argv}
     (run_dir / "env.json").write_text(json.dumps(env, indent=2))
+
+
+# Environment variables that change a CPU run's bits: the oneDNN instruction set (convolutions), torch's kernel
+# dispatch, and the thread counts (how reductions are split). A convolution's gradient on this project's CPU
+# machines differs bitwise between ONEDNN_MAX_CPU_ISA=AVX2 and the default, and between 1 and 2 torch threads.
+NUMERICS_ENV_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS",
+                     "MKL_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG")
+
+
+def numerics_environment() -> dict[str, str]:
+    """{name: value} of the NUMERICS_ENV_VARS that are set."""
+    return {name: os.environ[name] for name in NUMERICS_ENV_VARS if name in os.environ}
 
 
 def cpu_model() -> str:

@@ -134,6 +134,22 @@ def test_corrupted_or_swapped_export_is_refused(tmp_path):
         build_exported({**config, "library": "keras"})
 
 
+def test_env_json_records_the_variables_that_change_cpu_numerics(tmp_path, monkeypatch):
+    from ssl_kit.run_dir import NUMERICS_ENV_VARS, write_env
+
+    for name in NUMERICS_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    write_env(tmp_path)
+    assert json.loads((tmp_path / "env.json").read_text())["numerics_env"] == {}
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("SSL_KIT_UNRELATED", "x")
+    write_env(tmp_path)
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert env["numerics_env"] == {"ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"}
+    assert env["torch_threads"] == torch.get_num_threads()
+
+
 def test_cli_export_bundle_reruns_to_the_same_summary(tmp_path, capsys, tiny_recipe):
     from ssl_kit.bundle import compare_runs
     from ssl_kit.runner import run_recipe
@@ -145,6 +161,7 @@ def test_cli_export_bundle_reruns_to_the_same_summary(tmp_path, capsys, tiny_rec
     assert env["timm"] == timm.__version__ and env["world_size"] == 1 and isinstance(env["command"], list)
     assert env["pillow"] == PIL.__version__ and cv2.__version__.startswith(env["opencv"].rsplit(".", 1)[0])
     assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["cpu"]
+    assert env["torch_threads"] == torch.get_num_threads() and env["libc"].startswith("glibc")
     assert main(["export", "--checkpoint", str(run_dir), "--to", "safetensors", "--out", str(tmp_path / "exp"),
                  "--bundle", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
