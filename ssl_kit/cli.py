@@ -13,6 +13,7 @@ import importlib.resources
 import json
 import math
 import os
+import select
 import shlex
 import shutil
 import sys
@@ -322,7 +323,8 @@ def cmd_methods(args) -> int:
     from .config import EVAL_STAGES  # deferred: start-up (pydantic)
     from .methods import registered_methods  # deferred: start-up (torch, every method)
 
-    rows = {name: _first_line(cls.__doc__ or cls.config_class.__doc__) for name, cls in registered_methods().items()}
+    rows = {name: _first_line(cls.__doc__ or cls.config_class.__doc__)  # by name, then the evaluation stages
+            for name, cls in sorted(registered_methods().items())}
     rows.update({name: _first_line(schema.__doc__) + " (evaluation)" for name, schema in EVAL_STAGES.items()})
     if args.json:
         _emit({"methods": rows}, True)
@@ -606,6 +608,17 @@ def _fail(kind: str, message: str, as_json: bool, code: int, prefix: str = "erro
     return code
 
 
+def _stdout_is_a_closed_pipe() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on its write end), so that a
+    broken pipe elsewhere (a data-loader worker's) is still reported as the bug it is."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll on this platform, or no real stdout
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 2 bad input or environment (a clear message, no traceback), 128 + N stopped by signal N,
     130 Ctrl-C outside training, 1 an internal error (a bug: traceback on stderr)."""
@@ -622,6 +635,13 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(type(exc).__name__, str(exc), as_json, 2)
     except KeyboardInterrupt:
         return _fail("KeyboardInterrupt", "interrupted", as_json, 130, prefix="")
+    except BrokenPipeError:
+        if not _stdout_is_a_closed_pipe():
+            raise
+        # `ssl-kit methods | head`: the reader has gone, so stop quietly as a shell tool does (exit 128 + SIGPIPE);
+        # stdout goes to /dev/null so that Python's own flush at exit does not fail a second time
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
     except OSError as exc:
         if exc.errno not in WRITE_ERRORS:
             raise

@@ -312,3 +312,24 @@ def test_methods_command_shows_the_defaults_a_stage_trains_with(capsys):
     assert "optimizer.lr" not in options and "name" not in options  # stage keys every method shares are not listed
     assert cli.main(["methods", "no_such_method"]) == 2
     assert "unknown method 'no_such_method'" in capsys.readouterr().err
+    listed = list(ssl_kit_json(capsys, "methods")["methods"])
+    assert listed[:-3] == sorted(listed[:-3]) and "fixmatch" in listed and "dinov2" in listed
+    assert listed[-3:] == ["linear_probe", "knn", "transfer"]  # the evaluation stages come last
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`ssl-kit methods | head -1`: the reader closes the pipe early; the command stops with 141 (128 + SIGPIPE) and
+    no traceback, as shell tools do."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        done = subprocess.run([sys.executable, "-c", "import sys; from ssl_kit.cli import main; sys.exit(main(['methods']))"],
+                              stdout=write_end, stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141 and b"Traceback" not in done.stderr and b"Exception ignored" not in done.stderr, \
+        done.stderr.decode()
