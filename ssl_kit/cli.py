@@ -8,6 +8,7 @@ without loading torch (tests/test_package.py checks sys.modules; benchmarks/star
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import importlib.resources
 import json
@@ -76,8 +77,22 @@ def find_recipe(name: str) -> Path:
                 if folder == LOCAL_RECIPE_DIR and (bundled_recipe_dir() / candidate.name).is_file():
                     print(f"[ssl-kit] recipe {name!r}: using {candidate} (it shadows the bundled one)", file=sys.stderr)
                 return candidate
-    known = ", ".join(sorted(p.stem for p in bundled_recipes()))
-    raise SslKitError(f"recipe {name!r} not found in ./recipes or the bundled recipes (bundled: {known})")
+    known = sorted({p.stem for p in (*local_recipes(), *bundled_recipes())})
+    near = closest_names(Path(name).stem, known)
+    hint = f"did you mean {', '.join(near)}? " if near else ""
+    raise SslKitError(f"recipe {name!r} not found in ./recipes or the bundled recipes; {hint}`ssl-kit recipes` "
+                      f"lists all {len(known)}")
+
+
+def closest_names(name: str, known: list[str], count: int = 5) -> list[str]:
+    """Up to `count` of `known` that look like `name`: those containing it (or contained in it), then the closest
+    by difflib's ratio, then those whose first word (before '_', the method) is close to name's, best first."""
+    containing = [k for k in known if name and (name in k or k in name)]
+    similar = difflib.get_close_matches(name, known, n=count, cutoff=0.6)
+    first = name.split("_")[0]
+    ratio = {k: difflib.SequenceMatcher(None, first, k.split("_")[0]).ratio() for k in known}
+    same_method = sorted((k for k in known if ratio[k] >= 0.8), key=lambda k: -ratio[k])
+    return list(dict.fromkeys(containing + similar + same_method))[:count]
 
 
 def bundled_recipes() -> list[Path]:

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from ssl_kit._version import __version__
-from ssl_kit.cli import bundled_recipe_dir
+from ssl_kit.cli import bundled_recipe_dir, bundled_recipes
+from ssl_kit.errors import SslKitError
 
 ROOT = Path(__file__).resolve().parents[1]
 # what the package needs to build, copied so that the build never writes build/ or *.egg-info into the checkout
@@ -217,6 +218,15 @@ def test_recipes_in_the_working_directory_are_found_first_and_listed(tmp_path, m
     assert "shadows the bundled one" in capsys.readouterr().err
     assert find_recipe("mine.yaml").resolve() == (tmp_path / "recipes" / "mine.yaml").resolve()
     assert find_recipe("supervised_digits").parent == bundled_recipe_dir()
+    with pytest.raises(SslKitError) as refused:  # a near miss is named, not all 60-odd recipes
+        find_recipe("fixmatch_digits")
+    message = str(refused.value)
+    assert "did you mean fixmatch_digits_40, simclr_then_fixmatch_digits" in message
+    assert "vicreg_digits" not in message and f"lists all {len(bundled_recipes()) + 1}" in message  # + ./recipes/mine
+    with pytest.raises(SslKitError, match="did you mean mine\\?"):
+        find_recipe("mines")
+    with pytest.raises(SslKitError, match="did you mean dinov2_digits, dinov2_vit_small_imagefolder, dino_"):
+        find_recipe("dinov3")
     assert main(["recipes"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     bundled, local = [line for line in lines if line.split()[0] == "quickstart"]  # the bundled one first
