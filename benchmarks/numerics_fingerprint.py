@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from ssl_kit.config import StrongAugConfig  # noqa: E402
 from ssl_kit.data.randaugment import rand_augment  # noqa: E402
 from ssl_kit.data.views import Normalize, StrongView  # noqa: E402
 from ssl_kit.models.registry import build_backbone  # noqa: E402
-from ssl_kit.run_dir import cpu_model, numerics_environment  # noqa: E402
+from ssl_kit.run_dir import cpu_numerics  # noqa: E402
 
 BATCH_SIZES = (40, 160, 280)
 
@@ -77,10 +76,7 @@ def trig_fingerprints() -> dict[str, str]:
 
 def fingerprint() -> dict:
     """{"environment": {...}, "digests": {entry: hex}} for this process's settings."""
-    environment = {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                   "torch_threads": torch.get_num_threads(), "numerics_env": numerics_environment(),
-                   "libc": " ".join(platform.libc_ver()).strip(), **library_versions()}
-    return {"environment": environment,
+    return {"environment": {**cpu_numerics(), **library_versions()},
             "digests": {**conv_fingerprints(), **augmentation_fingerprints(), **trig_fingerprints()}}
 
 

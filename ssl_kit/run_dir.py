@@ -70,10 +70,7 @@ def write_env(run_dir: Path) -> None:
     commit = _checkout_commit()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     env = {"ssl_kit": __version__, "git_commit": commit, "python": platform.python_version(), **versions,
-           "libc": " ".join(platform.libc_ver()).strip() or None,
-           "device": device, "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "torch_threads": torch.get_num_threads(), "numerics_env": numerics_environment(),
-           "world_size": dist.world_size(), "command": sys.argv}
+           "device": device, **cpu_numerics(), "world_size": dist.world_size(), "command": sys.argv}
     (run_dir / "env.json").write_text(json.dumps(env, indent=2))
 
 
@@ -87,6 +84,14 @@ NUMERICS_ENV_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABIL
 def numerics_environment() -> dict[str, str]:
     """{name: value} of the NUMERICS_ENV_VARS that are set."""
     return {name: os.environ[name] for name in NUMERICS_ENV_VARS if name in os.environ}
+
+
+def cpu_numerics() -> dict:
+    """What decides the bits of this process's CPU kernels beside the library versions: the C library (libm), the
+    CPU model, the instruction set torch dispatches on, torch's intra-op threads and the NUMERICS_ENV_VARS set."""
+    return {"libc": " ".join(platform.libc_ver()).strip() or None, "cpu": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(),
+            "numerics_env": numerics_environment()}
 
 
 def cpu_model() -> str:
