@@ -3,6 +3,8 @@ kind declares (its argument, its options, whether it streams) is what parsing, l
 use."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -65,6 +67,25 @@ def test_the_file_indexed_kinds_are_the_ones_that_stream():
 def test_a_spec_is_checked_against_what_its_kind_declares(spec, message):
     with pytest.raises(DataError, match=message):
         parse_spec(spec)
+
+
+def test_a_bare_path_is_answered_with_the_spec_that_names_it(tmp_path):
+    """What a new user types first: the path itself. The error names the spec to write for a folder, a tar file or a
+    file list, and adds nothing for a name that is not a path."""
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "shard.tar").write_bytes(b"")
+    (tmp_path / "list.txt").write_text("a.jpg\n")
+    folder, shard, listing = (re.escape(str(tmp_path / name)) for name in ("photos", "shard.tar", "list.txt"))
+    with pytest.raises(DataError, match=rf"is a folder: write imagefolder:{folder} \(one sub-folder per class\) or "
+                                        rf"images:{folder} \(unlabeled"):
+        parse_spec(str(tmp_path / "photos"))
+    with pytest.raises(DataError, match=rf"is a tar file: write webdataset:{shard}$"):
+        parse_spec(str(tmp_path / "shard.tar"))
+    with pytest.raises(DataError, match=rf"is a file: write filelist:{listing} "):
+        parse_spec(str(tmp_path / "list.txt") + ",seed=1")
+    with pytest.raises(DataError) as refused:
+        parse_spec("nope")
+    assert str(refused.value).endswith("webdataset)")
 
 
 def test_a_kind_is_registered_once_with_one_way_to_load():

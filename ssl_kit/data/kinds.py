@@ -66,8 +66,29 @@ def dataset_kind(name: str, spec: Optional[str] = None) -> DatasetKind:
     """The registered kind called `name`; a DataError naming the spec and the known kinds otherwise."""
     if name not in KINDS:
         where = f" in spec {spec!r}" if spec is not None else ""
-        raise DataError(f"unknown dataset {name!r}{where} (known: {', '.join(KINDS)})")
+        raise DataError(f"unknown dataset {name!r}{where} (known: {', '.join(KINDS)}){spec_hint(spec)}")
     return KINDS[name]
+
+
+def spec_hint(spec: Optional[str]) -> str:
+    """For a spec that is a bare path (what a new user types first), the spec that names it: '; PATH is a
+    folder: write imagefolder:PATH ...'; '' otherwise."""
+    if not spec:
+        return ""
+    text = spec.split(",")[0].strip()
+    try:
+        path = Path(text)
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except (OSError, ValueError):  # a name too long for a path, a NUL byte
+        return ""
+    if is_dir:
+        return (f"; {text!r} is a folder: write imagefolder:{text} (one sub-folder per class) or images:{text} "
+                f"(unlabeled images, any layout)")
+    if is_file and text.endswith(".tar"):
+        return f"; {text!r} is a tar file: write webdataset:{text}"
+    if is_file:
+        return f"; {text!r} is a file: write filelist:{text} for a list of image paths (path[,label] per line)"
+    return ""
 
 
 def streamed_kinds() -> tuple[str, ...]:
