@@ -65,6 +65,31 @@ def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_recipe):
     assert (tmp_path / "run" / "precious.txt").read_text() == "keep"
 
 
+def test_a_run_dir_whose_run_failed_before_its_first_step_is_reused(tmp_path, tiny_recipe):
+    """Fixing the recipe and running the same command again works: a run that stopped before its first step (here a
+    data spec without its root) leaves only config.yaml, env.json, an empty metrics.jsonl and the lock; anything more
+    (a metrics line, a file of the user's) is still refused and kept."""
+    from ssl_kit.errors import ConfigError, DataError
+    from tests.conftest import tiny_stage
+
+    out = tmp_path / "run"
+    broken = tiny_recipe(tiny_stage(data={"dataset": "images", "root": None}))
+    with pytest.raises(DataError, match="images needs a root folder"):
+        run_recipe(broken, out)
+    assert {p.name for p in out.iterdir()} <= {"config.yaml", "env.json", "metrics.jsonl", ".ssl-kit.lock"}
+    assert "dataset: images" in (out / "config.yaml").read_text()
+    _, summary = run_recipe(tiny_recipe(), out)
+    assert "dataset: digits" in (out / "config.yaml").read_text() and "supervised/test/top1" in summary
+
+    again = tmp_path / "again"
+    with pytest.raises(DataError):
+        run_recipe(broken, again)
+    (again / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match="exists and is not empty"):
+        run_recipe(tiny_recipe(), again)
+    assert (again / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
 def test_warmup_then_cosine_values():
     schedule = LrSchedule(ScheduleConfig(name="cosine", warmup_epochs=1), total_steps=110, steps_per_epoch=10)
     assert schedule.factor(0) == 0.0
