@@ -203,3 +203,17 @@ def test_augmented_probe_re_extracts_features_every_epoch(trained_run):
     result = probe_dataset(extractor, "digits", epochs=3, augment=True, sweep=False)
     assert result["augmented"] == 1 and 0.3 < result["top1"] <= 1
     assert extractor.forward_passes == 60 + clean_passes + 3 * 1347  # three augmented passes over the train split
+
+
+def test_an_empty_labeled_split_names_its_cause():
+    """Labels given but too few per class for the holdout: the error says so instead of asking for labels."""
+    from ssl_kit.errors import DataError
+    from ssl_kit.eval.features import require_labeled
+
+    with pytest.raises(DataError, match=r"round\(test_fraction x n\) .* a class needs 3 or more labeled images"):
+        require_labeled("images:/x,labels=/x/l.csv", "test", 0)
+    with pytest.raises(DataError, match="give labels with ',labels=labels.csv'"):
+        require_labeled("images:/x", "test", 0)
+    with pytest.raises(DataError, match="give labels with"):
+        require_labeled("images:/x,labels=/x/l.csv", "train", 0)
+    require_labeled("images:/x,labels=/x/l.csv", "test", 3)

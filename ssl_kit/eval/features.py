@@ -80,6 +80,11 @@ def load_eval_backbone(path: str | Path, weights: Optional[str] = None, image_si
 def require_labeled(spec: str, split: str, labeled: int) -> None:
     """A probe or kNN fits on the labeled training images and scores the labeled test images: none is an error."""
     if labeled == 0:
+        if "labels=" in spec and split == "test":  # labels given, but too few per class for the holdout
+            raise DataError(f"dataset {spec!r}: split 'test' has no labeled images to score: without a test folder "
+                            f"it holds round(test_fraction x n) of each class's n labeled images (test_fraction 0.2 "
+                            f"by default), so a class needs 3 or more labeled images to give it one; label more "
+                            f"images, or raise ',test_fraction='")
         raise DataError(f"dataset {spec!r}: split {split!r} has no labeled images to fit or score (give labels with "
                         f"',labels=labels.csv' or use a labeled source)")
 
