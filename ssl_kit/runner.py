@@ -36,7 +36,7 @@ from .engine.checkpoint import (atomic_save, atomic_write_text, backbone_record,
                                 resolve_checkpoint, safe_load)
 from .engine.loggers import JsonlLogger, Loggers, TensorBoardLogger, WandbLogger, truncate_metrics
 from .engine.trainer import RunContext, Trainer, resolve_device
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DataError
 from .eval.adaptation import adaptation_recipe, adaptation_scores
 from .eval.report import write_report
 from .eval.stages import run_eval_stage, stage_metrics
@@ -196,7 +196,11 @@ class RecipeRunner:
         if record is not None and data_cfg.channels is None:
             data_cfg = data_cfg.model_copy(update={"channels": record["data"]["channels"]})
         method_cls = build_method(stage.method)
-        data = prepare_data(data_cfg, self.recipe.seed, method_cls.data_needs(stage))
+        try:
+            data = prepare_data(data_cfg, self.recipe.seed, method_cls.data_needs(stage))
+        except DataError as exc:  # name the recipe key to change: stages[pretrain].data -> pretrain.data.root=DIR
+            exc.args = (f"stages[{stage.name}].data: {exc}", *exc.args[1:])  # its type (BadImage, ...) kept
+            raise
         self._save_split(stage.name, data)
         backbone, arch = self._build_backbone(stage, data.info, record)
         method = method_cls(stage, backbone, data.info, **method_cls.context_from(stage, data, self._load_record))

@@ -74,7 +74,7 @@ def test_a_run_dir_whose_run_failed_before_its_first_step_is_reused(tmp_path, ti
 
     out = tmp_path / "run"
     broken = tiny_recipe(tiny_stage(data={"dataset": "images", "root": None}))
-    with pytest.raises(DataError, match="images needs a root folder"):
+    with pytest.raises(DataError, match=r"^stages\[supervised\]\.data: dataset spec 'images': images needs a root"):
         run_recipe(broken, out)
     assert {p.name for p in out.iterdir()} <= {"config.yaml", "env.json", "metrics.jsonl", ".ssl-kit.lock"}
     assert "dataset: images" in (out / "config.yaml").read_text()
