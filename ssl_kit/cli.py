@@ -299,7 +299,11 @@ def cmd_finetune(args) -> int:
         stage["data"]["image_size"] = resolve_checkpoint(args.checkpoint, "--checkpoint")["data"]["image_size"]
     recipe = validate_recipe({"seed": args.seed, "name": "finetune", "stages": [stage]}, "finetune arguments")
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ssl-kit-finetune-"))
-    run_dir, summary = run_recipe(recipe, out)
+    try:
+        run_dir, summary = run_recipe(recipe, out)
+    except SslKitError as exc:  # the stage was built from flags: name the flag, not the recipe key
+        exc.args = (str(exc).replace("train.batch_size", "--batch-size"), *exc.args[1:])
+        raise
     result = {k.split("/", 2)[-1]: v for k, v in summary.items() if k.startswith("finetune/test/")}
     result["run_dir"] = str(run_dir)
     _emit(result, args.json)

@@ -160,6 +160,16 @@ def test_cli_finetune_json(trained_run, tmp_path):
     assert (tmp_path / "ft" / "backbone.pt").is_file()
 
 
+def test_cli_finetune_names_its_flag_when_the_batch_is_too_large(trained_run, tmp_path, capsys):
+    """A few labeled images (what this field fine-tunes on) and the default batch: the error names --batch-size,
+    the flag the user can change, not the recipe key the command built."""
+    from ssl_kit.cli import main
+
+    assert main(["finetune", "--checkpoint", str(trained_run), "--data", "digits", "--labels-per-class", "5",
+                 "--epochs", "1", "--out", str(tmp_path / "ft")]) == 2
+    assert "error: --batch-size 64 is larger than the 50 training images; lower it" in capsys.readouterr().err
+
+
 def test_probe_grid_equals_separate_sgd_runs():
     """Training the lr/wd grid as one stacked model gives each model exactly torch.optim.SGD's trajectory."""
     import torch.nn.functional as F
