@@ -60,34 +60,45 @@ def prepare_run_dir(out: Path, resume: bool) -> None:
         if not made_no_progress(out):
             raise ConfigError(f"run directory {str(out)!r} exists and is not empty: pass --resume to continue it, "
                               f"or choose another --out")
-        for name in NO_PROGRESS_FILES - {LOCK_NAME, "splits"}:
-            (out / name).unlink(missing_ok=True)
-        if (out / "splits").is_dir():
-            for split in (out / "splits").iterdir():
-                split.unlink()
-            (out / "splits").rmdir()
+        _clear_no_progress(out)
         log(f"[ssl-kit] {out}: its last run stopped before its first step (nothing but its config.yaml, env.json, "
             f"split lists and bad-image log); starting afresh in it")
     out.mkdir(parents=True, exist_ok=True)
 
 
-# What a run has written before its first step (bad_images.txt: the files that stopped it); a dir holding only these (metrics.jsonl empty, splits/ only the
-# stages' split lists) holds no progress.
+# What a run has written before its first step (bad_images.txt: the files that stopped it); a dir holding only
+# these (metrics.jsonl empty, splits/ only the stages' split lists) holds no progress.
 NO_PROGRESS_FILES = frozenset({"config.yaml", "env.json", "metrics.jsonl", "splits", "bad_images.txt", LOCK_NAME})
 
 
 def made_no_progress(out: Path) -> bool:
     """Whether run dir `out` holds a run that stopped before its first step (a data spec without a root, a missing
     folder): its lock file (so a run held it, and the caller now holds it: a live run keeps it locked), nothing
-    outside NO_PROGRESS_FILES, an empty metrics.jsonl and only split lists (*.json) in splits/. Such a dir is reused for a new run instead of refused, so
-    that fixing the recipe and running the same command again works; anything else in it is kept and refused."""
+    outside NO_PROGRESS_FILES (regular files but splits/), an empty metrics.jsonl and only split lists (*.json) in splits/. Such a dir is reused
+    for a new run instead of refused, so that fixing the recipe and running the same command again works; anything
+    else in it is kept and refused."""
     names = {p.name for p in out.iterdir()}
     metrics, splits = out / "metrics.jsonl", out / "splits"
+    files = [out / name for name in names - {"splits"}]
     return LOCK_NAME in names and names <= NO_PROGRESS_FILES and \
-        (not metrics.exists() or (metrics.is_file() and metrics.stat().st_size == 0)) and \
+        all(f.is_file() and not f.is_symlink() for f in files) and \
+        (not metrics.exists() or metrics.stat().st_size == 0) and \
         (not splits.exists() or (splits.is_dir() and not splits.is_symlink()
                                  and all(f.is_file() and not f.is_symlink() and f.suffix == ".json"
                                          for f in splits.iterdir())))
+
+
+def _clear_no_progress(out: Path) -> None:
+    """Remove what made_no_progress(out) found (its files, the split lists and their folder), the lock excepted."""
+    for entry in out.iterdir():
+        if entry.name == LOCK_NAME:
+            continue
+        if entry.name == "splits":
+            for split in entry.iterdir():
+                split.unlink()
+            entry.rmdir()
+        else:
+            entry.unlink()
 
 
 def write_env(run_dir: Path) -> None:

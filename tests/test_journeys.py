@@ -327,8 +327,8 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before anything is written
     try:
-        done = subprocess.run([sys.executable, "-c", "import sys; from ssl_kit.cli import main; sys.exit(main(['methods']))"],
-                              stdout=write_end, stderr=subprocess.PIPE, timeout=120)
+        command = "import sys; from ssl_kit.cli import main; sys.exit(main(['methods']))"
+        done = subprocess.run([sys.executable, "-c", command], stdout=write_end, stderr=subprocess.PIPE, timeout=120)
     finally:
         os.close(write_end)
     assert done.returncode == 141 and b"Traceback" not in done.stderr and b"Exception ignored" not in done.stderr, \
