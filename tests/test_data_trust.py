@@ -282,3 +282,24 @@ def test_oversized_labels_and_members_are_refused_naming_the_file_and_the_limit(
     (tmp_path / "data" / "a" / "big.png").write_bytes(jpeg + b"\0" * (2 << 20))  # a loose file over the cap
     reads, bad = check_index(build_index("imagefolder", str(tmp_path / "data"), use_cache=False), workers=0)
     assert reads == 3 and len(bad) == 1 and "exceed the image file size cap of 1,056,576" in bad[0][1]
+
+
+def test_the_same_weights_pooled_otherwise_miss_the_feature_cache(tmp_path):
+    """A ViT's [cls] and its mean patch token (backbone.kwargs.global_pool) come from the same weights: the feature
+    cache key holds the pooling, so the second pooling is computed, not served the first's features."""
+    write_folder(tmp_path / "data")
+    spec = f"imagefolder:{tmp_path / 'data'},storage=stream"
+
+    def vit_features(global_pool: bool) -> tuple[torch.Tensor, int]:
+        torch.manual_seed(0)
+        kwargs = {"patch_size": 4, "dim": 32, "depth": 1, "heads": 2, "global_pool": global_pool}
+        backbone = build_backbone("vit_tiny", 3, 16, kwargs).eval()
+        backbone.data_info = dict(INFO)
+        ex = FeatureExtractor(backbone, "cpu", workers=0)
+        return ex.dataset_features(spec)["test"][0].float().clone(), ex.forward_passes
+
+    cls_features, passes = vit_features(False)
+    assert passes == 20 and vit_features(False)[1] == 0  # cached
+    mean_features, passes = vit_features(True)
+    assert passes == 20 and not torch.allclose(cls_features, mean_features)
+    assert vit_features(True)[1] == 0 and vit_features(False)[1] == 0  # both poolings cached side by side

@@ -6,12 +6,12 @@ size: the recipe's data.memory_budget_gb, `--budget-gb` on the command line; or 
 `storage=stream`) are never decoded into memory: DataLoader workers decode them with the evaluation transform the
 backbone was trained with (shorter side -> size/data.eval_resize_ratio, centre crop), and the features go
 to an on-disk float16 cache under `$SSL_KIT_CACHE/features` (default ~/.cache/ssl_kit/features), keyed
-(data/cache_key.py) by the backbone's weights, the spec, the split, the transform and a stamp of every file read
-(name, size, mtime_ns: images rewritten in place under the same names miss the cache), so linear-probe, knn and
-transfer on the same checkpoint embed each image once. An entry is trusted only when its manifest (format version,
-shape, byte sizes, sha256 of both files) matches; a truncated, crafted or other-version entry is recomputed with a
-warning (verifying reads the cache file once, far cheaper than embedding it). The cache is handed to them
-memory-mapped (mapped.py), never as N × F float32.
+(data/cache_key.py) by the backbone's weights and pooling (feature_identity), the spec, the split, the transform
+and a stamp of every file read (name, size, mtime_ns: images rewritten in place under the same names miss the
+cache), so linear-probe, knn and transfer on the same checkpoint embed each image once. An entry is trusted only
+when its manifest (format version, shape, byte sizes, sha256 of both files) matches; a truncated, crafted or
+other-version entry is recomputed with a warning (verifying reads the cache file once, far cheaper than embedding
+it). The cache is handed to them memory-mapped (mapped.py), never as N × F float32.
 """
 from __future__ import annotations
 
@@ -63,6 +63,15 @@ def weights_digest(module: nn.Module) -> str:
         digest.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
         digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()[:24]
+
+
+def feature_identity(backbone: nn.Module) -> str:
+    """What a backbone's features depend on: its weights (weights_digest), its class, the build kwargs a checkpoint
+    recorded (`.arch_kwargs`, attached by build_from_record) and its pooling (`global_pool`): a ViT's [cls] and its
+    mean patch token come from the same weights and must not share a feature cache entry."""
+    config = {"class": type(backbone).__qualname__, "arch": getattr(backbone, "arch", None),
+              "kwargs": getattr(backbone, "arch_kwargs", None), "global_pool": getattr(backbone, "global_pool", None)}
+    return f"{weights_digest(backbone)}:{json.dumps(config, sort_keys=True, default=repr)}"
 
 
 def load_eval_backbone(path: str | Path, weights: Optional[str] = None, image_size: Optional[int] = None) -> nn.Module:
@@ -247,7 +256,7 @@ class FeatureExtractor:
         the code and libraries that decode and embed them: ssl_kit's version and library_versions() (Pillow, torch,
         ...), so features computed by other releases are recomputed, not served."""
         if self._weights is None:
-            self._weights = weights_digest(self.backbone)
+            self._weights = feature_identity(self.backbone)
         size, channels = self.info["image_size"], self.info["channels"]
         key = cache_key("features", self._weights, spec, split, size, channels, self.resize_ratio,
                         content_stamp(images.index, images.positions, max(1, self.workers)),

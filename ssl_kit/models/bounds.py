@@ -92,8 +92,9 @@ def check_architecture(arch: str, kwargs: dict, channels: int, image_size: int, 
 
 
 def build_from_record(record: dict) -> nn.Module:
-    """Rebuild the backbone of a record, load its weights; attaches .data_info and .arch. The architecture is
-    checked against MAX_PARAMS and the weights present before the network is allocated (check_architecture)."""
+    """Rebuild the backbone of a record, load its weights; attaches .data_info, .arch and .arch_kwargs. The
+    architecture is checked against MAX_PARAMS and the weights present before the network is allocated
+    (check_architecture)."""
     info = record["data"]
     check_architecture(record["arch"], record["kwargs"], info["channels"], info["image_size"],
                        f"checkpoint of {record['arch']!r}", record["state_dict"])
@@ -105,4 +106,5 @@ def build_from_record(record: dict) -> nn.Module:
         raise CheckpointError(f"weights do not fit backbone {record['arch']!r} {record['kwargs']}: {first}") from None
     backbone.data_info = info
     backbone.arch = record["arch"]
+    backbone.arch_kwargs = dict(record["kwargs"])
     return backbone
