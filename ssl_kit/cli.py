@@ -213,7 +213,8 @@ def _eval_stage(args, method: str, data: Optional[str], **keys):
 
     stage = {"name": args.command.replace("-", "_"), "method": method, "checkpoint": args.checkpoint, "data": data,
              "device": args.device, "weights": args.weights, "image_size": args.image_size,
-             "memory_budget_gb": _budget_gb(args), **keys}
+             "memory_budget_gb": _budget_gb(args), "n_last_blocks": args.n_last_blocks, "avgpool": args.avgpool,
+             **keys}
     recipe = validate_recipe({"seed": args.seed, "stages": [stage]}, f"ssl-kit {args.command}")
     return recipe.stages[0]
 
@@ -518,6 +519,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--budget-gb", type=BUDGET_GB,
                            help="data.memory_budget_gb (default: the recipe default): a streamed source decoding to "
                                 "more is embedded from files in workers, its features cached on disk")
+            p.add_argument("--n-last-blocks", type=bounded(int, 1, 64), default=1,
+                           help="ViT: concatenate the [cls] tokens of the last N blocks (DINOv2's linear "
+                                "evaluation: 1 or 4)")
+            p.add_argument("--avgpool", action="store_true",
+                           help="ViT: append the mean of the last block's patch tokens (DINOv2's linear evaluation)")
         p.add_argument("--seed", type=SEED, default=0)
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
         p.set_defaults(func=func)

@@ -352,6 +352,10 @@ class EvalStageBase(Strict):
                                                      "('random': an untrained torchvision network)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     channels_last: Optional[bool] = _channels_last_field()
+    n_last_blocks: int = Field(1, ge=1, le=64, description="ViT only: concatenate the normalised [cls] tokens of the "
+                                                          "last N blocks (DINOv2's linear evaluation: 1 or 4)")
+    avgpool: bool = Field(False, description="ViT only: append the mean of the last block's normalised patch tokens "
+                                             "(DINOv2's linear evaluation)")
 
     def stage_references(self) -> dict[str, Optional[str]]:
         return {"backbone": self.from_stage}

@@ -44,6 +44,7 @@ from ..engine.checkpoint import load_backbone
 from ..errors import DataError, TrainingError
 from ..models.external import is_torchvision_reference, torchvision_backbone
 from .mapped import open_mapped
+from .vit_readout import vit_readout
 
 DEFAULT_MEMORY_BUDGET_GB = DataConfig.model_fields["memory_budget_gb"].default
 MANIFEST_MAX_BYTES = 1 << 16  # a manifest is a few hundred bytes
@@ -74,16 +75,18 @@ def feature_identity(backbone: nn.Module) -> str:
     return f"{weights_digest(backbone)}:{json.dumps(config, sort_keys=True, default=repr)}"
 
 
-def load_eval_backbone(path: str | Path, weights: Optional[str] = None, image_size: Optional[int] = None) -> nn.Module:
-    """Backbone (eval mode, with .data_info) for evaluation commands; see FeatureExtractor.from_checkpoint."""
+def load_eval_backbone(path: str | Path, weights: Optional[str] = None, image_size: Optional[int] = None,
+                       n_last_blocks: int = 1, avgpool: bool = False) -> nn.Module:
+    """Backbone (eval mode, with .data_info) for evaluation commands; see FeatureExtractor.from_checkpoint.
+    n_last_blocks / avgpool > defaults: a ViT read as DINOv2's linear evaluation reads it (vit_readout.py)."""
     if is_torchvision_reference(path):
-        return torchvision_backbone(str(path), weights, image_size)
+        return vit_readout(torchvision_backbone(str(path), weights, image_size), n_last_blocks, avgpool)
     if weights is not None:
         raise DataError(f"--weights is for torchvision:NAME checkpoints; {str(path)!r} carries its own weights")
     backbone = load_backbone(path)
     if image_size is not None:
         backbone.data_info = dict(backbone.data_info, image_size=image_size)
-    return backbone
+    return vit_readout(backbone, n_last_blocks, avgpool)
 
 
 def require_labeled(spec: str, split: str, labeled: int) -> None:
@@ -186,11 +189,14 @@ class FeatureExtractor:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", weights: Optional[str] = None,
                         image_size: Optional[int] = None,
-                        memory_budget_gb: float = DEFAULT_MEMORY_BUDGET_GB) -> "FeatureExtractor":
+                        memory_budget_gb: float = DEFAULT_MEMORY_BUDGET_GB, n_last_blocks: int = 1,
+                        avgpool: bool = False) -> "FeatureExtractor":
         """An ssl_kit backbone.pt / run dir / training checkpoint, or 'torchvision:NAME' with local `weights`.
         `image_size` overrides the input size the backbone was trained at (images are resized to it);
-        `memory_budget_gb`: streamed sources decoding to more are embedded from files (storage auto)."""
-        return cls(load_eval_backbone(path, weights, image_size), device, memory_budget_gb=memory_budget_gb)
+        `memory_budget_gb`: streamed sources decoding to more are embedded from files (storage auto);
+        `n_last_blocks` / `avgpool`: a ViT's features as DINOv2's linear evaluation reads them (vit_readout.py)."""
+        return cls(load_eval_backbone(path, weights, image_size, n_last_blocks, avgpool), device,
+                   memory_budget_gb=memory_budget_gb)
 
     def features(self, images: ImageSet, key: Optional[str] = None) -> Tensor:
         """uint8 images of any size/channels -> float32 features (N, F) on the CPU (cached under `key`)."""

@@ -118,7 +118,8 @@ def run_eval_stage(stage, checkpoint, dataset: Optional[str], run_dir: Optional[
     stages/<name>/ and its pictures to plots/. `adapted`: transfer's FixMatch adaptation scores, from the training
     stages the runner ran first. Nothing here trains."""
     extractor = FeatureExtractor.from_checkpoint(checkpoint, stage.device, stage.weights, stage.image_size,
-                                                 stage.memory_budget_gb or DEFAULT_MEMORY_BUDGET_GB)
+                                                 stage.memory_budget_gb or DEFAULT_MEMORY_BUDGET_GB,
+                                                 stage.n_last_blocks, stage.avgpool)
     if stage.method == "transfer":
         result = _transfer(stage, extractor, dataset, run_dir, seed, adapted)
     elif stage.method == "linear_probe":
