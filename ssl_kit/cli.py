@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from ._version import __version__
-from .errors import SslKitError, TrainingInterrupted, UsageError
+from .errors import SslKitError, TrainingInterrupted, UsageError, reword
 from .limits import check_environment
 
 # Commands import the heavy layers inside their functions ("# deferred: start-up" below): torch, timm, kornia and
@@ -303,8 +303,7 @@ def cmd_finetune(args) -> int:
     try:
         run_dir, summary = run_recipe(recipe, out)
     except SslKitError as exc:  # the stage was built from flags: name the flag, not the recipe key
-        exc.args = (str(exc).replace("train.batch_size", "--batch-size"), *exc.args[1:])
-        raise
+        raise reword(exc, str(exc).replace("train.batch_size", "--batch-size"))
     result = {k.split("/", 2)[-1]: v for k, v in summary.items() if k.startswith("finetune/test/")}
     result["run_dir"] = str(run_dir)
     _emit(result, args.json)

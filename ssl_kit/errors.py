@@ -5,6 +5,13 @@ class SslKitError(Exception):
     """Base class of every error ssl_kit raises on purpose (bad input, bad state)."""
 
 
+def reword(exc: BaseException, message: str) -> BaseException:
+    """`exc` with `message` as its text, its type and any further args kept (a BadImage stays a BadImage, so the
+    exit code and handlers that match on the type still do); for `raise` after adding the key or flag at fault."""
+    exc.args = (message, *exc.args[1:])
+    return exc
+
+
 class ConfigError(SslKitError, ValueError):
     """A recipe or override is invalid: unknown key, wrong type or impossible value."""
 

@@ -36,7 +36,7 @@ from .engine.checkpoint import (atomic_save, atomic_write_text, backbone_record,
                                 resolve_checkpoint, safe_load)
 from .engine.loggers import JsonlLogger, Loggers, TensorBoardLogger, WandbLogger, truncate_metrics
 from .engine.trainer import RunContext, Trainer, resolve_device
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError, reword
 from .eval.adaptation import adaptation_recipe, adaptation_scores
 from .eval.report import write_report
 from .eval.stages import run_eval_stage, stage_metrics
@@ -199,8 +199,7 @@ class RecipeRunner:
         try:
             data = prepare_data(data_cfg, self.recipe.seed, method_cls.data_needs(stage))
         except DataError as exc:  # name the recipe key to change: stages[pretrain].data -> pretrain.data.root=DIR
-            exc.args = (f"stages[{stage.name}].data: {exc}", *exc.args[1:])  # its type (BadImage, ...) kept
-            raise
+            raise reword(exc, f"stages[{stage.name}].data: {exc}")
         self._save_split(stage.name, data)
         backbone, arch = self._build_backbone(stage, data.info, record)
         method = method_cls(stage, backbone, data.info, **method_cls.context_from(stage, data, self._load_record))
@@ -280,7 +279,10 @@ class RecipeRunner:
                 raise ConfigError(f"stages[{stage.name}]: the checkpoint records no dataset; set data: SPEC")
         if stage.memory_budget_gb is None and trained_by:  # the data settings the backbone's stage trained with
             stage = stage.model_copy(update={"memory_budget_gb": self._stage(trained_by).data.memory_budget_gb})
-        return stage_metrics(stage, evaluate(stage, source, dataset, self.run_dir, self.recipe.seed))
+        try:
+            return stage_metrics(stage, evaluate(stage, source, dataset, self.run_dir, self.recipe.seed))
+        except DataError as exc:  # which stage's spec: its data, a transfer target or a domain (the text names it)
+            raise reword(exc, f"stages[{stage.name}]: {exc}")
 
     def _stage(self, name: str):
         """The recipe's stage called `name`."""

@@ -90,6 +90,22 @@ def test_a_run_dir_whose_run_failed_before_its_first_step_is_reused(tmp_path, ti
     assert (again / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
+def test_an_evaluation_stage_data_error_names_the_stage(tmp_path):
+    """A recipe's evaluation stage with a broken spec says which stage (the text names the spec); the type stays."""
+    from ssl_kit.config import validate_recipe
+    from ssl_kit.engine.checkpoint import atomic_save, backbone_record
+    from ssl_kit.errors import DataError
+    from ssl_kit.models.registry import build_backbone
+
+    info = {"image_size": 16, "channels": 1, "mean": [0.5], "std": [0.25]}
+    atomic_save(backbone_record("small_cnn", {"width": 4}, info, build_backbone("small_cnn", 1, 16, {"width": 4})),
+                tmp_path / "backbone.pt")
+    recipe = validate_recipe({"stages": [{"name": "probe", "method": "linear_probe", "device": "cpu",
+                                          "checkpoint": str(tmp_path / "backbone.pt"), "data": "images"}]}, "test")
+    with pytest.raises(DataError, match=r"^stages\[probe\]: dataset spec 'images': images needs a root"):
+        run_recipe(recipe, tmp_path / "run")
+
+
 def test_warmup_then_cosine_values():
     schedule = LrSchedule(ScheduleConfig(name="cosine", warmup_epochs=1), total_steps=110, steps_per_epoch=10)
     assert schedule.factor(0) == 0.0
