@@ -143,6 +143,18 @@ def logistic_regression_on_pixels(spec: str, labels_per_class: int, seed: int) -
     return float((model.predict(x_test) == y_test).mean())
 
 
+def linear_probe_on_pixels(spec: str, labels_per_class: int | None, seed: int, epochs: int = 100) -> float:
+    """ssl_kit's linear probe (the lr/wd sweep on a validation split, then the refit: what every backbone row is
+    scored by) on the raw pixels at native size, flattened, in [0, 1]; None: all training labels. The baseline a
+    pretrained backbone must beat under the same classifier."""
+    from ssl_kit.eval.linear_probe import linear_probe
+
+    x_train, y_train, _, x_test, y_test = raw_pixel_split(spec, labels_per_class or 1, seed)
+    result = linear_probe(torch.from_numpy(x_train), torch.from_numpy(y_train), torch.from_numpy(x_test),
+                          torch.from_numpy(y_test), int(y_train.max()) + 1, epochs, True, labels_per_class, seed)
+    return float(result["top1"])
+
+
 def label_spreading_on_pixels(spec: str, labels_per_class: int, seed: int, gamma: float = 0.25) -> float:
     """scikit-learn LabelSpreading (rbf) on raw pixels in scikit-learn's 0–16 digits scale. Transductive, as in the
     reference protocol: fitted on training + test images with only the labeled split's labels; accuracy of the

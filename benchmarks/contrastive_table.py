@@ -1,8 +1,11 @@
 """Contrastive pretraining (SimCLR, MoCo v2, MoCo v3) vs. a randomly initialised backbone vs. logistic regression on
 raw pixels, by linear probe (4 and 10 labels per class, and all labels) and kNN (issue 3). Also a temperature sweep.
+The raw pixels are scored twice: by scikit-learn's logistic regression (C 1, the table's first baseline) and by the
+linear probe every backbone row gets (ssl_kit's lr/wd sweep on a validation split), the like-for-like bar.
 
     python benchmarks/contrastive_table.py --dataset digits --epochs 100 --device cuda [--temperatures 0.05 0.1 0.2 0.5 1.0]
     python benchmarks/contrastive_table.py --methods --backbones MSN=runs/msn/backbone.pt "MSN untrained=..."
+    python benchmarks/contrastive_table.py --methods --seed 1 --dinov2-readouts --backbones DINOv2=runs/dinov2/backbone.pt
 
 `--backbones NAME=PATH` adds rows for backbones trained elsewhere (e.g. `ssl-kit run msn_digits`: the ViT methods'
 own recipes), scored by the same probes and kNN.
@@ -16,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import logistic_regression_on_pixels, run_stages, table  # noqa: E402
+from benchmarks.common import linear_probe_on_pixels, logistic_regression_on_pixels, run_stages, table  # noqa: E402
 from ssl_kit.engine.checkpoint import build_from_record  # noqa: E402
 from ssl_kit.eval.features import FeatureExtractor  # noqa: E402
 from ssl_kit.eval.stages import knn_dataset, probe_dataset  # noqa: E402
@@ -98,16 +101,25 @@ def main() -> None:
     parser.add_argument("--no-full-probe", action="store_true", help="skip the all-labels probe (large data sets)")
     parser.add_argument("--backbones", nargs="*", default=[], metavar="NAME=PATH",
                         help="also score these backbone.pt files (trained by their own recipes)")
+    parser.add_argument("--dinov2-readouts", action="store_true",
+                        help="also score each --backbones ViT as DINOv2's linear evaluation reads it: last 4 [cls], "
+                             "[cls] + patch mean, both (--n-last-blocks 4 / --avgpool)")
     args = parser.parse_args()
     global FULL_PROBE
     FULL_PROBE = not args.no_full_probe
     headers = ["backbone"] + [f"probe {n}/class" for n in args.labels] + ["probe all", "kNN k=20"]
     rows = [["raw pixels + logistic regression"] + [logistic_regression_on_pixels(args.dataset, n, args.seed)
-                                                    for n in args.labels] + ["-", "-"]]
+                                                    for n in args.labels] + ["-", "-"],
+            ["raw pixels + the same linear probe"] + [linear_probe_on_pixels(args.dataset, n, args.seed)
+                                                      for n in args.labels]
+            + [linear_probe_on_pixels(args.dataset, None, args.seed) if FULL_PROBE else "-", "-"]]
+    readouts = [(1, False, "")] + ([(4, False, ", last 4 [cls]"), (1, True, ", [cls] + patch mean"),
+                                    (4, True, ", last 4 [cls] + patch mean")] if args.dinov2_readouts else [])
     for name, path in (item.split("=", 1) for item in args.backbones):
-        rows.append([name] + evaluate(FeatureExtractor.from_checkpoint(path, args.device), args.dataset, args.labels,
-                                      args.seed))
-        print(table(headers, rows[-1:]), flush=True)
+        for blocks, avgpool, label in readouts:
+            extractor = FeatureExtractor.from_checkpoint(path, args.device, n_last_blocks=blocks, avgpool=avgpool)
+            rows.append([name + label] + evaluate(extractor, args.dataset, args.labels, args.seed))
+            print(table(headers, rows[-1:]), flush=True)
     record = None
     for method in args.methods:
         _, record = run_stages([pretrain_stage(method, args.dataset, args.epochs, args.size, args.width,
