@@ -40,6 +40,7 @@ from .errors import CheckpointError, ConfigError, DataError, reword
 from .eval.adaptation import adaptation_recipe, adaptation_scores
 from .eval.report import write_report
 from .eval.stages import run_eval_stage, stage_metrics
+from .eval.vit_readout import ViTReadout
 from .methods import build_method
 from .models.bounds import check_architecture
 from .models.checkpointing import enable_grad_checkpointing
@@ -332,6 +333,31 @@ def _adapt(stage, checkpoint, source: str, target: str, run_dir: Optional[Path],
     return adaptation_scores(summary)
 
 
+def check_readouts(recipe: Recipe) -> None:
+    """An evaluation stage that reads a ViT's last blocks (n_last_blocks / avgpool) of a backbone this recipe trains
+    is checked against that stage's backbone, built on the meta device, before anything trains: a CNN, or more
+    blocks than the ViT has, is refused at once instead of after the training. A `checkpoint` is checked when read."""
+    last_trained = None
+    for stage in recipe.stages:
+        if stage.method not in EVAL_METHODS:
+            last_trained = stage
+            continue
+        if (stage.n_last_blocks == 1 and not stage.avgpool) or stage.checkpoint:
+            continue
+        source = next((s for s in recipe.stages if s.name == stage.from_stage), None) if stage.from_stage \
+            else last_trained
+        if source is None or source.method in EVAL_METHODS:
+            continue
+        backbone, data = source.backbone, source.data
+        skeleton = check_architecture(backbone.name, backbone.kwargs, data.channels or 3, data.image_size,
+                                      f"stages[{source.name}].backbone")
+        skeleton.arch = backbone.name
+        try:
+            ViTReadout(skeleton, stage.n_last_blocks, stage.avgpool)
+        except ConfigError as exc:
+            raise reword(exc, f"stages[{stage.name}]: {exc}")
+
+
 def run_recipe(recipe: Recipe, out: Optional[Path] = None, resume: bool = False,
                step_callback: Optional[Callable[[int], None]] = None,
                allow_config_change: bool = False) -> tuple[Path, dict]:
@@ -339,6 +365,7 @@ def run_recipe(recipe: Recipe, out: Optional[Path] = None, resume: bool = False,
     Under torchrun (WORLD_SIZE > 1) joins the process group first; every rank returns rank 0's summary. Rank 0
     holds the run directory's lock (engine/run_lock.py) for the whole run; on resume the recipe is first compared
     with the run's config.yaml (check_resume_config)."""
+    check_readouts(recipe)
     if dist.launched_distributed():
         dist.init_from_env(str(resolve_device(_first_device(recipe))))
     run_dir, resume, lock = agree_on_run_dir(recipe, out, resume, allow_config_change)

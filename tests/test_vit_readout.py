@@ -112,3 +112,24 @@ def test_recipe_eval_stages_take_the_keys():
     with pytest.raises(ConfigError, match="n_last_blocks"):
         validate_recipe({"stages": [{"name": "probe", "method": "linear_probe", "checkpoint": "x.pt",
                                      "n_last_blocks": 0}]}, "test")
+
+
+def test_a_recipe_reading_the_last_blocks_of_what_it_trains_is_checked_before_training(tmp_path):
+    """A CNN, or more blocks than the trained ViT has, is refused before the training stage runs (no run dir)."""
+    from ssl_kit.runner import check_readouts, run_recipe
+
+    def recipe(backbone: dict, **keys):
+        return validate_recipe({"stages": [
+            {"name": "pretrain", "method": "simclr", "data": {"dataset": "digits", "image_size": 16},
+             "backbone": backbone},
+            {"name": "probe", "method": "linear_probe", **keys}]}, "test")
+
+    cnn = {"name": "small_cnn", "kwargs": {"width": 4}}
+    with pytest.raises(ConfigError, match=r"^stages\[probe\]: n_last_blocks / avgpool .* backbone 'small_cnn' has no"):
+        run_recipe(recipe(cnn, avgpool=True), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    vit2 = {"name": "vit_tiny", "kwargs": {"patch_size": 4, "dim": 32, "depth": 2, "heads": 2}}
+    with pytest.raises(ConfigError, match=r"^stages\[probe\]: .*between 1 and the backbone's 2 blocks, got 3"):
+        check_readouts(recipe(vit2, n_last_blocks=3))
+    check_readouts(recipe(vit2, n_last_blocks=2, avgpool=True))  # fits
+    check_readouts(recipe(cnn))  # the defaults read any backbone
