@@ -74,9 +74,9 @@ NO_PROGRESS_FILES = frozenset({"config.yaml", "env.json", "metrics.jsonl", "spli
 def made_no_progress(out: Path) -> bool:
     """Whether run dir `out` holds a run that stopped before its first step (a data spec without a root, a missing
     folder): its lock file (so a run held it, and the caller now holds it: a live run keeps it locked), nothing
-    outside NO_PROGRESS_FILES (regular files but splits/), an empty metrics.jsonl and only split lists (*.json) in splits/. Such a dir is reused
-    for a new run instead of refused, so that fixing the recipe and running the same command again works; anything
-    else in it is kept and refused."""
+    outside NO_PROGRESS_FILES (regular files but splits/), an empty metrics.jsonl and only split lists (*.json) in
+    splits/. Such a dir is reused for a new run instead of refused, so that fixing the recipe and running the same
+    command again works; anything else in it is kept and refused."""
     names = {p.name for p in out.iterdir()}
     metrics, splits = out / "metrics.jsonl", out / "splits"
     files = [out / name for name in names - {"splits"}]

@@ -279,15 +279,12 @@ class RecipeRunner:
             if not isinstance(dataset, str):
                 raise ConfigError(f"stages[{stage.name}]: the checkpoint records no dataset; set data: SPEC")
         if stage.memory_budget_gb is None and trained_by:  # the data settings the backbone's stage trained with
-            stage = stage.model_copy(update={"memory_budget_gb": self._stage(trained_by).data.memory_budget_gb})
+            budget = self.recipe.stage(trained_by).data.memory_budget_gb
+            stage = stage.model_copy(update={"memory_budget_gb": budget})
         try:
             return stage_metrics(stage, evaluate(stage, source, dataset, self.run_dir, self.recipe.seed))
         except DataError as exc:  # which stage's spec: its data, a transfer target or a domain (the text names it)
             raise reword(exc, f"stages[{stage.name}]: {exc}")
-
-    def _stage(self, name: str):
-        """The recipe's stage called `name`."""
-        return next(stage for stage in self.recipe.stages if stage.name == name)
 
 
 def _labeled_class_counts(data) -> torch.Tensor:
@@ -344,9 +341,8 @@ def check_readouts(recipe: Recipe) -> None:
             continue
         if (stage.n_last_blocks == 1 and not stage.avgpool) or stage.checkpoint:
             continue
-        source = next((s for s in recipe.stages if s.name == stage.from_stage), None) if stage.from_stage \
-            else last_trained
-        if source is None or source.method in EVAL_METHODS:
+        source = recipe.stage(stage.from_stage) if stage.from_stage else last_trained  # validated: a training stage
+        if source is None:
             continue
         backbone, data = source.backbone, source.data
         skeleton = check_architecture(backbone.name, backbone.kwargs, data.channels or 3, data.image_size,
