@@ -213,8 +213,8 @@ def _eval_stage(args, method: str, data: Optional[str], **keys):
 
     stage = {"name": args.command.replace("-", "_"), "method": method, "checkpoint": args.checkpoint, "data": data,
              "device": args.device, "weights": args.weights, "image_size": args.image_size,
-             "memory_budget_gb": _budget_gb(args), "n_last_blocks": args.n_last_blocks, "avgpool": args.avgpool,
-             **keys}
+             "memory_budget_gb": _budget_gb(args), "n_last_blocks": getattr(args, "n_last_blocks", 1),
+             "avgpool": getattr(args, "avgpool", False), **keys}
     recipe = validate_recipe({"seed": args.seed, "stages": [stage]}, f"ssl-kit {args.command}")
     return recipe.stages[0]
 
@@ -238,6 +238,13 @@ def _evaluate(args, stage) -> dict:
 def cmd_linear_probe(args) -> int:
     stage = _eval_stage(args, "linear_probe", args.data, labels_per_class=args.labels_per_class, epochs=args.epochs,
                         sweep=not args.no_sweep, augment=args.augment)
+    _emit(_scalars(_evaluate(args, stage)), args.json)
+    return 0
+
+
+def cmd_attentive_probe(args) -> int:
+    stage = _eval_stage(args, "attentive_probe", args.data, labels_per_class=args.labels_per_class,
+                        epochs=args.epochs, batch_size=args.batch_size, sweep=not args.no_sweep)
     _emit(_scalars(_evaluate(args, stage)), args.json)
     return 0
 
@@ -518,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--budget-gb", type=BUDGET_GB,
                            help="data.memory_budget_gb (default: the recipe default): a streamed source decoding to "
                                 "more is embedded from files in workers, its features cached on disk")
+        if func not in (cmd_finetune, cmd_attentive_probe):
             p.add_argument("--n-last-blocks", type=bounded(int, 1, 64), default=1,
                            help="ViT: concatenate the [cls] tokens of the last N blocks (DINOv2's linear "
                                 "evaluation: 1 or 4)")
@@ -534,6 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--no-sweep", action="store_true", help="skip the lr/wd sweep on the validation split")
     probe.add_argument("--augment", action="store_true",
                        help="re-extract features of randomly resized crops every epoch (ImageNet protocol; slower)")
+
+    attentive = evaluation("attentive-probe", "frozen ViT patch tokens + attentive pooling + linear classifier "
+                                              "(CAPI's attentive probe)", cmd_attentive_probe)
+    attentive.add_argument("--labels-per-class", type=POSITIVE)
+    attentive.add_argument("--epochs", type=EPOCHS, default=100)
+    attentive.add_argument("--batch-size", type=bounded(int, 1, 65_536), default=128)
+    attentive.add_argument("--no-sweep", action="store_true", help="skip the lr/wd sweep on the validation split")
 
     knn = evaluation("knn", "weighted kNN on frozen features (faiss)", cmd_knn)
     knn.add_argument("--k", type=bounded(int, 1, 10_000), default=20)

@@ -361,19 +361,38 @@ class EvalStageBase(Strict):
         return {"backbone": self.from_stage}
 
 
-class LinearProbeStage(EvalStageBase):
-    """Linear probe on frozen features: BN without affine + linear layer, lr/wd chosen on a validation split."""
+class ProbeStageBase(EvalStageBase):
+    """What the linear and the attentive probe share: the labeled images they fit, their epochs, their sweep."""
 
-    method: Literal["linear_probe"]
     labels_per_class: Optional[int] = Field(None, ge=1)
     epochs: int = Field(100, ge=1)
-    tsne: bool = Field(False, description="t-SNE picture of the test features coloured by class in plots/")
-    augment: bool = Field(False, description="re-extract features of augmented training images every epoch")
     sweep: Optional[bool] = Field(None, description="choose lr/wd on a validation split of the training features; "
                                                     "default: yes, unless labels_per_class is 1")
 
     def sweeps(self) -> bool:
         return self.sweep if self.sweep is not None else self.labels_per_class is None or self.labels_per_class >= 2
+
+
+class LinearProbeStage(ProbeStageBase):
+    """Linear probe on frozen features: BN without affine + linear layer, lr/wd chosen on a validation split."""
+
+    method: Literal["linear_probe"]
+    tsne: bool = Field(False, description="t-SNE picture of the test features coloured by class in plots/")
+    augment: bool = Field(False, description="re-extract features of augmented training images every epoch")
+
+
+class AttentiveProbeStage(ProbeStageBase):
+    """Attentive probe on a frozen ViT's patch tokens (CAPI's): learned query + linear layer, lr/wd on a val split."""
+
+    method: Literal["attentive_probe"]
+    batch_size: int = Field(128, ge=1, le=65_536, description="minibatch of the probe's AdamW (CAPI's 128)")
+
+    @model_validator(mode="after")
+    def _reads_patch_tokens(self) -> "AttentiveProbeStage":
+        if self.n_last_blocks != 1 or self.avgpool:
+            raise ValueError("n_last_blocks / avgpool choose linear_probe / knn / transfer features; the attentive "
+                             "probe reads the last block's patch tokens")
+        return self
 
 
 class KnnStage(EvalStageBase):
@@ -420,7 +439,8 @@ class TransferStage(EvalStageBase):
         return names
 
 
-EVAL_STAGES: dict[str, type] = {"linear_probe": LinearProbeStage, "knn": KnnStage, "transfer": TransferStage}
+EVAL_STAGES: dict[str, type] = {"linear_probe": LinearProbeStage, "attentive_probe": AttentiveProbeStage,
+                                 "knn": KnnStage, "transfer": TransferStage}
 EVAL_METHODS = tuple(EVAL_STAGES)
 _TRAINING_STAGES: dict[str, type[StageBase]] = {}
 

@@ -40,7 +40,7 @@ from .errors import CheckpointError, ConfigError, DataError, reword
 from .eval.adaptation import adaptation_recipe, adaptation_scores
 from .eval.report import write_report
 from .eval.stages import run_eval_stage, stage_metrics
-from .eval.vit_readout import ViTReadout
+from .eval.vit_readout import PatchTokens, ViTReadout
 from .methods import build_method
 from .models.bounds import check_architecture
 from .models.checkpointing import enable_grad_checkpointing
@@ -303,8 +303,8 @@ def _minority_metrics(results: dict, labeled_counts: torch.Tensor) -> dict:
 
 
 def evaluate(stage, checkpoint, dataset: Optional[str], run_dir: Optional[Path], seed: int) -> dict:
-    """One validated evaluation stage (linear_probe, knn, transfer) on `checkpoint` -> its full result: what
-    `ssl-kit run` does for an evaluation stage, and what `ssl-kit linear-probe / knn / transfer` do with the
+    """One validated evaluation stage (linear_probe, attentive_probe, knn, transfer) on `checkpoint` -> its full
+    result: what `ssl-kit run` does for an evaluation stage, and what `ssl-kit linear-probe / knn / ...` do with the
     one-stage recipe they build, so a command and a recipe stage cannot disagree.
 
     Transfer's FixMatch adaptation is training: its two stages (adaptation.adaptation_recipe) run first, as a
@@ -330,28 +330,51 @@ def _adapt(stage, checkpoint, source: str, target: str, run_dir: Optional[Path],
     return adaptation_scores(summary)
 
 
+def reads_vit_blocks(stage) -> bool:
+    """Whether an evaluation stage reads a ViT's blocks: the attentive probe's patch tokens, n_last_blocks, avgpool."""
+    return stage.method == "attentive_probe" or stage.n_last_blocks != 1 or stage.avgpool
+
+
 def check_readouts(recipe: Recipe) -> None:
-    """An evaluation stage that reads a ViT's last blocks (n_last_blocks / avgpool) of a backbone this recipe trains
-    is checked against that stage's backbone, built on the meta device, before anything trains: a CNN, or more
-    blocks than the ViT has, is refused at once instead of after the training. A `checkpoint` is checked when read."""
+    """An evaluation stage that reads a ViT's blocks (reads_vit_blocks) after a training stage is checked against the
+    backbone it will read, built on the meta device (read_skeleton), before anything trains: a CNN, or more blocks
+    than the ViT has, is refused at once instead of after the training."""
     last_trained = None
     for stage in recipe.stages:
         if stage.method not in EVAL_METHODS:
             last_trained = stage
             continue
-        if (stage.n_last_blocks == 1 and not stage.avgpool) or stage.checkpoint:
+        if not reads_vit_blocks(stage) or last_trained is None:  # nothing trains first: read and checked at once
             continue
-        source = recipe.stage(stage.from_stage) if stage.from_stage else last_trained  # validated: a training stage
-        if source is None:
+        skeleton = read_skeleton(recipe, stage, last_trained)
+        if skeleton is None:
             continue
-        backbone, data = source.backbone, source.data
-        skeleton = check_architecture(backbone.name, backbone.kwargs, data.channels or 3, data.image_size,
-                                      f"stages[{source.name}].backbone")
-        skeleton.arch = backbone.name
         try:
-            ViTReadout(skeleton, stage.n_last_blocks, stage.avgpool)
+            PatchTokens(skeleton) if stage.method == "attentive_probe" else \
+                ViTReadout(skeleton, stage.n_last_blocks, stage.avgpool)
         except ConfigError as exc:
             raise reword(exc, f"stages[{stage.name}]: {exc}")
+
+
+def read_skeleton(recipe: Recipe, stage, last_trained: StageBase) -> Optional[torch.nn.Module]:
+    """The backbone an evaluation stage will read, on the meta device, with its .arch: that of its `checkpoint`
+    (its record read now: a missing or broken file is refused here too), else that of the training stage it names
+    or follows. None for a torchvision:NAME checkpoint, whose network is built only when read."""
+    if stage.checkpoint:
+        if is_torchvision_reference(stage.checkpoint):
+            return None
+        record = resolve_checkpoint(stage.checkpoint, f"stages[{stage.name}].checkpoint")
+        arch, kwargs, channels, size = record["arch"], record["kwargs"], record["data"]["channels"], \
+            record["data"]["image_size"]
+        where = f"stages[{stage.name}].checkpoint"
+    else:
+        source = recipe.stage(stage.from_stage) if stage.from_stage else last_trained  # validated: a training stage
+        arch, kwargs, channels, size = source.backbone.name, source.backbone.kwargs, source.data.channels or 3, \
+            source.data.image_size
+        where = f"stages[{source.name}].backbone"
+    skeleton = check_architecture(arch, kwargs, channels, size, where)
+    skeleton.arch = arch
+    return skeleton
 
 
 def run_recipe(recipe: Recipe, out: Optional[Path] = None, resume: bool = False,

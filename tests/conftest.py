@@ -15,6 +15,17 @@ else:
     torch.set_num_threads(2)
 
 
+def saved_vit(path, kwargs: dict, data_info: dict):
+    """A seeded, untrained vit_tiny with `kwargs` written as an ssl_kit backbone.pt at `path` -> path."""
+    from ssl_kit.engine.checkpoint import atomic_save, backbone_record
+    from ssl_kit.models.registry import build_backbone
+
+    torch.manual_seed(0)
+    model = build_backbone("vit_tiny", data_info["channels"], data_info["image_size"], kwargs)
+    atomic_save(backbone_record("vit_tiny", kwargs, data_info, model), path)
+    return path
+
+
 class Interrupted(Exception):
     """Raised by `interrupted_then_resumed`'s step callback: a run stopped without a clean shutdown."""
 

@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from ssl_kit import cli
-from ssl_kit.config import validate_recipe
+from ssl_kit.config import EVAL_STAGES, validate_recipe
 from ssl_kit.engine.checkpoint import resolve_checkpoint
 from ssl_kit.errors import ConfigError, DataError
 from ssl_kit.methods import registered_methods
@@ -313,8 +313,9 @@ def test_methods_command_shows_the_defaults_a_stage_trains_with(capsys):
     assert cli.main(["methods", "no_such_method"]) == 2
     assert "unknown method 'no_such_method'" in capsys.readouterr().err
     listed = list(ssl_kit_json(capsys, "methods")["methods"])
-    assert listed[:-3] == sorted(listed[:-3]) and "fixmatch" in listed and "dinov2" in listed
-    assert listed[-3:] == ["linear_probe", "knn", "transfer"]  # the evaluation stages come last
+    training, evaluation = listed[:-len(EVAL_STAGES)], listed[-len(EVAL_STAGES):]
+    assert training == sorted(training) and "fixmatch" in training and "dinov2" in training
+    assert evaluation == ["linear_probe", "attentive_probe", "knn", "transfer"]  # the evaluation stages come last
 
 
 def test_output_into_a_closed_pipe_ends_quietly(tmp_path):

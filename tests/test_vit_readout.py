@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
+from conftest import saved_vit
 
 from ssl_kit.cli import main as cli_main
 from ssl_kit.config import validate_recipe
-from ssl_kit.engine.checkpoint import atomic_save, backbone_record
 from ssl_kit.errors import ConfigError
 from ssl_kit.eval.vit_readout import ViTReadout, vit_readout
 from ssl_kit.models.registry import build_backbone
@@ -71,11 +71,7 @@ def test_the_defaults_are_the_backbone_itself_and_misuse_is_refused_by_name():
 
 @pytest.fixture
 def vit_checkpoint(tmp_path):
-    torch.manual_seed(0)
-    model = build_backbone("vit_tiny", 1, 16, KWARGS)
-    path = tmp_path / "backbone.pt"
-    atomic_save(backbone_record("vit_tiny", KWARGS, DATA, model), path)
-    return path
+    return saved_vit(tmp_path / "backbone.pt", KWARGS, DATA)
 
 
 def probe(capsys, checkpoint, *flags) -> dict:
@@ -133,3 +129,31 @@ def test_a_recipe_reading_the_last_blocks_of_what_it_trains_is_checked_before_tr
         check_readouts(recipe(vit2, n_last_blocks=3))
     check_readouts(recipe(vit2, n_last_blocks=2, avgpool=True))  # fits
     check_readouts(recipe(cnn))  # the defaults read any backbone
+
+
+def test_a_checkpoint_read_after_training_is_checked_before_training(tmp_path):
+    """An evaluation stage's own `checkpoint` is read before the training stage before it runs: a CNN, too many
+    blocks, or a missing file is refused at once, naming the stage."""
+    from ssl_kit.engine.checkpoint import atomic_save, backbone_record
+    from ssl_kit.runner import check_readouts, run_recipe
+
+    cnn = build_backbone("small_cnn", 1, 16, {"width": 4})
+    atomic_save(backbone_record("small_cnn", {"width": 4}, DATA, cnn), tmp_path / "cnn.pt")
+    vit_path = saved_vit(tmp_path / "vit.pt", KWARGS, DATA)
+
+    def recipe(checkpoint, **keys):
+        return validate_recipe({"stages": [
+            {"name": "pretrain", "method": "simclr", "data": {"dataset": "digits", "image_size": 16},
+             "backbone": {"name": "small_cnn", "kwargs": {"width": 4}}},
+            {"name": "probe", "method": "linear_probe", "checkpoint": str(checkpoint), "data": "digits",
+             **keys}]}, "test")
+
+    with pytest.raises(ConfigError, match=r"^stages\[probe\]: n_last_blocks / avgpool .* backbone 'small_cnn' has"):
+        run_recipe(recipe(tmp_path / "cnn.pt", avgpool=True), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"^stages\[probe\]: .*between 1 and the backbone's 3 blocks, got 4"):
+        check_readouts(recipe(vit_path, n_last_blocks=4))
+    with pytest.raises(Exception, match=r"stages\[probe\]\.checkpoint"):
+        check_readouts(recipe(tmp_path / "missing.pt", n_last_blocks=2))
+    check_readouts(recipe(vit_path, n_last_blocks=3, avgpool=True))  # fits
+    check_readouts(recipe(tmp_path / "missing.pt"))  # the defaults are not checked before training

@@ -44,7 +44,7 @@ from ..engine.checkpoint import load_backbone
 from ..errors import DataError, TrainingError
 from ..models.external import is_torchvision_reference, torchvision_backbone
 from .mapped import open_mapped
-from .vit_readout import vit_readout
+from .vit_readout import PatchTokens, vit_readout
 
 DEFAULT_MEMORY_BUDGET_GB = DataConfig.model_fields["memory_budget_gb"].default
 MANIFEST_MAX_BYTES = 1 << 16  # a manifest is a few hundred bytes
@@ -318,6 +318,47 @@ class FeatureExtractor:
                 self._cache[key], self._cache[key + "|labels"] = self.file_features(images, spec, split)
             out[split] = (self._cache[key], self._cache[key + "|labels"], images.classes)
         return out
+
+    def token_features(self, spec: str) -> dict[str, tuple[Tensor, Tensor, list[str]]]:
+        """{'train', 'test': (patch tokens (N, L, D) float16, labels (N,), classes)} of the labeled images of a
+        dataset spec's train and test splits: a ViT's last-block normalised patch tokens (vit_readout.PatchTokens),
+        the attentive probe's input. Held in memory, never cached on disk: a source that streams, or whose tokens
+        would take more than the memory budget, is refused before any is computed."""
+        reader = PatchTokens(self.backbone)
+        if self.streams(spec):
+            raise DataError(f"dataset {spec!r} streams (too large to decode into memory, or storage=stream); the "
+                            f"attentive probe holds every image's patch tokens in memory: use linear_probe / knn, "
+                            f"or ',storage=memory' for a set that fits")
+        out = {}
+        for split, images in self.dataset_splits(spec).items():
+            if split not in ("train", "test"):
+                continue
+            labeled = (images.labels >= 0).nonzero().squeeze(1)
+            require_labeled(spec, split, len(labeled))
+            images = images if len(labeled) == len(images.labels) else images.subset(labeled)
+            x = convert_images(images.images, self.info["image_size"], self.info["channels"])
+            out[split] = (self._tokens(reader, x, spec, split), images.labels, images.classes)
+        return out
+
+    def _tokens(self, reader: nn.Module, x: Tensor, spec: str, split: str) -> Tensor:
+        """uint8 images (N, C, H, W) at the backbone's input -> their patch tokens (N, L, D) in float16, batch by
+        batch; refused before the first batch when they would exceed the memory budget."""
+        first = predict(reader, x[:1], self.normalize, self.device)  # (1, L, D)
+        gigabytes = x.shape[0] * first.numel() * 2 / 1e9
+        if gigabytes > self.memory_budget_gb:
+            raise DataError(f"dataset {spec!r}: the patch tokens of its {x.shape[0]} {split} images take "
+                            f"{gigabytes:.1f} GB ({tuple(first.shape[1:])} float16 each), more than the memory "
+                            f"budget of {self.memory_budget_gb:g} GB (--budget-gb / memory_budget_gb); use fewer "
+                            f"images or linear_probe / knn")
+        tokens = torch.empty((x.shape[0], *first.shape[1:]), dtype=torch.float16)
+        row_sums = torch.empty(x.shape[0], 1)  # non-finite where an image's tokens are (after the float16 cast)
+        for start in range(0, x.shape[0], self.batch_size):
+            chunk = predict(reader, x[start:start + self.batch_size], self.normalize, self.device, self.batch_size)
+            tokens[start:start + len(chunk)] = chunk.half()
+            row_sums[start:start + len(chunk), 0] = tokens[start:start + len(chunk)].flatten(1).float().sum(1)
+            self.forward_passes += len(chunk)
+        check_finite_features(row_sums, f"{spec} ({split})")
+        return tokens
 
     def dataset_features(self, spec: str) -> dict[str, tuple[Tensor, Tensor, list[str]]]:
         """{'train', 'test': (features (N, F), labels (N,), classes)} of the labeled images of a dataset spec's

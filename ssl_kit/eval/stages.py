@@ -1,4 +1,4 @@
-"""Evaluation stages of a recipe (linear_probe, knn, transfer) -> flat metrics for summary.json, details in
+"""Evaluation stages of a recipe (linear_probe, attentive_probe, knn, transfer) -> flat metrics for summary.json, details in
 stages/<name>/, pictures in plots/."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..common import plots
+from .attentive_probe import attentive_probe
 from .features import DEFAULT_MEMORY_BUDGET_GB, FeatureExtractor
 from .knn import knn_classify
 from .linear_probe import linear_probe
@@ -32,6 +33,16 @@ def probe_dataset(extractor: FeatureExtractor, spec: str, epochs: int, labels_pe
     result.pop("_model")
     result["augmented"] = int(augment)
     return result
+
+
+def attentive_probe_dataset(extractor: FeatureExtractor, spec: str, epochs: int, labels_per_class=None,
+                            seed: int = 0, sweep: bool = True, batch_size: int = 128) -> dict:
+    """Attentive probe on the patch tokens of `spec`'s labeled train and test images."""
+    splits = extractor.token_features(spec)
+    train_x, train_y, classes = splits["train"]
+    test_x, test_y, _ = splits["test"]
+    return attentive_probe(train_x, train_y, test_x, test_y, len(classes), epochs, sweep, labels_per_class, seed,
+                           batch_size, extractor.device)
 
 
 def knn_dataset(extractor: FeatureExtractor, spec: str, k: int, temperature: float, ivf: bool = False) -> dict:
@@ -113,9 +124,9 @@ def _transfer(stage, extractor: FeatureExtractor, dataset: Optional[str], run_di
 
 def run_eval_stage(stage, checkpoint, dataset: Optional[str], run_dir: Optional[Path], seed: int,
                    adapted: Optional[dict[str, dict]] = None) -> dict:
-    """Score `checkpoint` with a validated linear_probe / knn / transfer stage -> its full result (what the command
-    line prints with --json; `stage_metrics` flattens it for summary.json). With a `run_dir`, the result goes to
-    stages/<name>/ and its pictures to plots/. `adapted`: transfer's FixMatch adaptation scores, from the training
+    """Score `checkpoint` with a validated linear_probe / attentive_probe / knn / transfer stage -> its full result
+    (what the command line prints with --json; `stage_metrics` flattens it for summary.json). With a `run_dir`, the
+    result goes to stages/<name>/ and its pictures to plots/. `adapted`: transfer's FixMatch adaptation scores, from the training
     stages the runner ran first. Nothing here trains."""
     extractor = FeatureExtractor.from_checkpoint(checkpoint, stage.device, stage.weights, stage.image_size,
                                                  stage.memory_budget_gb or DEFAULT_MEMORY_BUDGET_GB,
@@ -127,6 +138,9 @@ def run_eval_stage(stage, checkpoint, dataset: Optional[str], run_dir: Optional[
                                augment=stage.augment)
         if stage.tsne and run_dir is not None:
             tsne_picture(extractor, [dataset], run_dir / "plots" / f"tsne_{stage.name}.png", seed=seed)
+    elif stage.method == "attentive_probe":
+        result = attentive_probe_dataset(extractor, dataset, stage.epochs, stage.labels_per_class, seed,
+                                         sweep=stage.sweeps(), batch_size=stage.batch_size)
     else:
         result = knn_dataset(extractor, dataset, stage.k, stage.knn_temperature, stage.ivf)
     if run_dir is not None:

@@ -3,6 +3,7 @@ backbone's final norm, concatenated, and with `avgpool` the mean of the last blo
 them (dinov2/eval/linear.py: `create_linear_input`, over `get_intermediate_layers(n, norm=True)`; the paper's grid is
 n_last_blocks ∈ {1, 4} × avgpool ∈ {false, true}). An evaluation-time reading of any ssl_kit or timm ViT: the weights
 and the backbone's own forward are untouched, so a backbone.pt trained for [cls] can be read this way afterwards.
+PatchTokens reads the last block's normalised patch tokens the same way, for the attentive probe.
 """
 from __future__ import annotations
 
@@ -12,40 +13,80 @@ from torch import nn
 from ..errors import ConfigError
 
 
+def require_vit(backbone: nn.Module, what: str, advice: str) -> nn.ModuleList:
+    """A ViT's blocks (it must have `blocks` and a final `norm`), or a ConfigError: "`what` a ViT's block outputs;
+    ... (`advice`)"."""
+    blocks = getattr(backbone, "blocks", None)
+    if blocks is None or not hasattr(backbone, "norm"):
+        arch = getattr(backbone, "arch", type(backbone).__name__)
+        raise ConfigError(f"{what} a ViT's block outputs; backbone {arch!r} has no transformer blocks "
+                          f"({advice})")
+    return blocks
+
+
+def last_block_tokens(backbone: nn.Module, x: torch.Tensor, n_blocks: int = 1) -> list[torch.Tensor]:
+    """The outputs of a ViT's last `n_blocks` blocks on images x (N, C, H, W), each through its final norm ->
+    n_blocks tensors (N, prefix + L, D) ([cls], the registers, then the L patch tokens), read by forward hooks while
+    the backbone's own forward runs."""
+    outputs: list[torch.Tensor] = []
+    hooks = [block.register_forward_hook(lambda _module, _args, out: outputs.append(out))
+             for block in backbone.blocks[-n_blocks:]]
+    try:
+        backbone(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [backbone.norm(out) for out in outputs]
+
+
+def token_prefix(backbone: nn.Module) -> int:
+    """How many tokens come before a ViT's patch tokens: [cls] and the register tokens."""
+    return 1 + int(getattr(backbone, "num_registers", 0))
+
+
+def copy_identity(source: nn.Module, target: nn.Module, **extra_kwargs) -> None:
+    """Give a module reading `source` the attributes evaluation keys and converts images by (data_info, arch,
+    global_pool), and its build kwargs plus `extra_kwargs` as arch_kwargs (feature_identity)."""
+    for name in ("data_info", "arch"):
+        if hasattr(source, name):
+            setattr(target, name, getattr(source, name))
+    target.arch_kwargs = dict(getattr(source, "arch_kwargs", None) or {}, **extra_kwargs)
+    target.global_pool = getattr(source, "global_pool", None)
+
+
+class PatchTokens(nn.Module):
+    """images (N, C, H, W) -> a ViT's last-block patch tokens through its final norm (N, L, D), [cls] and registers
+    left out: what an attentive probe pools (CAPI's "patch" representation)."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        require_vit(backbone, "the attentive probe pools",
+                    "use linear_probe or knn for other backbones")
+        self.backbone, self.prefix = backbone, token_prefix(backbone)
+        self.num_features = backbone.num_features
+        copy_identity(backbone, self, tokens="patch")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return last_block_tokens(self.backbone, x)[0][:, self.prefix:]
+
+
 class ViTReadout(nn.Module):
     """images (N, C, H, W) -> features (N, D · (n_last_blocks + avgpool)) of a ViT `backbone` (blocks, norm,
     num_registers), read by forward hooks on its last blocks while its own forward runs."""
 
     def __init__(self, backbone: nn.Module, n_last_blocks: int = 1, avgpool: bool = False) -> None:
         super().__init__()
-        blocks = getattr(backbone, "blocks", None)
-        if blocks is None or not hasattr(backbone, "norm"):
-            arch = getattr(backbone, "arch", type(backbone).__name__)
-            raise ConfigError(f"n_last_blocks / avgpool read a ViT's block outputs; backbone {arch!r} has no "
-                              f"transformer blocks (use them with a ViT, or leave them at 1 / false)")
+        blocks = require_vit(backbone, "n_last_blocks / avgpool read", "use them with a ViT, or leave them at 1 / false")
         if not 1 <= n_last_blocks <= len(blocks):
             raise ConfigError(f"n_last_blocks must be between 1 and the backbone's {len(blocks)} blocks, got "
                               f"{n_last_blocks}")
         self.backbone, self.n_last_blocks, self.avgpool = backbone, n_last_blocks, avgpool
-        self.prefix = 1 + int(getattr(backbone, "num_registers", 0))  # [cls] and the register tokens
+        self.prefix = token_prefix(backbone)
         self.num_features = backbone.num_features * (n_last_blocks + int(avgpool))
-        for name in ("data_info", "arch"):
-            if hasattr(backbone, name):
-                setattr(self, name, getattr(backbone, name))
-        self.arch_kwargs = dict(getattr(backbone, "arch_kwargs", None) or {}, n_last_blocks=n_last_blocks,
-                                avgpool=avgpool)
-        self.global_pool = getattr(backbone, "global_pool", None)
+        copy_identity(backbone, self, n_last_blocks=n_last_blocks, avgpool=avgpool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outputs: list[torch.Tensor] = []
-        hooks = [block.register_forward_hook(lambda _module, _args, out: outputs.append(out))
-                 for block in self.backbone.blocks[-self.n_last_blocks:]]
-        try:
-            self.backbone(x)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        tokens = [self.backbone.norm(out) for out in outputs]  # (N, prefix + L, D) each
+        tokens = last_block_tokens(self.backbone, x, self.n_last_blocks)  # (N, prefix + L, D) each
         parts = [t[:, 0] for t in tokens]
         if self.avgpool:
             parts.append(tokens[-1][:, self.prefix:].mean(dim=1))
