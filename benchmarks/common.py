@@ -122,17 +122,25 @@ def run_stages(stages: list[dict], seed: int = 0, keep_in=None) -> tuple:
     return summary, record
 
 
-def raw_pixel_split(spec: str, labels_per_class: int, seed: int):
-    """(train pixels, train labels, labeled index, test pixels, test labels) at native size, flattened, in [0, 1]."""
+def raw_pixels(spec: str):
+    """(train pixels, train labels, test pixels, test labels) at native size, flattened, in [0, 1]."""
     from ssl_kit.data.specs import load_splits
-    from ssl_kit.data.splits import labeled_indices
 
     splits = load_splits(spec)
     train, test = splits["train"], splits["test"]
     x_train = train.images.flatten(1).float().numpy() / 255.0
     x_test = test.images.flatten(1).float().numpy() / 255.0
-    labeled = labeled_indices(train.labels, labels_per_class, seed).numpy()
-    return x_train, train.labels.numpy(), labeled, x_test, test.labels.numpy()
+    return x_train, train.labels.numpy(), x_test, test.labels.numpy()
+
+
+def raw_pixel_split(spec: str, labels_per_class: int, seed: int):
+    """raw_pixels with the labeled index the probes draw: (train pixels, train labels, labeled index, test pixels,
+    test labels)."""
+    from ssl_kit.data.splits import labeled_indices
+
+    x_train, y_train, x_test, y_test = raw_pixels(spec)
+    labeled = labeled_indices(torch.from_numpy(y_train), labels_per_class, seed).numpy()
+    return x_train, y_train, labeled, x_test, y_test
 
 
 def logistic_regression_on_pixels(spec: str, labels_per_class: int, seed: int) -> float:
@@ -149,7 +157,7 @@ def linear_probe_on_pixels(spec: str, labels_per_class: int | None, seed: int, e
     pretrained backbone must beat under the same classifier."""
     from ssl_kit.eval.linear_probe import linear_probe
 
-    x_train, y_train, _, x_test, y_test = raw_pixel_split(spec, labels_per_class or 1, seed)
+    x_train, y_train, x_test, y_test = raw_pixels(spec)  # the probe draws the labeled images itself
     result = linear_probe(torch.from_numpy(x_train), torch.from_numpy(y_train), torch.from_numpy(x_test),
                           torch.from_numpy(y_test), int(y_train.max()) + 1, epochs, True, labels_per_class, seed)
     return float(result["top1"])
