@@ -19,6 +19,7 @@ from ssl_kit.eval.attentive_probe import (AttentiveGrid, GridAdamW, WARMUP_FRACT
                                           fit_attentive_grid, probe_heads)
 from ssl_kit.eval.features import FeatureExtractor
 from ssl_kit.eval.linear_probe import linear_probe
+from ssl_kit.eval.mapped import is_mapped
 from ssl_kit.eval.vit_readout import PatchTokens
 from ssl_kit.models.registry import build_backbone
 
@@ -113,21 +114,22 @@ def hidden_token_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_it_finds_the_one_token_that_carries_the_class_and_the_mean_does_not():
     train_x, train_y = hidden_token_data(400, 0)
     test_x, test_y = hidden_token_data(200, 1)
-    attentive = attentive_probe(train_x, train_y, test_x, test_y, 4, epochs=30, seed=0)
+    attentive = attentive_probe(train_x.flatten(1), train_y, test_x.flatten(1), test_y, 4, 8, epochs=30, seed=0)
     linear = linear_probe(train_x.mean(1), train_y, test_x.mean(1), test_y, 4, epochs=30, seed=0)
     assert attentive["top1"] > 0.95, attentive
     assert linear["top1"] < 0.6, linear["top1"]
     assert attentive["train_size"] == 400 and attentive["heads"] == 1
-    few = attentive_probe(train_x, train_y, test_x, test_y, 4, epochs=2, labels_per_class=3, seed=0)
+    few = attentive_probe(train_x.flatten(1), train_y, test_x.flatten(1), test_y, 4, 8, epochs=2,
+                          labels_per_class=3, seed=0)
     assert few["train_size"] == 12
 
 
-def test_the_same_seed_gives_the_same_probe():
+def test_the_same_seed_gives_the_same_probe_from_float32_or_float16_tokens():
     x, y = hidden_token_data(64, 0)
-    a = fit_attentive_grid(x, y, 4, [(1e-2, 5e-4), (1e-1, 0.0)], epochs=3, seed=5)
-    b = fit_attentive_grid(x, y, 4, [(1e-2, 5e-4), (1e-1, 0.0)], epochs=3, seed=5)
+    a = fit_attentive_grid(x.flatten(1), y, 8, 4, [(1e-2, 5e-4), (1e-1, 0.0)], epochs=3, seed=5)
+    b = fit_attentive_grid(x.flatten(1).half(), y, 8, 4, [(1e-2, 5e-4), (1e-1, 0.0)], epochs=3, seed=5)
     for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p, q)
+        torch.testing.assert_close(p, q, rtol=0, atol=5e-3)  # the float16 rounding of the tokens only
 
 
 def vit_backbone(tmp_path):
@@ -190,19 +192,57 @@ def test_recipe_stage_after_a_vit_pretrain_and_refusals(tmp_path, monkeypatch):
         summary["attn/top1"]
 
 
-def test_a_streamed_source_is_refused_before_any_token_is_computed(tmp_path, monkeypatch):
+def write_digit_folder(root, per_class: int = 12) -> None:
+    """imagefolder ROOT/a|b of 20 px grey images: class a bright on the left, class b bright on the right."""
+    for c, name in enumerate("ab"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            array = np.full((20, 20), 20 + i, np.uint8)
+            array[:, c * 10:(c + 1) * 10] = 200
+            Image.fromarray(array).save(root / name / f"{i:02d}.png")
+
+
+def test_a_streamed_source_goes_through_the_disk_cache_with_bounded_memory(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SSL_KIT_CACHE", str(tmp_path / "cache"))
-    for c in "ab":
-        (tmp_path / "data" / c).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    write_digit_folder(tmp_path / "data")
+    spec = f"imagefolder:{tmp_path / 'data'},storage=stream"
+    checkpoint = vit_backbone(tmp_path)
+    extractor = FeatureExtractor.from_checkpoint(checkpoint, "cpu")
+    splits = extractor.token_features(spec)
+    train, labels, classes = splits["train"]
+    assert is_mapped(train) and train.dtype == torch.float16 and train.shape[1] == 16 * 32  # L x D per row
+    assert classes == ["a", "b"] and extractor.forward_passes == 24
+    again = FeatureExtractor.from_checkpoint(checkpoint, "cpu")
+    assert torch.equal(again.token_features(spec)["train"][0], train) and again.forward_passes == 0  # cached
+    features = again.dataset_features(spec)["train"][0]
+    assert features.shape[1] == 32  # the backbone's own features keep their own cache entry
+    args = ["attentive-probe", "--checkpoint", str(checkpoint), "--data", spec, "--epochs", "20", "--device",
+            "cpu", "--json"]
+    assert cli_main(args) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == 1.0  # left against right: separable
+
+
+def test_a_cache_entry_larger_than_the_free_disk_is_refused_before_writing(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    monkeypatch.setenv("SSL_KIT_CACHE", str(tmp_path / "cache"))
+    write_digit_folder(tmp_path / "data")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9 - 1000, 1000))
     extractor = FeatureExtractor.from_checkpoint(vit_backbone(tmp_path), "cpu")
-    with pytest.raises(DataError, match="streams .* the attentive probe holds every image's patch tokens in memory"):
+    with pytest.raises(DataError, match=r"\(\d+ x 512 float16\) take 0.0 GB in the cache folder .* 0.0 GB free; point "
+                                        r"\$SSL_KIT_CACHE at a larger disk"):
         extractor.token_features(f"imagefolder:{tmp_path / 'data'},storage=stream")
-    assert extractor.forward_passes == 0
+    assert not list((tmp_path / "cache").rglob("*.npy"))  # nothing half written
+
+
+def test_tokens_over_the_memory_budget_are_refused_before_they_are_computed(tmp_path):
+    extractor = FeatureExtractor.from_checkpoint(vit_backbone(tmp_path), "cpu")
     extractor.memory_budget_gb = 1e-6
     with pytest.raises(DataError, match=r"patch tokens of its \d+ train images take .* more than the memory budget"):
         extractor.token_features("digits")
+    assert extractor.forward_passes == 0
 
 
 def test_non_finite_tokens_are_refused_naming_the_images(tmp_path):

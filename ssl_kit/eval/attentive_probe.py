@@ -16,9 +16,11 @@ and Σ_l a_l (W_v x_l + b_v) = W_v (Σ_l a_l x_l) + b_v since the weights a sum 
 are never formed: two (N, L, D) contractions a head instead of a (N · L, D) × (D, 2D) matrix product, with the same
 values and gradients as CAPI's module (tests/test_attentive_probe.py).
 
-The tokens are extracted once and held in memory (N × L × D, float16 like the linear probe's feature cache; each
-minibatch is trained in float32 on the probe's device); CAPI instead re-crops and re-embeds every training image at
-every step."""
+A token set is a (N, L · D) tensor, each row one image's L tokens of width D: float16 in memory, or a streamed
+split's on-disk float16 cache opened as a memory map (mapped.py), of which a minibatch of rows is read at a time, so
+the probe's memory is bounded by its minibatch whatever the set's size. Each minibatch trains in float32 on the
+probe's device. The tokens are extracted once; CAPI instead re-crops and re-embeds every training image at every
+step."""
 from __future__ import annotations
 
 import math
@@ -31,6 +33,7 @@ from torch import Tensor, nn
 from ..common.metrics import ClassificationTally
 from ..errors import DataError
 from .linear_probe import few_shot_index, validation_split
+from .mapped import gather, row_chunks
 
 HEAD_DIM = 64  # CAPI: num_heads = in_dim // 64
 CAPI_BATCH_SIZE = 128
@@ -129,16 +132,21 @@ class GridAdamW:
             param.grad = None
 
 
-def token_statistics(tokens: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and std (D,), (D,) of tokens (N, L, D) over images and positions, accumulated in float64
-    chunks (no float32 copy of a float16 set)."""
-    total = torch.zeros(tokens.shape[2], dtype=torch.float64)
+def token_rows(tokens: Tensor, rows: Tensor, dim: int) -> Tensor:
+    """tokens[rows] of a token set (N, L · D), in memory or a mapped cache (mapped.py) -> float32 (len(rows), L, D)."""
+    return gather(tokens, rows).float().view(len(rows), -1, dim)
+
+
+def token_statistics(tokens: Tensor, rows: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std (D,), (D,) of the tokens of images `rows` of a token set (N, L · D), over images
+    and positions, accumulated in float64 a chunk of rows at a time (never a float32 copy of the set)."""
+    total = torch.zeros(dim, dtype=torch.float64)
     squares = torch.zeros_like(total)
-    for start in range(0, tokens.shape[0], SCORE_CHUNK):
-        chunk = tokens[start:start + SCORE_CHUNK].double().flatten(0, 1)
+    for chunk in row_chunks(tokens, rows):
+        chunk = chunk.double().view(-1, dim)
         total += chunk.sum(0)
         squares += (chunk * chunk).sum(0)
-    count = tokens.shape[0] * tokens.shape[1]
+    count = len(rows) * tokens.shape[1] // dim
     mean = total / count
     std = (squares / count - mean * mean).clamp_min(0).sqrt()
     return mean.float(), std.float().clamp_min(1e-6)
@@ -151,28 +159,30 @@ def minibatches(count: int, batch_size: int, generator: torch.Generator) -> Iter
         yield order[start:start + batch_size]
 
 
-def fit_attentive_grid(tokens: Tensor, labels: Tensor, num_classes: int, configs: list[tuple[float, float]],
+def fit_attentive_grid(tokens: Tensor, labels: Tensor, dim: int, num_classes: int, configs: list[tuple[float, float]],
                        epochs: int = 100, batch_size: int = CAPI_BATCH_SIZE, seed: int = 0,
-                       device: torch.device | str = "cpu") -> AttentiveGrid:
-    """One attentive probe per (lr, weight_decay) in `configs`, trained together on tokens (N, L, D), labels (N,)
-    with the same minibatches: the summed loss keeps each probe's gradient its own. The learning rates are per 256
-    images: a minibatch of B (min(batch_size, N)) trains at lr · B / 256."""
-    if tokens.shape[0] == 0:
+                       device: torch.device | str = "cpu", rows: Optional[Tensor] = None) -> AttentiveGrid:
+    """One attentive probe per (lr, weight_decay) in `configs`, trained together on the images `rows` (all when
+    None) of a token set (N, L · D) of width `dim`, labels (N,), with the same minibatches: the summed loss keeps
+    each probe's gradient its own. The learning rates are per 256 images: a minibatch of B (min(batch_size,
+    len(rows))) trains at lr · B / 256."""
+    rows = torch.arange(tokens.shape[0]) if rows is None else rows
+    if len(rows) == 0:
         raise DataError("attentive probe: no training images")
     generator = torch.Generator().manual_seed(seed)
-    model = AttentiveGrid(len(configs), tokens.shape[2], num_classes, generator)
-    mean, std = token_statistics(tokens)
+    model = AttentiveGrid(len(configs), dim, num_classes, generator)
+    mean, std = token_statistics(tokens, rows, dim)
     model.mean.copy_(mean)
     model.std.copy_(std)
     model.to(device)
-    steps = epochs * math.ceil(tokens.shape[0] / batch_size)
-    rates = torch.tensor([c[0] for c in configs], device=device) * min(batch_size, tokens.shape[0]) / 256
+    steps = epochs * math.ceil(len(rows) / batch_size)
+    rates = torch.tensor([c[0] for c in configs], device=device) * min(batch_size, len(rows)) / 256
     optimizer = GridAdamW(list(model.parameters()), [model.query, model.kv_weight, model.weight], rates,
                           torch.tensor([c[1] for c in configs], device=device), steps)
     for _ in range(epochs):
-        for index in minibatches(tokens.shape[0], batch_size, generator):
-            logits = model(tokens[index].to(device).float())  # (G, B, K)
-            target = labels[index].to(device).repeat(len(configs))
+        for index in minibatches(len(rows), batch_size, generator):
+            logits = model(token_rows(tokens, rows[index], dim).to(device))  # (G, B, K)
+            target = labels[rows[index]].to(device).repeat(len(configs))
             loss = F.cross_entropy(logits.reshape(-1, num_classes), target) * len(configs)
             loss.backward()
             optimizer.step()
@@ -180,41 +190,47 @@ def fit_attentive_grid(tokens: Tensor, labels: Tensor, num_classes: int, configs
 
 
 @torch.no_grad()
-def grid_metrics(model: AttentiveGrid, tokens: Tensor, labels: Tensor, num_classes: int) -> list[dict]:
-    """classification_metrics of every grid point of `model` on tokens (N, L, D), labels (N,), scored in chunks."""
+def grid_metrics(model: AttentiveGrid, tokens: Tensor, labels: Tensor, num_classes: int,
+                 rows: Optional[Tensor] = None) -> list[dict]:
+    """classification_metrics of every grid point of `model` on the images `rows` (all when None) of a token set
+    (N, L · D), labels (N,), scored SCORE_CHUNK images at a time."""
+    rows = torch.arange(tokens.shape[0]) if rows is None else rows
     tallies = [ClassificationTally(num_classes) for _ in range(model.query.shape[0])]
-    for start in range(0, tokens.shape[0], SCORE_CHUNK):
-        logits = model(tokens[start:start + SCORE_CHUNK].to(model.query.device).float())
+    for start in range(0, len(rows), SCORE_CHUNK):
+        chunk = rows[start:start + SCORE_CHUNK]
+        logits = model(token_rows(tokens, chunk, model.query.shape[1]).to(model.query.device))
         for tally, group_logits in zip(tallies, logits):
-            tally.add(group_logits, labels[start:start + SCORE_CHUNK])
+            tally.add(group_logits, labels[chunk])
     return [tally.result() for tally in tallies]
 
 
-def select_attentive(tokens: Tensor, labels: Tensor, num_classes: int, epochs: int, batch_size: int,
+def select_attentive(tokens: Tensor, labels: Tensor, dim: int, num_classes: int, epochs: int, batch_size: int,
                      seed: int = 0, device: torch.device | str = "cpu") -> dict:
     """BASE_LR_GRID × WD_GRID scored by top-1 on a stratified validation split -> {'lr', 'weight_decay', 'val_top1'};
     ties go to the earlier (smaller) learning rate."""
     train_index, val_index = validation_split(labels, seed=seed)
     configs = [(lr, wd) for lr in BASE_LR_GRID for wd in WD_GRID]
-    model = fit_attentive_grid(tokens[train_index], labels[train_index], num_classes, configs, epochs, batch_size,
-                               seed, device)
-    scores = [m["top1"] for m in grid_metrics(model, tokens[val_index], labels[val_index], num_classes)]
+    model = fit_attentive_grid(tokens, labels, dim, num_classes, configs, epochs, batch_size, seed, device,
+                               train_index)
+    scores = [m["top1"] for m in grid_metrics(model, tokens, labels, num_classes, val_index)]
     best = max(range(len(configs)), key=lambda g: (scores[g], -g))
     return {"lr": configs[best][0], "weight_decay": configs[best][1], "val_top1": scores[best]}
 
 
 def attentive_probe(train_tokens: Tensor, train_labels: Tensor, test_tokens: Tensor, test_labels: Tensor,
-                    num_classes: int, epochs: int = 100, sweep: bool = True, labels_per_class: Optional[int] = None,
-                    seed: int = 0, batch_size: int = CAPI_BATCH_SIZE, device: torch.device | str = "cpu") -> dict:
-    """Fit on (a few-shot subset of) the training tokens (N, L, D), report test top1/top5/balanced/per-class, as
-    linear_probe reports them; the lr/wd come from the validation split, the final probe is refit on all the
-    training tokens given. The tokens stay where they are (float16 or float32); the probes train on `device`."""
+                    num_classes: int, dim: int, epochs: int = 100, sweep: bool = True,
+                    labels_per_class: Optional[int] = None, seed: int = 0, batch_size: int = CAPI_BATCH_SIZE,
+                    device: torch.device | str = "cpu") -> dict:
+    """Fit on (a few-shot subset of) the training token set (N, L · D) of width `dim`, report test top1 / top5 /
+    balanced / per-class, as linear_probe reports them; the lr/wd come from the validation split, the final probe
+    is refit on all the training tokens given. Token sets in memory or mapped (mapped.py), float16 or float32; the
+    probes train on `device`, a minibatch at a time."""
     if labels_per_class is not None:
         index = few_shot_index(train_labels, labels_per_class, seed)
-        train_tokens, train_labels = train_tokens[index], train_labels[index]
-    chosen = select_attentive(train_tokens, train_labels, num_classes, epochs, batch_size, seed, device) if sweep \
-        else {"lr": NO_SWEEP[0], "weight_decay": NO_SWEEP[1]}
-    model = fit_attentive_grid(train_tokens, train_labels, num_classes, [(chosen["lr"], chosen["weight_decay"])],
+        train_tokens, train_labels = gather(train_tokens, index), train_labels[index]  # few: in memory
+    chosen = select_attentive(train_tokens, train_labels, dim, num_classes, epochs, batch_size, seed, device) \
+        if sweep else {"lr": NO_SWEEP[0], "weight_decay": NO_SWEEP[1]}
+    model = fit_attentive_grid(train_tokens, train_labels, dim, num_classes, [(chosen["lr"], chosen["weight_decay"])],
                                epochs, batch_size, seed, device)
     result = grid_metrics(model, test_tokens, test_labels, num_classes)[0]
     result.update({"chosen_lr": chosen["lr"], "chosen_weight_decay": chosen["weight_decay"],

@@ -11,13 +11,16 @@ and a stamp of every file read (name, size, mtime_ns: images rewritten in place 
 cache), so linear-probe, knn and transfer on the same checkpoint embed each image once. An entry is trusted only
 when its manifest (format version, shape, byte sizes, sha256 of both files) matches; a truncated, crafted or
 other-version entry is recomputed with a warning (verifying reads the cache file once, far cheaper than embedding
-it). The cache is handed to them memory-mapped (mapped.py), never as N × F float32.
+it). The cache is handed to them memory-mapped (mapped.py), never as N × F float32. The attentive probe's patch
+tokens (token_features) go through the same cache, one row of L × D per image; an entry larger than the cache disk's
+free space is refused before it is written.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -99,6 +102,24 @@ def require_labeled(spec: str, split: str, labeled: int) -> None:
                             f"images, or raise ',test_fraction='")
         raise DataError(f"dataset {spec!r}: split {split!r} has no labeled images to fit or score (give labels with "
                         f"',labels=labels.csv' or use a labeled source)")
+
+
+def require_free_disk(folder: Path, rows: int, width: int, name: str) -> None:
+    """A cache entry of rows × width float16 must fit the free space of `folder`'s disk: refused before writing,
+    naming the sizes, instead of filling the disk part way through."""
+    needed, free = rows * width * 2, shutil.disk_usage(folder).free
+    if needed > free:
+        raise DataError(f"{name}: its features ({rows} x {width} float16) take {needed / 1e9:.1f} GB in the cache "
+                        f"folder {str(folder)!r}, whose disk has {free / 1e9:.1f} GB free; point $SSL_KIT_CACHE at a "
+                        f"larger disk")
+
+
+def check_finite_rows(rows: Tensor, name: str) -> None:
+    """check_finite_features for a large (N, F) set (float16 tokens): row by row in chunks, no N × F copy."""
+    bad = torch.zeros(rows.shape[0], 1)
+    for start in range(0, rows.shape[0], 256):
+        bad[start:start + 256, 0] = rows[start:start + 256].float().sum(1)  # non-finite where a row has any
+    check_finite_features(bad, name)
 
 
 def check_finite_features(feats: Tensor, name: str) -> None:
@@ -287,6 +308,7 @@ class FeatureExtractor:
                                       bad):
                 feats = predict(self.backbone, x, self.normalize, self.device, self.batch_size)
                 if store is None:
+                    require_free_disk(tmp.parent, len(images), feats.shape[1], images.name)
                     store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
                                                       shape=(len(images), feats.shape[1]))
                 store[rows:rows + len(feats)] = feats.numpy().astype(np.float16)
@@ -320,19 +342,22 @@ class FeatureExtractor:
         return out
 
     def token_features(self, spec: str) -> dict[str, tuple[Tensor, Tensor, list[str]]]:
-        """{'train', 'test': (patch tokens (N, L, D) float16, labels (N,), classes)} of the labeled images of a
-        dataset spec's train and test splits: a ViT's last-block normalised patch tokens (vit_readout.PatchTokens),
-        the attentive probe's input. Held in memory, never cached on disk: a source that streams, or whose tokens
-        would take more than the memory budget, is refused before any is computed."""
-        reader = PatchTokens(self.backbone)
-        if self.streams(spec):
-            raise DataError(f"dataset {spec!r} streams (too large to decode into memory, or storage=stream); the "
-                            f"attentive probe holds every image's patch tokens in memory: use linear_probe / knn, "
-                            f"or ',storage=memory' for a set that fits")
+        """{'train', 'test': (patch tokens (N, L · D) float16, labels (N,), classes)} of the labeled images of a
+        dataset spec's train and test splits: each row one image's last-block normalised patch tokens (L of width
+        D = backbone.num_features; vit_readout.PatchTokens), the attentive probe's input. A source in memory gives
+        them in memory (refused first when they would exceed the memory budget); a streamed one goes through the
+        on-disk feature cache (memory-mapped, keyed apart from the backbone's features by feature_identity)."""
+        reader = PatchTokens(self.backbone, flat=True)
+        source = self.open(spec)
+        if source.streams:
+            tokens = FeatureExtractor(reader, self.device.type, self.batch_size, self.workers, self.memory_budget_gb)
+            tokens._sources = self._sources  # the same opened source: one file index, one holdout
+            out = tokens._streamed_features(spec, source)
+            self.forward_passes += tokens.forward_passes
+            return out
         out = {}
-        for split, images in self.dataset_splits(spec).items():
-            if split not in ("train", "test"):
-                continue
+        for split in ("train", "test"):
+            images = self.dataset_splits(spec)[split]
             labeled = (images.labels >= 0).nonzero().squeeze(1)
             require_labeled(spec, split, len(labeled))
             images = images if len(labeled) == len(images.labels) else images.subset(labeled)
@@ -341,23 +366,21 @@ class FeatureExtractor:
         return out
 
     def _tokens(self, reader: nn.Module, x: Tensor, spec: str, split: str) -> Tensor:
-        """uint8 images (N, C, H, W) at the backbone's input -> their patch tokens (N, L, D) in float16, batch by
-        batch; refused before the first batch when they would exceed the memory budget."""
-        first = predict(reader, x[:1], self.normalize, self.device)  # (1, L, D)
+        """uint8 images (N, C, H, W) at the backbone's input -> their flat patch tokens (N, L · D) in float16,
+        batch by batch; refused before the first batch when they would exceed the memory budget."""
+        first = predict(reader, x[:1], self.normalize, self.device)  # (1, L · D)
         gigabytes = x.shape[0] * first.numel() * 2 / 1e9
         if gigabytes > self.memory_budget_gb:
             raise DataError(f"dataset {spec!r}: the patch tokens of its {x.shape[0]} {split} images take "
-                            f"{gigabytes:.1f} GB ({tuple(first.shape[1:])} float16 each), more than the memory "
-                            f"budget of {self.memory_budget_gb:g} GB (--budget-gb / memory_budget_gb); use fewer "
-                            f"images or linear_probe / knn")
-        tokens = torch.empty((x.shape[0], *first.shape[1:]), dtype=torch.float16)
-        row_sums = torch.empty(x.shape[0], 1)  # non-finite where an image's tokens are (after the float16 cast)
+                            f"{gigabytes:.1f} GB ({first.numel()} float16 each), more than the memory budget of "
+                            f"{self.memory_budget_gb:g} GB (--budget-gb / memory_budget_gb); ',storage=stream' "
+                            f"keeps them in the on-disk cache instead")
+        tokens = torch.empty((x.shape[0], first.shape[1]), dtype=torch.float16)
         for start in range(0, x.shape[0], self.batch_size):
             chunk = predict(reader, x[start:start + self.batch_size], self.normalize, self.device, self.batch_size)
             tokens[start:start + len(chunk)] = chunk.half()
-            row_sums[start:start + len(chunk), 0] = tokens[start:start + len(chunk)].flatten(1).float().sum(1)
             self.forward_passes += len(chunk)
-        check_finite_features(row_sums, f"{spec} ({split})")
+        check_finite_rows(tokens, f"{spec} ({split})")
         return tokens
 
     def dataset_features(self, spec: str) -> dict[str, tuple[Tensor, Tensor, list[str]]]:

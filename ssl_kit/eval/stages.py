@@ -1,5 +1,5 @@
-"""Evaluation stages of a recipe (linear_probe, attentive_probe, knn, transfer) -> flat metrics for summary.json, details in
-stages/<name>/, pictures in plots/."""
+"""Evaluation stages of a recipe (linear_probe, attentive_probe, knn, transfer) -> flat metrics for summary.json,
+details in stages/<name>/, pictures in plots/."""
 from __future__ import annotations
 
 import json
@@ -41,8 +41,8 @@ def attentive_probe_dataset(extractor: FeatureExtractor, spec: str, epochs: int,
     splits = extractor.token_features(spec)
     train_x, train_y, classes = splits["train"]
     test_x, test_y, _ = splits["test"]
-    return attentive_probe(train_x, train_y, test_x, test_y, len(classes), epochs, sweep, labels_per_class, seed,
-                           batch_size, extractor.device)
+    return attentive_probe(train_x, train_y, test_x, test_y, len(classes), extractor.backbone.num_features, epochs,
+                           sweep, labels_per_class, seed, batch_size, extractor.device)
 
 
 def knn_dataset(extractor: FeatureExtractor, spec: str, k: int, temperature: float, ivf: bool = False) -> dict:
@@ -126,8 +126,8 @@ def run_eval_stage(stage, checkpoint, dataset: Optional[str], run_dir: Optional[
                    adapted: Optional[dict[str, dict]] = None) -> dict:
     """Score `checkpoint` with a validated linear_probe / attentive_probe / knn / transfer stage -> its full result
     (what the command line prints with --json; `stage_metrics` flattens it for summary.json). With a `run_dir`, the
-    result goes to stages/<name>/ and its pictures to plots/. `adapted`: transfer's FixMatch adaptation scores, from the training
-    stages the runner ran first. Nothing here trains."""
+    result goes to stages/<name>/ and its pictures to plots/. `adapted`: transfer's FixMatch adaptation scores, from
+    the training stages the runner ran first. Nothing here trains the backbone."""
     extractor = FeatureExtractor.from_checkpoint(checkpoint, stage.device, stage.weights, stage.image_size,
                                                  stage.memory_budget_gb or DEFAULT_MEMORY_BUDGET_GB,
                                                  stage.n_last_blocks, stage.avgpool)

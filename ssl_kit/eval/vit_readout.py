@@ -56,18 +56,20 @@ def copy_identity(source: nn.Module, target: nn.Module, **extra_kwargs) -> None:
 
 class PatchTokens(nn.Module):
     """images (N, C, H, W) -> a ViT's last-block patch tokens through its final norm (N, L, D), [cls] and registers
-    left out: what an attentive probe pools (CAPI's "patch" representation)."""
+    left out: what an attentive probe pools (CAPI's "patch" representation). With `flat`, each image's tokens as one
+    row (N, L · D), the shape the feature cache stores."""
 
-    def __init__(self, backbone: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, flat: bool = False) -> None:
         super().__init__()
         require_vit(backbone, "the attentive probe pools",
                     "use linear_probe or knn for other backbones")
-        self.backbone, self.prefix = backbone, token_prefix(backbone)
-        self.num_features = backbone.num_features
+        self.backbone, self.prefix, self.flat = backbone, token_prefix(backbone), flat
+        self.num_features = backbone.num_features  # D, the width of one token
         copy_identity(backbone, self, tokens="patch")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return last_block_tokens(self.backbone, x)[0][:, self.prefix:]
+        tokens = last_block_tokens(self.backbone, x)[0][:, self.prefix:]
+        return tokens.flatten(1) if self.flat else tokens
 
 
 class ViTReadout(nn.Module):
@@ -76,7 +78,8 @@ class ViTReadout(nn.Module):
 
     def __init__(self, backbone: nn.Module, n_last_blocks: int = 1, avgpool: bool = False) -> None:
         super().__init__()
-        blocks = require_vit(backbone, "n_last_blocks / avgpool read", "use them with a ViT, or leave them at 1 / false")
+        blocks = require_vit(backbone, "n_last_blocks / avgpool read",
+                             "use them with a ViT, or leave them at 1 / false")
         if not 1 <= n_last_blocks <= len(blocks):
             raise ConfigError(f"n_last_blocks must be between 1 and the backbone's {len(blocks)} blocks, got "
                               f"{n_last_blocks}")
