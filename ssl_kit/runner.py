@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from .common.metrics import minority_recall
 from .config import EVAL_METHODS, Recipe, StageBase, validate_recipe
 from .recipe_files import recipe_to_yaml
 from .data.pipeline import DataInfo, prepare_data
+from .data.specs import parse_spec
 from .engine import distributed as dist
 from .engine.checkpoint import (atomic_save, atomic_write_text, backbone_record, build_from_record,
                                 resolve_checkpoint, safe_load)
@@ -273,8 +274,7 @@ class RecipeRunner:
             raise ConfigError(f"stages[{stage.name}]: no backbone to evaluate: give checkpoint or from_stage, or put "
                               f"a training stage before it")
         dataset = stage.data
-        scores_a_dataset = stage.method != "transfer" or stage.targets or stage.corruptions  # not LODO alone
-        if dataset is None and scores_a_dataset:
+        if dataset is None and scores_a_dataset(stage):
             dataset = resolve_checkpoint(source, f"stages[{stage.name}].checkpoint")["data"].get("dataset")
             if not isinstance(dataset, str):
                 raise ConfigError(f"stages[{stage.name}]: the checkpoint records no dataset; set data: SPEC")
@@ -335,18 +335,33 @@ def reads_vit_blocks(stage) -> bool:
     return stage.method == "attentive_probe" or stage.n_last_blocks != 1 or stage.avgpool
 
 
-def check_readouts(recipe: Recipe) -> None:
-    """An evaluation stage that reads a ViT's blocks (reads_vit_blocks) after a training stage is checked against the
-    backbone it will read, built on the meta device (read_skeleton), before anything trains: a CNN, or more blocks
-    than the ViT has, is refused at once instead of after the training."""
+def evaluations_after_training(recipe: Recipe) -> Iterator[tuple[Any, Optional[StageBase]]]:
+    """Each evaluation stage that comes after a training stage, with the training stage whose backbone it reads
+    (None when it reads its own `checkpoint`): what can be checked before anything trains."""
     last_trained = None
     for stage in recipe.stages:
         if stage.method not in EVAL_METHODS:
             last_trained = stage
+        elif last_trained is not None:
+            source = None if stage.checkpoint else \
+                recipe.stage(stage.from_stage) if stage.from_stage else last_trained  # validated: a training stage
+            yield stage, source
+
+
+def scores_a_dataset(stage) -> bool:
+    """Whether an evaluation stage scores the labeled images of one dataset (`data`, by default the backbone's):
+    every one but a transfer stage that only runs leave-one-domain-out over its `domains`."""
+    return stage.method != "transfer" or bool(stage.targets or stage.corruptions)
+
+
+def check_readouts(recipe: Recipe) -> None:
+    """An evaluation stage that reads a ViT's blocks (reads_vit_blocks) after a training stage is checked against the
+    backbone it will read, built on the meta device (read_skeleton), before anything trains: a CNN, or more blocks
+    than the ViT has, is refused at once instead of after the training."""
+    for stage, source in evaluations_after_training(recipe):
+        if not reads_vit_blocks(stage):
             continue
-        if not reads_vit_blocks(stage) or last_trained is None:  # nothing trains first: read and checked at once
-            continue
-        skeleton = read_skeleton(recipe, stage, last_trained)
+        skeleton = read_skeleton(stage, source)
         if skeleton is None:
             continue
         try:
@@ -356,25 +371,38 @@ def check_readouts(recipe: Recipe) -> None:
             raise reword(exc, f"stages[{stage.name}]: {exc}")
 
 
-def read_skeleton(recipe: Recipe, stage, last_trained: StageBase) -> Optional[torch.nn.Module]:
-    """The backbone an evaluation stage will read, on the meta device, with its .arch: that of its `checkpoint`
-    (its record read now: a missing or broken file is refused here too), else that of the training stage it names
-    or follows. None for a torchvision:NAME checkpoint, whose network is built only when read."""
-    if stage.checkpoint:
-        if is_torchvision_reference(stage.checkpoint):
-            return None
+def read_skeleton(stage, source: Optional[StageBase]) -> Optional[torch.nn.Module]:
+    """The backbone an evaluation stage will read, on the meta device, with its .arch: that of the training stage
+    `source`, else that of its `checkpoint` (its record read now: a missing or broken file is refused here too).
+    None for a torchvision:NAME checkpoint, whose network is built only when read."""
+    if source is not None:
+        arch, kwargs, channels, size = source.backbone.name, source.backbone.kwargs, source.data.channels or 3, \
+            source.data.image_size
+        where = f"stages[{source.name}].backbone"
+    elif is_torchvision_reference(stage.checkpoint):
+        return None
+    else:
         record = resolve_checkpoint(stage.checkpoint, f"stages[{stage.name}].checkpoint")
         arch, kwargs, channels, size = record["arch"], record["kwargs"], record["data"]["channels"], \
             record["data"]["image_size"]
         where = f"stages[{stage.name}].checkpoint"
-    else:
-        source = recipe.stage(stage.from_stage) if stage.from_stage else last_trained  # validated: a training stage
-        arch, kwargs, channels, size = source.backbone.name, source.backbone.kwargs, source.data.channels or 3, \
-            source.data.image_size
-        where = f"stages[{source.name}].backbone"
     skeleton = check_architecture(arch, kwargs, channels, size, where)
     skeleton.arch = arch
     return skeleton
+
+
+def check_eval_labels(recipe: Recipe) -> None:
+    """An evaluation stage without `data` scores the dataset its backbone trained on; when that is an unlabeled
+    image tree (images:ROOT with no labels CSV) it has nothing to fit or score, so it is refused before anything
+    trains, asking for a labeled `data` (pretraining on unlabeled images is the usual case)."""
+    for stage, source in evaluations_after_training(recipe):
+        if source is None or stage.data is not None or not scores_a_dataset(stage):
+            continue
+        spec = parse_spec(source.data.dataset)
+        if spec.name == "images" and not spec.option("labels") and not source.data.labels:
+            raise ConfigError(f"stages[{stage.name}]: scores labeled images of the dataset stage {source.name!r} "
+                              f"trains on, {source.data.dataset!r}, an unlabeled image tree; give the stage "
+                              f"data: SPEC with labels (e.g. imagefolder:ROOT, or images:ROOT,labels=labels.csv)")
 
 
 def run_recipe(recipe: Recipe, out: Optional[Path] = None, resume: bool = False,
@@ -385,6 +413,7 @@ def run_recipe(recipe: Recipe, out: Optional[Path] = None, resume: bool = False,
     holds the run directory's lock (engine/run_lock.py) for the whole run; on resume the recipe is first compared
     with the run's config.yaml (check_resume_config)."""
     check_readouts(recipe)
+    check_eval_labels(recipe)
     if dist.launched_distributed():
         dist.init_from_env(str(resolve_device(_first_device(recipe))))
     run_dir, resume, lock = agree_on_run_dir(recipe, out, resume, allow_config_change)

@@ -205,7 +205,8 @@ def evaluate_everywhere(checkpoint: str, knn_data: str, folders: tuple[Path, Pat
 @pytest.mark.parametrize("method,source", CELLS)
 def test_every_method_trains_on_its_defaults_and_its_backbone_is_accepted(method, source, request, capsys, tmp_path):
     """Train 3 steps on the method's defaults, then through the CLI on backbone.pt: `info`, `knn`, `linear-probe`,
-    `finetune`, `transfer`, `export --to safetensors` (and `--to timm` for the ViT, which has a timm counterpart)."""
+    `finetune`, `transfer`, `export --to safetensors` (and `attentive-probe` and `--to timm` for the ViT, which has
+    patch tokens and a timm counterpart)."""
     data = source_data(source, request)
     run_dir, _ = run_recipe(validate_recipe(defaults_recipe(method, data)), tmp_path / "run")
     record = assert_trained(run_dir, 3)
@@ -219,6 +220,9 @@ def test_every_method_trains_on_its_defaults_and_its_backbone_is_accepted(method
     ssl_kit_json(capsys, "export", "--checkpoint", checkpoint, "--to", "safetensors", "--out", str(tmp_path / "x"))
     assert (tmp_path / "x" / "model.safetensors").stat().st_size > 0
     if method in NEEDS_VIT:
+        attentive = ssl_kit_json(capsys, "attentive-probe", "--checkpoint", checkpoint, "--data",
+                                 f"imagefolder:{folders[0]}", "--epochs", "3", "--no-sweep")
+        assert 0 <= attentive["top1"] <= 1 and attentive["train_size"] > 0
         ssl_kit_json(capsys, "export", "--checkpoint", checkpoint, "--to", "timm", "--out", str(tmp_path / "timm"))
         assert json.loads((tmp_path / "timm" / "config.json").read_text())["library"] == "timm"
 
@@ -247,6 +251,21 @@ def test_a_method_that_learns_from_labels_refuses_a_source_without_any(method, u
     recipe = validate_recipe(defaults_recipe(method, streamed(f"images:{root}")))
     with pytest.raises(DataError, match=r"has no labeled training images.*give data\.labels"):
         run_recipe(recipe, tmp_path / "run")
+
+
+def test_an_evaluation_stage_on_an_unlabeled_tree_is_refused_before_training(unlabeled_tree, tmp_path):
+    """Pretraining on a bare images: tree, then a probe with no data of its own: it would score the unlabeled tree
+    after all the training; refused first, naming the stage. Given labels (data or data.labels), it runs."""
+    root, csv = unlabeled_tree
+    recipe = defaults_recipe("simclr", streamed(f"images:{root}"))
+    recipe["stages"].append({"name": "probe", "method": "linear_probe", "epochs": 2})
+    with pytest.raises(ConfigError, match=r"^stages\[probe\]: scores labeled images of the dataset stage 'train' "
+                                          r"trains on, 'images:.*', an unlabeled image tree; give the stage data"):
+        run_recipe(validate_recipe(recipe), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    recipe["stages"][0]["data"] = streamed(f"images:{root}", csv)
+    _, summary = run_recipe(validate_recipe(recipe), tmp_path / "labeled")
+    assert 0 <= summary["probe/top1"] <= 1
 
 
 @pytest.mark.parametrize("method", NEEDS_VIT)
