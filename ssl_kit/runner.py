@@ -398,11 +398,14 @@ def check_eval_labels(recipe: Recipe) -> None:
     for stage, source in evaluations_after_training(recipe):
         if source is None or stage.data is not None or not scores_a_dataset(stage):
             continue
-        spec = parse_spec(source.data.dataset)
+        try:
+            spec = parse_spec(source.data.spec())
+        except DataError:
+            continue  # the training stage refuses its own spec, naming its key
         if spec.name == "images" and not spec.option("labels") and not source.data.labels:
             raise ConfigError(f"stages[{stage.name}]: scores labeled images of the dataset stage {source.name!r} "
-                              f"trains on, {source.data.dataset!r}, an unlabeled image tree; give the stage "
-                              f"data: SPEC with labels (e.g. imagefolder:ROOT, or images:ROOT,labels=labels.csv)")
+                              f"trains on, {str(spec)!r}, an unlabeled image tree; give the stage data: SPEC with "
+                              f"labels (e.g. imagefolder:ROOT, or images:ROOT,labels=labels.csv)")
 
 
 def run_recipe(recipe: Recipe, out: Optional[Path] = None, resume: bool = False,

@@ -263,6 +263,12 @@ def test_an_evaluation_stage_on_an_unlabeled_tree_is_refused_before_training(unl
                                           r"trains on, 'images:.*', an unlabeled image tree; give the stage data"):
         run_recipe(validate_recipe(recipe), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+    recipe["stages"][0]["data"] = {**streamed("images"), "root": str(root)}  # the spec's root given apart
+    with pytest.raises(ConfigError, match=r"^stages\[probe\]: .* an unlabeled image tree"):
+        run_recipe(validate_recipe(recipe), tmp_path / "run")
+    recipe["stages"][0]["data"] = {**streamed("images"), "root": None}  # no root: the training stage says so
+    with pytest.raises(DataError, match=r"stages\[train\]\.data: .*images needs a root folder"):
+        run_recipe(validate_recipe(recipe), tmp_path / "run")
     recipe["stages"][0]["data"] = streamed(f"images:{root}", csv)
     _, summary = run_recipe(validate_recipe(recipe), tmp_path / "labeled")
     assert 0 <= summary["probe/top1"] <= 1
