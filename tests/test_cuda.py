@@ -126,3 +126,20 @@ def test_gpu_decode_matches_the_workers_cpu_decode_and_trains(tmp_path):
                                 "image_size": 32, "decode": "gpu"}
     values = losses(tmp_path, "gpu_decode", raw)
     assert len(values) == 6 and all(v == v for v in values)
+
+
+def test_the_attentive_probe_trains_on_the_gpu_as_on_the_cpu():
+    """The probe's minibatches go to the device from float16 tokens on the CPU; the stacked grid and GridAdamW run
+    there and follow the CPU run."""
+    from ssl_kit.eval.attentive_probe import attentive_probe, fit_attentive_grid
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(64, 16 * 8, generator=generator).half()  # 64 images of 16 tokens of width 8
+    labels = torch.randint(0, 4, (64,), generator=generator)
+    configs = [(1e-2, 5e-4), (1e-1, 0.0)]
+    cpu = fit_attentive_grid(tokens, labels, 8, 4, configs, epochs=3)
+    gpu = fit_attentive_grid(tokens, labels, 8, 4, configs, epochs=3, device="cuda")
+    for p, q in zip(cpu.parameters(), gpu.parameters()):
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-3, atol=1e-4)
+    result = attentive_probe(tokens, labels, tokens, labels, 4, 8, epochs=3, device="cuda")
+    assert 0 <= result["top1"] <= 1 and result["train_size"] == 64
