@@ -114,6 +114,43 @@ def test_verification_refuses_wrong_weights_and_leaves_no_files(tmp_path, monkey
         write_export(record, "torchvision", tmp_path / "out")
 
 
+READ_BACK = CASES + [("vit_tiny", 1, 16, {"depth": 2, "dim": 32, "heads": 2, "num_registers": 2}, "safetensors"),
+                     ("resnet18", 1, 32, {}, "safetensors")]
+
+
+@pytest.mark.parametrize("arch,channels,size,kwargs,target", READ_BACK, ids=[f"{c[0]}-{c[4]}" for c in READ_BACK])
+def test_an_export_folder_reads_back_as_a_checkpoint_with_the_same_features(tmp_path, arch, channels, size, kwargs,
+                                                                              target):
+    """`--checkpoint EXPORT_DIR` on every evaluation command: the folder rebuilds a backbone with our features and
+    the input format config.json records (a timm export as timm's model, the others as the backbone exported)."""
+    from ssl_kit import load_backbone
+
+    record, ours = record_of(arch, channels, size, kwargs)
+    write_export(record, target, tmp_path / "out")
+    back = load_backbone(tmp_path / "out")
+    x = torch.randn(2, channels, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), ours(x), atol=1e-5, rtol=1e-5)
+    info = back.data_info
+    assert (info["channels"], info["image_size"], info["mean"], info["std"]) == \
+        (channels, size, [0.5] * channels, [0.25] * channels)
+
+
+def test_an_export_folder_read_as_a_checkpoint_is_checked(tmp_path, capsys):
+    from ssl_kit.engine.checkpoint import resolve_checkpoint
+
+    write_export(record_of("vit_tiny", 1, 16, {"depth": 2, "dim": 32, "heads": 2})[0], "timm", tmp_path / "a")
+    weights = tmp_path / "a" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b"x")
+    assert main(["knn", "--checkpoint", str(tmp_path / "a"), "--data", "digits"]) == 2
+    assert "model.safetensors does not match the sha256 recorded in config.json" in capsys.readouterr().err
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text("{}")
+    (tmp_path / "b" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"config.json is not an ssl-kit export's \(KeyError: 'library'\)"):
+        resolve_checkpoint(tmp_path / "b")
+
+
 def test_corrupted_or_swapped_export_is_refused(tmp_path):
     write_export(record_of("torchvision:resnet18", 3, 32, {})[0], "timm", tmp_path / "a")
     write_export(record_of("timm:convnext_atto", 3, 32, {})[0], "timm", tmp_path / "b")

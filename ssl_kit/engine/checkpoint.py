@@ -171,7 +171,8 @@ def validate_record(record: dict, where: str) -> dict:
 
 
 def resolve_checkpoint(path: str | Path, what: str = "checkpoint", *, arch: Optional[str] = None) -> dict:
-    """A backbone.pt, a run directory or a training checkpoint -> a validated backbone record (see module doc).
+    """A backbone.pt, a run directory, a training checkpoint or an `ssl-kit export` folder (timm, torchvision,
+    safetensors) -> a validated backbone record (see module doc).
     Also another repo's checkpoint, `[LAYOUT:]FILE[@ARCH]` (.pth or .safetensors), its layout detected unless
     given and the architecture from `arch` / '@ARCH' when the file does not record it (models/foreign.py).
     `what` names the slot in errors ('init checkpoint', 'teacher checkpoint', ...)."""
@@ -179,6 +180,8 @@ def resolve_checkpoint(path: str | Path, what: str = "checkpoint", *, arch: Opti
     path = Path(path)
     if path.is_dir():
         candidate = path / "backbone.pt"
+        if not candidate.is_file() and (path / "config.json").is_file():  # an ssl-kit export folder
+            return {"format": BACKBONE_FORMAT, "version": 1, **foreign.export_folder_record(path)}
         if not candidate.is_file():
             raise CheckpointError(f"{what}: run directory {str(path)!r} has no backbone.pt (has the run finished a "
                                   f"training stage?)")

@@ -28,6 +28,7 @@ naming them; a shape mismatch is an error naming the key and both shapes.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -390,9 +391,12 @@ def _file_arch(data: dict) -> Optional[str]:
 
 
 def foreign_record(data: dict, path: str, layout: Optional[str] = None, arch: Optional[str] = None,
-                   image_size: Optional[int] = None) -> dict:
+                   image_size: Optional[int] = None, arch_kwargs: Optional[dict] = None,
+                   data_info: Optional[dict] = None) -> dict:
     """A loaded foreign checkpoint -> the fields of an ssl_kit backbone record (arch, kwargs, data, state_dict; see
-    engine/checkpoint.py) whose state dict fits the architecture exactly, and 'source': file, layout, dropped keys."""
+    engine/checkpoint.py) whose state dict fits the architecture exactly, and 'source': file, layout, dropped keys.
+    `arch_kwargs` are added to those `arch` names ('NAME,key=value'); `data_info` (channels, image_size, mean, std)
+    replaces what would be inferred from the weights."""
     detected = layout is None
     try:
         layout = layout or detect_layout(data)
@@ -412,8 +416,8 @@ def foreign_record(data: dict, path: str, layout: Optional[str] = None, arch: Op
     name, kwargs = parse_arch(arch)
     where = f"{path!r} ({layout} layout)"
     check_shape_metadata(state, where)
-    kwargs = {**infer_kwargs(name, state), **kwargs}
-    info = infer_data_info(name, state, image_size)
+    kwargs = {**infer_kwargs(name, state), **kwargs, **(arch_kwargs or {})}
+    info = dict(infer_data_info(name, state, image_size), **(data_info or {}))
     # the bounds first, on the meta device (no memory); the weights are fitted to that skeleton's names and shapes:
     # nothing of the size the metadata asks for is allocated here (build_from_record builds it after its own check)
     skeleton = check_architecture(name, kwargs, info["channels"], info["image_size"], where)
@@ -427,3 +431,44 @@ def foreign_record(data: dict, path: str, layout: Optional[str] = None, arch: Op
               file=sys.stderr)
     return {"arch": name, "kwargs": kwargs, "data": info,
             "state_dict": fitted, "source": {"file": str(path), "layout": layout, "dropped": dropped}}
+
+
+EXPORT_CONFIG_MAX_BYTES = 1 << 20  # an export's config.json is a few kB
+TIMM_KWARGS_SET_HERE = ("pretrained", "num_classes", "in_chans", "img_size")  # from the record's data instead
+
+
+def export_folder_record(folder: Path) -> dict:
+    """An `ssl-kit export` folder (config.json + model.safetensors, the timm / torchvision / safetensors targets) ->
+    the fields of a backbone record, as foreign_record gives them, with the input size, channels and normalisation
+    config.json records. model.safetensors must match the sha256 config.json records. A timm export is rebuilt as
+    timm's model (timm:NAME with its kwargs: the weights are under timm's names); the others as the ssl_kit backbone
+    they were exported from (config.json's "ssl_kit" arch and kwargs; torchvision's names fit it)."""
+    from ..common.files import sha256_file  # deferred: only export folders need it
+
+    config_path, weights = folder / "config.json", folder / "model.safetensors"
+    where = f"export folder {str(folder)!r}"
+    if not weights.is_file():
+        onnx = " (an ONNX export: run model.onnx with onnxruntime)" if (folder / "model.onnx").is_file() else ""
+        raise CheckpointError(f"{where} has no model.safetensors{onnx}")
+    try:
+        config = json.loads(config_path.read_bytes()[:EXPORT_CONFIG_MAX_BYTES])
+        library, model, kwargs = config["library"], config["model"], dict(config["kwargs"])
+        channels, size, _ = (int(v) for v in config["input_size"])
+        mean, std, source = list(config["mean"]), list(config["std"]), config.get("ssl_kit") or {}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{where}: config.json is not an ssl-kit export's ({type(exc).__name__}: "
+                              f"{str(exc)[:200]})") from None
+    if config.get("sha256") != sha256_file(weights):
+        raise CheckpointError(f"{where}: model.safetensors does not match the sha256 recorded in config.json: the "
+                              f"file was corrupted or replaced; export it again")
+    if library == "timm":
+        arch = f"timm:{model}"
+        kwargs = {k: v for k, v in kwargs.items() if k not in TIMM_KWARGS_SET_HERE}
+    elif library in ("torchvision", "ssl_kit") and isinstance(source.get("arch"), str):
+        arch, kwargs = source["arch"], dict(source.get("kwargs") or {})
+    else:
+        raise CheckpointError(f"{where}: config.json names library {library!r} without the ssl_kit architecture it "
+                              f"was exported from; expected an export of ssl-kit export --to timm | torchvision | "
+                              f"safetensors")
+    info = {"channels": channels, "image_size": size, "mean": mean, "std": std}
+    return foreign_record(read_safetensors(weights), str(weights), None, arch, size, kwargs, info)
