@@ -33,7 +33,7 @@ from ..common.files import sha256_file
 from ..errors import CheckpointError
 from .bounds import check_architecture
 from .export_dir import check_out_dir, publish, staging_dir
-from .foreign import read_safetensors
+from .foreign import check_export_weights, read_export_folder, read_safetensors
 from .model_card import model_card
 from .registry import build_backbone
 
@@ -301,19 +301,9 @@ def verified_summary(result: dict) -> str:
 
 def load_exported(out_dir: str | Path) -> nn.Module:
     """An export folder -> the target library's model with the weights loaded strictly (eval mode). The file's
-    sha256 must match config.json's: a corrupted or swapped model.safetensors is refused."""
-    out_dir = Path(out_dir)
-    config_path, weights = out_dir / "config.json", out_dir / "model.safetensors"
-    if (out_dir / "model.onnx").is_file() and not weights.is_file():
-        raise CheckpointError(f"{str(out_dir)!r} is an ONNX export: run model.onnx with "
-                              f"onnxruntime.InferenceSession (see its README.md), not as a torch model")
-    for path in (config_path, weights):
-        if not path.is_file():
-            raise CheckpointError(f"{str(out_dir)!r} is not an ssl_kit export: {path.name} is missing")
-    config = json.loads(config_path.read_text())
-    if config.get("sha256") != sha256_file(weights):
-        raise CheckpointError(f"{str(weights)!r} does not match the sha256 recorded in config.json: the file was "
-                              f"corrupted or replaced; export it again")
+    sha256 must match config.json's: a corrupted or swapped model.safetensors is refused (check_export_weights)."""
+    config, weights = read_export_folder(Path(out_dir))
+    check_export_weights(config, weights)
     model = build_exported(config).eval()
     try:
         model.load_state_dict(read_safetensors(weights), strict=True)

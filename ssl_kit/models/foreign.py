@@ -437,30 +437,51 @@ EXPORT_CONFIG_MAX_BYTES = 1 << 20  # an export's config.json is a few kB
 TIMM_KWARGS_SET_HERE = ("pretrained", "num_classes", "in_chans", "img_size")  # from the record's data instead
 
 
-def export_folder_record(folder: Path) -> dict:
-    """An `ssl-kit export` folder (config.json + model.safetensors, the timm / torchvision / safetensors targets) ->
-    the fields of a backbone record, as foreign_record gives them, with the input size, channels and normalisation
-    config.json records. model.safetensors must match the sha256 config.json records. A timm export is rebuilt as
-    timm's model (timm:NAME with its kwargs: the weights are under timm's names); the others as the ssl_kit backbone
-    they were exported from (config.json's "ssl_kit" arch and kwargs; torchvision's names fit it)."""
-    from ..common.files import sha256_file  # deferred: only export folders need it
-
+def read_export_folder(folder: Path) -> tuple[dict, Path]:
+    """An `ssl-kit export` folder -> (config.json's content, the path of model.safetensors). An ONNX export, a
+    missing file or a config.json that is not JSON is refused by name; check_export_weights then checks the file."""
     config_path, weights = folder / "config.json", folder / "model.safetensors"
     where = f"export folder {str(folder)!r}"
-    if not weights.is_file():
-        onnx = " (an ONNX export: run model.onnx with onnxruntime)" if (folder / "model.onnx").is_file() else ""
-        raise CheckpointError(f"{where} has no model.safetensors{onnx}")
+    if (folder / "model.onnx").is_file() and not weights.is_file():
+        raise CheckpointError(f"{where} is an ONNX export: run model.onnx with onnxruntime.InferenceSession (see its "
+                              f"README.md), not as a torch model")
+    for path in (config_path, weights):
+        if not path.is_file():
+            raise CheckpointError(f"{where} is not an ssl_kit export: {path.name} is missing")
     try:
         config = json.loads(config_path.read_bytes()[:EXPORT_CONFIG_MAX_BYTES])
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: config.json is not JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}: config.json is a {type(config).__name__}, expected an object")
+    return config, weights
+
+
+def check_export_weights(config: dict, weights: Path) -> None:
+    """model.safetensors must be the file exported: the sha256 config.json records."""
+    from ..common.files import sha256_file  # deferred: only export folders need it
+
+    if config.get("sha256") != sha256_file(weights):
+        raise CheckpointError(f"export folder {str(weights.parent)!r}: model.safetensors does not match the sha256 "
+                              f"recorded in config.json: the file was corrupted or replaced; export it again")
+
+
+def export_folder_record(folder: Path) -> dict:
+    """An `ssl-kit export` folder (config.json + model.safetensors, the timm / torchvision / safetensors targets;
+    read_export_folder, check_export_weights) -> the fields of a backbone record, as foreign_record gives them, with the input size,
+    channels and normalisation config.json records. A timm export is rebuilt as timm's model (timm:NAME with its
+    kwargs: the weights are under timm's names); the others as the ssl_kit backbone they were exported from
+    (config.json's "ssl_kit" arch and kwargs; torchvision's names fit it)."""
+    config, weights = read_export_folder(folder)
+    where = f"export folder {str(folder)!r}"
+    try:
         library, model, kwargs = config["library"], config["model"], dict(config["kwargs"])
         channels, size, _ = (int(v) for v in config["input_size"])
         mean, std, source = list(config["mean"]), list(config["std"]), config.get("ssl_kit") or {}
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{where}: config.json is not an ssl-kit export's ({type(exc).__name__}: "
                               f"{str(exc)[:200]})") from None
-    if config.get("sha256") != sha256_file(weights):
-        raise CheckpointError(f"{where}: model.safetensors does not match the sha256 recorded in config.json: the "
-                              f"file was corrupted or replaced; export it again")
+    check_export_weights(config, weights)
     if library == "timm":
         arch = f"timm:{model}"
         kwargs = {k: v for k, v in kwargs.items() if k not in TIMM_KWARGS_SET_HERE}
