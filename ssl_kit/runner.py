@@ -31,6 +31,7 @@ from .common.metrics import minority_recall
 from .config import EVAL_METHODS, Recipe, StageBase, validate_recipe
 from .recipe_files import recipe_to_yaml
 from .data.pipeline import DataInfo, prepare_data
+from .data.kinds import dataset_kind
 from .data.specs import parse_spec
 from .engine import distributed as dist
 from .engine.checkpoint import (atomic_save, atomic_write_text, backbone_record, build_from_record,
@@ -392,9 +393,10 @@ def read_skeleton(stage, source: Optional[StageBase]) -> Optional[torch.nn.Modul
 
 
 def check_eval_labels(recipe: Recipe) -> None:
-    """An evaluation stage without `data` scores the dataset its backbone trained on; when that is an unlabeled
-    image tree (images:ROOT with no labels CSV) it has nothing to fit or score, so it is refused before anything
-    trains, asking for a labeled `data` (pretraining on unlabeled images is the usual case)."""
+    """An evaluation stage without `data` scores the dataset its backbone trained on; when that is of a kind with no
+    labels of its own (DatasetKind.unlabeled: images:ROOT) and has no labels CSV, it has nothing to fit or score, so
+    it is refused before anything trains, asking for a labeled `data` (pretraining on unlabeled images is the usual
+    case)."""
     for stage, source in evaluations_after_training(recipe):
         if source is None or stage.data is not None or not scores_a_dataset(stage):
             continue
@@ -402,7 +404,7 @@ def check_eval_labels(recipe: Recipe) -> None:
             spec = parse_spec(source.data.spec())
         except DataError:
             continue  # the training stage refuses its own spec, naming its key
-        if spec.name == "images" and not spec.option("labels") and not source.data.labels:
+        if dataset_kind(spec.name).unlabeled and not spec.option("labels") and not source.data.labels:
             raise ConfigError(f"stages[{stage.name}]: scores labeled images of the dataset stage {source.name!r} "
                               f"trains on, {str(spec)!r}, an unlabeled image tree; give the stage data: SPEC with "
                               f"labels (e.g. imagefolder:ROOT, or images:ROOT,labels=labels.csv)")

@@ -55,6 +55,6 @@ register_kind(DatasetKind("stl10", "STL-10 binaries (with its 100k unlabeled ima
 register_kind(DatasetKind("imagefolder", "ROOT/<class>/<image>, optional ROOT/train|val|test split folders",
                           index=sources.index_imagefolder))
 register_kind(DatasetKind("images", "every image under ROOT, unlabeled (labels from a CSV)",
-                          index=sources.index_images))
+                          index=sources.index_images, unlabeled=True))
 register_kind(DatasetKind("filelist", "a CSV/TSV/text file of path[,label] rows", index=sources.index_filelist))
 register_kind(DatasetKind("webdataset", "tar shards of KEY.jpg|png|webp [+ KEY.cls]", index=sources.index_webdataset))

@@ -38,6 +38,7 @@ class DatasetKind:
     index: Optional[Callable] = None
     download: Optional[Callable[[Path], None]] = None
     options: tuple[str, ...] = ()
+    unlabeled: bool = False  # holds no labels of its own: only a labels CSV gives it some
 
     @property
     def streams(self) -> bool:
