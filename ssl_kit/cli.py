@@ -211,10 +211,10 @@ def _eval_stage(args, method: str, data: Optional[str], **keys):
     for the same keys in a recipe)."""
     from .config import validate_recipe  # deferred: start-up (pydantic, the method registry)
 
+    readouts = {key: getattr(args, key) for key in ("n_last_blocks", "avgpool") if hasattr(args, key)}
     stage = {"name": args.command.replace("-", "_"), "method": method, "checkpoint": args.checkpoint, "data": data,
              "device": args.device, "weights": args.weights, "image_size": args.image_size,
-             "memory_budget_gb": _budget_gb(args), "n_last_blocks": getattr(args, "n_last_blocks", 1),
-             "avgpool": getattr(args, "avgpool", False), **keys}
+             "memory_budget_gb": _budget_gb(args), **readouts, **keys}
     recipe = validate_recipe({"seed": args.seed, "stages": [stage]}, f"ssl-kit {args.command}")
     return recipe.stages[0]
 
