@@ -658,6 +658,18 @@ def _stdout_is_a_closed_pipe() -> bool:
         return False
 
 
+def console_main(argv: list[str] | None = None) -> None:
+    """The `ssl-kit` executable: `main`, then exit with its status. A torchrun worker ends through
+    `engine.distributed.end_worker` (its exit handlers run, the interpreter's teardown does not)."""
+    status = main(argv)
+    if "torch.distributed" in sys.modules:  # only a command that ran under torch can be a torchrun worker
+        from .engine.distributed import end_worker, launched_distributed
+
+        if launched_distributed():
+            end_worker(status)
+    sys.exit(status)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 2 bad input or environment (a clear message, no traceback), 128 + N stopped by signal N,
     130 Ctrl-C outside training, 1 an internal error (a bug: traceback on stderr)."""
@@ -692,4 +704,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

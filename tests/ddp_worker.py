@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 from typing import Callable
@@ -90,25 +91,20 @@ def exit_rank1_at_step(step: int) -> None:
     Trainer._train_step = dying_step
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> None:
     separator = argv.index("ssl-kit")  # not "--": torchrun swallows a "--" right after the script
     options, rest = argv[:separator], argv[separator + 1:]
+    faulthandler.enable(all_threads=True)  # a worker killed by a signal (SIGABRT at exit) prints where each thread was
     torch.set_num_threads(1)
     if "--deterministic-views" in options:
         deterministic_views()
     if "--exit-rank1-at-step" in options:
         exit_rank1_at_step(int(options[options.index("--exit-rank1-at-step") + 1]))
-    from ssl_kit.cli import main as cli_main
+    from ssl_kit.cli import console_main
 
-    try:
-        return cli_main(rest)
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    console_main(rest)  # exits as the `ssl-kit` executable does under torchrun (engine.distributed.end_worker)
 
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    sys.exit(main(sys.argv[1:]))
+    main(sys.argv[1:])

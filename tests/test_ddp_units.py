@@ -1,6 +1,10 @@
 """Fast checks of the DDP plumbing: lr scaling by global batch, per-method find_unused_parameters, per-rank step
-seeds, and the trainer's wrapping under a one-process gloo group (no launcher needed)."""
+seeds, the trainer's wrapping under a one-process gloo group (no launcher needed), and how a torchrun worker exits."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -79,3 +83,32 @@ def test_sync_bn_on_cpu_under_ddp_is_refused_clearly(tmp_path, one_rank_group):
                                             r"set backbone\.sync_bn=false"):
         _trainer(tmp_path, "supervised", backbone={"name": "small_cnn", "kwargs": {"width": 4}, "sync_bn": True},
                  train={"device": "cpu"})
+
+
+WORKER_EXIT = """
+import atexit, builtins, sys
+import torch.distributed
+from ssl_kit.cli import console_main
+
+class Teardown:
+    def __del__(self):
+        sys.stderr.write("interpreter teardown\\n")
+
+builtins._teardown_witness = Teardown()  # deleted only when the interpreter tears its modules down
+atexit.register(lambda: sys.stderr.write("exit handler\\n"))
+console_main(["info", "--checkpoint", "no-such-file.pt"])
+"""
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_torchrun_worker_exits_with_its_status_after_its_exit_handlers_and_without_teardown(world_size, tmp_path):
+    """Under torchrun (WORLD_SIZE > 1) the `ssl-kit` executable ends through `end_worker`: the command's status, the
+    exit handlers run once, and no interpreter teardown (where a restarted FSDP worker aborted); a plain process
+    exits as Python does."""
+    env = {**os.environ, "WORLD_SIZE": world_size}
+    done = subprocess.run([sys.executable, "-c", WORKER_EXIT], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr  # the missing checkpoint is bad input
+    assert "no-such-file.pt" in done.stderr
+    assert done.stderr.count("exit handler") == 1
+    assert ("interpreter teardown" in done.stderr) == (world_size == "1")
