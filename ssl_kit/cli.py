@@ -283,10 +283,52 @@ def cmd_transfer(args) -> int:
     return 0
 
 
+# `ssl-kit finetune`'s defaults by backbone family; each flag overrides its entry.
+# CNN: SimCLR's fine-tuning (Chen et al. 2020, appendix B.5: Nesterov SGD, lr 0.05 × batch/256), the backbone at 0.1×
+# the head's lr. ViT: MAE's and BEiT's (AdamW, weight decay 0.05, layer-wise lr decay 0.65 for ViT-B, betas 0.9 /
+# 0.999) at lr 1e-3 unscaled, the value of the mae_digits recipe's finetune stage: MAE scales its base lr by batch/256,
+# which at batch 64 leaves a few hundred steps too small a rate to move. SGD at the CNN's rate does not fine-tune a ViT:
+# measured in docs/evaluation.md ("Fine-tuning").
+FINETUNE_PROTOCOLS = {
+    "cnn": {"optimizer": {"name": "sgd", "lr": 0.05, "lr_scaling": "linear", "nesterov": True,
+                          "backbone_lr_scale": 0.1, "weight_decay": 5e-4},
+            "layer_decay": None},
+    "vit": {"optimizer": {"name": "adamw", "lr": 1e-3, "lr_scaling": "none", "backbone_lr_scale": 1.0,
+                          "weight_decay": 0.05, "betas": [0.9, 0.999]},
+            "layer_decay": 0.65},
+}
+
+
+def finetune_protocol(args, vit: bool) -> tuple[dict, Optional[float]]:
+    """The optimizer section and layer decay of `ssl-kit finetune`: FINETUNE_PROTOCOLS[vit or cnn], then each flag
+    the user gave (--optimizer switches to that optimizer's family defaults before --lr etc. apply)."""
+    family = "vit" if vit else "cnn"
+    if args.optimizer is not None:
+        family = "vit" if args.optimizer == "adamw" else "cnn"
+    protocol = FINETUNE_PROTOCOLS[family]
+    optimizer = dict(protocol["optimizer"])
+    for flag, key in (("lr", "lr"), ("backbone_lr_scale", "backbone_lr_scale"), ("weight_decay", "weight_decay")):
+        if getattr(args, flag) is not None:
+            optimizer[key] = getattr(args, flag)
+    layer_decay = args.layer_decay if args.layer_decay is not None else protocol["layer_decay"]
+    return optimizer, layer_decay if vit else args.layer_decay
+
+
+def describe_finetune(optimizer: dict, layer_decay: Optional[float], vit: bool) -> str:
+    """One line naming what `ssl-kit finetune` will train with, for stderr."""
+    scaling = " × batch/256" if optimizer["lr_scaling"] == "linear" else ""
+    decay = f", layer decay {layer_decay:g}" if layer_decay else ""
+    return (f"[ssl-kit] finetune: {'ViT' if vit else 'CNN'} backbone: {optimizer['name']} lr {optimizer['lr']:g}"
+            f"{scaling}, backbone lr × {optimizer['backbone_lr_scale']:g}{decay}, weight decay "
+            f"{optimizer['weight_decay']:g} (--optimizer, --lr, --backbone-lr-scale, --layer-decay, --weight-decay)")
+
+
 def cmd_finetune(args) -> int:
     from .config import validate_recipe  # deferred: start-up (pydantic, the method registry)
     from .engine.checkpoint import resolve_checkpoint  # deferred: start-up (torch)
+    from .models.bounds import check_architecture  # deferred: start-up (torch)
     from .models.external import is_torchvision_reference  # deferred: start-up (only this command needs it)
+    from .models.vit import VisionTransformer  # deferred: start-up (torch)
     from .runner import run_recipe  # deferred: start-up (torch)
 
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
@@ -294,17 +336,20 @@ def cmd_finetune(args) -> int:
     if is_torchvision_reference(args.checkpoint):
         raise SslKitError("finetune takes an ssl_kit checkpoint (backbone.pt, run dir or training checkpoint); "
                           "torchvision:NAME backbones are for linear-probe, knn and transfer")
-
+    record = resolve_checkpoint(args.checkpoint, "--checkpoint")
+    info = record["data"]
+    skeleton = check_architecture(record["arch"], record["kwargs"], info["channels"], info["image_size"],
+                                  "--checkpoint")  # built without weights (on the meta device when large)
+    vit = isinstance(skeleton, VisionTransformer)
+    optimizer, layer_decay = finetune_protocol(args, vit)
+    print(describe_finetune(optimizer, layer_decay, vit), file=sys.stderr)
     stage = {"name": "finetune", "method": "supervised", "init": {"checkpoint": args.checkpoint},
-             "label_smoothing": args.label_smoothing, "layer_decay": args.layer_decay,
-             "data": {"dataset": args.data, "labels_per_class": args.labels_per_class},
-             "optimizer": {"lr": args.lr, "backbone_lr_scale": args.backbone_lr_scale, "nesterov": True},
+             "label_smoothing": args.label_smoothing, "layer_decay": layer_decay,
+             "data": {"dataset": args.data, "labels_per_class": args.labels_per_class,
+                      "image_size": args.image_size or info["image_size"]},
+             "optimizer": optimizer,
              "schedule": {"name": "cosine", "warmup_epochs": min(1.0, args.epochs * 0.1)},
              "train": {"epochs": args.epochs, "batch_size": args.batch_size, "device": args.device}}
-    if args.image_size:
-        stage["data"]["image_size"] = args.image_size
-    else:
-        stage["data"]["image_size"] = resolve_checkpoint(args.checkpoint, "--checkpoint")["data"]["image_size"]
     recipe = validate_recipe({"seed": args.seed, "name": "finetune", "stages": [stage]}, "finetune arguments")
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ssl-kit-finetune-"))
     try:
@@ -558,12 +603,18 @@ def build_parser() -> argparse.ArgumentParser:
     finetune = evaluation("finetune", "fine-tune the whole backbone with a new head", cmd_finetune)
     finetune.add_argument("--labels-per-class", type=POSITIVE)
     finetune.add_argument("--epochs", type=bounded(float, 0, 100_000, low_open=True), default=20)
-    finetune.add_argument("--lr", type=bounded(float, 0, 100, low_open=True), default=0.05)
-    finetune.add_argument("--backbone-lr-scale", type=bounded(float, 0, 100), default=0.1)
+    finetune.add_argument("--optimizer", choices=["sgd", "adamw"],
+                          help="default: adamw for a ViT (MAE/BEiT fine-tuning), sgd for a CNN (SimCLR's)")
+    finetune.add_argument("--lr", type=bounded(float, 0, 100, low_open=True),
+                          help="the head's lr (default: 1e-3 with adamw; 0.05 × batch/256 with sgd)")
+    finetune.add_argument("--backbone-lr-scale", type=bounded(float, 0, 100),
+                          help="the backbone's lr relative to the head's (default: 1 with adamw, 0.1 with sgd)")
+    finetune.add_argument("--weight-decay", type=bounded(float, 0, 10),
+                          help="default: 0.05 with adamw, 5e-4 with sgd")
     finetune.add_argument("--batch-size", type=bounded(int, 1, 65_536), default=64)
     finetune.add_argument("--image-size", type=IMAGE_SIZE)
     finetune.add_argument("--layer-decay", type=bounded(float, 0, 1, low_open=True),
-                          help="ViT layer-wise lr decay, e.g. 0.65 for MAE backbones")
+                          help="ViT layer-wise lr decay (default 0.65, MAE's for ViT-B; 1 = off)")
     finetune.add_argument("--label-smoothing", type=bounded(float, 0, 0.999), default=0.0)
     finetune.add_argument("--out")
 

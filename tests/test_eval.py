@@ -227,3 +227,49 @@ def test_an_empty_labeled_split_names_its_cause():
     with pytest.raises(DataError, match="give labels with"):
         require_labeled("images:/x,labels=/x/l.csv", "train", 0)
     require_labeled("images:/x,labels=/x/l.csv", "test", 3)
+
+
+def _finetune_config(capsys, tmp_path, checkpoint, *flags) -> tuple[dict, str]:
+    """`ssl-kit finetune` on `checkpoint` for one step -> (its stage's optimizer section and layer_decay, stderr)."""
+    import yaml
+
+    from ssl_kit.cli import main
+
+    out = tmp_path / "ft"
+    assert main(["finetune", "--checkpoint", str(checkpoint), "--data", "digits", "--labels-per-class", "5",
+                 "--epochs", "0.02", "--batch-size", "25", "--out", str(out), *flags]) == 0
+    stage = yaml.safe_load((out / "config.yaml").read_text())["stages"][0]
+    return {**stage["optimizer"], "layer_decay": stage["layer_decay"]}, capsys.readouterr().err
+
+
+DIGITS_16 = {"channels": 1, "image_size": 16, "num_classes": 10, "mean": [0.5], "std": [0.5]}
+
+
+def test_finetune_trains_a_vit_as_mae_and_a_cnn_as_simclr(trained_run, tmp_path, capsys):
+    """A ViT gets AdamW at 1e-3 with layer decay 0.65 and weight decay 0.05, the whole network at one rate; a CNN
+    Nesterov SGD at 0.05 × batch/256 with the backbone at 0.1×; stderr says which."""
+    from tests.conftest import saved_vit
+
+    vit = saved_vit(tmp_path / "vit.pt", {"patch_size": 4, "dim": 16, "depth": 2, "heads": 2}, DIGITS_16)
+    chosen, err = _finetune_config(capsys, tmp_path / "a", vit)
+    assert (chosen["name"], chosen["lr"], chosen["lr_scaling"], chosen["backbone_lr_scale"], chosen["weight_decay"],
+            chosen["layer_decay"]) == ("adamw", 1e-3, "none", 1.0, 0.05, 0.65)
+    assert "finetune: ViT backbone: adamw lr 0.001, backbone lr × 1, layer decay 0.65, weight decay 0.05" in err
+    chosen, err = _finetune_config(capsys, tmp_path / "b", trained_run)
+    assert (chosen["name"], chosen["lr"], chosen["lr_scaling"], chosen["nesterov"], chosen["backbone_lr_scale"],
+            chosen["weight_decay"], chosen["layer_decay"]) == ("sgd", 0.05, "linear", True, 0.1, 5e-4, None)
+    assert "finetune: CNN backbone: sgd lr 0.05 × batch/256, backbone lr × 0.1, weight decay 0.0005" in err
+
+
+def test_finetune_flags_override_the_protocol(tmp_path, capsys):
+    """--optimizer sgd on a ViT takes the SGD protocol (no layer decay unless asked); each other flag replaces its
+    entry alone."""
+    from tests.conftest import saved_vit
+
+    vit = saved_vit(tmp_path / "vit.pt", {"patch_size": 4, "dim": 16, "depth": 2, "heads": 2}, DIGITS_16)
+    chosen, _ = _finetune_config(capsys, tmp_path / "a", vit, "--optimizer", "sgd")
+    assert (chosen["name"], chosen["lr"], chosen["backbone_lr_scale"], chosen["layer_decay"]) == ("sgd", 0.05, 0.1, None)
+    chosen, _ = _finetune_config(capsys, tmp_path / "b", vit, "--lr", "3e-4", "--layer-decay", "0.75",
+                                 "--weight-decay", "0.1", "--backbone-lr-scale", "0.5")
+    assert (chosen["name"], chosen["lr"], chosen["layer_decay"], chosen["weight_decay"],
+            chosen["backbone_lr_scale"]) == ("adamw", 3e-4, 0.75, 0.1, 0.5)
