@@ -284,14 +284,15 @@ def cmd_transfer(args) -> int:
 
 
 # `ssl-kit finetune`'s defaults by backbone family; each flag overrides its entry.
-# CNN: SimCLR's fine-tuning (Chen et al. 2020, appendix B.5: Nesterov SGD, lr 0.05 × batch/256), the backbone at 0.1×
-# the head's lr. ViT: MAE's and BEiT's (AdamW, weight decay 0.05, layer-wise lr decay 0.65 for ViT-B, betas 0.9 /
+# CNN: SimCLR's fine-tuning (Chen et al. 2020, appendix B.5: Nesterov SGD, lr 0.05 × batch/256, every layer at that
+# rate, no weight decay). ViT: MAE's and BEiT's (AdamW, weight decay 0.05, layer-wise lr decay 0.65 for ViT-B, betas 0.9 /
 # 0.999) at lr 1e-3 unscaled, the value of the mae_digits recipe's finetune stage: MAE scales its base lr by batch/256,
-# which at batch 64 leaves a few hundred steps too small a rate to move. SGD at the CNN's rate does not fine-tune a ViT:
-# measured in docs/evaluation.md ("Fine-tuning").
+# which at batch 64 leaves a few hundred steps too small a rate to move. SGD at the CNN's rate does not fine-tune a ViT,
+# and a CNN's backbone at 0.1× its head's rate (the command's CNN default before) fine-tuned less: docs/benchmarks.md
+# ("Fine-tuning on digits").
 FINETUNE_PROTOCOLS = {
     "cnn": {"optimizer": {"name": "sgd", "lr": 0.05, "lr_scaling": "linear", "nesterov": True,
-                          "backbone_lr_scale": 0.1, "weight_decay": 5e-4},
+                          "backbone_lr_scale": 1.0, "weight_decay": 0.0},
             "layer_decay": None},
     "vit": {"optimizer": {"name": "adamw", "lr": 1e-3, "lr_scaling": "none", "backbone_lr_scale": 1.0,
                           "weight_decay": 0.05, "betas": [0.9, 0.999]},
@@ -311,7 +312,7 @@ def finetune_protocol(args, vit: bool) -> tuple[dict, Optional[float]]:
         if getattr(args, flag) is not None:
             optimizer[key] = getattr(args, flag)
     layer_decay = args.layer_decay if args.layer_decay is not None else protocol["layer_decay"]
-    return optimizer, layer_decay if vit else args.layer_decay
+    return optimizer, layer_decay if vit else None
 
 
 def describe_finetune(optimizer: dict, layer_decay: Optional[float], vit: bool) -> str:
@@ -341,6 +342,9 @@ def cmd_finetune(args) -> int:
     skeleton = check_architecture(record["arch"], record["kwargs"], info["channels"], info["image_size"],
                                   "--checkpoint")  # built without weights (on the meta device when large)
     vit = isinstance(skeleton, VisionTransformer)
+    if args.layer_decay is not None and not vit:
+        raise UsageError(f"--layer-decay decays a ViT's learning rates block by block; {args.checkpoint!r} is a "
+                         f"{record['arch']} ({type(skeleton).__name__}), not a ViT")
     optimizer, layer_decay = finetune_protocol(args, vit)
     print(describe_finetune(optimizer, layer_decay, vit), file=sys.stderr)
     stage = {"name": "finetune", "method": "supervised", "init": {"checkpoint": args.checkpoint},
@@ -608,9 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--lr", type=bounded(float, 0, 100, low_open=True),
                           help="the head's lr (default: 1e-3 with adamw; 0.05 × batch/256 with sgd)")
     finetune.add_argument("--backbone-lr-scale", type=bounded(float, 0, 100),
-                          help="the backbone's lr relative to the head's (default: 1 with adamw, 0.1 with sgd)")
+                          help="the backbone's lr relative to the head's (default 1)")
     finetune.add_argument("--weight-decay", type=bounded(float, 0, 10),
-                          help="default: 0.05 with adamw, 5e-4 with sgd")
+                          help="default: 0.05 with adamw, 0 with sgd")
     finetune.add_argument("--batch-size", type=bounded(int, 1, 65_536), default=64)
     finetune.add_argument("--image-size", type=IMAGE_SIZE)
     finetune.add_argument("--layer-decay", type=bounded(float, 0, 1, low_open=True),

@@ -246,8 +246,8 @@ DIGITS_16 = {"channels": 1, "image_size": 16, "num_classes": 10, "mean": [0.5], 
 
 
 def test_finetune_trains_a_vit_as_mae_and_a_cnn_as_simclr(trained_run, tmp_path, capsys):
-    """A ViT gets AdamW at 1e-3 with layer decay 0.65 and weight decay 0.05, the whole network at one rate; a CNN
-    Nesterov SGD at 0.05 × batch/256 with the backbone at 0.1×; stderr says which."""
+    """A ViT gets AdamW at 1e-3 with layer decay 0.65 and weight decay 0.05, a CNN Nesterov SGD at 0.05 × batch/256
+    without weight decay; the backbone at the head's rate in both; stderr says which."""
     from tests.conftest import saved_vit
 
     vit = saved_vit(tmp_path / "vit.pt", {"patch_size": 4, "dim": 16, "depth": 2, "heads": 2}, DIGITS_16)
@@ -257,8 +257,8 @@ def test_finetune_trains_a_vit_as_mae_and_a_cnn_as_simclr(trained_run, tmp_path,
     assert "finetune: ViT backbone: adamw lr 0.001, backbone lr × 1, layer decay 0.65, weight decay 0.05" in err
     chosen, err = _finetune_config(capsys, tmp_path / "b", trained_run)
     assert (chosen["name"], chosen["lr"], chosen["lr_scaling"], chosen["nesterov"], chosen["backbone_lr_scale"],
-            chosen["weight_decay"], chosen["layer_decay"]) == ("sgd", 0.05, "linear", True, 0.1, 5e-4, None)
-    assert "finetune: CNN backbone: sgd lr 0.05 × batch/256, backbone lr × 0.1, weight decay 0.0005" in err
+            chosen["weight_decay"], chosen["layer_decay"]) == ("sgd", 0.05, "linear", True, 1.0, 0.0, None)
+    assert "finetune: CNN backbone: sgd lr 0.05 × batch/256, backbone lr × 1, weight decay 0" in err
 
 
 def test_finetune_flags_override_the_protocol(tmp_path, capsys):
@@ -268,8 +268,25 @@ def test_finetune_flags_override_the_protocol(tmp_path, capsys):
 
     vit = saved_vit(tmp_path / "vit.pt", {"patch_size": 4, "dim": 16, "depth": 2, "heads": 2}, DIGITS_16)
     chosen, _ = _finetune_config(capsys, tmp_path / "a", vit, "--optimizer", "sgd")
-    assert (chosen["name"], chosen["lr"], chosen["backbone_lr_scale"], chosen["layer_decay"]) == ("sgd", 0.05, 0.1, None)
+    assert (chosen["name"], chosen["lr"], chosen["weight_decay"], chosen["layer_decay"]) == ("sgd", 0.05, 0.0, None)
     chosen, _ = _finetune_config(capsys, tmp_path / "b", vit, "--lr", "3e-4", "--layer-decay", "0.75",
                                  "--weight-decay", "0.1", "--backbone-lr-scale", "0.5")
     assert (chosen["name"], chosen["lr"], chosen["layer_decay"], chosen["weight_decay"],
             chosen["backbone_lr_scale"]) == ("adamw", 3e-4, 0.75, 0.1, 0.5)
+
+
+def test_layer_decay_on_a_cnn_is_refused_by_name(trained_run, tmp_path, capsys):
+    """Layer decay groups a ViT's blocks; on a CNN it used to be dropped without a word. The command names its flag,
+    a recipe its stage."""
+    from ssl_kit.cli import main
+    from ssl_kit.config import validate_recipe
+    from ssl_kit.errors import ConfigError
+    from ssl_kit.runner import run_recipe
+    from tests.conftest import tiny_stage
+
+    assert main(["finetune", "--checkpoint", str(trained_run), "--data", "digits", "--layer-decay", "0.65",
+                 "--out", str(tmp_path / "ft")]) == 2
+    assert "--layer-decay decays a ViT's learning rates block by block" in capsys.readouterr().err
+    recipe = validate_recipe({"seed": 0, "stages": [tiny_stage("tune", "supervised", layer_decay=0.65)]})
+    with pytest.raises(ConfigError, match=r"stages\[tune\]: layer_decay needs a ViT backbone"):
+        run_recipe(recipe, tmp_path / "run")

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..config import StageBase
 from ..data.loader import Batch
-from .base import ClassifierMethod, Progress
+from .base import ClassifierMethod, Progress, require_vit
 from .registry import register
 
 
@@ -51,6 +51,12 @@ def mix_batch(x: Tensor, mixup_alpha: float, cutmix_alpha: float) -> tuple[Tenso
 @register("supervised", SupervisedConfig)
 class Supervised(ClassifierMethod):
     """Cross-entropy on weak views of labeled images (the baseline every method is compared with)."""
+
+    def __init__(self, cfg, backbone, info) -> None:
+        if cfg.layer_decay is not None:  # else a CNN would silently train without it
+            require_vit(cfg.name, backbone, "layer_decay",
+                        "its learning rates are decayed block by block from the ViT's last block; remove it for a CNN")
+        super().__init__(cfg, backbone, info)
 
     def layer_decay(self) -> Optional[float]:
         return self.cfg.layer_decay
