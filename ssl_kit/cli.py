@@ -285,11 +285,11 @@ def cmd_transfer(args) -> int:
 
 # `ssl-kit finetune`'s defaults by backbone family; each flag overrides its entry.
 # CNN: SimCLR's fine-tuning (Chen et al. 2020, appendix B.5: Nesterov SGD, lr 0.05 × batch/256, every layer at that
-# rate, no weight decay). ViT: MAE's and BEiT's (AdamW, weight decay 0.05, layer-wise lr decay 0.65 for ViT-B, betas 0.9 /
-# 0.999) at lr 1e-3 unscaled, the value of the mae_digits recipe's finetune stage: MAE scales its base lr by batch/256,
-# which at batch 64 leaves a few hundred steps too small a rate to move. SGD at the CNN's rate does not fine-tune a ViT,
-# and a CNN's backbone at 0.1× its head's rate (the command's CNN default before) fine-tuned less: docs/benchmarks.md
-# ("Fine-tuning on digits").
+# rate, no weight decay). ViT: MAE's and BEiT's (AdamW, weight decay 0.05, layer-wise lr decay 0.65 for ViT-B,
+# betas 0.9 / 0.999) at lr 1e-3 unscaled, the value of the mae_digits recipe's finetune stage: MAE scales its base lr
+# by batch/256, which at batch 64 leaves a few hundred steps too small a rate to move. SGD at the CNN's rate does not
+# fine-tune a ViT, and a CNN's backbone at 0.1× its head's rate (the command's CNN default before) fine-tuned less:
+# docs/benchmarks.md ("Fine-tuning on digits").
 FINETUNE_PROTOCOLS = {
     "cnn": {"optimizer": {"name": "sgd", "lr": 0.05, "lr_scaling": "linear", "nesterov": True,
                           "backbone_lr_scale": 1.0, "weight_decay": 0.0},
@@ -718,7 +718,7 @@ def console_main(argv: list[str] | None = None) -> None:
     `engine.distributed.end_worker` (its exit handlers run, the interpreter's teardown does not)."""
     status = main(argv)
     if "torch.distributed" in sys.modules:  # only a command that ran under torch can be a torchrun worker
-        from .engine.distributed import end_worker, launched_distributed
+        from .engine.distributed import end_worker, launched_distributed  # deferred: start-up (torch)
 
         if launched_distributed():
             end_worker(status)

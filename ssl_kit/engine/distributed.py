@@ -35,7 +35,8 @@ from ..common.distributed import (all_reduce_mean, all_reduce_sum, gather_no_gra
 from ..limits import knob
 from ..methods import build_method
 
-__all__ = ["init_from_env", "leave_process_group", "end_worker", "wrap_ddp", "find_unused_parameters", "step_seed", "broadcast_object", "restart_count",
+__all__ = ["init_from_env", "leave_process_group", "end_worker", "wrap_ddp", "find_unused_parameters", "step_seed",
+           "broadcast_object", "restart_count",
            "launched_distributed", "all_reduce_mean", "all_reduce_sum", "gather_no_grad", "gather_objects",
            "gather_with_grad",
            "is_distributed", "is_main", "rank", "world_size"]
