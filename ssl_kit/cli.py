@@ -308,9 +308,9 @@ def finetune_protocol(args, vit: bool) -> tuple[dict, Optional[float]]:
         family = "vit" if args.optimizer == "adamw" else "cnn"
     protocol = FINETUNE_PROTOCOLS[family]
     optimizer = dict(protocol["optimizer"])
-    for flag, key in (("lr", "lr"), ("backbone_lr_scale", "backbone_lr_scale"), ("weight_decay", "weight_decay")):
-        if getattr(args, flag) is not None:
-            optimizer[key] = getattr(args, flag)
+    for key in ("lr", "backbone_lr_scale", "weight_decay"):  # each flag's dest is the optimizer key it sets
+        if getattr(args, key) is not None:
+            optimizer[key] = getattr(args, key)
     layer_decay = args.layer_decay if args.layer_decay is not None else protocol["layer_decay"]
     return optimizer, layer_decay if vit else None
 

@@ -468,8 +468,8 @@ def check_export_weights(config: dict, weights: Path) -> None:
 
 def export_folder_record(folder: Path) -> dict:
     """An `ssl-kit export` folder (config.json + model.safetensors, the timm / torchvision / safetensors targets;
-    read_export_folder, check_export_weights) -> the fields of a backbone record, as foreign_record gives them, with the input size,
-    channels and normalisation config.json records. A timm export is rebuilt as timm's model (timm:NAME with its
+    read_export_folder, check_export_weights) -> the fields of a backbone record, as foreign_record gives them,
+    with the input size, channels and normalisation config.json records. A timm export is rebuilt as timm's model (timm:NAME with its
     kwargs: the weights are under timm's names); the others as the ssl_kit backbone they were exported from
     (config.json's "ssl_kit" arch and kwargs; torchvision's names fit it)."""
     config, weights = read_export_folder(folder)
